@@ -1,0 +1,144 @@
+"""Backends: how one fused optimizer step is carried out on one device.
+
+The optimizer (``optim.py``) owns *what*: state, the step counter, param
+groups and the per-group parameter table. A backend owns *how*: it receives a
+:class:`StepBatch` holding everything for one device and performs the whole
+step, including advancing the step counter and the per-parameter step counts.
+
+Contract for ``Backend.step(batch)``:
+
+* lr / momentum of every group come from ``batch.table`` (float64
+  ``[groups, ROW_WIDTH]``, layout in :class:`onecycle_fused.schedule.Row`)
+  evaluated at ``k = batch.counter`` (int64, 0-dim). Nothing is read back to
+  the host.
+* if ``batch.grad_scale`` is given, gradients are divided by it; if
+  ``batch.found_inf`` is given and non-zero, nothing changes at all: no
+  parameter, no state, no step count, no counter.
+* otherwise each ``steps[i]`` (int64, 0-dim) is incremented, the update is
+  applied with that new count (Adam bias correction; SGD takes torch's
+  first-step buffer ``buf = grad`` when the count was 0), and the counter is
+  incremented once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import logging
+from typing import Optional, Protocol
+
+import torch
+
+log = logging.getLogger("onecycle_fused")
+
+ALGOS = ("sgd", "adam", "adamw")
+
+
+@dataclasses.dataclass
+class StepBatch:
+    """Everything one backend call needs for one device (all dtypes)."""
+
+    algo: str  # "sgd" | "adam" | "adamw"
+    params: list[torch.Tensor]
+    grads: list[torch.Tensor]
+    steps: list[torch.Tensor]  # per-parameter int64 0-dim step counts
+    group_ids: list[int]  # row of `table` for each parameter
+    table: torch.Tensor  # float64 [groups, ROW_WIDTH], on the device
+    counter: torch.Tensor  # int64 0-dim: optimizer steps applied so far
+    groups: list[dict]  # the optimizer's param_groups (host values; table is authoritative for kernels)
+    # SGD: momentum buffers (None where the group has no momentum at all)
+    momentum_buffers: list[Optional[torch.Tensor]] = dataclasses.field(default_factory=list)
+    # Adam / AdamW
+    exp_avgs: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    exp_avg_sqs: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    max_exp_avg_sqs: list[Optional[torch.Tensor]] = dataclasses.field(default_factory=list)  # None: no amsgrad
+    grad_scale: Optional[torch.Tensor] = None
+    found_inf: Optional[torch.Tensor] = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.counter.device
+
+
+class Backend(Protocol):
+    name: str
+
+    def available(self) -> bool:
+        """True when this backend can run in this process (library built, triton importable...)."""
+
+    def supports(self, device: torch.device, dtype: torch.dtype) -> bool:
+        """True when this backend handles parameters of this device and dtype."""
+
+    def step(self, batch: StepBatch) -> None:
+        """Apply one optimizer step to every tensor of ``batch`` (see module docstring)."""
+
+
+# name -> "module:attribute"; imported lazily so a missing optional
+# dependency never breaks `import onecycle_fused`.
+_REGISTRY = {
+    "reference": "onecycle_fused.backends.reference:ReferenceBackend",
+    "cpu": "onecycle_fused.backends.compiled:CPUBackend",
+    "cuda": "onecycle_fused.backends.compiled:CUDABackend",
+    "triton": "onecycle_fused.backends.triton:TritonBackend",
+}
+_INSTANCES: dict[str, Backend] = {}
+
+# `backend="auto"` tries these in order for each device type. The order for
+# CUDA follows the benchmarks (see README "Performance").
+AUTO_ORDER = {
+    "cpu": ("cpu", "reference"),
+    "cuda": ("cuda", "triton", "reference"),
+}
+
+
+def backend_names() -> tuple[str, ...]:
+    return ("auto",) + tuple(_REGISTRY)
+
+
+def get_backend(name: str) -> Optional[Backend]:
+    """The backend called ``name``, or None when its module cannot be imported."""
+    if name not in _REGISTRY:
+        raise ValueError(f"backend must be one of {backend_names()}, got {name!r}")
+    if name not in _INSTANCES:
+        module, attr = _REGISTRY[name].split(":")
+        try:
+            cls = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as e:
+            log.info("onecycle_fused: backend %r unavailable (%s)", name, e)
+            return None
+        _INSTANCES[name] = cls()
+    return _INSTANCES[name]
+
+
+def available_backends() -> list[str]:
+    """Names of the backends usable in this process."""
+    out = []
+    for name in _REGISTRY:
+        b = get_backend(name)
+        if b is not None and b.available():
+            out.append(name)
+    return out
+
+
+def resolve(name: str, device: torch.device, dtypes) -> Backend:
+    """The backend to use for parameters of ``dtypes`` on ``device``.
+
+    One backend serves a whole device so that the step counter advances once.
+    Raises ValueError if ``name`` cannot serve them.
+    """
+    dtypes = set(dtypes)
+
+    def serves(b):
+        return b is not None and b.available() and all(b.supports(device, d) for d in dtypes)
+
+    if name == "auto":
+        for candidate in AUTO_ORDER.get(device.type, ("reference",)):
+            b = get_backend(candidate)
+            if serves(b):
+                return b
+        raise ValueError(f"no backend supports {sorted(map(str, dtypes))} parameters on {device}")
+    b = get_backend(name)
+    if b is None or not b.available():
+        raise ValueError(f"backend {name!r} is not available in this build (available: {available_backends()})")
+    if not serves(b):
+        raise ValueError(f"backend {name!r} does not support {sorted(map(str, dtypes))} parameters on {device}")
+    return b

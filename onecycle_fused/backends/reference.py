@@ -1,0 +1,171 @@
+"""Reference backend: readable per-tensor PyTorch, the oracle for every other backend.
+
+It follows ``torch.optim``'s single-tensor code paths line for line, with two
+changes that the contract demands:
+
+* lr and momentum are float64 tensors computed on the parameters' device
+  from the step counter (:func:`schedule_values`, the tensor twin of
+  ``schedule.py``), so nothing is read back to the host and the step can be
+  captured in a CUDA graph;
+* every result is computed out of place and committed with
+  ``torch.where(found_inf, old, new)``, so a step skipped by GradScaler
+  changes nothing.
+
+Low-precision parameters and states are computed in float32 and rounded once
+when written back, like torch's fused optimizers. Where torch multiplies by a
+Python float, this file uses the fused op with the same rounding (``addcmul``,
+``addcdiv``), so fp32 CPU results equal ``torch.optim``'s bit for bit in the
+common cases; tests still allow a few ulps.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..schedule import KIND_LRRANGETEST, KIND_ONECYCLE, Row
+from . import StepBatch
+
+
+def schedule_values(table: torch.Tensor, counter: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """lr and momentum of every group (float64 ``[groups]``) after ``counter`` applied steps.
+
+    Same operations, in the same order, as ``OneCycle.scale`` / ``_eval`` and
+    ``LRRangeTest._eval``, so values equal the host's bit for bit.
+    """
+    k = counter.to(torch.float64)
+
+    def col(i):
+        return table[:, i]
+
+    kind = col(Row.KIND)
+    # ---- OneCycle, cycle phase
+    first, second = col(Row.FIRST_STEP_SIZE), col(Row.SECOND_STEP_SIZE)
+    total = first + second
+    ratio = first / total
+    cycle = torch.floor(1 + k / total)
+    x = 1.0 + k / total - cycle
+    rising = x <= ratio
+    scale = torch.where(rising, x / ratio, (x - 1) / (ratio - 1))
+    stairs = torch.where(rising, col(Row.FIRST_STAIR_COUNT), col(Row.SECOND_STAIR_COUNT))
+    c = torch.remainder(k, total)
+    pos = torch.where(c <= first, c * stairs / first, (total - c) * stairs / second)
+    scale = torch.where(stairs > 0, torch.floor(pos) / stairs, scale)
+    min_lr, max_lr = col(Row.MIN_LR), col(Row.MAX_LR)
+    min_mom, max_mom = col(Row.MIN_MOM), col(Row.MAX_MOM)
+    cycle_lr = min_lr + (max_lr - min_lr) * scale
+    cycle_mom = max_mom - (max_mom - min_mom) * scale
+    # ---- OneCycle, decay phase
+    decay_step = col(Row.DECAY_STEP_SIZE)
+    interval = (k - total) / decay_step
+    lr_rate, mom_rate = col(Row.DECAY_LR_RATE), col(Row.DECAY_MOM_RATE)
+    decay_lr = torch.where((decay_step != 0) & (lr_rate != 0), min_lr / (1 + lr_rate * interval), min_lr)
+    decay_mom = torch.where((decay_step != 0) & (mom_rate != 0), max_mom / (1 + mom_rate * interval), max_mom)
+    in_cycle = k <= total
+    onecycle_lr = torch.where(in_cycle, cycle_lr, decay_lr)
+    onecycle_mom = torch.where(in_cycle, cycle_mom, decay_mom)
+    # ---- LRRangeTest: FIRST_STEP_SIZE holds step_size, FIRST_STAIR_COUNT staircase
+    rt_interval = k / first
+    rt_interval = torch.where(col(Row.FIRST_STAIR_COUNT) != 0, torch.floor(rt_interval), rt_interval)
+    range_lr = min_lr * (1 + lr_rate * rt_interval)
+
+    lr = torch.where(kind == KIND_LRRANGETEST, range_lr, onecycle_lr)
+    scheduled_mom = (kind == KIND_ONECYCLE) & (col(Row.CYCLE_MOMENTUM) != 0)
+    mom = torch.where(scheduled_mom, onecycle_mom, col(Row.MOMENTUM))
+    return lr, mom
+
+
+def _commit(dst: torch.Tensor, new: torch.Tensor, skip: torch.Tensor | None) -> None:
+    """Write ``new`` into ``dst`` unless the step is skipped (device-side choice)."""
+    if skip is not None:
+        new = torch.where(skip, dst, new.to(dst.dtype))
+    dst.copy_(new)
+
+
+class ReferenceBackend:
+    name = "reference"
+
+    def available(self) -> bool:
+        return True
+
+    def supports(self, device, dtype) -> bool:
+        return dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+    def step(self, batch: StepBatch) -> None:
+        lrs, moms = schedule_values(batch.table, batch.counter)
+        skip = None if batch.found_inf is None else (batch.found_inf != 0)
+        one = torch.ones((), dtype=torch.int64, device=batch.device)
+        increment = one if skip is None else (~skip).to(torch.int64)
+        update = self._sgd if batch.algo == "sgd" else self._adam
+        for i, (p, g, step) in enumerate(zip(batch.params, batch.grads, batch.steps)):
+            gid = batch.group_ids[i]
+            group = batch.groups[gid]
+            # float32 "opmath" for low precision, float64 stays float64
+            compute = torch.float64 if p.dtype == torch.float64 else torch.float32
+            grad = g.to(compute)
+            if batch.grad_scale is not None:
+                grad = grad / batch.grad_scale.to(compute)
+            update(batch, i, group, p, grad, lrs[gid], moms[gid], step, compute, skip)
+            step.add_(increment)
+        batch.counter.add_(increment)
+
+    # -- torch.optim.SGD, _single_tensor_sgd -------------------------------
+    @staticmethod
+    def _sgd(batch, i, group, p, grad, lr64, mom64, step, compute, skip):
+        # torch passes lr and momentum as Python floats that its kernels round
+        # to the compute type
+        lr, mom = lr64.to(compute), mom64.to(compute)
+        param = p.to(compute)
+        if group["maximize"]:
+            grad = -grad
+        if group["weight_decay"] != 0:
+            grad = grad.add(param, alpha=group["weight_decay"])
+        buf = batch.momentum_buffers[i]
+        if buf is not None:
+            old = buf.to(compute)
+            # torch's first step: buf = grad (no dampening); afterwards
+            # buf = mom * buf + (1 - dampening) * grad. A momentum of 0 leaves
+            # the buffer alone and steps with the gradient, as torch does.
+            later = (old * mom).add_(grad, alpha=1 - group["dampening"])
+            new_buf = torch.where(step == 0, grad, later)
+            new_buf = torch.where(mom != 0, new_buf, old)
+            if group["nesterov"]:
+                direction = torch.addcmul(grad, new_buf, mom)
+            else:
+                direction = new_buf
+            direction = torch.where(mom != 0, direction, grad)
+            _commit(buf, new_buf, skip)
+            grad = direction
+        _commit(p, torch.addcmul(param, grad, lr, value=-1), skip)
+
+    # -- torch.optim.Adam / AdamW, _single_tensor_adam ---------------------
+    @staticmethod
+    def _adam(batch, i, group, p, grad, lr, beta1, step, compute, skip):
+        # lr and beta1 stay float64 where torch computes with Python floats
+        param = p.to(compute)
+        beta2, eps, wd = group["betas"][1], group["eps"], group["weight_decay"]
+        if group["maximize"]:
+            grad = -grad
+        if wd != 0:
+            if batch.algo == "adamw":
+                param = param * (1 - lr * wd).to(compute)
+            else:
+                grad = grad.add(param, alpha=wd)
+        exp_avg = batch.exp_avgs[i].to(compute)
+        exp_avg_sq = batch.exp_avg_sqs[i].to(compute)
+        exp_avg = exp_avg.lerp(grad, (1 - beta1).to(compute))
+        exp_avg_sq = (exp_avg_sq * beta2).addcmul_(grad, grad, value=1 - beta2)
+        # bias corrections in float64 from the current beta1, as torch does
+        # with Python floats
+        t = (step + 1).to(torch.float64)
+        bias_correction1 = 1 - beta1**t
+        bias_correction2 = 1 - beta2**t
+        step_size = (lr / bias_correction1).to(compute)
+        bias_correction2_sqrt = bias_correction2.sqrt().to(compute)
+        second = exp_avg_sq
+        max_sq = batch.max_exp_avg_sqs[i]
+        if max_sq is not None:
+            second = torch.maximum(max_sq.to(compute), exp_avg_sq)
+            _commit(max_sq, second, skip)
+        denom = (second.sqrt() / bias_correction2_sqrt).add_(eps)
+        _commit(batch.exp_avgs[i], exp_avg, skip)
+        _commit(batch.exp_avg_sqs[i], exp_avg_sq, skip)
+        _commit(p, torch.addcdiv(param, exp_avg * -step_size, denom), skip)

@@ -1,0 +1,562 @@
+"""FusedOneCycleSGD / FusedOneCycleAdam / FusedOneCycleAdamW.
+
+``torch.optim.Optimizer`` subclasses whose step applies the update *and* the
+1-Cycle schedule in one pass: lr and momentum are computed on the device from
+a step-counter tensor, so ``step()`` never synchronises with the host and can
+be captured in a CUDA graph.
+
+What lives where:
+
+* ``param_groups[i]['schedule']``: the group's schedule as a DeepSpeed-style
+  config dict (scalars only); a group may override any schedule parameter by
+  key, e.g. ``{'params': head, 'cycle_max_lr': 0.1}``.
+* ``param_groups[i]['lr']`` (and ``'momentum'`` / ``'betas'``): a host mirror
+  of the values the *next* step will use, for LR monitors. Writing them has
+  no effect on the math; the schedule decides.
+* one int64 step counter per device (``step_counter()``), saved in
+  ``state_dict()['step_counter']``;
+* per parameter: ``step`` (int64, 0-dim) and the usual torch state.
+* per device: a float64 table with one row per group (layout:
+  ``schedule.Row``), rebuilt only when a group's hyper-parameters change.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+
+from . import backends as _backends
+from .schedule import ROW_WIDTH, LRRangeTest, OneCycle, Row, _Schedule, schedule_from_config
+
+__all__ = ["FusedOneCycleSGD", "FusedOneCycleAdam", "FusedOneCycleAdamW"]
+
+_ONECYCLE_KEYS = tuple(OneCycle(0.0, 0.0).params())
+_RANGETEST_KEYS = tuple(LRRangeTest().params())
+_SCHEDULE_KEYS = set(_ONECYCLE_KEYS) | set(_RANGETEST_KEYS) | {"post_cycle_decay_step_size"}
+
+
+def _freeze(value):
+    """A hashable snapshot of a (nested) config value."""
+    if isinstance(value, dict):
+        return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+def _check_nonneg(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def _check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be a bool, got {value!r}")
+
+
+def _check_beta(name: str, value) -> None:
+    _check_nonneg(name, value)
+    if value >= 1:
+        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+
+
+class _FusedOneCycleOptimizer(torch.optim.Optimizer):
+    """Shared machinery; subclasses define the algorithm's hyper-parameters."""
+
+    algo: str = ""
+    _step_supports_amp_scaling = True  # GradScaler hands us grad_scale / found_inf
+
+    def __init__(self, params, schedule: _Schedule, defaults: dict[str, Any], backend: str):
+        if backend not in _backends.backend_names():
+            raise ValueError(f"backend must be one of {_backends.backend_names()}, got {backend!r}")
+        if not isinstance(schedule, _Schedule):
+            raise ValueError(f"schedule must be a OneCycle or LRRangeTest, got {type(schedule).__name__}")
+        if isinstance(params, torch.Tensor):
+            raise TypeError("params argument given to the optimizer should be an iterable of Tensors or dicts")
+        params = list(params)
+        n_groups = len(params) if params and isinstance(params[0], dict) else 1
+        schedule.check_num_groups(n_groups)
+        self.schedule = schedule
+        self.backend = backend
+        self._host_step = 0  # host's view of the counter, for the lr mirror
+        self._pending_step: Optional[tuple[torch.Tensor, Any]] = None
+        self._counters: dict[torch.device, torch.Tensor] = {}
+        self._backend_for: dict[torch.device, Any] = {}
+        self._tables: dict[torch.device, torch.Tensor] = {}
+        self._row_keys: list = []
+        self._schedule_cache: dict[tuple, _Schedule] = {}
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------
+    # param groups
+
+    def _group_schedule(self, group: dict, index: int) -> dict:
+        """The group's schedule config: the constructor's, reduced to this
+        group, with any schedule keys the group dict sets on top."""
+        overrides = {k: group.pop(k) for k in list(group) if k in _SCHEDULE_KEYS}
+        if "schedule" in group:
+            given = group["schedule"]
+            if isinstance(given, _Schedule):
+                base = given
+            elif isinstance(given, dict):
+                base = schedule_from_config(given)
+            else:
+                raise ValueError(f"a group's schedule must be a OneCycle, LRRangeTest or config dict, got {given!r}")
+        else:
+            base = self.schedule
+        n = base.num_groups
+        if n is not None and index >= n:
+            # a group added after construction while the schedule has per-group
+            # lists: the group itself must give every list-valued parameter
+            missing = [k for k in base._per_group_names if isinstance(getattr(base, k), list) and k not in overrides]
+            if missing:
+                raise ValueError(f"{missing} were given per group; the new parameter group must set them")
+            per_group = base.for_group(0)
+        else:
+            per_group = base.for_group(index) if n is not None else base
+        if overrides:
+            params = per_group.params()
+            if "post_cycle_decay_step_size" in overrides:
+                if "decay_step_size" in overrides:
+                    raise ValueError("give decay_step_size or its alias post_cycle_decay_step_size, not both")
+                overrides["decay_step_size"] = overrides.pop("post_cycle_decay_step_size")
+            unknown = set(overrides) - set(params)
+            if unknown:
+                raise ValueError(f"{sorted(unknown)} are not parameters of {type(per_group).__name__}")
+            params.update(overrides)
+            per_group = type(per_group)(**params)
+        return per_group.config()
+
+    def add_param_group(self, param_group: dict) -> None:
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, but got {type(param_group).__name__}")
+        group = dict(param_group)
+        params = group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        group["params"] = params
+        # everything is validated before anything is added
+        group["schedule"] = self._group_schedule(group, len(self.param_groups))
+        for k, v in self.defaults.items():
+            group.setdefault(k, v)
+        self._validate_group(group)
+        devices = {p.device for p in params}
+        backends = {}
+        for device in devices:
+            dtypes = {p.dtype for p in params if p.device == device}
+            dtypes |= {p.dtype for g in self.param_groups for p in g["params"] if p.device == device}
+            backends[device] = _backends.resolve(self.backend, device, dtypes)
+        super().add_param_group(group)
+        for device, b in backends.items():
+            self._backend_for[device] = b
+            if device not in self._counters:
+                if self._counters:  # join the others at the current step, on the device
+                    self._counters[device] = next(iter(self._counters.values())).to(device, copy=True)
+                else:
+                    self._counters[device] = torch.zeros((), dtype=torch.int64, device=device)
+        self._row_keys = []  # tables are rebuilt at the next step
+        self._update_mirror()
+
+    def _validate_group(self, group: dict) -> None:
+        raise NotImplementedError
+
+    def _constant_momentum(self, group: dict) -> float:
+        raise NotImplementedError
+
+    def _update_columns(self, group: dict) -> dict[int, float]:
+        raise NotImplementedError
+
+    def _schedule_of(self, group: dict) -> _Schedule:
+        """The group's schedule object (parsed once per distinct config)."""
+        key = _freeze(group["schedule"])
+        sched = self._schedule_cache.get(key)
+        if sched is None:
+            sched = self._schedule_cache[key] = schedule_from_config(group["schedule"])
+        return sched
+
+    def _row(self, group: dict) -> list[float]:
+        sched = self._schedule_of(group)
+        row = sched.row() + [0.0] * (ROW_WIDTH - Row.MOMENTUM - 1)
+        # the constant momentum only matters when the schedule does not set it;
+        # otherwise the mirrored value would change the row every step
+        if not sched.cycles_momentum:
+            row[Row.MOMENTUM] = float(self._constant_momentum(group))
+        for col, value in self._update_columns(group).items():
+            row[col] = float(value)
+        return row
+
+    def _refresh_tables(self) -> None:
+        """Rebuild the per-device group tables when any group's values changed."""
+        rows = [self._row(g) for g in self.param_groups]
+        if rows == self._row_keys:
+            return
+        host = torch.tensor(rows, dtype=torch.float64)
+        for device in self._counters:
+            table = self._tables.get(device)
+            if table is not None and table.shape == host.shape:
+                table.copy_(host)  # keep the storage: CUDA graphs see the new values
+            else:
+                self._tables[device] = host.to(device)
+        self._row_keys = rows
+
+    # ------------------------------------------------------------------
+    # host mirror of lr / momentum
+
+    def _resolve_pending(self, wait: bool = False) -> None:
+        """Adopt the device counter's value once its asynchronous copy landed."""
+        if self._pending_step is None:
+            return
+        value, event = self._pending_step
+        if wait:
+            event.synchronize()
+        elif not event.query():
+            return
+        self._host_step = int(value)
+        self._pending_step = None
+
+    def _update_mirror(self) -> None:
+        k = self._host_step
+        for group in self.param_groups:
+            sched = self._schedule_of(group)
+            group["lr"] = sched.lr(k)
+            mom = sched.momentum(k)
+            if mom is not None:
+                self._set_momentum_mirror(group, mom)
+
+    def _set_momentum_mirror(self, group: dict, mom: float) -> None:
+        raise NotImplementedError
+
+    def get_last_lr(self) -> list[float]:
+        """The lr of each group for the next step, as a torch scheduler's ``get_last_lr()``."""
+        self._resolve_pending()
+        self._update_mirror()
+        return [group["lr"] for group in self.param_groups]
+
+    # ------------------------------------------------------------------
+    # step
+
+    def step_counter(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """The int64 0-dim tensor counting applied steps (on ``device``, default: the first)."""
+        if device is None:
+            return next(iter(self._counters.values()))
+        return self._counters[torch.device(device)]
+
+    def _init_state(self, p: torch.Tensor, group: dict) -> dict:
+        raise NotImplementedError
+
+    def _fill_batch(self, batch, p, state, group) -> None:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        self._refresh_tables()
+
+        batches = {}
+        for device, counter in self._counters.items():
+            batches[device] = _backends.StepBatch(
+                algo=self.algo, params=[], grads=[], steps=[], group_ids=[],
+                table=self._tables[device], counter=counter, groups=self.param_groups,
+                grad_scale=None if grad_scale is None else grad_scale.to(device, non_blocking=True),
+                found_inf=None if found_inf is None else found_inf.to(device, non_blocking=True),
+            )
+        for gid, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                state = self.state[p]
+                if len(state) == 0:
+                    state.update(self._init_state(p, group))
+                batch = batches[p.device]
+                batch.params.append(p)
+                batch.grads.append(p.grad)
+                batch.steps.append(state["step"])
+                batch.group_ids.append(gid)
+                self._fill_batch(batch, p, state, group)
+        # every device's counter advances, even where no parameter has a grad
+        for device, batch in batches.items():
+            self._backend_for[device].step(batch)
+        self._advance_mirror(found_inf)
+        return loss
+
+    def _advance_mirror(self, found_inf: Optional[torch.Tensor]) -> None:
+        if any(c.is_cuda for c in self._counters.values()) and torch.cuda.is_current_stream_capturing():
+            return  # host code does not replay with the graph; nothing to mirror
+        self._resolve_pending()
+        if found_inf is None:
+            self._host_step += 1
+        elif found_inf.device.type == "cpu":
+            self._host_step += int(found_inf.item() == 0)  # a CPU read costs no sync
+        else:
+            # optimistic: assume the step ran, then adopt the counter's true
+            # value when an asynchronous copy of it lands (no host sync here)
+            self._host_step += 1
+            counter = self.step_counter()
+            value = torch.empty((), dtype=torch.int64, pin_memory=True)
+            value.copy_(counter, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._pending_step = (value, event)
+        self._update_mirror()
+
+    # ------------------------------------------------------------------
+    # checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["step_counter"] = self.step_counter().detach().clone()
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "step_counter" not in state_dict:
+            raise ValueError(
+                "state_dict has no 'step_counter': it was not saved by a FusedOneCycle optimizer"
+            )
+        for i, g in enumerate(state_dict["param_groups"]):
+            if "schedule" not in g:
+                raise ValueError(f"state_dict param_groups[{i}] has no 'schedule'")
+            schedule_from_config(g["schedule"])  # a bad one raises before anything changes
+        counter = state_dict["step_counter"]
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            for k, v in self.defaults.items():
+                group.setdefault(k, v)
+        for p, state in self.state.items():
+            if "step" in state:
+                state["step"] = torch.as_tensor(state["step"]).to(device=p.device, dtype=torch.int64)
+        for c in self._counters.values():
+            c.copy_(counter)
+        self._pending_step = None
+        self._host_step = int(counter)
+        self._row_keys = []
+        self._update_mirror()
+
+
+_SCHEDULE_DOC = """
+    Schedule (DeepSpeed ``OneCycle`` names and defaults; lists give one value
+    per parameter group): ``cycle_min_lr``, ``cycle_max_lr`` (required unless
+    ``schedule=`` is given), ``decay_lr_rate``, ``cycle_first_step_size``,
+    ``cycle_second_step_size``, ``cycle_first_stair_count``,
+    ``cycle_second_stair_count``, ``decay_step_size`` (alias
+    ``post_cycle_decay_step_size``), ``cycle_momentum``, ``cycle_min_mom``,
+    ``cycle_max_mom``, ``decay_mom_rate``.
+
+    ``schedule``: a :class:`OneCycle` or :class:`LRRangeTest` used instead of
+    the keywords. ``backend``: ``"auto"`` (fastest built one for the device),
+    ``"reference"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
+"""
+
+
+def _build_schedule(schedule, cycle_min_lr, cycle_max_lr, **kw) -> _Schedule:
+    if schedule is not None:
+        if cycle_min_lr is not None or cycle_max_lr is not None:
+            raise ValueError("give either schedule= or the OneCycle keyword arguments, not both")
+        if isinstance(schedule, dict):
+            return schedule_from_config(schedule)
+        return schedule
+    if cycle_min_lr is None or cycle_max_lr is None:
+        raise ValueError("cycle_min_lr and cycle_max_lr are required (or pass schedule=)")
+    return OneCycle(cycle_min_lr, cycle_max_lr, **kw)
+
+
+class FusedOneCycleSGD(_FusedOneCycleOptimizer):
+    __doc__ = (
+        """SGD with (Nesterov) momentum, ``torch.optim.SGD``'s math, with the
+    1-Cycle schedule computed inside the fused step.
+
+    With ``cycle_momentum=True`` (the default) the momentum follows the
+    schedule; ``momentum`` is used when it does not (``cycle_momentum=False``
+    or an :class:`LRRangeTest` schedule).
+    """
+        + _SCHEDULE_DOC
+    )
+    algo = "sgd"
+
+    def __init__(
+        self,
+        params: Iterable,
+        cycle_min_lr=None,
+        cycle_max_lr=None,
+        decay_lr_rate=0.0,
+        cycle_first_step_size=2000,
+        cycle_second_step_size=None,
+        cycle_first_stair_count=0,
+        cycle_second_stair_count=None,
+        decay_step_size=None,
+        cycle_momentum=True,
+        cycle_min_mom=0.8,
+        cycle_max_mom=0.9,
+        decay_mom_rate=0.0,
+        momentum=0.0,
+        dampening=0.0,
+        weight_decay=0.0,
+        nesterov=False,
+        *,
+        maximize=False,
+        schedule=None,
+        backend="auto",
+        post_cycle_decay_step_size=None,
+    ):
+        sched = _build_schedule(
+            schedule, cycle_min_lr, cycle_max_lr, decay_lr_rate=decay_lr_rate,
+            cycle_first_step_size=cycle_first_step_size, cycle_second_step_size=cycle_second_step_size,
+            cycle_first_stair_count=cycle_first_stair_count, cycle_second_stair_count=cycle_second_stair_count,
+            decay_step_size=decay_step_size, cycle_momentum=cycle_momentum, cycle_min_mom=cycle_min_mom,
+            cycle_max_mom=cycle_max_mom, decay_mom_rate=decay_mom_rate,
+            post_cycle_decay_step_size=post_cycle_decay_step_size,
+        )
+        defaults = dict(momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                        nesterov=nesterov, maximize=maximize)
+        super().__init__(params, sched, defaults, backend)
+
+    def _validate_group(self, group):
+        _check_nonneg("momentum", group["momentum"])
+        _check_nonneg("dampening", group["dampening"])
+        _check_nonneg("weight_decay", group["weight_decay"])
+        _check_bool("nesterov", group["nesterov"])
+        _check_bool("maximize", group["maximize"])
+        if group["nesterov"]:
+            cycles = self._schedule_of(group).cycles_momentum
+            if group["dampening"] != 0 or (not cycles and group["momentum"] <= 0):
+                raise ValueError("nesterov momentum requires a momentum and zero dampening")
+
+    def _constant_momentum(self, group):
+        return group["momentum"]
+
+    def _uses_buffer(self, group) -> bool:
+        return self._schedule_of(group).cycles_momentum or group["momentum"] != 0
+
+    def _update_columns(self, group):
+        return {
+            Row.WEIGHT_DECAY: group["weight_decay"],
+            Row.DAMPENING: group["dampening"],
+            Row.NESTEROV: group["nesterov"],
+            Row.MAXIMIZE: group["maximize"],
+            Row.HAS_MOMENTUM_BUFFER: self._uses_buffer(group),
+        }
+
+    def _set_momentum_mirror(self, group, mom):
+        group["momentum"] = mom
+
+    def _init_state(self, p, group):
+        state = {"step": torch.zeros((), dtype=torch.int64, device=p.device)}
+        if self._uses_buffer(group):
+            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    def _fill_batch(self, batch, p, state, group):
+        batch.momentum_buffers.append(state.get("momentum_buffer"))
+
+
+class FusedOneCycleAdam(_FusedOneCycleOptimizer):
+    __doc__ = (
+        """Adam, ``torch.optim.Adam``'s math, with the 1-Cycle schedule computed
+    inside the fused step. beta1 follows the schedule's momentum (bias
+    correction uses the current beta1, as torch does with ``OneCycleLR``);
+    ``betas[0]`` is used when momentum is not cycled; ``betas[1]`` is never
+    changed.
+    """
+        + _SCHEDULE_DOC
+    )
+    algo = "adam"
+
+    def __init__(
+        self,
+        params: Iterable,
+        cycle_min_lr=None,
+        cycle_max_lr=None,
+        decay_lr_rate=0.0,
+        cycle_first_step_size=2000,
+        cycle_second_step_size=None,
+        cycle_first_stair_count=0,
+        cycle_second_stair_count=None,
+        decay_step_size=None,
+        cycle_momentum=True,
+        cycle_min_mom=0.8,
+        cycle_max_mom=0.9,
+        decay_mom_rate=0.0,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=None,
+        amsgrad=False,
+        *,
+        maximize=False,
+        schedule=None,
+        backend="auto",
+        post_cycle_decay_step_size=None,
+    ):
+        sched = _build_schedule(
+            schedule, cycle_min_lr, cycle_max_lr, decay_lr_rate=decay_lr_rate,
+            cycle_first_step_size=cycle_first_step_size, cycle_second_step_size=cycle_second_step_size,
+            cycle_first_stair_count=cycle_first_stair_count, cycle_second_stair_count=cycle_second_stair_count,
+            decay_step_size=decay_step_size, cycle_momentum=cycle_momentum, cycle_min_mom=cycle_min_mom,
+            cycle_max_mom=cycle_max_mom, decay_mom_rate=decay_mom_rate,
+            post_cycle_decay_step_size=post_cycle_decay_step_size,
+        )
+        if weight_decay is None:
+            weight_decay = 1e-2 if self.algo == "adamw" else 0.0
+        defaults = dict(betas=tuple(betas) if isinstance(betas, (list, tuple)) else betas, eps=eps,
+                        weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize)
+        super().__init__(params, sched, defaults, backend)
+
+    def _validate_group(self, group):
+        betas = group["betas"]
+        if not isinstance(betas, (list, tuple)) or len(betas) != 2:
+            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        group["betas"] = tuple(betas)
+        _check_beta("betas[0]", betas[0])
+        _check_beta("betas[1]", betas[1])
+        _check_nonneg("eps", group["eps"])
+        _check_nonneg("weight_decay", group["weight_decay"])
+        _check_bool("amsgrad", group["amsgrad"])
+        _check_bool("maximize", group["maximize"])
+
+    def _constant_momentum(self, group):
+        return group["betas"][0]
+
+    def _update_columns(self, group):
+        return {
+            Row.WEIGHT_DECAY: group["weight_decay"],
+            Row.MAXIMIZE: group["maximize"],
+            Row.BETA2: group["betas"][1],
+            Row.EPS: group["eps"],
+            Row.AMSGRAD: group["amsgrad"],
+            Row.DECOUPLED: self.algo == "adamw",
+        }
+
+    def _set_momentum_mirror(self, group, mom):
+        group["betas"] = (mom, group["betas"][1])
+
+    def _init_state(self, p, group):
+        state = {
+            "step": torch.zeros((), dtype=torch.int64, device=p.device),
+            "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+            "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+        }
+        if group["amsgrad"]:
+            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    def _fill_batch(self, batch, p, state, group):
+        batch.exp_avgs.append(state["exp_avg"])
+        batch.exp_avg_sqs.append(state["exp_avg_sq"])
+        if group["amsgrad"] and "max_exp_avg_sq" not in state:  # amsgrad switched on later
+            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        batch.max_exp_avg_sqs.append(state["max_exp_avg_sq"] if group["amsgrad"] else None)
+
+
+class FusedOneCycleAdamW(FusedOneCycleAdam):
+    __doc__ = (
+        """AdamW (decoupled weight decay, default 1e-2), ``torch.optim.AdamW``'s
+    math, with the 1-Cycle schedule computed inside the fused step.
+    """
+        + _SCHEDULE_DOC
+    )
+    algo = "adamw"

@@ -1,0 +1,468 @@
+"""1-Cycle and LR-range-test schedules: parameters, validation, DeepSpeed
+config parsing and host evaluation in float64.
+
+This file is the specification in code (``DESIGN.md`` §2). Every backend
+computes the same values on the device from the step counter; the numbers
+they need are packed per parameter group into a float64 row whose layout is
+given by :class:`Row` below and mirrored in ``csrc/schedule.h`` and the
+Triton kernels.
+
+``k`` is always the number of optimizer steps already applied; the step about
+to run uses ``lr(k)`` and ``momentum(k)``. This equals DeepSpeed's schedulers
+driven as ``optimizer.step(); scheduler.step()``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+from typing import Any, Mapping, Sequence
+
+__all__ = ["OneCycle", "LRRangeTest", "Row", "ROW_WIDTH", "schedule_from_config"]
+
+
+class Row:
+    """Column indices of the per-group float64 parameter row.
+
+    One row per parameter group lives on the device (``optim.py`` builds the
+    table); kernels read the schedule and the update hyper-parameters from it.
+    Columns 0..13 describe the schedule, 14.. the update. Keep in sync with
+    ``csrc/schedule.h`` / ``csrc/update.h`` and ``backends/triton_kernels.py``.
+    """
+
+    KIND = 0  # 0: OneCycle, 1: LRRangeTest
+    # OneCycle                        # LRRangeTest reuses:
+    FIRST_STEP_SIZE = 1               # step_size
+    SECOND_STEP_SIZE = 2
+    FIRST_STAIR_COUNT = 3             # staircase (0 / 1)
+    SECOND_STAIR_COUNT = 4
+    DECAY_STEP_SIZE = 5
+    MIN_LR = 6                        # lr_range_test_min_lr
+    MAX_LR = 7
+    DECAY_LR_RATE = 8                 # lr_range_test_step_rate
+    MIN_MOM = 9
+    MAX_MOM = 10
+    DECAY_MOM_RATE = 11
+    CYCLE_MOMENTUM = 12               # 1.0: momentum from the schedule
+    MOMENTUM = 13                     # constant momentum / beta1 otherwise
+    # update hyper-parameters (filled by the optimizer)
+    WEIGHT_DECAY = 14
+    DAMPENING = 15
+    NESTEROV = 16
+    MAXIMIZE = 17
+    BETA2 = 18
+    EPS = 19
+    AMSGRAD = 20
+    DECOUPLED = 21  # AdamW's decoupled weight decay
+    HAS_MOMENTUM_BUFFER = 22  # SGD: 0 when the group never uses momentum
+
+
+ROW_WIDTH = 24
+
+KIND_ONECYCLE = 0
+KIND_LRRANGETEST = 1
+
+
+# --------------------------------------------------------------------------
+# validation helpers: each raises ValueError naming the parameter
+
+
+def _as_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, float)):
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    value = int(value)
+    if value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _as_float(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a real number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return value
+
+
+def _nonneg(name: str, value: Any) -> float:
+    value = _as_float(name, value)
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
+    return value
+
+
+def _momentum(name: str, value: Any) -> float:
+    value = _as_float(name, value)
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+    return value
+
+
+def _per_group(name: str, value: Any, check) -> float | list[float]:
+    """A scalar, or a list/tuple with one value per parameter group."""
+    if isinstance(value, (list, tuple)):
+        if len(value) == 0:
+            raise ValueError(f"{name} must not be an empty list")
+        return [check(f"{name}[{i}]", v) for i, v in enumerate(value)]
+    return check(name, value)
+
+
+def _at(value: float | list[float], group: int) -> float:
+    return value[group] if isinstance(value, list) else value
+
+
+class _Schedule:
+    """Shared machinery: per-group lists, host evaluation, device rows."""
+
+    _per_group_names: tuple[str, ...] = ()
+    type_name = ""
+
+    # -- per-group lists -------------------------------------------------
+    @property
+    def num_groups(self) -> int | None:
+        """Number of groups the lists describe, or None if all values are scalars."""
+        lengths = {len(getattr(self, n)) for n in self._per_group_names if isinstance(getattr(self, n), list)}
+        return lengths.pop() if lengths else None
+
+    def _check_list_lengths(self) -> None:
+        lengths = {}
+        for n in self._per_group_names:
+            v = getattr(self, n)
+            if isinstance(v, list):
+                lengths[n] = len(v)
+        if len(set(lengths.values())) > 1:
+            raise ValueError(f"per-group lists have different lengths: {lengths}")
+
+    def check_num_groups(self, n: int) -> None:
+        """Raise ValueError if a per-group list does not have ``n`` entries."""
+        for name in self._per_group_names:
+            v = getattr(self, name)
+            if isinstance(v, list) and len(v) != n:
+                raise ValueError(f"expected {n} values for {name} (one per parameter group), got {len(v)}")
+
+    def for_group(self, group: int) -> "_Schedule":
+        """The same schedule with every per-group list reduced to group ``group``."""
+        params = self.params()
+        for name in self._per_group_names:
+            params[name] = _at(params[name], group)
+        return type(self)(**params)
+
+    def params(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def config(self) -> dict[str, Any]:
+        """DeepSpeed-style ``{"type": ..., "params": ...}`` (JSON- and weights_only-safe)."""
+        return {"type": self.type_name, "params": self.params()}
+
+    def __eq__(self, other) -> bool:
+        return type(self) is type(other) and self.params() == other.params()
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
+        return f"{type(self).__name__}({args})"
+
+    # -- host evaluation ---------------------------------------------------
+    def _eval(self, step: int, group: int) -> tuple[float, float | None]:
+        raise NotImplementedError
+
+    def _evaluate(self, step: int, group: int | None, index: int):
+        step = _as_int("step", step, 0)
+        if group is not None:
+            return self._eval(step, group)[index]
+        n = self.num_groups
+        if n is None:
+            return self._eval(step, 0)[index]
+        return [self._eval(step, g)[index] for g in range(n)]
+
+    def lr(self, step: int, group: int | None = None):
+        """Learning rate of the step that runs after ``step`` applied steps.
+
+        A float, or a list (one per group) when per-group lists were given and
+        ``group`` is None.
+        """
+        return self._evaluate(step, group, 0)
+
+    def momentum(self, step: int, group: int | None = None):
+        """Momentum (SGD) / beta1 (Adam) after ``step`` applied steps, or None
+        when this schedule does not set momentum."""
+        return self._evaluate(step, group, 1)
+
+    # -- device row --------------------------------------------------------
+    def row(self, group: int = 0) -> list[float]:
+        """The schedule columns (``Row.KIND`` .. ``Row.MOMENTUM``) for one group."""
+        raise NotImplementedError
+
+    @property
+    def cycles_momentum(self) -> bool:
+        return False
+
+
+class OneCycle(_Schedule):
+    """DeepSpeed's 1-Cycle schedule (``deepspeed.runtime.lr_schedules.OneCycle``).
+
+    Same parameter names and defaults. ``cycle_min_lr``, ``cycle_max_lr``,
+    ``cycle_min_mom``, ``cycle_max_mom``, ``decay_lr_rate`` and
+    ``decay_mom_rate`` take a list with one value per parameter group.
+    ``post_cycle_decay_step_size`` (the tutorial's name) is an alias of
+    ``decay_step_size``.
+
+    Deliberate differences from DeepSpeed (see README): momentum at step 0 is
+    ``cycle_max_mom``; ``decay_mom_rate`` divides momentum like lr instead of
+    multiplying it; beta2 is never touched.
+    """
+
+    type_name = "OneCycle"
+    _per_group_names = ("cycle_min_lr", "cycle_max_lr", "decay_lr_rate", "cycle_min_mom", "cycle_max_mom", "decay_mom_rate")
+
+    def __init__(
+        self,
+        cycle_min_lr,
+        cycle_max_lr,
+        decay_lr_rate=0.0,
+        cycle_first_step_size=2000,
+        cycle_second_step_size=None,
+        cycle_first_stair_count=0,
+        cycle_second_stair_count=None,
+        decay_step_size=None,
+        cycle_momentum=True,
+        cycle_min_mom=0.8,
+        cycle_max_mom=0.9,
+        decay_mom_rate=0.0,
+        *,
+        post_cycle_decay_step_size=None,
+    ):
+        # decay_step_size defaults to 0; None lets us tell "not given" from 0
+        # so that giving it together with its alias is an error.
+        if post_cycle_decay_step_size is not None:
+            if decay_step_size is not None:
+                raise ValueError("give decay_step_size or its alias post_cycle_decay_step_size, not both")
+            decay_step_size = _as_int("post_cycle_decay_step_size", post_cycle_decay_step_size, 0)
+        self.cycle_first_step_size = _as_int("cycle_first_step_size", cycle_first_step_size, 1)
+        self.cycle_second_step_size = (
+            None if cycle_second_step_size is None else _as_int("cycle_second_step_size", cycle_second_step_size, 0)
+        )
+        self.cycle_first_stair_count = _as_int("cycle_first_stair_count", cycle_first_stair_count, 0)
+        self.cycle_second_stair_count = (
+            None if cycle_second_stair_count is None else _as_int("cycle_second_stair_count", cycle_second_stair_count, 0)
+        )
+        self.decay_step_size = 0 if decay_step_size is None else _as_int("decay_step_size", decay_step_size, 0)
+        if not isinstance(cycle_momentum, bool):
+            raise ValueError(f"cycle_momentum must be a bool, got {cycle_momentum!r}")
+        self.cycle_momentum = cycle_momentum
+
+        self.cycle_min_lr = _per_group("cycle_min_lr", cycle_min_lr, _nonneg)
+        self.cycle_max_lr = _per_group("cycle_max_lr", cycle_max_lr, _nonneg)
+        self.decay_lr_rate = _per_group("decay_lr_rate", decay_lr_rate, _nonneg)
+        self.cycle_min_mom = _per_group("cycle_min_mom", cycle_min_mom, _momentum)
+        self.cycle_max_mom = _per_group("cycle_max_mom", cycle_max_mom, _momentum)
+        self.decay_mom_rate = _per_group("decay_mom_rate", decay_mom_rate, _nonneg)
+        self._check_list_lengths()
+        n = self.num_groups or 1
+        for g in range(n):
+            lo, hi = _at(self.cycle_min_lr, g), _at(self.cycle_max_lr, g)
+            if lo > hi:
+                raise ValueError(f"cycle_min_lr ({lo}) must be <= cycle_max_lr ({hi})")
+            lo, hi = _at(self.cycle_min_mom, g), _at(self.cycle_max_mom, g)
+            if lo > hi:
+                raise ValueError(f"cycle_min_mom ({lo}) must be <= cycle_max_mom ({hi})")
+
+    # -- derived shape -----------------------------------------------------
+    @property
+    def second_step_size(self) -> int:
+        s = self.cycle_second_step_size
+        return self.cycle_first_step_size if s is None else s
+
+    @property
+    def second_stair_count(self) -> int:
+        s = self.cycle_second_stair_count
+        return self.cycle_first_stair_count if s is None else s
+
+    @property
+    def total_size(self) -> int:
+        """Length of the cycle phase; steps after it are in the decay phase."""
+        return self.cycle_first_step_size + self.second_step_size
+
+    @property
+    def cycles_momentum(self) -> bool:
+        return self.cycle_momentum
+
+    def params(self) -> dict[str, Any]:
+        return {
+            "cycle_min_lr": self.cycle_min_lr,
+            "cycle_max_lr": self.cycle_max_lr,
+            "decay_lr_rate": self.decay_lr_rate,
+            "cycle_first_step_size": self.cycle_first_step_size,
+            "cycle_second_step_size": self.cycle_second_step_size,
+            "cycle_first_stair_count": self.cycle_first_stair_count,
+            "cycle_second_stair_count": self.cycle_second_stair_count,
+            "decay_step_size": self.decay_step_size,
+            "cycle_momentum": self.cycle_momentum,
+            "cycle_min_mom": self.cycle_min_mom,
+            "cycle_max_mom": self.cycle_max_mom,
+            "decay_mom_rate": self.decay_mom_rate,
+        }
+
+    def scale(self, step: int) -> float:
+        """Position in the cycle, 0 at cycle_min_lr and 1 at cycle_max_lr (k <= T).
+
+        The operations and their order follow DeepSpeed's ``_get_scale_factor``
+        so that host values match it bit for bit.
+        """
+        first = float(self.cycle_first_step_size)
+        total = float(self.total_size)
+        ratio = first / total
+        cycle = math.floor(1 + step / total)
+        x = 1.0 + step / total - cycle
+        if x <= ratio:
+            scale = x / ratio
+            stairs = self.cycle_first_stair_count
+        else:
+            scale = (x - 1) / (ratio - 1)
+            stairs = self.second_stair_count
+        if stairs > 0:
+            # quantise from the integer offset, not from `scale`: at a half
+            # boundary the float scale can sit 1 ulp under an exact stair
+            c = step % total
+            if c <= first:
+                pos = c * stairs / first
+            else:
+                pos = (total - c) * stairs / float(self.second_step_size)
+            scale = math.floor(pos) / stairs
+        return scale
+
+    def _eval(self, step, group):
+        min_lr, max_lr = _at(self.cycle_min_lr, group), _at(self.cycle_max_lr, group)
+        min_mom, max_mom = _at(self.cycle_min_mom, group), _at(self.cycle_max_mom, group)
+        if step <= self.total_size:
+            s = self.scale(step)
+            lr = min_lr + (max_lr - min_lr) * s
+            mom = max_mom - (max_mom - min_mom) * s
+        else:
+            d = step - self.total_size
+            lr_rate, mom_rate = _at(self.decay_lr_rate, group), _at(self.decay_mom_rate, group)
+            lr, mom = min_lr, max_mom
+            if self.decay_step_size != 0:
+                interval = d / self.decay_step_size
+                if lr_rate != 0:
+                    lr = min_lr / (1 + lr_rate * interval)
+                if mom_rate != 0:
+                    mom = max_mom / (1 + mom_rate * interval)
+        return lr, (mom if self.cycle_momentum else None)
+
+    def row(self, group: int = 0) -> list[float]:
+        r = [0.0] * (Row.MOMENTUM + 1)
+        r[Row.KIND] = KIND_ONECYCLE
+        r[Row.FIRST_STEP_SIZE] = self.cycle_first_step_size
+        r[Row.SECOND_STEP_SIZE] = self.second_step_size
+        r[Row.FIRST_STAIR_COUNT] = self.cycle_first_stair_count
+        r[Row.SECOND_STAIR_COUNT] = self.second_stair_count
+        r[Row.DECAY_STEP_SIZE] = self.decay_step_size
+        r[Row.MIN_LR] = _at(self.cycle_min_lr, group)
+        r[Row.MAX_LR] = _at(self.cycle_max_lr, group)
+        r[Row.DECAY_LR_RATE] = _at(self.decay_lr_rate, group)
+        r[Row.MIN_MOM] = _at(self.cycle_min_mom, group)
+        r[Row.MAX_MOM] = _at(self.cycle_max_mom, group)
+        r[Row.DECAY_MOM_RATE] = _at(self.decay_mom_rate, group)
+        r[Row.CYCLE_MOMENTUM] = 1.0 if self.cycle_momentum else 0.0
+        return [float(v) for v in r]
+
+
+class LRRangeTest(_Schedule):
+    """DeepSpeed's learning-rate range test (``lr_schedules.LRRangeTest``).
+
+    ``lr(k) = lr_range_test_min_lr * (1 + lr_range_test_step_rate * i)`` with
+    ``i = k / lr_range_test_step_size`` (floored when ``lr_range_test_staircase``).
+    Momentum is not scheduled: the optimizer's own momentum / beta1 is used.
+    """
+
+    type_name = "LRRangeTest"
+    _per_group_names = ("lr_range_test_min_lr",)
+
+    def __init__(
+        self,
+        lr_range_test_min_lr=1e-3,
+        lr_range_test_step_size=2000,
+        lr_range_test_step_rate=1.0,
+        lr_range_test_staircase=False,
+    ):
+        self.lr_range_test_min_lr = _per_group("lr_range_test_min_lr", lr_range_test_min_lr, _nonneg)
+        self.lr_range_test_step_size = _as_int("lr_range_test_step_size", lr_range_test_step_size, 1)
+        self.lr_range_test_step_rate = _nonneg("lr_range_test_step_rate", lr_range_test_step_rate)
+        if not isinstance(lr_range_test_staircase, bool):
+            raise ValueError(f"lr_range_test_staircase must be a bool, got {lr_range_test_staircase!r}")
+        self.lr_range_test_staircase = lr_range_test_staircase
+
+    def params(self) -> dict[str, Any]:
+        return {
+            "lr_range_test_min_lr": self.lr_range_test_min_lr,
+            "lr_range_test_step_size": self.lr_range_test_step_size,
+            "lr_range_test_step_rate": self.lr_range_test_step_rate,
+            "lr_range_test_staircase": self.lr_range_test_staircase,
+        }
+
+    def _eval(self, step, group):
+        interval = float(step) / self.lr_range_test_step_size
+        if self.lr_range_test_staircase:
+            interval = math.floor(interval)
+        return _at(self.lr_range_test_min_lr, group) * (1 + self.lr_range_test_step_rate * interval), None
+
+    def row(self, group: int = 0) -> list[float]:
+        r = [0.0] * (Row.MOMENTUM + 1)
+        r[Row.KIND] = KIND_LRRANGETEST
+        r[Row.FIRST_STEP_SIZE] = self.lr_range_test_step_size
+        r[Row.FIRST_STAIR_COUNT] = 1.0 if self.lr_range_test_staircase else 0.0
+        r[Row.MIN_LR] = _at(self.lr_range_test_min_lr, group)
+        r[Row.DECAY_LR_RATE] = self.lr_range_test_step_rate
+        return [float(v) for v in r]
+
+
+_TYPES = {cls.type_name: cls for cls in (OneCycle, LRRangeTest)}
+
+
+def schedule_from_config(config: str | os.PathLike | Mapping[str, Any]) -> OneCycle | LRRangeTest:
+    """Build a schedule from a DeepSpeed config.
+
+    ``config`` is a path to a JSON file or a dict holding
+    ``{"scheduler": {"type": "OneCycle" | "LRRangeTest", "params": {...}}}``;
+    the inner ``{"type": ..., "params": ...}`` alone is accepted too.
+    """
+    if isinstance(config, (str, os.PathLike)):
+        with open(config) as f:
+            config = json.load(f)
+    if not isinstance(config, Mapping):
+        raise ValueError(f"config must be a dict or a JSON file path, got {type(config).__name__}")
+    sched = config.get("scheduler", config)
+    if not isinstance(sched, Mapping) or "type" not in sched:
+        raise ValueError('config has no "scheduler": {"type": ..., "params": ...} entry')
+    kind = sched["type"]
+    if kind not in _TYPES:
+        raise ValueError(f"scheduler type must be one of {sorted(_TYPES)}, got {kind!r}")
+    params = dict(sched.get("params") or {})
+    # DeepSpeed's resume position is not part of the schedule's shape; a fresh
+    # start (-1) is accepted, anything else must come from a checkpoint.
+    last = params.pop("last_batch_iteration", -1)
+    if last != -1:
+        raise ValueError(
+            "last_batch_iteration in a config is not supported: a run resumes from the "
+            "optimizer's state_dict"
+        )
+    try:
+        return _TYPES[kind](**params)
+    except TypeError as e:  # unknown keyword
+        raise ValueError(f"bad {kind} params: {e}") from None
+
+
+def _from_config(cls, config):
+    """Build this schedule from a DeepSpeed config (see :func:`schedule_from_config`)."""
+    sched = schedule_from_config(config)
+    if not isinstance(sched, cls):
+        raise ValueError(f"config describes a {type(sched).__name__}, not a {cls.__name__}")
+    return sched
+
+
+OneCycle.from_config = classmethod(_from_config)  # type: ignore[attr-defined]
+LRRangeTest.from_config = classmethod(_from_config)  # type: ignore[attr-defined]
