@@ -241,6 +241,20 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
             return next(iter(self._counters.values()))
         return self._counters[torch.device(device)]
 
+    def set_step(self, step: int) -> None:
+        """Place the schedule at ``step`` applied steps (counters and lr mirror).
+
+        For migrating a run from another optimizer/scheduler pair; per-parameter
+        step counts are left alone. Reads nothing back from the device.
+        """
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be an integer >= 0, got {step!r}")
+        for c in self._counters.values():
+            c.fill_(step)
+        self._pending_step = None
+        self._host_step = step
+        self._update_mirror()
+
     def _init_state(self, p: torch.Tensor, group: dict) -> dict:
         raise NotImplementedError
 
