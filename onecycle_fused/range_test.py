@@ -1,0 +1,254 @@
+"""Learning-rate range test (DeepSpeed's ``LRRangeTest`` schedule) run through
+the fused optimizer, and the rule that turns its loss curve into 1-Cycle bounds.
+
+The test trains the user's model for ``num_steps`` steps while the lr grows
+linearly from ``min_lr`` to ``max_lr`` (DeepSpeed's range test is linear in
+the step: ``lr(k) = min_lr * (1 + rate * k)``). Losses are written into a
+preallocated tensor on the model's device, so a step never waits for the host;
+the host reads that tensor every ``check_every`` steps to look for divergence,
+and once at the end.
+
+Suggested bounds (:func:`suggest_lr_bounds`), following Leslie Smith,
+"Cyclical Learning Rates for Training Neural Networks" (2017), section 3.3:
+the loss is smoothed with a bias-corrected exponential moving average;
+``cycle_max_lr`` is the lr where the smoothed loss stops falling (its
+minimum, before any divergence), and ``cycle_min_lr`` is ``cycle_max_lr``
+divided by ``min_lr_divisor`` (Smith's rule of thumb: a third or a quarter of
+the maximum; default 4).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+import torch
+
+from .schedule import LRRangeTest, OneCycle
+
+__all__ = ["RangeTestResult", "lr_range_test", "suggest_lr_bounds", "smooth_losses", "plot_range_test", "toy_problem"]
+
+
+@dataclasses.dataclass
+class RangeTestResult:
+    """Outcome of :func:`lr_range_test`. ``lrs[i]`` is the lr step ``i`` ran with
+    and ``losses[i]`` the loss computed just before that step."""
+
+    lrs: list[float]
+    losses: list[float]
+    smoothed: list[float]
+    cycle_min_lr: float
+    cycle_max_lr: float
+    diverged: bool  # True when the test stopped early on a diverging loss
+    plot_path: Optional[str] = None
+
+    @property
+    def steps_run(self) -> int:
+        return len(self.losses)
+
+    def one_cycle(self, **kwargs) -> OneCycle:
+        """A :class:`OneCycle` with the suggested bounds (other parameters from ``kwargs``)."""
+        return OneCycle(cycle_min_lr=self.cycle_min_lr, cycle_max_lr=self.cycle_max_lr, **kwargs)
+
+
+def smooth_losses(losses: Sequence[float], beta: float = 0.98) -> list[float]:
+    """Bias-corrected exponential moving average of ``losses`` (``beta`` in [0, 1))."""
+    if not 0.0 <= beta < 1.0:
+        raise ValueError(f"beta must be in [0, 1), got {beta!r}")
+    out, avg = [], 0.0
+    for i, loss in enumerate(losses):
+        avg = beta * avg + (1 - beta) * float(loss)
+        out.append(avg / (1 - beta ** (i + 1)))
+    return out
+
+
+def suggest_lr_bounds(
+    lrs: Sequence[float], losses: Sequence[float], *, beta: float = 0.98, min_lr_divisor: float = 4.0
+) -> tuple[float, float, list[float]]:
+    """``(cycle_min_lr, cycle_max_lr, smoothed_losses)`` from a range-test curve.
+
+    ``cycle_max_lr`` is the lr at the minimum of the smoothed loss (the point
+    where the loss stops decreasing; non-finite losses and anything after them
+    are ignored); ``cycle_min_lr = cycle_max_lr / min_lr_divisor``.
+    """
+    if len(lrs) != len(losses):
+        raise ValueError(f"lrs and losses must have the same length, got {len(lrs)} and {len(losses)}")
+    if not (isinstance(min_lr_divisor, (int, float)) and min_lr_divisor >= 1):
+        raise ValueError(f"min_lr_divisor must be a number >= 1, got {min_lr_divisor!r}")
+    n = 0
+    while n < len(losses) and math.isfinite(float(losses[n])):
+        n += 1
+    if n == 0:
+        raise ValueError("losses has no finite value at its start: nothing to suggest from")
+    smoothed = smooth_losses(losses[:n], beta)
+    best = min(range(n), key=lambda i: smoothed[i])
+    max_lr = float(lrs[best])
+    return max_lr / min_lr_divisor, max_lr, smoothed
+
+
+def _cycle(data: Iterable):
+    """Iterate ``data`` forever, starting it again when exhausted (a DataLoader, a list...)."""
+    while True:
+        empty = True
+        for batch in data:
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError("data yielded no batch")
+
+
+def lr_range_test(
+    model: torch.nn.Module,
+    loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor],
+    data: Iterable,
+    *,
+    min_lr: float = 1e-5,
+    max_lr: float = 1.0,
+    num_steps: int = 100,
+    optimizer: str = "sgd",
+    optimizer_kwargs: Optional[dict] = None,
+    staircase: bool = False,
+    check_every: int = 10,
+    diverge_factor: float = 4.0,
+    beta: float = 0.98,
+    min_lr_divisor: float = 4.0,
+    backend: str = "auto",
+    restore: bool = True,
+    plot: Optional[str] = None,
+) -> RangeTestResult:
+    """Run DeepSpeed's LR range test through a fused optimizer.
+
+    ``loss_fn(model, batch)`` returns the scalar loss of one batch of ``data``
+    (an iterable, started again when exhausted). The lr goes linearly from
+    ``min_lr`` at step 0 to ``max_lr`` at step ``num_steps - 1``: the
+    ``LRRangeTest`` schedule with ``lr_range_test_step_size=1`` and
+    ``lr_range_test_step_rate=(max_lr / min_lr - 1) / (num_steps - 1)``.
+
+    ``optimizer``: ``"sgd"``, ``"adam"`` or ``"adamw"``; ``optimizer_kwargs``
+    go to its constructor (default for SGD: ``momentum=0.9``). Every
+    ``check_every`` steps the host reads the losses so far and stops when the
+    smoothed loss exceeds ``diverge_factor`` times its minimum or a loss is
+    not finite. With ``restore`` (default) the model's parameters and buffers
+    are put back afterwards. ``plot``: a PNG path to draw the curve to.
+    """
+    from .optim import FusedOneCycleAdam, FusedOneCycleAdamW, FusedOneCycleSGD
+
+    classes = {"sgd": FusedOneCycleSGD, "adam": FusedOneCycleAdam, "adamw": FusedOneCycleAdamW}
+    if optimizer not in classes:
+        raise ValueError(f"optimizer must be one of {sorted(classes)}, got {optimizer!r}")
+    if not (isinstance(min_lr, (int, float)) and min_lr > 0 and math.isfinite(min_lr)):
+        raise ValueError(f"min_lr must be a finite number > 0, got {min_lr!r}")
+    if not (isinstance(max_lr, (int, float)) and max_lr > min_lr and math.isfinite(max_lr)):
+        raise ValueError(f"max_lr must be a finite number > min_lr ({min_lr}), got {max_lr!r}")
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 2:
+        raise ValueError(f"num_steps must be an integer >= 2, got {num_steps!r}")
+    if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
+        raise ValueError(f"check_every must be an integer >= 1, got {check_every!r}")
+    if not (isinstance(diverge_factor, (int, float)) and diverge_factor > 1):
+        raise ValueError(f"diverge_factor must be a number > 1, got {diverge_factor!r}")
+
+    schedule = LRRangeTest(
+        lr_range_test_min_lr=min_lr,
+        lr_range_test_step_size=1,
+        lr_range_test_step_rate=(max_lr / min_lr - 1) / (num_steps - 1),
+        lr_range_test_staircase=staircase,
+    )
+    kwargs = dict(optimizer_kwargs or {})
+    if optimizer == "sgd":
+        kwargs.setdefault("momentum", 0.9)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("model has no parameter that requires grad")
+    saved = copy.deepcopy(model.state_dict()) if restore else None
+    opt = classes[optimizer](params, schedule=schedule, backend=backend, **kwargs)
+    device = params[0].device
+
+    # losses stay on the device; the host reads them only at checks
+    losses = torch.full((num_steps,), float("nan"), dtype=torch.float32, device=device)
+    batches = _cycle(data)
+    diverged = False
+    steps = 0
+    try:
+        model.train()
+        for i in range(num_steps):
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model, next(batches))
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                raise ValueError("loss_fn must return a scalar loss tensor")
+            loss.backward()
+            losses[i].copy_(loss.detach().reshape(()))
+            opt.step()
+            steps = i + 1
+            if steps % check_every == 0 or steps == num_steps:
+                if _diverging(losses[:steps].tolist(), beta, diverge_factor):
+                    diverged = True
+                    break
+    finally:
+        if saved is not None:
+            model.load_state_dict(saved)
+
+    host_losses = losses[:steps].tolist()
+    lrs = [schedule.lr(k) for k in range(steps)]
+    cycle_min_lr, cycle_max_lr, smoothed = suggest_lr_bounds(
+        lrs, host_losses, beta=beta, min_lr_divisor=min_lr_divisor
+    )
+    result = RangeTestResult(lrs, host_losses, smoothed, cycle_min_lr, cycle_max_lr, diverged)
+    if plot is not None:
+        result.plot_path = plot_range_test(result, plot)
+    return result
+
+
+def _diverging(losses: list[float], beta: float, factor: float) -> bool:
+    if not all(math.isfinite(v) for v in losses):
+        return True
+    smoothed = smooth_losses(losses, beta)
+    return smoothed[-1] > factor * min(smoothed)
+
+
+def plot_range_test(result: RangeTestResult, path: str) -> str:
+    """Draw loss against lr (log axis) with the suggested bounds, to PNG at ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    n = len(result.smoothed)
+    ax.plot(result.lrs, result.losses, color="0.75", linewidth=1, label="loss")
+    ax.plot(result.lrs[:n], result.smoothed, color="C0", linewidth=2, label="smoothed loss")
+    ax.axvline(result.cycle_min_lr, color="C2", linestyle="--", label=f"cycle_min_lr = {result.cycle_min_lr:.3g}")
+    ax.axvline(result.cycle_max_lr, color="C3", linestyle="--", label=f"cycle_max_lr = {result.cycle_max_lr:.3g}")
+    ax.set_xscale("log")
+    finite = [v for v in result.smoothed if math.isfinite(v)]
+    if finite:  # keep a diverging tail from squashing the interesting part
+        lo, hi = min(finite), max(finite[: max(1, n // 10)] + [finite[0]])
+        ax.set_ylim(lo - 0.1 * (hi - lo + 1e-12), hi + 0.5 * (hi - lo + 1e-12))
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("loss")
+    title = "LR range test" + (" (stopped: loss diverged)" if result.diverged else "")
+    ax.set_title(title)
+    ax.legend(loc="best", fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return str(path)
+
+
+def toy_problem(seed: int = 0, batch_size: int = 64, num_batches: int = 16):
+    """A small built-in problem for the command line and the README:
+    ``(model, loss_fn, data)``, a 2-layer MLP classifying 3 Gaussian blobs in
+    16 dimensions. Deterministic for a given ``seed``; nothing is downloaded."""
+    gen = torch.Generator().manual_seed(seed)
+    centers = torch.randn(3, 16, generator=gen) * 2
+    labels = torch.randint(0, 3, (batch_size * num_batches,), generator=gen)
+    inputs = centers[labels] + torch.randn(len(labels), 16, generator=gen)
+    data = list(zip(inputs.split(batch_size), labels.split(batch_size)))
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 3))
+
+    def loss_fn(model, batch):
+        x, y = batch
+        return torch.nn.functional.cross_entropy(model(x), y)
+
+    return model, loss_fn, data

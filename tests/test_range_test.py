@@ -1,0 +1,105 @@
+"""LR range test: losses against torch.optim driven by DeepSpeed's own
+LRRangeTest, the suggestion rule on known curves, divergence stop, plot."""
+import copy
+import math
+
+import pytest
+import torch
+
+from onecycle_fused.range_test import lr_range_test, smooth_losses, suggest_lr_bounds, toy_problem
+
+
+def _oracle_losses(model, loss_fn, data, min_lr, max_lr, num_steps, opt_cls, **opt_kwargs):
+    """torch.optim + deepspeed.runtime.lr_schedules.LRRangeTest, stepped as
+    DeepSpeed documents it (optimizer.step(); scheduler.step())."""
+    from deepspeed.runtime.lr_schedules import LRRangeTest
+
+    opt = opt_cls(model.parameters(), lr=min_lr, **opt_kwargs)
+    sched = LRRangeTest(opt, lr_range_test_min_lr=min_lr, lr_range_test_step_size=1,
+                        lr_range_test_step_rate=(max_lr / min_lr - 1) / (num_steps - 1))
+    losses, lrs = [], []
+    for i in range(num_steps):
+        batch = data[i % len(data)]
+        opt.zero_grad()
+        loss = loss_fn(model, batch)
+        loss.backward()
+        losses.append(loss.item())
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return lrs, losses
+
+
+@pytest.mark.parametrize("name,opt_cls,kwargs", [
+    ("sgd", torch.optim.SGD, {"momentum": 0.9}),
+    ("adamw", torch.optim.AdamW, {"betas": (0.9, 0.999), "weight_decay": 0.01}),
+])
+def test_losses_match_torch_with_deepspeed_schedule(name, opt_cls, kwargs):
+    model, loss_fn, data = toy_problem(seed=1, num_batches=4)
+    twin = copy.deepcopy(model)
+    before = copy.deepcopy(model.state_dict())
+    min_lr, max_lr, n = 1e-3, 0.5 if name == "sgd" else 0.05, 25
+    res = lr_range_test(model, loss_fn, data, min_lr=min_lr, max_lr=max_lr, num_steps=n,
+                        optimizer=name, optimizer_kwargs=kwargs, check_every=7)
+    lrs, losses = _oracle_losses(twin, loss_fn, data, min_lr, max_lr, n, opt_cls, **kwargs)
+    assert not res.diverged and res.steps_run == n
+    torch.testing.assert_close(torch.tensor(res.lrs, dtype=torch.float64), torch.tensor(lrs, dtype=torch.float64),
+                               rtol=1e-12, atol=0)
+    assert math.isclose(res.lrs[-1], max_lr, rel_tol=1e-12)
+    torch.testing.assert_close(torch.tensor(res.losses), torch.tensor(losses), rtol=1e-5, atol=1e-6)
+    # restore=True puts the model back as it was
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_suggestion_rule_on_known_curve():
+    # loss falls until lr = 0.3 (index 30), then rises steeply
+    lrs = [0.01 * (i + 1) for i in range(60)]
+    losses = [2.0 - 0.05 * i if i <= 30 else 0.5 + 0.4 * (i - 30) for i in range(60)]
+    lo, hi, smoothed = suggest_lr_bounds(lrs, losses, beta=0.0)  # no smoothing: the raw minimum
+    assert hi == pytest.approx(0.31) and lo == pytest.approx(0.31 / 4)
+    assert smoothed == pytest.approx(losses)
+    # smoothing delays the minimum by a few steps, never before the raw one
+    _, hi_s, _ = suggest_lr_bounds(lrs, losses, beta=0.6, min_lr_divisor=3)
+    assert 0.31 <= hi_s <= 0.36
+    # a non-finite loss ends the usable curve
+    lo, hi, smoothed = suggest_lr_bounds([1, 2, 3, 4], [3.0, 2.0, float("nan"), 0.1], beta=0.0)
+    assert (lo, hi, len(smoothed)) == (0.5, 2.0, 2)
+
+
+def test_smoothing_is_bias_corrected_ema():
+    vals = [4.0, 2.0, 1.0]
+    beta = 0.5
+    avg, expect = 0.0, []
+    for i, v in enumerate(vals):
+        avg = beta * avg + (1 - beta) * v
+        expect.append(avg / (1 - beta ** (i + 1)))
+    assert smooth_losses(vals, beta) == pytest.approx(expect)
+    assert smooth_losses([3.0], 0.98) == pytest.approx([3.0])  # the first value is unbiased
+
+
+def test_stops_on_divergence_and_writes_png(tmp_path):
+    model, loss_fn, data = toy_problem(seed=0, num_batches=4)
+    out = tmp_path / "rt.png"
+    res = lr_range_test(model, loss_fn, data, min_lr=1e-2, max_lr=1e4, num_steps=200,
+                        check_every=5, plot=str(out))
+    assert res.diverged
+    assert res.steps_run < 200 and res.steps_run % 5 == 0
+    assert res.cycle_max_lr < res.lrs[-1] and res.cycle_min_lr == pytest.approx(res.cycle_max_lr / 4)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    sched = res.one_cycle(cycle_first_step_size=10)
+    assert sched.lr(0) == res.cycle_min_lr and sched.lr(10) == res.cycle_max_lr
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"min_lr": 0.0}, "min_lr"),
+    ({"max_lr": 1e-6}, "max_lr"),
+    ({"num_steps": 1}, "num_steps"),
+    ({"optimizer": "lamb"}, "optimizer"),
+    ({"check_every": 0}, "check_every"),
+    ({"diverge_factor": 1.0}, "diverge_factor"),
+])
+def test_bad_arguments_name_the_parameter(bad, match):
+    model, loss_fn, data = toy_problem(num_batches=1)
+    with pytest.raises(ValueError, match=match):
+        lr_range_test(model, loss_fn, data, **bad)
