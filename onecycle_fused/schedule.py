@@ -189,6 +189,9 @@ class _Schedule:
     def momentum(self, step: int, group: int | None = None):
         """Momentum (SGD) / beta1 (Adam) after ``step`` applied steps, or None
         when this schedule does not set momentum."""
+        if not self.cycles_momentum:
+            _as_int("step", step, 0)
+            return None
         return self._evaluate(step, group, 1)
 
     # -- device row --------------------------------------------------------

@@ -1,0 +1,429 @@
+"""The optimizer classes (reference backend) against torch.optim driven step by
+step with the same lr and momentum, plus the torch.optim conventions:
+closures, param groups, state_dict / resume, zero_grad, GradScaler, errors."""
+import itertools
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from onecycle_fused import FusedOneCycleAdam, FusedOneCycleAdamW, FusedOneCycleSGD, LRRangeTest, OneCycle
+
+SCHED = dict(cycle_min_lr=0.01, cycle_max_lr=0.1, cycle_first_step_size=30, cycle_second_step_size=40,
+             cycle_first_stair_count=6, decay_step_size=5, decay_lr_rate=0.2, cycle_min_mom=0.8, cycle_max_mom=0.95)
+STEPS = 120  # covers rising, falling (stairs) and decay phases
+
+
+def make_params(shapes=((7, 3), (11,), (1,), (2, 3, 5)), seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g, dtype=torch.float64).to(dtype) for s in shapes]
+
+
+def drive_pair(ours_cls, torch_cls, ours_kw, torch_kw, steps=STEPS, dtype=torch.float32, skip_grad=None):
+    """Run ours and torch.optim side by side; torch gets lr / momentum from our schedule."""
+    init = make_params(dtype=dtype)
+    a = [torch.nn.Parameter(t.clone()) for t in init]
+    b = [torch.nn.Parameter(t.clone()) for t in init]
+    ours = ours_cls(a, backend="reference", **ours_kw)
+    ref = torch_cls(b, lr=0.1, **torch_kw)
+    sched = ours.schedule
+    gen = torch.Generator().manual_seed(1)
+    for k in range(steps):
+        for i, (pa, pb) in enumerate(zip(a, b)):
+            if skip_grad is not None and skip_grad(k, i):
+                pa.grad = pb.grad = None
+                continue
+            g = torch.randn(pa.shape, generator=gen, dtype=torch.float64).to(dtype)
+            pa.grad, pb.grad = g.clone(), g.clone()
+        for group in ref.param_groups:
+            group["lr"] = sched.lr(k)
+            mom = sched.momentum(k)
+            if mom is not None:
+                if "betas" in group:
+                    group["betas"] = (mom, group["betas"][1])
+                else:
+                    group["momentum"] = mom
+        ours.step()
+        ref.step()
+    return a, b, ours
+
+
+def assert_close_ulps(a, b, ulps=4):
+    for x, y in zip(a, b):
+        eps = torch.finfo(x.dtype).eps
+        tol = ulps * eps * y.detach().abs().clamp_min(1.0)
+        assert ((x.detach() - y.detach()).abs() <= tol).all(), (x - y).abs().max()
+
+
+SGD_OPTIONS = [
+    dict(weight_decay=wd, dampening=d, nesterov=n, maximize=m)
+    for wd, d, n, m in itertools.product([0.0, 0.01], [0.0, 0.3], [False, True], [False, True])
+    if not (n and d)
+]
+
+
+@pytest.mark.parametrize("opts", SGD_OPTIONS, ids=str)
+def test_sgd_matches_torch(opts):
+    a, b, _ = drive_pair(FusedOneCycleSGD, torch.optim.SGD, {**SCHED, **opts}, dict(momentum=0.9, **opts))
+    assert_close_ulps(a, b)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.7])
+def test_sgd_constant_momentum_when_not_cycled(momentum):
+    kw = dict(SCHED, cycle_momentum=False)
+    a, b, ours = drive_pair(FusedOneCycleSGD, torch.optim.SGD, dict(kw, momentum=momentum),
+                            dict(momentum=momentum))
+    assert_close_ulps(a, b)
+    assert ours.param_groups[0]["momentum"] == momentum
+    has_buffer = "momentum_buffer" in ours.state[a[0]]
+    assert has_buffer == (momentum != 0)
+
+
+ADAM_OPTIONS = [dict(weight_decay=wd, amsgrad=am, maximize=m)
+                for wd, am, m in itertools.product([0.0, 0.05], [False, True], [False, True])]
+
+
+@pytest.mark.parametrize("opts", ADAM_OPTIONS, ids=str)
+@pytest.mark.parametrize("pair", [(FusedOneCycleAdam, torch.optim.Adam), (FusedOneCycleAdamW, torch.optim.AdamW)],
+                         ids=["adam", "adamw"])
+def test_adam_matches_torch(pair, opts):
+    a, b, _ = drive_pair(*pair, {**SCHED, **opts, "betas": (0.9, 0.99), "eps": 1e-6},
+                         dict(betas=(0.9, 0.99), eps=1e-6, **opts))
+    assert_close_ulps(a, b)
+
+
+def test_adam_constant_beta1_with_range_test():
+    sched = LRRangeTest(lr_range_test_min_lr=1e-3, lr_range_test_step_size=10, lr_range_test_step_rate=0.5)
+    a, b, ours = drive_pair(FusedOneCycleAdamW, torch.optim.AdamW, dict(schedule=sched, betas=(0.85, 0.98)),
+                            dict(betas=(0.85, 0.98)))
+    assert_close_ulps(a, b)
+    assert ours.param_groups[0]["betas"] == (0.85, 0.98)
+
+
+def test_params_without_grad_are_skipped_like_torch():
+    # param 1 has no grad on odd steps: its state and per-param step do not move
+    skip = lambda k, i: i == 1 and k % 2 == 1  # noqa: E731
+    a, b, ours = drive_pair(FusedOneCycleAdam, torch.optim.Adam, dict(SCHED), {}, skip_grad=skip)
+    assert_close_ulps(a, b)
+    assert int(ours.state[a[1]]["step"]) == STEPS // 2
+    assert int(ours.state[a[0]]["step"]) == STEPS
+    a, b, _ = drive_pair(FusedOneCycleSGD, torch.optim.SGD, dict(SCHED), dict(momentum=0.9), skip_grad=skip)
+    assert_close_ulps(a, b)
+
+
+def test_param_groups_with_own_hyperparameters():
+    init = make_params()
+    a = [torch.nn.Parameter(t.clone()) for t in init]
+    b = [torch.nn.Parameter(t.clone()) for t in init]
+    ours = FusedOneCycleSGD(
+        [{"params": a[:2], "weight_decay": 0.1, "cycle_max_lr": 0.5},
+         {"params": a[2:], "nesterov": True}],
+        backend="reference", **SCHED)
+    ref = torch.optim.SGD([{"params": b[:2], "weight_decay": 0.1}, {"params": b[2:], "nesterov": True}],
+                          lr=0.1, momentum=0.9)
+    s0 = OneCycle(**{**SCHED, "cycle_max_lr": 0.5})
+    s1 = OneCycle(**SCHED)
+    for k in range(60):
+        for pa, pb in zip(a, b):
+            g = torch.randn(pa.shape)
+            pa.grad, pb.grad = g.clone(), g.clone()
+        for group, s in zip(ref.param_groups, (s0, s1)):
+            group["lr"], group["momentum"] = s.lr(k), s.momentum(k)
+        assert [g["lr"] for g in ours.param_groups] == [s0.lr(k), s1.lr(k)]
+        ours.step()
+        ref.step()
+    assert_close_ulps(a, b)
+
+
+def test_per_group_lists_and_add_param_group():
+    p1, p2, p3 = (torch.nn.Parameter(torch.randn(3)) for _ in range(3))
+    opt = FusedOneCycleSGD([{"params": [p1]}, {"params": [p2]}], cycle_min_lr=[0.01, 0.02],
+                           cycle_max_lr=[0.1, 0.2], cycle_first_step_size=4)
+    assert opt.get_last_lr() == [0.01, 0.02]
+    with pytest.raises(ValueError, match="cycle_min_lr"):
+        opt.add_param_group({"params": [p3]})
+    assert len(opt.param_groups) == 2  # nothing half-added
+    opt.add_param_group({"params": [p3], "cycle_min_lr": 0.03, "cycle_max_lr": 0.3, "weight_decay": 0.5})
+    assert opt.get_last_lr() == [0.01, 0.02, 0.03]
+    assert opt.param_groups[2]["weight_decay"] == 0.5
+    for p in (p1, p2, p3):
+        p.grad = torch.ones(3)
+    opt.step()
+    s = OneCycle(cycle_min_lr=0.03, cycle_max_lr=0.3, cycle_first_step_size=4)
+    assert opt.param_groups[2]["lr"] == s.lr(1)
+
+
+def test_group_count_mismatch_is_an_error():
+    p = torch.nn.Parameter(torch.randn(3))
+    with pytest.raises(ValueError, match="cycle_max_lr"):
+        FusedOneCycleSGD([p], cycle_min_lr=0.01, cycle_max_lr=[0.1, 0.2])
+
+
+def test_lr_mirror_and_get_last_lr():
+    p = torch.nn.Parameter(torch.randn(4))
+    opt = FusedOneCycleAdam([p], **SCHED, betas=(0.5, 0.995))
+    sched = OneCycle(**SCHED)
+    for k in range(STEPS):
+        group = opt.param_groups[0]
+        assert group["lr"] == sched.lr(k)
+        assert group["betas"] == (sched.momentum(k), 0.995)
+        assert opt.get_last_lr() == [sched.lr(k)]
+        p.grad = torch.randn(4)
+        opt.step()
+    # writing the mirror changes nothing: the schedule decides
+    opt.param_groups[0]["lr"] = 123.0
+    p.grad = torch.randn(4)
+    before = p.detach().clone()
+    opt.step()
+    assert (p - before).abs().max() < 1.0
+
+
+def test_counter_is_int64_on_device_and_counts_steps():
+    p = torch.nn.Parameter(torch.randn(4))
+    opt = FusedOneCycleSGD([p], cycle_min_lr=0.1, cycle_max_lr=1.0)
+    c = opt.step_counter()
+    assert c.dtype == torch.int64 and c.dim() == 0 and c.device == p.device
+    for _ in range(3):
+        opt.step()  # no grad at all: the schedule still advances, as a torch scheduler would
+    assert int(c) == 3
+    assert int(opt.state_dict()["step_counter"]) == 3
+
+
+def test_closure_returns_loss_and_runs_with_grad():
+    w = torch.nn.Parameter(torch.tensor([2.0]))
+    opt = FusedOneCycleSGD([w], cycle_min_lr=0.1, cycle_max_lr=0.1, cycle_first_step_size=2)
+
+    def closure():
+        opt.zero_grad()
+        loss = (w**2).sum()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert loss.item() == 4.0
+    assert w.item() == pytest.approx(2.0 - 0.1 * 4.0)
+
+
+def test_zero_grad():
+    p = torch.nn.Parameter(torch.randn(3))
+    opt = FusedOneCycleSGD([p], cycle_min_lr=0.1, cycle_max_lr=1.0)
+    p.grad = torch.ones(3)
+    opt.zero_grad(set_to_none=False)
+    assert p.grad is not None and p.grad.abs().sum() == 0
+    opt.zero_grad()
+    assert p.grad is None
+
+
+def _train(opt_cls, params, steps, gen, **kw):
+    opt = opt_cls(params, backend="reference", **kw)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+    return opt
+
+
+@pytest.mark.parametrize("opt_cls", [FusedOneCycleSGD, FusedOneCycleAdamW])
+def test_state_dict_resume_is_bit_identical_in_fresh_process(opt_cls, tmp_path):
+    kw = dict(SCHED, weight_decay=0.01)
+    if opt_cls is FusedOneCycleAdamW:
+        kw["amsgrad"] = True
+    # uninterrupted run: 70 steps
+    gen = torch.Generator().manual_seed(5)
+    full = [torch.nn.Parameter(t.clone()) for t in make_params()]
+    _train(opt_cls, full, 70, gen, **kw)
+    # interrupted run: 33 steps, save, a fresh process loads and runs 37 more
+    gen = torch.Generator().manual_seed(5)
+    part = [torch.nn.Parameter(t.clone()) for t in make_params()]
+    opt = _train(opt_cls, part, 33, gen, **kw)
+    ckpt = tmp_path / "ckpt.pt"
+    torch.save({"params": [p.detach() for p in part], "opt": opt.state_dict(), "gen": gen.get_state()}, ckpt)
+    out = tmp_path / "out.pt"
+    script = textwrap.dedent(f"""
+        import torch, onecycle_fused
+        ck = torch.load({str(ckpt)!r}, weights_only=True)
+        params = [torch.nn.Parameter(t.clone()) for t in ck["params"]]
+        opt = onecycle_fused.{opt_cls.__name__}(params, backend="reference", **{kw!r})
+        opt.load_state_dict(ck["opt"])
+        assert opt.param_groups[0]["lr"] == opt.schedule.lr(33)
+        gen = torch.Generator(); gen.set_state(ck["gen"])
+        for _ in range(37):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        torch.save([p.detach() for p in params], {str(out)!r})
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, env=dict(os.environ))
+    resumed = torch.load(out, weights_only=True)
+    for x, y in zip(full, resumed):
+        assert torch.equal(x.detach(), y)
+
+
+def test_load_state_dict_restores_mirror_and_counter():
+    p = torch.nn.Parameter(torch.randn(3))
+    opt = FusedOneCycleSGD([p], **SCHED)
+    for _ in range(10):
+        p.grad = torch.randn(3)
+        opt.step()
+    sd = opt.state_dict()
+    q = torch.nn.Parameter(p.detach().clone())
+    opt2 = FusedOneCycleSGD([q], **SCHED)
+    opt2.load_state_dict(sd)
+    assert int(opt2.step_counter()) == 10
+    assert opt2.param_groups[0]["lr"] == OneCycle(**SCHED).lr(10)
+    assert opt2.state[q]["step"].dtype == torch.int64
+    with pytest.raises(ValueError, match="step_counter"):
+        opt2.load_state_dict(torch.optim.SGD([q], lr=0.1).state_dict())
+    assert int(opt2.step_counter()) == 10  # unchanged after the error
+
+
+def test_grad_scaler_skip_changes_nothing():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    opt = FusedOneCycleAdamW(model.parameters(), **SCHED)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    x = torch.randn(8, 4)
+
+    def one_step(poison):
+        opt.zero_grad()
+        loss = model(x).square().mean()
+        scaler.scale(loss).backward()
+        if poison:
+            model.weight.grad[0, 0] = float("inf")
+        scaler.step(opt)
+        scaler.update()
+
+    one_step(False)
+    params = [p.detach().clone() for p in model.parameters()]
+    state = {k: v.clone() for k, v in opt.state[model.weight].items()}
+    lr = opt.param_groups[0]["lr"]
+    one_step(True)
+    for a, b in zip(model.parameters(), params):
+        assert torch.equal(a.detach(), b)
+    for k, v in opt.state[model.weight].items():
+        assert torch.equal(v, state[k]), k
+    assert int(opt.step_counter()) == 1
+    assert opt.param_groups[0]["lr"] == lr  # the mirror did not advance either
+    one_step(False)
+    assert int(opt.step_counter()) == 2
+
+
+def test_grad_scale_divides_gradients():
+    """A scaled loss through GradScaler gives the same step as the unscaled loss."""
+    torch.manual_seed(0)
+    m1 = torch.nn.Linear(4, 3)
+    m2 = torch.nn.Linear(4, 3)
+    m2.load_state_dict(m1.state_dict())
+    o1 = FusedOneCycleSGD(m1.parameters(), **SCHED)
+    o2 = FusedOneCycleSGD(m2.parameters(), **SCHED)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    for _ in range(5):
+        x = torch.randn(8, 4)
+        o1.zero_grad()
+        o2.zero_grad()
+        m1(x).square().mean().backward()
+        o1.step()
+        scaler.scale(m2(x).square().mean()).backward()
+        scaler.step(o2)
+        scaler.update()
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)  # power-of-two scale: exact up to rounding
+
+
+def _f64_oracle(init, grads, sched, steps):
+    """float64 SGD-momentum from the same (low-precision) start and gradients: the precision oracle."""
+    p = [t.double().clone() for t in init]
+    bufs = [None] * len(p)
+    for k in range(steps):
+        lr, mom = sched.lr(k), sched.momentum(k)
+        for i in range(len(p)):
+            g = grads[k][i].double()
+            bufs[i] = g.clone() if bufs[i] is None else bufs[i] * mom + g
+            p[i] = p[i] - lr * bufs[i]
+    return p
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_no_worse_than_torch(dtype):
+    init = make_params(shapes=((64,), (33, 5)))
+    sched = OneCycle(**SCHED)
+    gen = torch.Generator().manual_seed(2)
+    grads = [[torch.randn(t.shape, generator=gen) for t in init] for _ in range(60)]
+    init = [t.to(dtype) for t in init]
+    grads = [[g.to(dtype) for g in gs] for gs in grads]
+    oracle = _f64_oracle(init, grads, sched, 60)
+    ours = [torch.nn.Parameter(t.clone()) for t in init]
+    theirs = [torch.nn.Parameter(t.clone()) for t in init]
+    o = FusedOneCycleSGD(ours, backend="reference", **SCHED)
+    t = torch.optim.SGD(theirs, lr=0.1, momentum=0.9)
+    for k in range(60):
+        for i in range(len(init)):
+            ours[i].grad = grads[k][i].clone()
+            theirs[i].grad = grads[k][i].clone()
+        for g in t.param_groups:
+            g["lr"], g["momentum"] = sched.lr(k), sched.momentum(k)
+        o.step()
+        t.step()
+    # flash-attention rule: our error relative to the float64 result is no
+    # larger than torch.optim's at the same dtype (mean over elements)
+    for a, b, ref in zip(ours, theirs, oracle):
+        err_ours = (a.detach().double() - ref).abs().mean()
+        err_torch = (b.detach().double() - ref).abs().mean()
+        assert err_ours <= err_torch * 1.1
+
+
+# ---- bad inputs, each with its message
+
+
+@pytest.mark.parametrize("cls, kw, match", [
+    (FusedOneCycleSGD, dict(momentum=-0.1), "momentum"),
+    (FusedOneCycleSGD, dict(weight_decay=-1.0), "weight_decay"),
+    (FusedOneCycleSGD, dict(dampening=float("nan")), "dampening"),
+    (FusedOneCycleSGD, dict(nesterov=True, dampening=0.5), "nesterov"),
+    (FusedOneCycleSGD, dict(nesterov=True, cycle_momentum=False, momentum=0.0), "nesterov"),
+    (FusedOneCycleSGD, dict(maximize="no"), "maximize"),
+    (FusedOneCycleSGD, dict(backend="fastest"), "backend"),
+    (FusedOneCycleAdam, dict(betas=(0.9, 1.0)), r"betas\[1\]"),
+    (FusedOneCycleAdam, dict(betas=(-0.1, 0.99)), r"betas\[0\]"),
+    (FusedOneCycleAdam, dict(betas=0.9), "betas"),
+    (FusedOneCycleAdam, dict(eps=-1e-8), "eps"),
+    (FusedOneCycleAdamW, dict(weight_decay=-0.01), "weight_decay"),
+    (FusedOneCycleAdamW, dict(amsgrad=1), "amsgrad"),
+    (FusedOneCycleAdamW, dict(cycle_max_lr=0.001), "cycle_min_lr"),
+    (FusedOneCycleAdamW, dict(cycle_first_step_size=0), "cycle_first_step_size"),
+])
+def test_bad_arguments(cls, kw, match):
+    p = torch.nn.Parameter(torch.randn(2))
+    with pytest.raises(ValueError, match=match):
+        cls([p], **{"cycle_min_lr": 0.01, "cycle_max_lr": 0.1, **kw})
+
+
+def test_schedule_argument_and_keywords_conflict():
+    p = torch.nn.Parameter(torch.randn(2))
+    with pytest.raises(ValueError, match="schedule"):
+        FusedOneCycleSGD([p], cycle_min_lr=0.1, cycle_max_lr=1.0, schedule=LRRangeTest())
+    with pytest.raises(ValueError, match="cycle_min_lr"):
+        FusedOneCycleSGD([p])
+    opt = FusedOneCycleSGD([p], schedule={"type": "LRRangeTest", "params": {"lr_range_test_min_lr": 0.5}})
+    assert opt.param_groups[0]["lr"] == 0.5
+
+
+def test_bad_group_leaves_optimizer_unchanged():
+    p, q = torch.nn.Parameter(torch.randn(2)), torch.nn.Parameter(torch.randn(2))
+    opt = FusedOneCycleSGD([p], cycle_min_lr=0.01, cycle_max_lr=0.1)
+    for bad in ({"params": [q], "weight_decay": -1}, {"params": [q], "cycle_max_lr": 0.001},
+                {"params": [q], "not_a_schedule_key": 1, "cycle_bogus": 2, "lr_range_test_min_lr": 1}):
+        with pytest.raises(ValueError):
+            opt.add_param_group(bad)
+        assert len(opt.param_groups) == 1
+
+
+def test_sparse_gradients_are_refused():
+    p = torch.nn.Parameter(torch.randn(4, 2))
+    opt = FusedOneCycleSGD([p], cycle_min_lr=0.01, cycle_max_lr=0.1)
+    p.grad = torch.randn(4, 2).to_sparse()
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
