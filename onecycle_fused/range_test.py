@@ -222,7 +222,8 @@ def plot_range_test(result: RangeTestResult, path: str) -> str:
     ax.set_xscale("log")
     finite = [v for v in result.smoothed if math.isfinite(v)]
     if finite:  # keep a diverging tail from squashing the interesting part
-        lo, hi = min(finite), max(finite[: max(1, n // 10)] + [finite[0]])
+        lo = min(finite + [v for v in result.losses if math.isfinite(v)])
+        hi = max(finite[: max(1, n // 10)] + [finite[0]])
         ax.set_ylim(lo - 0.1 * (hi - lo + 1e-12), hi + 0.5 * (hi - lo + 1e-12))
     ax.set_xlabel("learning rate")
     ax.set_ylabel("loss")
@@ -237,12 +238,14 @@ def plot_range_test(result: RangeTestResult, path: str) -> str:
 
 def toy_problem(seed: int = 0, batch_size: int = 64, num_batches: int = 16):
     """A small built-in problem for the command line and the README:
-    ``(model, loss_fn, data)``, a 2-layer MLP classifying 3 Gaussian blobs in
-    16 dimensions. Deterministic for a given ``seed``; nothing is downloaded."""
+    ``(model, loss_fn, data)``, a 2-layer MLP classifying 3 overlapping
+    Gaussian blobs in 16 dimensions (the overlap keeps the loss from reaching
+    0, so a curve has a clear minimum). Deterministic for a given ``seed``;
+    nothing is downloaded."""
     gen = torch.Generator().manual_seed(seed)
-    centers = torch.randn(3, 16, generator=gen) * 2
+    centers = torch.randn(3, 16, generator=gen)
     labels = torch.randint(0, 3, (batch_size * num_batches,), generator=gen)
-    inputs = centers[labels] + torch.randn(len(labels), 16, generator=gen)
+    inputs = centers[labels] + 1.5 * torch.randn(len(labels), 16, generator=gen)
     data = list(zip(inputs.split(batch_size), labels.split(batch_size)))
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 3))

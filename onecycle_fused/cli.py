@@ -1,0 +1,130 @@
+"""Command line: ``python -m onecycle_fused plot ...`` and ``... range-test ...``.
+
+``plot`` draws lr and momentum of a schedule given as a DeepSpeed JSON config
+(``--config ds.json``) or as ``key=value`` arguments (DeepSpeed parameter
+names, values in JSON: ``cycle_max_lr=1e-3``, ``cycle_momentum=false``,
+``cycle_min_lr=[1e-4,1e-5]``), and prints a table at the ``--at`` steps.
+
+``range-test`` runs the LR range test on a small built-in problem (see
+:func:`onecycle_fused.range_test.toy_problem`) and prints the suggested
+bounds as a DeepSpeed scheduler config.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional, Sequence
+
+from .schedule import _TYPES, schedule_from_config
+
+__all__ = ["main", "build_parser"]
+
+
+def _parse_value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        if text in ("True", "False"):
+            return text == "True"
+        return text  # left for the schedule's own validation to reject
+
+
+def _keyword_args(pairs: Sequence[str]) -> dict:
+    params = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"schedule arguments are key=value pairs, got {pair!r}")
+        params[key] = _parse_value(value)
+    return params
+
+
+def _steps_list(text: str) -> list[int]:
+    try:
+        steps = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--at takes comma-separated integers, got {text!r}") from None
+    if any(s < 0 for s in steps):
+        raise argparse.ArgumentTypeError(f"--at steps must be >= 0, got {text!r}")
+    return steps
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m onecycle_fused", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("plot", help="plot lr / momentum of a schedule and print a table")
+    p.add_argument("params", nargs="*", metavar="key=value", help="schedule parameters (DeepSpeed names, JSON values)")
+    p.add_argument("--config", help="DeepSpeed JSON config holding a scheduler entry")
+    p.add_argument("--type", default="OneCycle", choices=sorted(_TYPES), help="schedule type for key=value arguments")
+    p.add_argument("--steps", type=_positive_int, help="number of steps to plot (default: cycle + as much decay)")
+    p.add_argument("--out", help="PNG path (omit to print the table only)")
+    p.add_argument("--at", type=_steps_list, help="comma-separated steps for the table (default: 11 evenly spaced)")
+
+    r = sub.add_parser("range-test", help="LR range test on a small built-in problem")
+    r.add_argument("--min-lr", type=float, default=1e-3)
+    r.add_argument("--max-lr", type=float, default=3.0)
+    r.add_argument("--steps", type=_positive_int, default=100)
+    r.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], default="sgd")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--backend", default="auto")
+    r.add_argument("--out", help="PNG path for the loss curve")
+    return parser
+
+
+def _plot(args) -> int:
+    from .plotting import default_steps, format_table, plot_schedule, schedule_values_at
+
+    if args.config and args.params:
+        raise ValueError("give --config or key=value schedule arguments, not both")
+    if args.config:
+        schedule = schedule_from_config(args.config)
+    elif args.params:
+        schedule = schedule_from_config({"type": args.type, "params": _keyword_args(args.params)})
+    else:
+        raise ValueError("give --config ds.json or key=value schedule arguments (e.g. cycle_min_lr=1e-4 cycle_max_lr=1e-3)")
+    steps = args.steps or default_steps(schedule)
+    at = args.at if args.at is not None else sorted({round(i * (steps - 1) / 10) for i in range(11)})
+    print(schedule)
+    print(format_table(schedule_values_at(schedule, at)))
+    if args.out:
+        plot_schedule(schedule, args.out, steps=steps, marks=at)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _range_test(args) -> int:
+    from .range_test import lr_range_test, toy_problem
+
+    model, loss_fn, data = toy_problem(seed=args.seed)
+    result = lr_range_test(model, loss_fn, data, min_lr=args.min_lr, max_lr=args.max_lr, num_steps=args.steps,
+                           optimizer=args.optimizer, backend=args.backend, plot=args.out)
+    state = "diverged, stopped" if result.diverged else "completed"
+    print(f"range test {state} after {result.steps_run} steps (lr {result.lrs[0]:.3g} .. {result.lrs[-1]:.3g})")
+    print(f"suggested cycle_min_lr = {result.cycle_min_lr:.6g}, cycle_max_lr = {result.cycle_max_lr:.6g}")
+    config = {"scheduler": {"type": "OneCycle", "params": {
+        "cycle_min_lr": float(f"{result.cycle_min_lr:.6g}"), "cycle_max_lr": float(f"{result.cycle_max_lr:.6g}")}}}
+    print(json.dumps(config))
+    if args.out:
+        print(f"wrote {args.out}")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _plot(args) if args.command == "plot" else _range_test(args)
+    except ValueError as e:  # bad schedule parameters: one clear line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2

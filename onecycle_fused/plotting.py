@@ -1,0 +1,102 @@
+"""Plots and tables of a schedule's lr and momentum over steps.
+
+Values come from the host evaluation in ``schedule.py`` (the specification
+every backend reproduces on the device), so a plot shows exactly what the
+optimizer will use: step ``k`` is the step that runs after ``k`` applied steps.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+from .schedule import OneCycle, _Schedule
+
+__all__ = ["schedule_values_at", "format_table", "plot_schedule", "default_steps"]
+
+
+def default_steps(schedule: _Schedule) -> int:
+    """A step count that shows the whole shape: OneCycle's cycle plus as much
+    decay again (at least 1000 steps for a range test)."""
+    if isinstance(schedule, OneCycle):
+        return 2 * schedule.total_size + 1
+    return max(1000, 2 * schedule.lr_range_test_step_size)
+
+
+def _num_groups(schedule: _Schedule) -> int:
+    return schedule.num_groups or 1
+
+
+def schedule_values_at(schedule: _Schedule, steps: Sequence[int]) -> list[dict]:
+    """One row per step: ``{"step": k, "lr": [...], "momentum": [...] or None}``
+    (one value per parameter group)."""
+    rows = []
+    for k in steps:
+        lrs = [schedule.lr(k, g) for g in range(_num_groups(schedule))]
+        moms = [schedule.momentum(k, g) for g in range(_num_groups(schedule))]
+        rows.append({"step": int(k), "lr": lrs, "momentum": None if moms[0] is None else moms})
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """A plain-text table of :func:`schedule_values_at` rows."""
+    groups = len(rows[0]["lr"]) if rows else 1
+    has_mom = bool(rows) and rows[0]["momentum"] is not None
+
+    def names(base):
+        return [base] if groups == 1 else [f"{base}[{g}]" for g in range(groups)]
+
+    header = ["step"] + names("lr") + (names("momentum") if has_mom else [])
+    lines = []
+    for r in rows:
+        cells = [str(r["step"])] + [f"{v:.6g}" for v in r["lr"]]
+        if has_mom:
+            cells += [f"{v:.6g}" for v in r["momentum"]]
+        lines.append(cells)
+    widths = [max(len(h), *(len(c[i]) for c in lines)) if lines else len(h) for i, h in enumerate(header)]
+    out = ["  ".join(h.rjust(w) for h, w in zip(header, widths))]
+    out += ["  ".join(c.rjust(w) for c, w in zip(cells, widths)) for cells in lines]
+    return "\n".join(out)
+
+
+def plot_schedule(
+    schedule: _Schedule,
+    path: str,
+    steps: Optional[int] = None,
+    marks: Sequence[int] = (),
+    title: Optional[str] = None,
+) -> str:
+    """Draw lr (top) and momentum (bottom, when the schedule sets it) over
+    ``steps`` steps (default :func:`default_steps`) to a PNG at ``path``.
+    ``marks``: steps to highlight with a dot on each curve."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    n = default_steps(schedule) if steps is None else steps
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    ks = list(range(n))
+    rows = schedule_values_at(schedule, ks)
+    has_mom = rows[0]["momentum"] is not None
+    fig, axes = plt.subplots(2 if has_mom else 1, 1, figsize=(8, 5.5 if has_mom else 3.2), sharex=True, squeeze=False)
+    axes = axes[:, 0]
+    groups = len(rows[0]["lr"])
+    marks = [k for k in marks if 0 <= k < n]
+    mark_rows = schedule_values_at(schedule, marks)
+    series = [("lr", "learning rate")] + ([("momentum", "momentum / beta1")] if has_mom else [])
+    for ax, (key, label) in zip(axes, series):
+        for g in range(groups):
+            name = label if groups == 1 else f"group {g}"
+            ax.plot(ks, [r[key][g] for r in rows], color=f"C{g}", linewidth=1.5, label=name)
+            if marks:
+                ax.plot(marks, [r[key][g] for r in mark_rows], "o", color=f"C{g}", markersize=4)
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+        if groups > 1:
+            ax.legend(fontsize="small")
+    axes[-1].set_xlabel("step (optimizer steps applied)")
+    axes[0].set_title(title or f"{type(schedule).__name__} schedule")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return str(path)

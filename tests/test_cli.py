@@ -1,0 +1,115 @@
+"""`python -m onecycle_fused plot / range-test`: tables against the schedule
+spec and DeepSpeed's OneCycle, PNGs written, errors reported in one line."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from onecycle_fused.cli import main
+from onecycle_fused.plotting import format_table, plot_schedule, schedule_values_at
+from onecycle_fused.schedule import OneCycle, schedule_from_config
+
+from conftest import SEED_CONFIG
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _table(out: str) -> dict[int, list[float]]:
+    """step -> values, parsed from the printed table."""
+    rows = {}
+    for line in out.splitlines():
+        cells = line.split()
+        if cells and cells[0].isdigit():
+            rows[int(cells[0])] = [float(c) for c in cells[1:]]
+    return rows
+
+
+def _deepspeed_values(params: dict, steps):
+    """lr / momentum from DeepSpeed's own OneCycle on an Adam (beta1 is its momentum)."""
+    import torch
+    from deepspeed.runtime.lr_schedules import OneCycle as DSOneCycle
+
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = DSOneCycle(opt, **params)
+    out = {}
+    for k in range(max(steps) + 1):
+        if k in steps:
+            out[k] = (opt.param_groups[0]["lr"], opt.param_groups[0]["betas"][0])
+        sched.step()
+    return out
+
+
+def test_plot_from_deepspeed_config(tmp_path, capsys):
+    out = tmp_path / "plot.png"
+    at = [0, 1, 500, 999, 1000, 1500, 2000, 2001, 3000, 3999]
+    assert main(["plot", "--config", SEED_CONFIG, "--steps", "4000", "--out", str(out),
+                 "--at", ",".join(map(str, at))]) == 0
+    assert out.read_bytes()[:8] == PNG
+    table = _table(capsys.readouterr().out)
+    assert sorted(table) == at
+    params = json.load(open(SEED_CONFIG))["scheduler"]["params"]
+    ds = _deepspeed_values(params, set(at))
+    for k in at:
+        lr, mom = table[k]
+        assert lr == pytest.approx(ds[k][0], rel=1e-5)  # the table prints 6 significant digits
+        if k > 0:  # DeepSpeed writes cycle_min_mom at step 0 (documented difference 1)
+            assert mom == pytest.approx(ds[k][1], rel=1e-5)
+    assert table[0][1] == pytest.approx(params["cycle_max_mom"])
+
+
+def test_plot_from_keyword_arguments_per_group(tmp_path, capsys):
+    args = ["plot", "cycle_min_lr=[1e-4,1e-5]", "cycle_max_lr=[1e-3,1e-4]", "cycle_first_step_size=100",
+            "decay_step_size=10", "decay_lr_rate=0.1", "cycle_momentum=false", "--at", "0,50,100,300"]
+    assert main(args) == 0
+    table = _table(capsys.readouterr().out)
+    sched = OneCycle([1e-4, 1e-5], [1e-3, 1e-4], cycle_first_step_size=100, decay_step_size=10,
+                     decay_lr_rate=0.1, cycle_momentum=False)
+    for k, values in table.items():
+        assert len(values) == 2  # two lr columns, no momentum
+        assert values == pytest.approx(sched.lr(k), rel=1e-5)
+
+
+def test_plot_range_test_schedule_default_table(capsys):
+    assert main(["plot", "--type", "LRRangeTest", "lr_range_test_step_size=10", "--steps", "101"]) == 0
+    table = _table(capsys.readouterr().out)
+    assert sorted(table) == list(range(0, 101, 10))  # 11 evenly spaced rows by default
+    assert table[100] == pytest.approx([1e-3 * 11])
+
+
+@pytest.mark.parametrize("args,match", [
+    (["plot"], "--config"),
+    (["plot", "cycle_min_lr=1", "cycle_max_lr=0.1"], "cycle_min_lr"),
+    (["plot", "cycle_min_lr=1e-3", "cycle_max_lr=1e-2", "lr_wrong=3"], "lr_wrong"),
+    (["plot", "cycle_max_lr"], "key=value"),
+    (["plot", "--config", SEED_CONFIG, "cycle_min_lr=1"], "not both"),
+])
+def test_plot_errors_are_one_line(args, match, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and match in err and "Traceback" not in err
+
+
+def test_plot_schedule_function(tmp_path):
+    sched = schedule_from_config(SEED_CONFIG)
+    rows = schedule_values_at(sched, [0, 1000])
+    assert rows[1] == {"step": 1000, "lr": [sched.lr(1000)], "momentum": [sched.momentum(1000)]}
+    assert format_table(rows).splitlines()[0].split() == ["step", "lr", "momentum"]
+    path = plot_schedule(sched, str(tmp_path / "s.png"), steps=300, marks=[0, 100])
+    assert open(path, "rb").read(8) == PNG
+    with pytest.raises(ValueError, match="steps"):
+        plot_schedule(sched, str(tmp_path / "t.png"), steps=0)
+
+
+def test_range_test_command_line(tmp_path):
+    """The real entry point, as a user runs it."""
+    out = tmp_path / "rt.png"
+    proc = subprocess.run([sys.executable, "-m", "onecycle_fused", "range-test", "--steps", "60",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    config = json.loads(lines[2])["scheduler"]
+    assert config["type"] == "OneCycle"
+    lo, hi = config["params"]["cycle_min_lr"], config["params"]["cycle_max_lr"]
+    assert 1e-3 <= lo < hi <= 3.0 and hi / lo == pytest.approx(4, rel=1e-4)
+    assert out.read_bytes()[:8] == PNG
