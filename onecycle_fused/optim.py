@@ -61,6 +61,24 @@ def _check_beta(name: str, value) -> None:
         raise ValueError(f"{name} must be in [0, 1), got {value!r}")
 
 
+class _HostStep:
+    """The host's view of the step counter, which drives the lr mirror.
+
+    A separate object because torch.compile silently drops attribute writes
+    on an Optimizer instance but keeps those on plain objects.
+    """
+
+    def __init__(self):
+        self.step = 0
+        # (pinned int64, event) of an asynchronous copy of the counter, pending
+        # after a CUDA step whose found_inf the host could not see
+        self.pending: Optional[tuple[torch.Tensor, Any]] = None
+        # set when steps ran where host code does not re-run per call (a
+        # torch.compile'd step, a captured CUDA graph): the next eager
+        # occasion re-reads the counter
+        self.stale = False
+
+
 class _FusedOneCycleOptimizer(torch.optim.Optimizer):
     """Shared machinery; subclasses define the algorithm's hyper-parameters."""
 
@@ -79,8 +97,7 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         schedule.check_num_groups(n_groups)
         self.schedule = schedule
         self.backend = backend
-        self._host_step = 0  # host's view of the counter, for the lr mirror
-        self._pending_step: Optional[tuple[torch.Tensor, Any]] = None
+        self._host = _HostStep()
         self._counters: dict[torch.device, torch.Tensor] = {}
         self._backend_for: dict[torch.device, Any] = {}
         self._tables: dict[torch.device, torch.Tensor] = {}
@@ -204,18 +221,24 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
 
     def _resolve_pending(self, wait: bool = False) -> None:
         """Adopt the device counter's value once its asynchronous copy landed."""
-        if self._pending_step is None:
+        host = self._host
+        if host.stale:
+            host.pending = None
+            host.step = int(self.step_counter())  # one read, outside any step
+            host.stale = False
             return
-        value, event = self._pending_step
+        if host.pending is None:
+            return
+        value, event = host.pending
         if wait:
             event.synchronize()
         elif not event.query():
             return
-        self._host_step = int(value)
-        self._pending_step = None
+        host.step = int(value)
+        host.pending = None
 
     def _update_mirror(self) -> None:
-        k = self._host_step
+        k = self._host.step
         for group in self.param_groups:
             sched = self._schedule_of(group)
             group["lr"] = sched.lr(k)
@@ -227,7 +250,11 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     def get_last_lr(self) -> list[float]:
-        """The lr of each group for the next step, as a torch scheduler's ``get_last_lr()``."""
+        """The lr of each group for the next step, as a torch scheduler's ``get_last_lr()``.
+
+        After steps run by a compiled function or a CUDA graph replay this reads
+        the device counter once to bring the ``param_groups`` mirror up to date.
+        """
         self._resolve_pending()
         self._update_mirror()
         return [group["lr"] for group in self.param_groups]
@@ -251,8 +278,8 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
             raise ValueError(f"step must be an integer >= 0, got {step!r}")
         for c in self._counters.values():
             c.fill_(step)
-        self._pending_step = None
-        self._host_step = step
+        self._host = _HostStep()
+        self._host.step = step
         self._update_mirror()
 
     def _init_state(self, p: torch.Tensor, group: dict) -> dict:
@@ -301,23 +328,28 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         return loss
 
     def _advance_mirror(self, found_inf: Optional[torch.Tensor]) -> None:
-        if any(c.is_cuda for c in self._counters.values()) and torch.cuda.is_current_stream_capturing():
-            return  # host code does not replay with the graph; nothing to mirror
+        if torch.compiler.is_compiling() or (
+            any(c.is_cuda for c in self._counters.values()) and torch.cuda.is_current_stream_capturing()
+        ):
+            # host code does not re-run with each call / replay: tracking the
+            # step on the host here would bake one value into the graph
+            self._host.stale = True
+            return
         self._resolve_pending()
         if found_inf is None:
-            self._host_step += 1
+            self._host.step += 1
         elif found_inf.device.type == "cpu":
-            self._host_step += int(found_inf.item() == 0)  # a CPU read costs no sync
+            self._host.step += int(found_inf.item() == 0)  # a CPU read costs no sync
         else:
             # optimistic: assume the step ran, then adopt the counter's true
             # value when an asynchronous copy of it lands (no host sync here)
-            self._host_step += 1
+            self._host.step += 1
             counter = self.step_counter()
             value = torch.empty((), dtype=torch.int64, pin_memory=True)
             value.copy_(counter, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
-            self._pending_step = (value, event)
+            self._host.pending = (value, event)
         self._update_mirror()
 
     # ------------------------------------------------------------------
@@ -347,8 +379,8 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
                 state["step"] = torch.as_tensor(state["step"]).to(device=p.device, dtype=torch.int64)
         for c in self._counters.values():
             c.copy_(counter)
-        self._pending_step = None
-        self._host_step = int(counter)
+        self._host = _HostStep()
+        self._host.step = int(counter)
         self._row_keys = []
         self._update_mirror()
 
