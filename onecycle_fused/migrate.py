@@ -1,0 +1,154 @@
+"""Continue a run started with ``torch.optim.SGD`` / ``Adam`` / ``AdamW`` and a
+1-Cycle scheduler (DeepSpeed's ``OneCycle`` or torch's ``OneCycleLR``) in a
+fused optimizer.
+
+What carries over:
+
+* per-parameter state: momentum buffers, ``exp_avg``, ``exp_avg_sq``,
+  ``max_exp_avg_sq`` and Adam's step counts (as int64);
+* the update hyper-parameters of each group that torch stores
+  (``weight_decay``, ``dampening``, ``nesterov``, ``maximize``, ``eps``,
+  ``amsgrad`` and ``betas[1]``), so the continuation computes what the
+  original pair would have: e.g. DeepSpeed's ``OneCycle`` had overwritten
+  beta2 with 0.99 and that value is kept (pass ``copy_hyperparameters=False``
+  to keep the fused optimizer's own values);
+* the schedule position: ``k = last_batch_iteration + 1`` for a DeepSpeed
+  ``OneCycle`` / ``LRRangeTest`` state, ``k = last_epoch`` for a torch
+  ``LRScheduler`` state; both are "steps already taken", the ``k`` of
+  ``DESIGN.md`` §2.
+
+The schedule's *shape* is the fused optimizer's own (give it the same
+DeepSpeed parameters to continue a DeepSpeed run exactly). torch's
+``OneCycleLR`` follows a different curve (cosine, ``div_factor``...), so from
+it only the position and the optimizer state are taken.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Mapping, Optional
+
+import torch
+
+__all__ = ["load_torch_optimizer_state", "schedule_position"]
+
+# group keys of torch.optim that set the update math (lr and momentum / beta1
+# come from the schedule, so they are not among them)
+_SGD_KEYS = ("weight_decay", "dampening", "nesterov", "maximize")
+_ADAM_KEYS = ("weight_decay", "eps", "amsgrad", "maximize")
+
+
+def schedule_position(scheduler: Any) -> int:
+    """Optimizer steps taken so far according to a scheduler (object or its ``state_dict()``).
+
+    DeepSpeed's schedulers store ``last_batch_iteration`` (-1 before the first
+    step); torch's store ``last_epoch`` (0 before the first step).
+    """
+    state = scheduler.state_dict() if hasattr(scheduler, "state_dict") else scheduler
+    if not isinstance(state, Mapping):
+        raise ValueError(f"scheduler must be a scheduler or its state_dict, got {type(scheduler).__name__}")
+    if "last_batch_iteration" in state:
+        k = int(state["last_batch_iteration"]) + 1
+    elif "last_epoch" in state:
+        k = int(state["last_epoch"])
+    else:
+        raise ValueError("scheduler state has neither 'last_batch_iteration' (DeepSpeed) nor 'last_epoch' (torch)")
+    if k < 0:
+        raise ValueError(f"scheduler position must be >= 0 steps, got {k}")
+    return k
+
+
+def load_torch_optimizer_state(
+    optimizer,
+    torch_state_dict: Mapping[str, Any],
+    scheduler: Any = None,
+    *,
+    step: Optional[int] = None,
+    copy_hyperparameters: bool = True,
+) -> int:
+    """Load a ``torch.optim`` SGD / Adam / AdamW ``state_dict`` into a fused optimizer.
+
+    ``optimizer`` must hold the same parameters in the same groups and order
+    as the torch optimizer did. The schedule position comes from ``scheduler``
+    (a DeepSpeed or torch scheduler, or its ``state_dict()``) or ``step``; with
+    neither, it is the largest Adam step count (SGD: 0). Returns the position.
+    """
+    from .optim import FusedOneCycleAdam, FusedOneCycleSGD
+
+    if isinstance(optimizer, FusedOneCycleSGD):
+        is_sgd = True
+    elif isinstance(optimizer, FusedOneCycleAdam):  # AdamW is a subclass
+        is_sgd = False
+    else:
+        raise ValueError(f"optimizer must be a FusedOneCycle optimizer, got {type(optimizer).__name__}")
+    if not isinstance(torch_state_dict, Mapping) or "state" not in torch_state_dict or "param_groups" not in torch_state_dict:
+        raise ValueError("torch_state_dict must be a torch.optim state_dict (with 'state' and 'param_groups')")
+    if "step_counter" in torch_state_dict:
+        raise ValueError("torch_state_dict comes from a FusedOneCycle optimizer: use optimizer.load_state_dict")
+    if scheduler is not None and step is not None:
+        raise ValueError("give scheduler or step, not both")
+
+    src_groups = torch_state_dict["param_groups"]
+    dst = optimizer.state_dict()
+    if len(src_groups) != len(dst["param_groups"]):
+        raise ValueError(
+            f"torch_state_dict has {len(src_groups)} parameter groups, the optimizer {len(dst['param_groups'])}"
+        )
+    for i, (s, d) in enumerate(zip(src_groups, dst["param_groups"])):
+        if len(s["params"]) != len(d["params"]):
+            raise ValueError(
+                f"parameter group {i} has {len(s['params'])} parameters in torch_state_dict, "
+                f"{len(d['params'])} in the optimizer"
+            )
+        if is_sgd and "betas" in s:
+            raise ValueError(f"torch_state_dict param_groups[{i}] is an Adam-type group; the optimizer is SGD")
+        if not is_sgd and "betas" not in s:
+            raise ValueError(f"torch_state_dict param_groups[{i}] has no 'betas': not an Adam / AdamW state")
+
+    if step is not None:
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be an integer >= 0, got {step!r}")
+        position = step
+    elif scheduler is not None:
+        position = schedule_position(scheduler)
+    else:
+        steps = [int(st["step"]) for st in torch_state_dict["state"].values() if "step" in st]
+        position = max(steps, default=0)
+
+    new_state = {}
+    for gi, (s, d) in enumerate(zip(src_groups, dst["param_groups"])):
+        if copy_hyperparameters:
+            for key in _SGD_KEYS if is_sgd else _ADAM_KEYS:
+                if key in s:
+                    d[key] = s[key]
+            if not is_sgd:
+                d["betas"] = (d["betas"][0], s["betas"][1])
+        uses_buffer = is_sgd and (optimizer._schedule_of(d).cycles_momentum or d["momentum"] != 0)
+        for src_id, dst_id in zip(s["params"], d["params"]):
+            st = torch_state_dict["state"].get(src_id)
+            if not st:
+                continue  # never stepped: the fused optimizer starts it fresh
+            new_state[dst_id] = _convert(st, is_sgd, uses_buffer, position, gi)
+    dst["state"] = new_state
+    dst["step_counter"] = torch.tensor(position, dtype=torch.int64)
+    optimizer.load_state_dict(dst)
+    return position
+
+
+def _convert(st: Mapping[str, Any], is_sgd: bool, uses_buffer: bool, position: int, group: int) -> dict:
+    if is_sgd:
+        buf = st.get("momentum_buffer")
+        if buf is None:
+            return {}  # torch had not made a buffer yet; its first step will
+        if not uses_buffer:
+            raise ValueError(
+                f"torch_state_dict has momentum buffers in group {group}, whose fused schedule has no momentum"
+            )
+        # the fused SGD takes torch's first-step rule (buf = grad) when the
+        # parameter's count is 0, so a parameter with a buffer must not be at 0
+        return {"step": torch.tensor(max(position, 1), dtype=torch.int64),
+                "momentum_buffer": buf.detach().clone()}
+    out = {"step": torch.as_tensor(st["step"]).detach().to(torch.int64).clone()}
+    for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+        if key in st:
+            out[key] = copy.deepcopy(st[key].detach())
+    return out

@@ -1,0 +1,188 @@
+"""Migration from torch.optim + a 1-Cycle scheduler: the fused optimizer,
+loaded mid-run, continues the trajectory the original pair would have taken.
+
+Oracles: torch.optim driven by DeepSpeed's own OneCycle (documented
+differences accounted for: DeepSpeed cycles no SGD momentum and writes beta2 =
+0.99), and torch.optim driven by torch's OneCycleLR up to the switch, then by
+lr / beta1 values from our schedule's host evaluation.
+"""
+import copy
+
+import pytest
+import torch
+
+from onecycle_fused import FusedOneCycleAdam, FusedOneCycleAdamW, FusedOneCycleSGD, OneCycle
+from onecycle_fused.migrate import load_torch_optimizer_state, schedule_position
+
+ds_sched = pytest.importorskip("deepspeed.runtime.lr_schedules")
+
+SCHEDULE = dict(cycle_min_lr=1e-3, cycle_max_lr=1e-2, cycle_first_step_size=6, cycle_second_step_size=4,
+                cycle_first_stair_count=0, decay_step_size=3, decay_lr_rate=0.5,
+                cycle_min_mom=0.8, cycle_max_mom=0.95)
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 2))
+
+
+def _batches(n):
+    gen = torch.Generator().manual_seed(1)
+    return [(torch.randn(8, 5, generator=gen), torch.randn(8, 2, generator=gen)) for _ in range(n)]
+
+
+def _train(model, opt, batches, after_step=None):
+    for x, y in batches:
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        if after_step is not None:
+            after_step()
+
+
+def _params(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _assert_same(a, b):
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+
+
+BEFORE, AFTER = 8, 12  # the switch is in the cycle; the continuation crosses into decay (T = 10)
+
+
+@pytest.mark.parametrize("algo", ["adam", "adamw", "adamw_amsgrad"])
+def test_deepspeed_onecycle_with_adam_continues_exactly(algo):
+    torch_cls = torch.optim.Adam if algo == "adam" else torch.optim.AdamW
+    fused_cls = FusedOneCycleAdam if algo == "adam" else FusedOneCycleAdamW
+    amsgrad = algo.endswith("amsgrad")
+    batches = _batches(BEFORE + AFTER)
+
+    model = _model()
+    opt = torch_cls(model.parameters(), lr=1.0, weight_decay=0.05, amsgrad=amsgrad)
+    sched = ds_sched.OneCycle(opt, **SCHEDULE)
+    _train(model, opt, batches[:BEFORE], sched.step)
+    saved_model = copy.deepcopy(model.state_dict())
+    saved_opt, saved_sched = copy.deepcopy(opt.state_dict()), copy.deepcopy(sched.state_dict())
+    _train(model, opt, batches[BEFORE:], sched.step)
+    expected = _params(model)
+    assert opt.param_groups[0]["betas"][1] == 0.99  # DeepSpeed overwrote beta2 (difference 3)
+
+    resumed = _model()
+    resumed.load_state_dict(saved_model)
+    fused = fused_cls(resumed.parameters(), **SCHEDULE, betas=(0.9, 0.999), weight_decay=0.0, backend="reference")
+    k = load_torch_optimizer_state(fused, saved_opt, saved_sched)
+    assert k == BEFORE == schedule_position(saved_sched)
+    assert fused.step_counter().item() == BEFORE
+    g = fused.param_groups[0]
+    assert (g["betas"][1], g["weight_decay"], g["amsgrad"]) == (0.99, 0.05, amsgrad)  # carried over
+    assert g["lr"] == pytest.approx(OneCycle(**SCHEDULE).lr(BEFORE))
+    for p in resumed.parameters():
+        assert fused.state[p]["step"].dtype == torch.int64 and fused.state[p]["step"].item() == BEFORE
+    _train(resumed, fused, batches[BEFORE:])
+    _assert_same(_params(resumed), expected)
+
+
+def test_deepspeed_onecycle_with_sgd_continues_exactly():
+    # DeepSpeed leaves SGD's momentum alone (difference 2): the fused SGD
+    # reproduces that pair with cycle_momentum=False and the same momentum
+    batches = _batches(BEFORE + AFTER)
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.9, nesterov=True, weight_decay=1e-3)
+    sched = ds_sched.OneCycle(opt, **SCHEDULE)
+    _train(model, opt, batches[:BEFORE], sched.step)
+    saved_model = copy.deepcopy(model.state_dict())
+    saved_opt, saved_sched = copy.deepcopy(opt.state_dict()), copy.deepcopy(sched.state_dict())
+    _train(model, opt, batches[BEFORE:], sched.step)
+    expected = _params(model)
+
+    resumed = _model()
+    resumed.load_state_dict(saved_model)
+    fused = FusedOneCycleSGD(resumed.parameters(), **{**SCHEDULE, "cycle_momentum": False}, momentum=0.9,
+                             backend="reference")
+    load_torch_optimizer_state(fused, saved_opt, saved_sched)
+    assert fused.param_groups[0]["nesterov"] and fused.param_groups[0]["weight_decay"] == 1e-3
+    _train(resumed, fused, batches[BEFORE:])
+    _assert_same(_params(resumed), expected)
+
+
+@pytest.mark.parametrize("algo", ["sgd", "adamw"])
+def test_torch_onecyclelr_position_and_state(algo):
+    """From torch's OneCycleLR only the position and the optimizer state carry
+    over; from the switch on, the oracle follows our schedule's values."""
+    batches = _batches(BEFORE + AFTER)
+    model = _model()
+    if algo == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=40)
+    _train(model, opt, batches[:BEFORE], sched.step)
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    assert schedule_position(sched) == BEFORE
+
+    ours = OneCycle(**SCHEDULE)
+    taken = [BEFORE]
+
+    def set_values():  # the oracle: torch.optim with our schedule's values from the switch on
+        for group in opt.param_groups:
+            group["lr"] = ours.lr(taken[0])
+            if algo == "sgd":
+                group["momentum"] = ours.momentum(taken[0])
+            else:
+                group["betas"] = (ours.momentum(taken[0]), group["betas"][1])
+
+    def after_step():
+        taken[0] += 1
+        set_values()
+
+    set_values()
+    _train(model, opt, batches[BEFORE:], after_step)
+    expected = _params(model)
+
+    resumed = _model()
+    resumed.load_state_dict(saved_model)
+    cls = FusedOneCycleSGD if algo == "sgd" else FusedOneCycleAdamW
+    fused = cls(resumed.parameters(), **SCHEDULE, backend="reference")
+    assert load_torch_optimizer_state(fused, saved_opt, sched.state_dict()) == BEFORE
+    key = "momentum_buffer" if algo == "sgd" else "exp_avg"
+    for p_old, p_new in zip(model.parameters(), resumed.parameters()):
+        assert fused.state[p_new][key].shape == p_new.shape
+    _train(resumed, fused, batches[BEFORE:])
+    _assert_same(_params(resumed), expected)
+
+
+def test_fresh_torch_state_and_step_argument():
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)  # never stepped: no buffers
+    fused = FusedOneCycleSGD(model.parameters(), **SCHEDULE, backend="reference")
+    assert load_torch_optimizer_state(fused, opt.state_dict(), step=3) == 3
+    assert fused.step_counter().item() == 3 and len(fused.state) == 0
+    # Adam without a scheduler: the position is the parameters' step count
+    adam = torch.optim.Adam(model.parameters())
+    _train(model, adam, _batches(2))
+    fused = FusedOneCycleAdam(model.parameters(), **SCHEDULE, backend="reference")
+    assert load_torch_optimizer_state(fused, adam.state_dict()) == 2
+
+
+def test_mismatches_raise():
+    model = _model()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    _train(model, sgd, _batches(1))
+    adam = FusedOneCycleAdam(model.parameters(), **SCHEDULE, backend="reference")
+    with pytest.raises(ValueError, match="betas"):
+        load_torch_optimizer_state(adam, sgd.state_dict())
+    fused = FusedOneCycleSGD(list(model.parameters())[:2], **SCHEDULE, backend="reference")
+    with pytest.raises(ValueError, match="parameters"):
+        load_torch_optimizer_state(fused, sgd.state_dict())
+    fused = FusedOneCycleSGD(model.parameters(), **SCHEDULE, backend="reference")
+    with pytest.raises(ValueError, match="scheduler or step"):
+        load_torch_optimizer_state(fused, sgd.state_dict(), {"last_epoch": 1}, step=1)
+    with pytest.raises(ValueError, match="last_epoch"):
+        load_torch_optimizer_state(fused, sgd.state_dict(), {"nothing": 1})
+    with pytest.raises(ValueError, match="load_state_dict"):
+        load_torch_optimizer_state(fused, fused.state_dict())
+    plain = FusedOneCycleSGD(model.parameters(), **{**SCHEDULE, "cycle_momentum": False}, backend="reference")
+    with pytest.raises(ValueError, match="no momentum"):
+        load_torch_optimizer_state(plain, sgd.state_dict())
