@@ -1,0 +1,286 @@
+"""Triton backend: one kernel launch per (device, dtype) bucket per step.
+
+The kernels live in ``triton_kernels.py``. This file builds their launch
+tables (addresses, sizes, chunk offsets; layout described there), keeps them
+on the device while the storages stay put, and exposes the step as the custom
+op ``torch.ops.onecycle_fused_triton.step`` so that ``torch.compile`` traces
+through it (mutated inputs declared, a fake kernel) and CUDA graphs capture
+it.
+
+Where it runs: CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``
+(the interpreter, used by CI). Interpreted kernels read the addresses in the
+launch table directly, so CUDA tensors are not served while interpreting.
+Importing this module without triton raises ImportError: the registry logs it
+and skips the backend.
+
+Host cost per step: one tuple of ``data_ptr()`` per bucket (the cache key),
+then the launches. A changed storage (new grads after
+``zero_grad(set_to_none=True)`` landing elsewhere, a loaded checkpoint)
+rebuilds that bucket's table: one small pinned, non-blocking copy, no sync.
+"""
+import collections
+import contextlib
+import dataclasses
+import math
+from typing import List, Optional
+
+import torch
+import triton  # noqa: F401  (ImportError here: the registry skips this backend)
+
+from ..schedule import ROW_WIDTH
+from . import StepBatch
+from . import triton_kernels as K
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_KERNELS = {"sgd": K.sgd_kernel, "adam": K.adam_kernel, "adamw": K.adam_kernel}
+# launch tables kept per bucket: a few, so that grads alternating between two
+# storages (caching allocator) do not rebuild every step
+_CACHE_ENTRIES = 4
+
+if ROW_WIDTH != 24:  # triton_kernels._ROW_WIDTH is a constexpr copy
+    raise ImportError(f"triton_kernels expects ROW_WIDTH 24, schedule.py has {ROW_WIDTH}")
+
+
+def interpreting() -> bool:
+    """True when triton runs kernels in its interpreter (``TRITON_INTERPRET=1``
+    was set before the kernels were created)."""
+    return type(K.sgd_kernel).__name__ == "InterpretedFunction"
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchConfig:
+    """Elements per block, blocks per program (a chunk is their product) and
+    warps. Defaults until ``benchmarks/tune_triton.py`` has measured them on a
+    GPU: 4 fp32 elements per thread per block, a 4096-element chunk."""
+
+    block: int = 512
+    iters: int = 8
+    num_warps: int = 4
+
+    def __post_init__(self):
+        for name in ("block", "iters", "num_warps"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1 or v & (v - 1):
+                raise ValueError(f"{name} must be a power of two >= 1, got {v!r}")
+
+    @property
+    def chunk(self) -> int:
+        return self.block * self.iters
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense: the elements fill [data_ptr, data_ptr + numel)."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+@dataclasses.dataclass
+class _Launch:
+    """A bucket's device-resident launch table and the views the kernel takes."""
+
+    table: torch.Tensor  # int64: tensor records, chunk records, done slot
+    chunks: torch.Tensor
+    done: torch.Tensor
+    n_tensors: int
+    n_chunks: int
+    aligned: bool
+
+
+class _Launcher:
+    """Launch tables (cached) and kernel launches; shared by the op and the backend."""
+
+    def __init__(self):
+        self.config = {dt: LaunchConfig() for dt in _DTYPES}
+        self._cache: dict = {}
+
+    def configure(self, dtype: torch.dtype, config: LaunchConfig) -> None:
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype}")
+        if not isinstance(config, LaunchConfig):
+            raise ValueError(f"config must be a LaunchConfig, got {config!r}")
+        self.config[dtype] = config
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
+
+    # -- launch tables ----------------------------------------------------
+    def _build(self, algo, dtype, device, chunk, params, grads, states, steps, group_ids) -> _Launch:
+        n = len(params)
+        records = []
+        aligned = True
+        for i in range(n):
+            p, g = params[i], grads[i]
+            what = f"parameter {i} of the {dtype} bucket"
+            tensors = [p, g] + [s for s in (st[i] for st in states) if s is not None]
+            for t in tensors:
+                if t.device != device or t.dtype != dtype:
+                    raise ValueError(f"{what}: grad and states must be {dtype} on {device}, got {t.dtype} on {t.device}")
+                if t.shape != p.shape or (t.numel() > 1 and t.stride() != p.stride()):
+                    raise ValueError(f"{what}: grad and states must have the parameter's shape and strides")
+                if not _dense(t):
+                    raise ValueError(f"{what}: the triton backend needs dense (non-overlapping) tensors")
+                aligned = aligned and t.data_ptr() % 16 == 0
+            s = steps[i]
+            if s.dtype != torch.int64 or s.numel() != 1 or s.device != device:
+                raise ValueError(f"{what}: its step must be an int64 scalar tensor on {device}")
+            # an absent state points at the parameter: read under a false mask, never written
+            addr = [p.data_ptr(), g.data_ptr()] + [p.data_ptr() if st[i] is None else st[i].data_ptr() for st in states]
+            records.append(addr + [p.numel(), group_ids[i], s.data_ptr()])
+        rec = torch.tensor(records, dtype=torch.int64).reshape(n, K.T_WIDTH)
+        counts = torch.tensor([math.ceil(p.numel() / chunk) for p in params], dtype=torch.int64)
+        n_chunks = int(counts.sum())
+        owner = torch.repeat_interleave(torch.arange(n, dtype=torch.int64), counts)
+        first_chunk = torch.cumsum(counts, 0) - counts
+        start = (torch.arange(n_chunks, dtype=torch.int64) - first_chunk[owner]) * chunk
+        chunks = torch.stack([owner, start], 1)
+        host = torch.cat([rec.flatten(), chunks.flatten(), torch.zeros(1, dtype=torch.int64)])
+        if device.type == "cuda":
+            if torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(
+                    "the triton backend built a new launch table during CUDA graph capture: run the "
+                    "optimizer step eagerly (warm-up) with the same parameters, grads and state first"
+                )
+            table = host.pin_memory().to(device, non_blocking=True)
+        else:
+            table = host
+        c0 = n * K.T_WIDTH
+        return _Launch(table, table[c0:], table[c0 + n_chunks * K.C_WIDTH:], n, n_chunks, aligned)
+
+    def _launch_table(self, algo, dtype, device, params, grads, states, steps, group_ids) -> _Launch:
+        chunk = self.config[dtype].chunk
+        key = (
+            tuple(p.data_ptr() for p in params), tuple(g.data_ptr() for g in grads),
+            tuple(0 if s is None else s.data_ptr() for st in states for s in st),
+            tuple(s.data_ptr() for s in steps), tuple(p.numel() for p in params), tuple(group_ids), chunk,
+        )
+        bucket = self._cache.setdefault((algo, dtype, device), collections.OrderedDict())
+        launch = bucket.get(key)
+        if launch is None:
+            launch = self._build(algo, dtype, device, chunk, params, grads, states, steps, group_ids)
+            bucket[key] = launch
+            while len(bucket) > _CACHE_ENTRIES:
+                bucket.popitem(last=False)
+        else:
+            bucket.move_to_end(key)
+        return launch
+
+    # -- the step ---------------------------------------------------------
+    def run(self, algo, params, grads, state1, state2, state3, steps, group_ids, table, counter, grad_scale, found_inf):
+        if algo not in _KERNELS:
+            raise ValueError(f"algo must be one of {tuple(_KERNELS)}, got {algo!r}")
+        device = counter.device
+        if table.dtype != torch.float64 or table.dim() != 2 or table.shape[1] != ROW_WIDTH or not table.is_contiguous():
+            raise ValueError(f"table must be a contiguous float64 [groups, {ROW_WIDTH}] tensor")
+        buckets: dict = {}
+        for i, p in enumerate(params):
+            if p.dtype not in _DTYPES:
+                raise ValueError(f"the triton backend supports {_DTYPES} parameters, got {p.dtype}")
+            buckets.setdefault(p.dtype, []).append(i)
+        kernel = _KERNELS[algo]
+        has_scale, has_inf = grad_scale is not None, found_inf is not None
+        guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+        with guard:
+            if not buckets:
+                K.advance_kernel[(1,)](counter, found_inf if has_inf else counter, HAS_INF=has_inf)
+                return
+            last = len(buckets) - 1
+            for b, (dtype, idx) in enumerate(buckets.items()):
+                sel = lambda xs: [xs[i] for i in idx]  # noqa: E731
+                ps = sel(params)
+                launch = self._launch_table(
+                    algo, dtype, device, ps, sel(grads), [sel(state1), sel(state2), sel(state3)], sel(steps),
+                    sel(group_ids),
+                )
+                cfg = self.config[dtype]
+                kernel[(max(launch.n_chunks, 1),)](
+                    launch.table, launch.n_tensors, launch.chunks, launch.n_chunks, table, counter,
+                    grad_scale if has_scale else counter, found_inf if has_inf else counter, launch.done, ps[0],
+                    HAS_SCALE=has_scale, HAS_INF=has_inf, ADVANCE_COUNTER=b == last, ALIGNED=launch.aligned,
+                    BLOCK=cfg.block, ITERS=cfg.iters, num_warps=cfg.num_warps,
+                )
+
+
+_launcher = _Launcher()
+
+
+@torch.library.custom_op(
+    "onecycle_fused_triton::step", mutates_args=("params", "state1", "state2", "state3", "steps", "counter")
+)
+def step_op(
+    algo: str,
+    params: List[torch.Tensor],
+    grads: List[torch.Tensor],
+    state1: List[Optional[torch.Tensor]],
+    state2: List[Optional[torch.Tensor]],
+    state3: List[Optional[torch.Tensor]],
+    steps: List[torch.Tensor],
+    group_ids: List[int],
+    table: torch.Tensor,
+    counter: torch.Tensor,
+    grad_scale: Optional[torch.Tensor],
+    found_inf: Optional[torch.Tensor],
+) -> None:
+    """One fused optimizer step on one device (see ``backends.Backend.step``).
+
+    SGD: ``state1`` holds the momentum buffers (None: no buffer). Adam/AdamW:
+    exp_avg, exp_avg_sq, max_exp_avg_sq (None: no amsgrad).
+    """
+    _launcher.run(algo, params, grads, state1, state2, state3, steps, group_ids, table, counter, grad_scale, found_inf)
+
+
+@step_op.register_fake
+def _step_fake(algo, params, grads, state1, state2, state3, steps, group_ids, table, counter, grad_scale, found_inf):
+    return None  # everything happens in place
+
+
+class TritonBackend:
+    """``backend="triton"``: the kernels of ``triton_kernels.py``."""
+
+    name = "triton"
+
+    def available(self) -> bool:
+        return interpreting() or torch.cuda.is_available()
+
+    def supports(self, device, dtype) -> bool:
+        device = torch.device(device)
+        if dtype not in _DTYPES:
+            return False  # float64 stays with the reference backend
+        return device.type == ("cpu" if interpreting() else "cuda")
+
+    @staticmethod
+    def configure(dtype: torch.dtype, block: int, iters: int, num_warps: int) -> None:
+        """Set the launch configuration used for ``dtype`` parameters (process-wide)."""
+        _launcher.configure(dtype, LaunchConfig(block, iters, num_warps))
+
+    @staticmethod
+    def launch_config(dtype: torch.dtype) -> LaunchConfig:
+        return _launcher.config[dtype]
+
+    def step(self, batch: StepBatch) -> None:
+        n = len(batch.params)
+        if batch.algo == "sgd":
+            states = (list(batch.momentum_buffers), [None] * n, [None] * n)
+        elif batch.algo in ("adam", "adamw"):
+            states = (list(batch.exp_avgs), list(batch.exp_avg_sqs), list(batch.max_exp_avg_sqs))
+        else:
+            raise ValueError(f"batch.algo must be one of 'sgd', 'adam', 'adamw', got {batch.algo!r}")
+        if any(len(s) != n for s in states) or len(batch.grads) != n or len(batch.steps) != n or len(batch.group_ids) != n:
+            raise ValueError("batch lists (params, grads, steps, group_ids, states) must have equal lengths")
+        args = (
+            batch.algo, list(batch.params), list(batch.grads), *states, list(batch.steps), list(batch.group_ids),
+            batch.table, batch.counter, batch.grad_scale, batch.found_inf,
+        )
+        if torch.compiler.is_compiling():
+            torch.ops.onecycle_fused_triton.step(*args)
+        else:
+            # eager: skip the dispatcher's per-call cost, same code underneath
+            _launcher.run(*args)
+
+
+__all__ = ["TritonBackend", "LaunchConfig", "interpreting", "step_op"]
