@@ -1,0 +1,55 @@
+// onecycle_fused::sgd_step_ on CUDA: torch.optim.SGD's update (update.h) with
+// lr and momentum from the 1-Cycle / range-test schedule (schedule.h), one
+// launch per dtype bucket (multi_tensor.cuh).
+#include <torch/library.h>
+
+#include "../update.h"
+#include "tensor_table.cuh"
+
+namespace onecycle_fused {
+namespace cuda_impl {
+namespace {
+
+struct SgdOp {
+  using Coef = SgdScalars<float>;
+
+  static __device__ __forceinline__ void coefficients(const double* row, int64_t k, int64_t step, int flags,
+                                                      bool scaled, float scale, Coef& c) {
+    double lr, mom;
+    schedule_lr_mom(row, k, &lr, &mom);
+    c = sgd_scalars<float>(row, lr, mom, step, (flags & mt::kHasS0) != 0, scaled, static_cast<double>(scale));
+  }
+
+  static __device__ __forceinline__ void update(const Coef& c, float& p, float g, float& buf, float& /*unused*/,
+                                                float& /*unused*/) {
+    sgd_update<float, float>(p, g, buf, c);
+  }
+};
+
+void sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                   at::TensorList steps, at::IntArrayRef group_ids, const at::Tensor& table,
+                   const at::Tensor& counter, const std::optional<at::Tensor>& grad_scale,
+                   const std::optional<at::Tensor>& found_inf) {
+  // an empty momentum buffer: the parameter's group uses no momentum
+  const StepInputs in{"sgd_step_",
+                      params,
+                      grads,
+                      {momentum_buffers, {}, {}},
+                      {true, false, false},
+                      {"momentum_buffers", nullptr, nullptr},
+                      steps,
+                      group_ids,
+                      table,
+                      counter,
+                      grad_scale,
+                      found_inf};
+  launch_step<SgdOp>(in);
+}
+
+}  // namespace
+}  // namespace cuda_impl
+}  // namespace onecycle_fused
+
+TORCH_LIBRARY_IMPL(onecycle_fused, CUDA, m) {
+  m.impl("sgd_step_", &onecycle_fused::cuda_impl::sgd_step_cuda);
+}

@@ -1,0 +1,336 @@
+// One kernel launch over a device-resident table of tensors.
+//
+// Device side only (CUDA runtime headers, no ATen), so that it compiles on its
+// own; the host side that builds, caches and uploads the table is
+// csrc/cuda/tensor_table.{cuh,cu}.
+//
+// Layout of a table (one device allocation, built once per set of storages):
+//
+//   [ TableHeader | TensorSlot[n] | int64 chunk_start[n + 1] ]
+//
+// Every tensor is cut into chunks of `chunk_elems<T>()` elements; chunk_start
+// is the prefix sum of the chunk counts, so global chunk c belongs to the
+// tensor t with chunk_start[t] <= c < chunk_start[t + 1]. A grid of at most
+// a few blocks per SM walks the chunks grid-stride, so one launch covers any
+// number of tensors of any size (torch and apex split at ~36-110 tensors and
+// rebuild their argument structs on the host every step instead).
+//
+// Step bookkeeping happens on the device. Every block reads the counter and
+// the per-tensor step counts *before* anything advances them; the last block
+// to finish (atomic done-count after a __threadfence) advances each tensor's
+// step and, for the last dtype bucket of the device, the counter, then resets
+// the done-count for the next launch. One launch, no second kernel, no host
+// value: a CUDA graph replays it with the schedule advancing.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "schedule.h"
+
+namespace onecycle_fused {
+namespace mt {
+
+// 512 threads x 4 vectors of 16 bytes per chunk: 8192 fp32 / 16384 bf16
+// elements, i.e. 32 KiB of each array per chunk. Small enough that a few
+// thousand small tensors spread over the grid, large enough that the
+// per-chunk scalar work (schedule and bias corrections on one thread) is
+// noise next to the memory traffic.
+constexpr int kBlockThreads = 512;
+constexpr int kVecsPerThread = 4;
+constexpr int kVecBytes = 16;
+// Blocks per SM for the grid-stride grid (2048 resident threads per SM on
+// sm_80 / sm_90).
+constexpr int kBlocksPerSM = 4;
+
+template <typename T>
+constexpr int vec_elems() {
+  return kVecBytes / static_cast<int>(sizeof(T));
+}
+
+template <typename T>
+constexpr int64_t chunk_elems() {
+  return static_cast<int64_t>(kBlockThreads) * kVecsPerThread * vec_elems<T>();
+}
+
+// The tensors one parameter needs. Unused state pointers are null (SGD uses
+// s0 = momentum buffer; Adam s0 = exp_avg, s1 = exp_avg_sq, s2 =
+// max_exp_avg_sq). 64 bytes, so the slot array stays 16-byte aligned.
+struct alignas(16) TensorSlot {
+  void* param;
+  const void* grad;
+  void* s0;
+  void* s1;
+  void* s2;
+  int64_t* step;  // int64 0-dim, advanced by the last block
+  int64_t numel;
+  int32_t group;  // row of the schedule table
+  int32_t vec_ok;  // 1: every pointer above is 16-byte aligned
+};
+static_assert(sizeof(TensorSlot) == 64, "TensorSlot layout is shared with the host");
+
+struct alignas(16) TableHeader {
+  unsigned int done;  // blocks finished in the running launch; 0 between launches
+  int32_t num_tensors;
+  int64_t total_chunks;
+};
+static_assert(sizeof(TableHeader) == 16, "TableHeader layout is shared with the host");
+
+// Byte offsets inside a table of n tensors (host and device agree on these).
+__host__ __device__ inline int64_t slots_offset() { return sizeof(TableHeader); }
+__host__ __device__ inline int64_t chunk_start_offset(int64_t n) {
+  return slots_offset() + n * static_cast<int64_t>(sizeof(TensorSlot));
+}
+__host__ __device__ inline int64_t table_bytes(int64_t n) {
+  // rounded up to 16 bytes so that the upload kernel copies whole words
+  const int64_t end = chunk_start_offset(n) + (n + 1) * static_cast<int64_t>(sizeof(int64_t));
+  return (end + 15) / 16 * 16;
+}
+
+// Arguments of one launch. Everything that may change from step to step
+// (GradScaler's tensors, the schedule table, which is rebuilt when a
+// hyper-parameter changes) is passed by value here, not cached in the table.
+struct LaunchArgs {
+  unsigned char* table;  // the device table above
+  const double* rows;  // float64 [groups, row::WIDTH], contiguous
+  int64_t* counter;  // int64 0-dim: optimizer steps applied so far
+  const float* grad_scale;  // null: grads are not scaled
+  const float* found_inf;  // null: never skip
+  int advance_counter;  // 1 for the last dtype bucket of the device
+};
+
+// ---------------------------------------------------------------------------
+// element conversions: fp32 "opmath", stored back with round-to-nearest-even
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+// N = vec_elems<T>() elements through one 16-byte access. Only called when
+// the address is 16-byte aligned (the slot's vec_ok and a chunk-aligned
+// offset guarantee it).
+template <typename T>
+__device__ __forceinline__ void load_vec(const void* base, int64_t i, float* out) {
+  constexpr int N = vec_elems<T>();
+  union {
+    uint4 raw;
+    T v[N];
+  } u;
+  u.raw = *reinterpret_cast<const uint4*>(static_cast<const T*>(base) + i);
+#pragma unroll
+  for (int j = 0; j < N; ++j) out[j] = to_float(u.v[j]);
+}
+
+template <typename T>
+__device__ __forceinline__ void store_vec(void* base, int64_t i, const float* in) {
+  constexpr int N = vec_elems<T>();
+  union {
+    uint4 raw;
+    T v[N];
+  } u;
+#pragma unroll
+  for (int j = 0; j < N; ++j) u.v[j] = from_float<T>(in[j]);
+  *reinterpret_cast<uint4*>(static_cast<T*>(base) + i) = u.raw;
+}
+
+template <typename T>
+__device__ __forceinline__ float load_one(const void* base, int64_t i) {
+  return to_float(static_cast<const T*>(base)[i]);
+}
+
+template <typename T>
+__device__ __forceinline__ void store_one(void* base, int64_t i, float x) {
+  static_cast<T*>(base)[i] = from_float<T>(x);
+}
+
+// The tensor that global chunk c belongs to: the last t with
+// chunk_start[t] <= c (empty tensors own no chunk and are stepped over).
+__device__ __forceinline__ int find_tensor(const int64_t* chunk_start, int n, int64_t c) {
+  int lo = 0, hi = n;  // answer in [lo, hi)
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) >> 1;
+    if (chunk_start[mid] <= c) {
+      lo = mid;
+    } else {
+      hi = mid;
+    }
+  }
+  return lo;
+}
+
+// ---------------------------------------------------------------------------
+// The kernel.
+//
+// Op (an algorithm: csrc/cuda/sgd_step.cu, adam_step.cu) provides
+//   struct Coef;  per-chunk scalars, trivially copyable (lives in shared memory)
+//   static __device__ void coefficients(const double* row, int64_t k, int64_t step,
+//                                       int flags, bool scaled, float scale, Coef& c);
+//       k: optimizer steps applied (the counter); step: this tensor's step
+//       count before this step; flags: kHasS0 / kHasS2 (which optional states
+//       the tensor has); scale: GradScaler's scale when `scaled`. A function
+//       of its arguments only, so a block reuses it while (group, step,
+//       flags) stay the same. Runs on one thread per chunk.
+//   static __device__ void update(const Coef& c, float& p, float g,
+//                                 float& s0, float& s1, float& s2);
+//       one element in fp32 (grad not yet unscaled: Coef carries the scale);
+//       states the tensor lacks are passed as 0 and not stored.
+
+constexpr int kHasS0 = 1;
+constexpr int kHasS2 = 2;
+
+__device__ __forceinline__ int slot_flags(const TensorSlot& s) {
+  return (s.s0 != nullptr ? kHasS0 : 0) | (s.s2 != nullptr ? kHasS2 : 0);
+}
+
+template <typename T, typename Op>
+__device__ __forceinline__ void update_scalar(const typename Op::Coef& c, const TensorSlot& s, int64_t i) {
+  float p = load_one<T>(s.param, i);
+  const float g = load_one<T>(s.grad, i);
+  float a = s.s0 ? load_one<T>(s.s0, i) : 0.f;
+  float b = s.s1 ? load_one<T>(s.s1, i) : 0.f;
+  float m = s.s2 ? load_one<T>(s.s2, i) : 0.f;
+  Op::update(c, p, g, a, b, m);
+  store_one<T>(s.param, i, p);
+  if (s.s0) store_one<T>(s.s0, i, a);
+  if (s.s1) store_one<T>(s.s1, i, b);
+  if (s.s2) store_one<T>(s.s2, i, m);
+}
+
+template <typename T, typename Op>
+__device__ __forceinline__ void update_vector(const typename Op::Coef& c, const TensorSlot& s, int64_t i) {
+  constexpr int N = vec_elems<T>();
+  float p[N], g[N], a[N], b[N], m[N];
+  // all loads first, then the math, then all stores: the loads of one
+  // vector are in flight together
+  load_vec<T>(s.param, i, p);
+  load_vec<T>(s.grad, i, g);
+#pragma unroll
+  for (int j = 0; j < N; ++j) {
+    a[j] = 0.f;
+    b[j] = 0.f;
+    m[j] = 0.f;
+  }
+  if (s.s0) load_vec<T>(s.s0, i, a);
+  if (s.s1) load_vec<T>(s.s1, i, b);
+  if (s.s2) load_vec<T>(s.s2, i, m);
+#pragma unroll
+  for (int j = 0; j < N; ++j) Op::update(c, p[j], g[j], a[j], b[j], m[j]);
+  store_vec<T>(s.param, i, p);
+  if (s.s0) store_vec<T>(s.s0, i, a);
+  if (s.s1) store_vec<T>(s.s1, i, b);
+  if (s.s2) store_vec<T>(s.s2, i, m);
+}
+
+template <typename T, typename Op>
+__global__ void __launch_bounds__(kBlockThreads) multi_tensor_step_kernel(LaunchArgs args) {
+  // A skipped step (GradScaler found an inf/nan) changes nothing: every
+  // block sees the same flag and leaves, so the done-count stays 0 too.
+  if (args.found_inf != nullptr && *args.found_inf != 0.f) return;
+
+  auto* header = reinterpret_cast<TableHeader*>(args.table);
+  const TensorSlot* slots = reinterpret_cast<const TensorSlot*>(args.table + slots_offset());
+  const int n = header->num_tensors;
+  const int64_t* chunk_start = reinterpret_cast<const int64_t*>(args.table + chunk_start_offset(n));
+  const int64_t total_chunks = header->total_chunks;
+
+  const bool scaled = args.grad_scale != nullptr;
+
+  __shared__ typename Op::Coef coef_shared;
+  __shared__ int is_last_block;
+
+  // thread 0 keeps the last (group, step, flags) it evaluated, so that
+  // consecutive chunks of one tensor, or of tensors of one group, do not
+  // redo the float64 schedule / bias corrections
+  int cached_group = -1;
+  int64_t cached_step = -1;
+  int cached_flags = -1;
+  typename Op::Coef coef_cached;
+
+  constexpr int64_t kChunk = chunk_elems<T>();
+  constexpr int N = vec_elems<T>();
+  for (int64_t c = blockIdx.x; c < total_chunks; c += gridDim.x) {
+    const int t = find_tensor(chunk_start, n, c);
+    const TensorSlot s = slots[t];
+    if (threadIdx.x == 0) {
+      const int64_t step = *s.step;
+      const int flags = slot_flags(s);
+      if (s.group != cached_group || step != cached_step || flags != cached_flags) {
+        Op::coefficients(args.rows + static_cast<int64_t>(s.group) * row::WIDTH, *args.counter, step, flags,
+                         scaled, scaled ? *args.grad_scale : 1.f, coef_cached);
+        cached_group = s.group;
+        cached_step = step;
+        cached_flags = flags;
+      }
+      coef_shared = coef_cached;
+    }
+    __syncthreads();
+    const typename Op::Coef coef = coef_shared;
+
+    const int64_t begin = (c - chunk_start[t]) * kChunk;
+    const int64_t end = begin + kChunk < s.numel ? begin + kChunk : s.numel;
+    if (s.vec_ok) {
+      // begin is a multiple of N, so every full vector is 16-byte aligned;
+      // the thread holding a partial last vector finishes it element-wise
+      for (int64_t i = begin + static_cast<int64_t>(threadIdx.x) * N; i < end; i += kBlockThreads * N) {
+        if (i + N <= end) {
+          update_vector<T, Op>(coef, s, i);
+        } else {
+          for (int64_t j = i; j < end; ++j) update_scalar<T, Op>(coef, s, j);
+        }
+      }
+    } else {
+      for (int64_t i = begin + threadIdx.x; i < end; i += kBlockThreads) update_scalar<T, Op>(coef, s, i);
+    }
+    __syncthreads();  // coef_shared is rewritten for the next chunk
+  }
+
+  // ---- the last block to finish advances the step counts
+  if (gridDim.x > 1) {
+    if (threadIdx.x == 0) {
+      // every read of a step count / the counter by this block is done (they
+      // fed coef_shared before a barrier); make this block's writes visible
+      // before it is counted
+      __threadfence();
+      const unsigned int prev = atomicAdd(&header->done, 1u);
+      is_last_block = (prev == gridDim.x - 1) ? 1 : 0;
+    }
+    __syncthreads();
+    if (!is_last_block) return;
+    __threadfence();
+  }
+  for (int i = threadIdx.x; i < n; i += blockDim.x) *slots[i].step += 1;
+  if (threadIdx.x == 0) {
+    if (args.advance_counter) *args.counter += 1;
+    header->done = 0;  // ready for the next launch (stream-ordered)
+  }
+}
+
+// Copies up to kUploadWords 8-byte words into device memory from the kernel's
+// own parameter buffer. Used instead of a host-to-device memcpy while a CUDA
+// graph is being captured: the words are captured by value in the kernel
+// node, so a replay never reads host memory that may have been freed.
+constexpr int kUploadWords = 480;  // 3840 bytes: under the 4 KiB parameter limit
+struct UploadArgs {
+  unsigned long long* dst;
+  int nwords;
+  unsigned long long words[kUploadWords];
+};
+
+__global__ void upload_words_kernel(UploadArgs a) {
+  for (int i = threadIdx.x; i < a.nwords; i += blockDim.x) a.dst[i] = a.words[i];
+}
+
+}  // namespace mt
+}  // namespace onecycle_fused
