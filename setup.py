@@ -1,15 +1,121 @@
 """Build script for onecycle-fused.
 
-Install (torch-extension convention, against the torch you already have):
+Install against the torch you already have (torch-extension convention):
 
     pip install --no-build-isolation -e .
 
-Build flags (environment variables) are documented here as they are added by
-the compiled-kernels work; with none set this installs the pure-Python
-package (reference and Triton backends).
+What gets built:
+
+* ``onecycle_fused._C`` (always): the op schemas and the CPU kernels
+  (csrc/ops.cpp, csrc/cpu/). The CPU kernels are compiled for the
+  DEFAULT, AVX2 and AVX512 instruction sets (x86-64 with GCC) and the one
+  torch itself uses is picked at run time, so a wheel never assumes AVX512.
+* ``onecycle_fused._C_cuda``: the CUDA kernels (csrc/cuda/*.cu), built when
+  torch is a CUDA build and CUDA_HOME (nvcc) is found.
+
+Build flags (environment variables):
+
+    ONECYCLE_FUSED_FORCE_CUDA=1  build _C_cuda even if the checks above fail
+                                 (e.g. no driver on the build machine); it
+                                 still needs a CUDA build of torch to link
+    ONECYCLE_FUSED_NO_CUDA=1     never build _C_cuda
+    ONECYCLE_FUSED_DEBUG=1       -O0 -g instead of -O3
+    TORCH_CUDA_ARCH_LIST         GPU architectures for _C_cuda, e.g. "9.0"
+                                 (torch's variable; default: the visible GPUs,
+                                 or torch's list when there are none)
+    MAX_JOBS                     parallel compile jobs (ninja)
+
+If a library fails to load at run time, ``import onecycle_fused`` still works
+(logs once) and the optimizers fall back to another backend.
 """
+import glob
+import os
+
 from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "0").lower() not in ("", "0", "false", "no")
+
+
+def _sources(pattern: str) -> list[str]:
+    # relative paths: setuptools refuses absolute ones in an editable build
+    return sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
+
+
+def _extensions():
+    from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
+    import torch
+
+    debug = _flag("ONECYCLE_FUSED_DEBUG")
+    opt = ["-O0", "-g"] if debug else ["-O3"]
+    # -ffp-contract=off: the shared math rounds every operation exactly where
+    # the reference does; a compiler-fused multiply-add would move results by
+    # an ulp (explicit fma calls are kept).
+    cxx = opt + ["-std=c++17", "-ffp-contract=off", "-fvisibility=hidden", "-Wno-unknown-pragmas"]
+    include = [os.path.join(HERE, "csrc")]
+    exts = [
+        CppExtension(
+            "onecycle_fused._C",
+            _sources("csrc/ops.cpp") + _sources("csrc/cpu/kernels_default.cpp"),
+            include_dirs=include,
+            extra_compile_args={"cxx": cxx},
+        )
+    ]
+
+    cuda_sources = _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp")
+    if _flag("ONECYCLE_FUSED_NO_CUDA"):
+        want_cuda = False
+    elif _flag("ONECYCLE_FUSED_FORCE_CUDA"):
+        want_cuda = True
+    else:
+        want_cuda = torch.version.cuda is not None and CUDA_HOME is not None
+    if want_cuda and cuda_sources:
+        exts.append(
+            CUDAExtension(
+                "onecycle_fused._C_cuda",
+                cuda_sources,
+                include_dirs=include,
+                extra_compile_args={"cxx": cxx, "nvcc": opt + ["-std=c++17", "-lineinfo"]},
+            )
+        )
+    return exts
+
+
+# CPU kernel variants: source -> the flags torch builds its kernels of that
+# capability with. Compiled one by one (setuptools gives all sources of an
+# extension the same flags) and linked into _C; ops.cpp picks the variant
+# matching torch's own capability at run time.
+CPU_CAPABILITY_FLAGS = {
+    "csrc/cpu/kernels_avx2.cpp": ["-mavx2", "-mfma", "-mf16c"],
+    "csrc/cpu/kernels_avx512.cpp": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
+}
+
+
+def _cmdclass():
+    import platform
+
+    from torch.utils.cpp_extension import BuildExtension
+
+    class Build(BuildExtension):
+        def build_extension(self, ext):
+            if ext.name == "onecycle_fused._C" and platform.machine() in ("x86_64", "AMD64") and os.name != "nt":
+                cxx = list(ext.extra_compile_args["cxx"])  # torch's defines are in by now
+                for source, flags in CPU_CAPABILITY_FLAGS.items():
+                    ext.extra_objects += self.compiler.compile(
+                        [source], output_dir=self.build_temp, macros=ext.define_macros,
+                        include_dirs=ext.include_dirs, extra_postargs=cxx + flags,
+                    )
+                ext.extra_compile_args["cxx"].append("-DONECYCLE_FUSED_CPU_CAPABILITIES")
+            super().build_extension(ext)
+
+    return {"build_ext": Build.with_options(use_ninja=True)}
+
 
 setup(
     packages=find_packages(include=["onecycle_fused", "onecycle_fused.*"]),
+    ext_modules=_extensions(),
+    cmdclass=_cmdclass(),
 )

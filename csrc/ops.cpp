@@ -1,0 +1,334 @@
+// Custom-op schemas (namespace onecycle_fused) and their CPU implementations.
+//
+// The CUDA implementations are registered by the separate _C_cuda library
+// (csrc/cuda/*.cu) for the same schemas; fake (meta) kernels are registered
+// in Python (onecycle_fused/ops.py).
+//
+// CPU implementation: per op call, lr / momentum of every group are computed
+// from the step counter by schedule.h, per-tensor constants by update.h, and
+// then all tensors are cut into chunks that one at::parallel_for runs through
+// the vectorized kernels of the best CPU capability (csrc/cpu/kernels.inc).
+#include <Python.h>
+
+#include <ATen/Parallel.h>
+#include <ATen/Version.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_strided.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "cpu/kernels.h"
+#include "schedule.h"
+
+// `import onecycle_fused._C` works too; ops.py loads the library with
+// torch.ops.load_library, which needs no module.
+PyMODINIT_FUNC PyInit__C(void) {
+  static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+namespace onecycle_fused {
+namespace {
+
+using at::Tensor;
+using at::TensorList;
+
+// Elements per parallel work item: large enough that a tensor's chunk runs at
+// full bandwidth, small enough to share big tensors between threads.
+constexpr int64_t kChunk = 1 << 16;
+// Below this many elements in total the step runs on the calling thread: a
+// parallel region costs more than it saves.
+constexpr int64_t kSerialBelow = 1 << 15;
+
+const cpu::Kernels& kernels() {
+  // torch's own choice (honours ATEN_CPU_CAPABILITY), so our kernels and the
+  // torch ops they are compared with use the same instruction set
+  static const cpu::Kernels* chosen = [] {
+    const std::string cap = at::get_cpu_capability();
+    const cpu::Kernels* k = cpu::kernels_DEFAULT();
+#if defined(ONECYCLE_FUSED_CPU_CAPABILITIES)  // setup.py built the AVX2 / AVX512 variants
+    if (cap == "AVX512") k = cpu::kernels_AVX512();
+    if (cap == "AVX2") k = cpu::kernels_AVX2();
+#endif
+    return k;
+  }();
+  return *chosen;
+}
+
+cpu::Dtype to_dtype(const Tensor& t, const char* op, size_t i) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return cpu::Dtype::Float;
+    case at::kDouble: return cpu::Dtype::Double;
+    case at::kBFloat16: return cpu::Dtype::BFloat16;
+    case at::kHalf: return cpu::Dtype::Half;
+    default:
+      TORCH_CHECK_VALUE(false, "onecycle_fused::", op, ": params[", i, "] has dtype ", t.scalar_type(),
+                        "; supported: float32, float64, bfloat16, float16");
+  }
+  return cpu::Dtype::Float;  // unreachable
+}
+
+// Reads a CPU scalar tensor as double.
+double scalar_value(const Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK_VALUE(t.numel() == 1, "onecycle_fused::", op, ": ", name, " must hold one value, got shape ",
+                    t.sizes());
+  TORCH_CHECK_VALUE(t.device().is_cpu(), "onecycle_fused::", op, ": ", name, " must be on the CPU, got ",
+                    t.device());
+  return t.item<double>();
+}
+
+int64_t* int64_scalar(const Tensor& t, const char* op, const char* name, size_t i) {
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kLong && t.numel() == 1 && t.device().is_cpu(), "onecycle_fused::", op,
+                    ": ", name, (i == size_t(-1) ? "" : "[" + std::to_string(i) + "]"),
+                    " must be a CPU int64 tensor with one element, got ", t.scalar_type(), " ", t.sizes(), " on ",
+                    t.device());
+  return t.data_ptr<int64_t>();
+}
+
+// lr and momentum of every group after k applied steps: [lr0, mom0, lr1, ...]
+std::vector<double> group_schedules(const Tensor& table, int64_t k, const char* op) {
+  TORCH_CHECK_VALUE(table.scalar_type() == at::kDouble && table.dim() == 2 && table.size(1) >= row::WIDTH,
+                    "onecycle_fused::", op, ": table must be float64 [groups, ", row::WIDTH, "], got ",
+                    table.scalar_type(), " ", table.sizes());
+  TORCH_CHECK_VALUE(table.device().is_cpu(), "onecycle_fused::", op, ": table must be on the CPU, got ",
+                    table.device());
+  const Tensor t = table.contiguous();
+  const double* data = t.data_ptr<double>();
+  std::vector<double> out(2 * t.size(0));
+  for (int64_t g = 0; g < t.size(0); ++g) schedule_lr_mom(data + g * t.size(1), k, &out[2 * g], &out[2 * g + 1]);
+  return out;
+}
+
+// Gathers one op call's tensors into TensorWork items. A tensor whose layout
+// differs from its parameter's (or which is not dense) is replaced by a
+// contiguous copy that is written back after the kernel: correct for any
+// layout, fast for the usual one (states made with zeros_like(p)).
+class Batch {
+ public:
+  Batch(const char* op, TensorList params, TensorList grads) : op_(op), params_(params), grads_(grads) {
+    TORCH_CHECK_VALUE(grads.size() == params.size(), "onecycle_fused::", op, ": got ", params.size(),
+                      " params but ", grads.size(), " grads");
+  }
+
+  void check_list(TensorList list, const char* name) const {
+    TORCH_CHECK_VALUE(list.size() == params_.size(), "onecycle_fused::", op_, ": got ", params_.size(),
+                      " params but ", list.size(), " ", name);
+  }
+
+  // Starts tensor i; returns false when it has no elements.
+  bool begin(size_t i, cpu::TensorWork& w) {
+    const Tensor& p = params_[i];
+    TORCH_CHECK_VALUE(p.device().is_cpu(), "onecycle_fused::", op_, ": params[", i, "] must be on the CPU, got ",
+                      p.device());
+    w = cpu::TensorWork{};
+    w.dtype = to_dtype(p, op_, i);
+    w.numel = p.numel();
+    dense_ = p.is_non_overlapping_and_dense();
+    w.param = data(p, "params", i, /*mutated=*/true);
+    w.grad = data(grads_[i], "grads", i, /*mutated=*/false);
+    return w.numel > 0;
+  }
+
+  // Data pointer of a tensor that must match params[i]; optional ones may be
+  // empty (returns null).
+  void* data(const Tensor& t, const char* name, size_t i, bool mutated, bool optional = false) {
+    const Tensor& p = params_[i];
+    if (optional && t.numel() == 0) return nullptr;
+    TORCH_CHECK_VALUE(t.device() == p.device() && t.scalar_type() == p.scalar_type() && t.sizes() == p.sizes(),
+                      "onecycle_fused::", op_, ": ", name, "[", i, "] must match params[", i, "] (",
+                      p.scalar_type(), " ", p.sizes(), " on ", p.device(), "), got ", t.scalar_type(), " ",
+                      t.sizes(), " on ", t.device());
+    Tensor copy;
+    if (dense_) {
+      if (t.strides() == p.strides()) return t.data_ptr();
+      // the kernel walks p's memory in order: give t the same layout
+      copy = at::empty_strided(p.sizes(), p.strides(), t.options());
+      copy.copy_(t);
+    } else {
+      // p itself is walked as a contiguous copy
+      copy = t.contiguous();
+      if (copy.is_same(t)) return t.data_ptr();
+    }
+    if (mutated) writebacks_.emplace_back(t, copy);
+    keep_.push_back(copy);
+    return copy.data_ptr();
+  }
+
+  void finish() {
+    for (auto& [dst, src] : writebacks_) dst.copy_(src);
+  }
+
+ private:
+  const char* op_;
+  TensorList params_;
+  TensorList grads_;
+  bool dense_ = true;
+  std::vector<std::pair<Tensor, Tensor>> writebacks_;
+  std::vector<Tensor> keep_;
+};
+
+struct Chunk {
+  int32_t work;
+  int64_t begin, end;
+};
+
+void run(const std::vector<cpu::TensorWork>& works, cpu::ChunkFn fn) {
+  std::vector<Chunk> chunks;
+  int64_t total = 0;
+  for (size_t i = 0; i < works.size(); ++i) {
+    const int64_t n = works[i].numel;
+    total += n;
+    for (int64_t b = 0; b < n; b += kChunk) chunks.push_back({static_cast<int32_t>(i), b, std::min(n, b + kChunk)});
+  }
+  auto body = [&](int64_t first, int64_t last) {
+    for (int64_t c = first; c < last; ++c) fn(works[chunks[c].work], chunks[c].begin, chunks[c].end);
+  };
+  const int64_t n = static_cast<int64_t>(chunks.size());
+  if (total < kSerialBelow || at::get_num_threads() == 1 || at::in_parallel_region()) {
+    body(0, n);
+  } else {
+    at::parallel_for(0, n, 1, body);
+  }
+}
+
+struct Common {
+  std::vector<double> schedules;  // lr, mom per group
+  bool has_grad_scale = false;
+  double grad_scale = 1.0;
+  int64_t* counter = nullptr;
+};
+
+// Shared checks; returns false when found_inf says the step is skipped.
+bool prepare(const char* op, const Tensor& table, const Tensor& counter, const std::optional<Tensor>& grad_scale,
+             const std::optional<Tensor>& found_inf, at::IntArrayRef group_ids, size_t n, Common& c) {
+  TORCH_CHECK_VALUE(group_ids.size() == n, "onecycle_fused::", op, ": got ", n, " params but ", group_ids.size(),
+                    " group_ids");
+  c.counter = int64_scalar(counter, op, "counter", size_t(-1));
+  if (found_inf.has_value() && scalar_value(*found_inf, op, "found_inf") != 0) return false;
+  c.schedules = group_schedules(table, *c.counter, op);
+  const int64_t groups = table.size(0);
+  for (size_t i = 0; i < n; ++i) {
+    TORCH_CHECK_VALUE(group_ids[i] >= 0 && group_ids[i] < groups, "onecycle_fused::", op, ": group_ids[", i, "] = ",
+                      group_ids[i], " is not a row of the table (", groups, " groups)");
+  }
+  if (grad_scale.has_value()) {
+    c.has_grad_scale = true;
+    c.grad_scale = scalar_value(*grad_scale, op, "grad_scale");
+  }
+  return true;
+}
+
+void sgd_step_cpu(TensorList params, TensorList grads, TensorList momentum_buffers, TensorList steps,
+                  at::IntArrayRef group_ids, const Tensor& table, const Tensor& counter,
+                  const std::optional<Tensor>& grad_scale, const std::optional<Tensor>& found_inf) {
+  const char* op = "sgd_step_";
+  Batch batch(op, params, grads);
+  batch.check_list(momentum_buffers, "momentum_buffers");
+  batch.check_list(steps, "steps");
+  std::vector<int64_t*> step_ptrs;
+  for (size_t i = 0; i < steps.size(); ++i) step_ptrs.push_back(int64_scalar(steps[i], op, "steps", i));
+  Common c;
+  if (!prepare(op, table, counter, grad_scale, found_inf, group_ids, params.size(), c)) return;
+  const Tensor rows = table.contiguous();
+  const double* table_data = rows.data_ptr<double>();
+
+  std::vector<cpu::TensorWork> works;
+  works.reserve(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    cpu::TensorWork w;
+    const bool nonempty = batch.begin(i, w);
+    const int64_t g = group_ids[i];
+    const double* r = table_data + g * rows.size(1);
+    const double lr = c.schedules[2 * g], mom = c.schedules[2 * g + 1];
+    const bool has_buffer = momentum_buffers[i].numel() > 0;
+    w.sgd_f = sgd_scalars<float>(r, lr, mom, *step_ptrs[i], has_buffer, c.has_grad_scale, c.grad_scale);
+    w.sgd_d = sgd_scalars<double>(r, lr, mom, *step_ptrs[i], has_buffer, c.has_grad_scale, c.grad_scale);
+    const bool use_buffer = w.dtype == cpu::Dtype::Double ? w.sgd_d.use_buffer : w.sgd_f.use_buffer;
+    if (!nonempty) continue;
+    // a buffer that momentum 0 leaves alone is not touched (nor copied)
+    w.state0 = use_buffer ? batch.data(momentum_buffers[i], "momentum_buffers", i, true, true) : nullptr;
+    works.push_back(w);
+  }
+  run(works, kernels().sgd);
+  batch.finish();
+  for (int64_t* s : step_ptrs) ++*s;
+  ++*c.counter;
+}
+
+void adam_step_cpu(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
+                   TensorList max_exp_avg_sqs, TensorList steps, at::IntArrayRef group_ids, const Tensor& table,
+                   const Tensor& counter, const std::optional<Tensor>& grad_scale,
+                   const std::optional<Tensor>& found_inf) {
+  const char* op = "adam_step_";
+  Batch batch(op, params, grads);
+  batch.check_list(exp_avgs, "exp_avgs");
+  batch.check_list(exp_avg_sqs, "exp_avg_sqs");
+  batch.check_list(max_exp_avg_sqs, "max_exp_avg_sqs");
+  batch.check_list(steps, "steps");
+  std::vector<int64_t*> step_ptrs;
+  for (size_t i = 0; i < steps.size(); ++i) step_ptrs.push_back(int64_scalar(steps[i], op, "steps", i));
+  Common c;
+  if (!prepare(op, table, counter, grad_scale, found_inf, group_ids, params.size(), c)) return;
+  const Tensor rows = table.contiguous();
+  const double* table_data = rows.data_ptr<double>();
+
+  std::vector<cpu::TensorWork> works;
+  works.reserve(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    cpu::TensorWork w;
+    if (!batch.begin(i, w)) continue;
+    const int64_t g = group_ids[i];
+    const double* r = table_data + g * rows.size(1);
+    const double lr = c.schedules[2 * g], beta1 = c.schedules[2 * g + 1];
+    w.state0 = batch.data(exp_avgs[i], "exp_avgs", i, true);
+    w.state1 = batch.data(exp_avg_sqs[i], "exp_avg_sqs", i, true);
+    w.state2 = batch.data(max_exp_avg_sqs[i], "max_exp_avg_sqs", i, true, true);
+    const bool has_max = w.state2 != nullptr;
+    w.adam_f = adam_scalars<float>(r, lr, beta1, *step_ptrs[i], has_max, c.has_grad_scale, c.grad_scale);
+    w.adam_d = adam_scalars<double>(r, lr, beta1, *step_ptrs[i], has_max, c.has_grad_scale, c.grad_scale);
+    works.push_back(w);
+  }
+  run(works, kernels().adam);
+  batch.finish();
+  for (int64_t* s : step_ptrs) ++*s;
+  ++*c.counter;
+}
+
+// Debug / test op: [groups, 2] float64 (lr, momentum) after k applied steps,
+// from schedule.h, to compare with schedule.py bit for bit.
+Tensor schedule_values_cpu(const Tensor& table, int64_t k) {
+  TORCH_CHECK_VALUE(k >= 0, "onecycle_fused::schedule_values: k must be >= 0, got ", k);
+  const std::vector<double> v = group_schedules(table, k, "schedule_values");
+  Tensor out = at::empty({table.size(0), 2}, table.options());
+  std::copy(v.begin(), v.end(), out.data_ptr<double>());
+  return out;
+}
+
+std::string cpu_capability() { return kernels().capability; }
+
+}  // namespace
+}  // namespace onecycle_fused
+
+TORCH_LIBRARY(onecycle_fused, m) {
+  m.def(
+      "sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor(c!)[] steps, "
+      "int[] group_ids, Tensor table, Tensor(d!) counter, Tensor? grad_scale, Tensor? found_inf) -> ()");
+  m.def(
+      "adam_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps, int[] group_ids, Tensor table, Tensor(f!) counter, "
+      "Tensor? grad_scale, Tensor? found_inf) -> ()");
+  m.def("schedule_values(Tensor table, int k) -> Tensor");
+  // which vectorized CPU kernels this process uses (DEFAULT / AVX2 / AVX512)
+  m.def("cpu_capability() -> str", &onecycle_fused::cpu_capability);
+}
+
+TORCH_LIBRARY_IMPL(onecycle_fused, CPU, m) {
+  m.impl("sgd_step_", &onecycle_fused::sgd_step_cpu);
+  m.impl("adam_step_", &onecycle_fused::adam_step_cpu);
+  m.impl("schedule_values", &onecycle_fused::schedule_values_cpu);
+}

@@ -1,0 +1,76 @@
+"""Backends that call the compiled custom ops (``torch.ops.onecycle_fused``).
+
+``cpu``: the vectorized CPU kernels of ``_C``. ``cuda``: the multi-tensor
+CUDA kernels of ``_C_cuda``. Either way one op call performs the whole step
+of one device: lr / momentum from the table and the counter, every update,
+the per-parameter step counts and the counter, all without reading anything
+back to the host.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import ops
+from . import StepBatch
+
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class _CompiledBackend:
+    name = ""
+    device_type = ""
+    dtypes: tuple[torch.dtype, ...] = ()
+
+    def __init__(self):
+        # one shared empty tensor per device stands for "no buffer"
+        self._none: dict[torch.device, torch.Tensor] = {}
+
+    def available(self) -> bool:
+        raise NotImplementedError
+
+    def supports(self, device, dtype) -> bool:
+        return torch.device(device).type == self.device_type and dtype in self.dtypes
+
+    def _placeholder(self, device: torch.device) -> torch.Tensor:
+        t = self._none.get(device)
+        if t is None:
+            t = self._none[device] = torch.empty(0, device=device)
+        return t
+
+    def step(self, batch: StepBatch) -> None:
+        none = self._placeholder(batch.device)
+        if batch.algo == "sgd":
+            torch.ops.onecycle_fused.sgd_step_(
+                batch.params, batch.grads, [none if b is None else b for b in batch.momentum_buffers],
+                batch.steps, batch.group_ids, batch.table, batch.counter, batch.grad_scale, batch.found_inf,
+            )
+        elif batch.algo in ("adam", "adamw"):  # adam vs adamw: the table's DECOUPLED column
+            torch.ops.onecycle_fused.adam_step_(
+                batch.params, batch.grads, batch.exp_avgs, batch.exp_avg_sqs,
+                [none if m is None else m for m in batch.max_exp_avg_sqs],
+                batch.steps, batch.group_ids, batch.table, batch.counter, batch.grad_scale, batch.found_inf,
+            )
+        else:
+            raise ValueError(f"unknown algorithm {batch.algo!r}")
+
+
+class CPUBackend(_CompiledBackend):
+    """Vectorized, multi-threaded CPU kernels (``at::parallel_for``, ``at::vec``)."""
+
+    name = "cpu"
+    device_type = "cpu"
+    dtypes = _FLOATS + (torch.float64,)
+
+    def available(self) -> bool:
+        return ops.cpu_library_loaded()
+
+
+class CUDABackend(_CompiledBackend):
+    """Multi-tensor CUDA kernels: one launch per step per device."""
+
+    name = "cuda"
+    device_type = "cuda"
+    dtypes = _FLOATS
+
+    def available(self) -> bool:
+        return ops.cuda_library_loaded() and torch.cuda.is_available()

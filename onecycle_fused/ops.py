@@ -1,0 +1,86 @@
+"""Python side of the compiled custom ops (namespace ``onecycle_fused``).
+
+Loads the compiled libraries and registers the fake (meta) kernels that let
+``torch.compile`` / FakeTensor trace the ops. A library that is missing or
+fails to load is logged once and never breaks ``import onecycle_fused``: the
+optimizers then fall back to another backend.
+
+Ops (schemas in ``csrc/ops.cpp``)::
+
+    sgd_step_(params, grads, momentum_buffers, steps, group_ids, table, counter, grad_scale?, found_inf?)
+    adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, group_ids, table, counter,
+               grad_scale?, found_inf?)
+    schedule_values(table, k) -> [groups, 2] float64 (lr, momentum) after k steps (debug / tests)
+    cpu_capability() -> "DEFAULT" | "AVX2" | "AVX512" (which CPU kernels run)
+
+An empty tensor in ``momentum_buffers`` / ``max_exp_avg_sqs`` means "this
+parameter has none". Both step ops advance every ``steps[i]`` and ``counter``
+once, unless ``found_inf`` is non-zero: then nothing changes at all.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+import torch
+
+log = logging.getLogger("onecycle_fused")
+
+_loaded: dict[str, bool] = {}
+
+
+def _load(module: str) -> bool:
+    """Load ``onecycle_fused.<module>`` once; log (once) why it failed."""
+    if module in _loaded:
+        return _loaded[module]
+    ok = False
+    try:
+        spec = importlib.util.find_spec(f"onecycle_fused.{module}")
+        if spec is None or spec.origin is None:
+            log.info("onecycle_fused: %s is not built; its backend is unavailable", module)
+        else:
+            torch.ops.load_library(spec.origin)
+            ok = True
+    except Exception as e:  # a stale or ABI-mismatched build must not break the import
+        log.warning("onecycle_fused: failed to load %s (%s: %s); its backend is unavailable",
+                    module, type(e).__name__, e)
+    _loaded[module] = ok
+    return ok
+
+
+def cpu_library_loaded() -> bool:
+    """True when the op schemas and the CPU kernels (``_C``) are loaded."""
+    return _load("_C")
+
+
+def cuda_library_loaded() -> bool:
+    """True when the CUDA kernels (``_C_cuda``) are loaded (needs ``_C`` too)."""
+    return cpu_library_loaded() and _load("_C_cuda")
+
+
+def cpu_capability() -> str | None:
+    """Instruction set of the CPU kernels in use, or None when ``_C`` is not loaded."""
+    return torch.ops.onecycle_fused.cpu_capability() if cpu_library_loaded() else None
+
+
+def _register_fakes() -> None:
+    # The step ops only mutate their inputs; the fakes have nothing to compute.
+    @torch.library.register_fake("onecycle_fused::sgd_step_")
+    def _sgd_fake(params, grads, momentum_buffers, steps, group_ids, table, counter, grad_scale, found_inf):
+        return None
+
+    @torch.library.register_fake("onecycle_fused::adam_step_")
+    def _adam_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, group_ids, table, counter,
+                   grad_scale, found_inf):
+        return None
+
+    @torch.library.register_fake("onecycle_fused::schedule_values")
+    def _schedule_values_fake(table, k):
+        return table.new_empty((table.shape[0], 2))
+
+
+if cpu_library_loaded():
+    try:
+        _register_fakes()
+    except Exception as e:  # e.g. a torch without register_fake
+        log.warning("onecycle_fused: could not register fake kernels (%s: %s)", type(e).__name__, e)
