@@ -1,0 +1,155 @@
+"""DDP and FSDP2 (fully_shard: parameters are DTensors, the step works on the
+local shards) with 2 processes on gloo on CPU: the trained parameters equal a
+single-process run on the whole batch.
+
+The workers are this file run as a script (``python test_distributed.py RANK
+WORLD PORT OUT``), so nothing depends on how pytest imports tests. One pair of
+processes runs every configuration (~15-25 s on 2 cores).
+"""
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+
+STEPS = 6
+SCHEDULE = dict(cycle_min_lr=1e-2, cycle_max_lr=5e-2, cycle_first_step_size=2, decay_step_size=1, decay_lr_rate=0.5)
+
+
+def _model():
+    torch.manual_seed(0)
+    # Linear weights with an odd first dimension: FSDP2 pads the last shard
+    return torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.Tanh(), torch.nn.Linear(9, 3))
+
+
+def _data():
+    gen = torch.Generator().manual_seed(1)
+    return [(torch.randn(8, 6, generator=gen), torch.randn(8, 3, generator=gen)) for _ in range(STEPS)]
+
+
+def _optimizer(algo, params):
+    from onecycle_fused import FusedOneCycleAdamW, FusedOneCycleSGD
+
+    if algo == "sgd":
+        return FusedOneCycleSGD(params, **SCHEDULE, nesterov=True, weight_decay=1e-3)
+    return FusedOneCycleAdamW(params, **SCHEDULE)
+
+
+def _train(model, opt, data, rank=0, world=1):
+    for x, y in data:
+        # each rank takes its slice of the batch; the mean loss over the
+        # slices, averaged by DDP / FSDP, is the mean loss over the batch
+        n = x.shape[0] // world
+        x, y = x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+
+
+def _single(algo):
+    model = _model()
+    opt = _optimizer(algo, model.parameters())
+    _train(model, opt, _data())
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, opt.get_last_lr()
+
+
+CONFIGS = [(mode, algo) for mode in ("ddp", "fsdp2") for algo in ("sgd", "adamw")]
+
+
+def _run_config(mode, algo, rank, world):
+    model = _model()
+    if mode == "ddp":
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    else:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer)
+        fully_shard(model)
+    opt = _optimizer(algo, model.parameters())
+    _train(model, opt, _data(), rank, world)
+    state = model.state_dict()
+    if mode == "fsdp2":  # gather the DTensor shards into full tensors
+        state = {k: v.full_tensor() for k, v in state.items()}
+    else:
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    return {"state": {k: v.detach().clone() for k, v in state.items()},
+            "lr": opt.get_last_lr(), "counter": int(opt.step_counter())}
+
+
+def _worker(rank, world, port, out):
+    """Every configuration in one process group: starting processes is the
+    slow part (~10 s for the pair), so the pair is started once."""
+    import traceback
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    results = {}
+    try:
+        for mode, algo in CONFIGS:
+            try:
+                if mode == "fsdp2":
+                    from torch.distributed import fsdp
+
+                    if not hasattr(fsdp, "fully_shard"):
+                        results[mode, algo] = "skip: this torch has no torch.distributed.fsdp.fully_shard"
+                        continue
+                results[mode, algo] = _run_config(mode, algo, rank, world)
+            except Exception:  # reported by the test of this configuration
+                results[mode, algo] = "error on rank %d:\n%s" % (rank, traceback.format_exc())
+            dist.barrier()
+        if rank == 0:
+            torch.save(results, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def distributed_results(tmp_path_factory):
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("needs torch.distributed with gloo")
+    world = 2
+    out = tmp_path_factory.mktemp("dist") / "results.pt"
+    port = _free_port()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, __file__, str(r), str(world), str(port), str(out)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(world)]
+    logs = []
+    for p in procs:
+        try:
+            logs.append(p.communicate(timeout=300)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
+    return torch.load(out)
+
+
+@pytest.mark.parametrize("mode,algo", CONFIGS)
+def test_two_processes_equal_single_process(mode, algo, distributed_results):
+    got = distributed_results[mode, algo]
+    if isinstance(got, str):
+        if got.startswith("skip:"):
+            pytest.skip(got[5:])
+        pytest.fail(got)
+    expected, lr = _single(algo)
+    for k, v in expected.items():
+        torch.testing.assert_close(got["state"][k], v, msg=k)
+    assert got["lr"] == lr and got["counter"] == STEPS
+
+
+if __name__ == "__main__":
+    rank, world, port, out = sys.argv[1:]
+    _worker(int(rank), int(world), int(port), out)
