@@ -202,6 +202,7 @@ class _Launcher:
                     launch.table, launch.n_tensors, launch.chunks, launch.n_chunks, table, counter,
                     grad_scale if has_scale else counter, found_inf if has_inf else counter, launch.done, ps[0],
                     HAS_SCALE=has_scale, HAS_INF=has_inf, ADVANCE_COUNTER=b == last, ALIGNED=launch.aligned,
+                    ROUND_BF16=dtype == torch.bfloat16 and interpreting(),
                     BLOCK=cfg.block, ITERS=cfg.iters, num_warps=cfg.num_warps,
                 )
 

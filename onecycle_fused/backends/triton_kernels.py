@@ -83,24 +83,14 @@ _STEPS_BLOCK = tl.constexpr(128)
 
 
 @triton.jit
-def _flag(cond):
-    """A scalar condition as a clean int1. The interpreter (triton 3.9) tags a
-    scalar comparison with its operands' dtype, and broadcasting it into a
-    block mask then yields floats that ``&`` rejects; a select of constants
-    carries the right dtype there and folds away when compiled."""
-    return tl.where(cond, True, False)
-
-
-@triton.jit
-def _nonzero(d):
-    """``d``, or 1 where ``d`` is 0 (only for branches that are then discarded)."""
-    return tl.where(d == 0, 1.0, d)
-
-
-@triton.jit
 def schedule_values(row, k_int):
     """(lr, momentum) in float64 for the group whose row starts at ``row``,
-    after ``k_int`` (int64) applied steps: ``reference.schedule_values``."""
+    after ``k_int`` (int64) applied steps: ``reference.schedule_values``.
+
+    ``tl.where(d == 0, 1.0, d)`` guards a denominator that is 0 only where its
+    branch is then discarded (the interpreter would warn); selected values are
+    unchanged.
+    """
     k = k_int.to(tl.float64)
     kind = tl.load(row + _KIND)
     first = tl.load(row + _FIRST_STEP_SIZE)
@@ -114,24 +104,26 @@ def schedule_values(row, k_int):
     cycle = tl.floor(1 + k / total)
     x = 1.0 + k / total - cycle
     rising = x <= ratio
-    # ratio == 1 (second == 0) means always rising: the other quotient is unused
-    scale = tl.where(rising, x / ratio, (x - 1) / _nonzero(ratio - 1))
+    # ratio == 1 (second == 0) means always rising
+    scale = tl.where(rising, x / ratio, (x - 1) / tl.where(ratio == 1, 1.0, ratio - 1))
     stairs = tl.where(rising, first_stairs, tl.load(row + _SECOND_STAIR_COUNT))
     # k mod total, exactly, in integers (both are integral and k >= 0, total >= 1)
     c = (k_int % total.to(tl.int64)).to(tl.float64)
-    pos = tl.where(c <= first, c * stairs / first, (total - c) * stairs / _nonzero(second))
-    scale = tl.where(stairs > 0, tl.floor(pos) / _nonzero(stairs), scale)
+    pos = tl.where(c <= first, c * stairs / first, (total - c) * stairs / tl.where(second == 0, 1.0, second))
+    scale = tl.where(stairs > 0, tl.floor(pos) / tl.where(stairs == 0, 1.0, stairs), scale)
     max_lr = tl.load(row + _MAX_LR)
     min_mom = tl.load(row + _MIN_MOM)
     max_mom = tl.load(row + _MAX_MOM)
     cycle_lr = min_lr + (max_lr - min_lr) * scale
     cycle_mom = max_mom - (max_mom - min_mom) * scale
-    # ---- OneCycle, decay phase
+    # ---- OneCycle, decay phase (interval < 0 inside the cycle, then discarded)
     decay_step = tl.load(row + _DECAY_STEP_SIZE)
-    interval = (k - total) / _nonzero(decay_step)
+    interval = (k - total) / tl.where(decay_step == 0, 1.0, decay_step)
     mom_rate = tl.load(row + _DECAY_MOM_RATE)
-    decay_lr = tl.where((decay_step != 0) & (lr_rate != 0), min_lr / _nonzero(1 + lr_rate * interval), min_lr)
-    decay_mom = tl.where((decay_step != 0) & (mom_rate != 0), max_mom / _nonzero(1 + mom_rate * interval), max_mom)
+    lr_div = 1 + lr_rate * interval
+    mom_div = 1 + mom_rate * interval
+    decay_lr = tl.where((decay_step != 0) & (lr_rate != 0), min_lr / tl.where(lr_div == 0, 1.0, lr_div), min_lr)
+    decay_mom = tl.where((decay_step != 0) & (mom_rate != 0), max_mom / tl.where(mom_div == 0, 1.0, mom_div), max_mom)
     in_cycle = k <= total
     onecycle_lr = tl.where(in_cycle, cycle_lr, decay_lr)
     onecycle_mom = tl.where(in_cycle, cycle_mom, decay_mom)
@@ -147,42 +139,67 @@ def schedule_values(row, k_int):
 
 
 @triton.jit
-def _pow_int(base, n):
-    """``base ** n`` for a float64 ``base`` and an int64 ``n >= 0``, by squaring.
+def _bias_corrections(beta1, beta2, t):
+    """``1 - beta1**t`` and ``1 - beta2**t`` (float64, int64 ``t >= 1``), the
+    powers by squaring in one loop.
 
     ``libdevice.pow`` is not available in the interpreter; squaring runs the
-    same code in CI and on the GPU. Its relative error (about 2 ulp of
-    float64 per bit of ``n``) vanishes when the bias corrections are rounded
-    to float32.
+    same code in CI and on the GPU. Its relative error (a few float64 ulp per
+    bit of ``t``) vanishes when the corrections are rounded to float32.
     """
-    result = base * 0 + 1.0
-    b = base
-    e = n
+    pow1 = beta1 * 0 + 1.0
+    pow2 = beta2 * 0 + 1.0
+    b1 = beta1
+    b2 = beta2
+    e = t
     while e > 0:
-        result = tl.where((e & 1) != 0, result * b, result)
-        b = b * b
+        odd = (e & 1) != 0
+        pow1 = tl.where(odd, pow1 * b1, pow1)
+        pow2 = tl.where(odd, pow2 * b2, pow2)
+        b1 = b1 * b1
+        b2 = b2 * b2
         e = e >> 1
-    return result
+    return 1 - pow1, 1 - pow2
 
 
 @triton.jit
-def _chunk(tensors, chunks, pid, OFFSET_HINT: tl.constexpr):
-    """The tensor record and the first element of chunk ``pid``."""
+def _chunk(tensors, chunks, pid, elem_ty, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+    """Chunk ``pid``: its first element, its tensor's size, group row offset,
+    step count and the addresses of param, grad and the three states."""
     rec = tensors + tl.load(chunks + pid.to(tl.int64) * _C_WIDTH) * _T_WIDTH
-    start = tl.load(chunks + pid.to(tl.int64) * _C_WIDTH + 1)
-    start = tl.multiple_of(start, OFFSET_HINT)
+    start = tl.multiple_of(tl.load(chunks + pid.to(tl.int64) * _C_WIDTH + 1), BLOCK)
     numel = tl.load(rec + _T_NUMEL)
     row = tl.load(rec + _T_GROUP) * _ROW_WIDTH
     step = tl.load(tl.load(rec + _T_STEP).to(tl.pointer_type(tl.int64)))
-    return rec, start, numel, row, step
+    p = tl.load(rec + _T_PARAM).to(tl.pointer_type(elem_ty))
+    g = tl.load(rec + _T_GRAD).to(tl.pointer_type(elem_ty))
+    s1 = tl.load(rec + _T_STATE1).to(tl.pointer_type(elem_ty))
+    s2 = tl.load(rec + _T_STATE2).to(tl.pointer_type(elem_ty))
+    s3 = tl.load(rec + _T_STATE3).to(tl.pointer_type(elem_ty))
+    if ALIGNED:  # the host checked that every address is 16-byte aligned: vector loads
+        p = tl.multiple_of(p, 16)
+        g = tl.multiple_of(g, 16)
+        s1 = tl.multiple_of(s1, 16)
+        s2 = tl.multiple_of(s2, 16)
+        s3 = tl.multiple_of(s3, 16)
+    return start, numel, row, step, p, g, s1, s2, s3
 
 
 @triton.jit
-def _address(rec, col, elem_ty, ALIGNED: tl.constexpr):
-    ptr = tl.load(rec + col).to(tl.pointer_type(elem_ty))
-    if ALIGNED:  # the host checked that every address is 16-byte aligned
-        ptr = tl.multiple_of(ptr, 16)
-    return ptr
+def _narrow(x, elem_ty, ROUND_BF16: tl.constexpr):
+    """float32 -> the parameter dtype, rounding to nearest even.
+
+    The interpreter (triton 3.9) truncates float32 -> bfloat16, a bias that
+    adds up over steps; there (``ROUND_BF16``) the rounding is done on the
+    bits. Compiled, the hardware conversion already rounds to nearest even.
+    """
+    if ROUND_BF16:
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        rounded = tl.where(x != x, 0x7FC0, rounded)  # NaN stays a (quiet) NaN
+        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(elem_ty)
 
 
 @triton.jit
@@ -217,17 +234,23 @@ def _scale_and_skip(scale_ptr, inf_ptr, k, HAS_SCALE: tl.constexpr, HAS_INF: tl.
     else:
         scale = 1.0  # unused
     if HAS_INF:
-        ok = _flag(tl.load(inf_ptr).to(tl.float32) == 0)
+        ok = tl.where(tl.load(inf_ptr).to(tl.float32) == 0, True, False)
     else:
-        ok = _flag(k >= 0)  # always true: a scalar flag of the same type as above
+        ok = tl.where(k >= 0, True, False)  # always true: a flag of the same type as above
     return scale, ok, ok.to(tl.int64)
+
+
+# Scalar flags are written ``tl.where(cond, True, False)``: the interpreter
+# (triton 3.9) tags a scalar comparison with its operands' dtype, and
+# broadcasting it into a block mask then yields floats that ``&`` rejects. The
+# select carries int1 and folds away when compiled.
 
 
 @triton.jit
 def sgd_kernel(
     tensors, n_tensors, chunks, n_chunks, rows, counter_ptr, scale_ptr, inf_ptr, done_ptr, dtype_ref,
     HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr, ADVANCE_COUNTER: tl.constexpr, ALIGNED: tl.constexpr,
-    BLOCK: tl.constexpr, ITERS: tl.constexpr,
+    ROUND_BF16: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
 ):
     """torch.optim.SGD (``reference.ReferenceBackend._sgd``) over one bucket."""
     pid = tl.program_id(0)
@@ -235,21 +258,21 @@ def sgd_kernel(
     scale, ok, increment = _scale_and_skip(scale_ptr, inf_ptr, k, HAS_SCALE, HAS_INF)
     if pid < n_chunks:
         elem_ty = dtype_ref.dtype.element_ty
-        rec, start, numel, row, step = _chunk(tensors, chunks, pid, BLOCK)
-        lr64, mom64 = schedule_values(rows + row, k)
+        start, numel, row, step, p_ptr, g_ptr, b_ptr, _s2, _s3 = _chunk(tensors, chunks, pid, elem_ty, BLOCK, ALIGNED)
+        row = rows + row
+        lr64, mom64 = schedule_values(row, k)
         # torch hands lr / momentum to its kernels as Python floats rounded to
         # the compute type; (1 - dampening) likewise
         lr = lr64.to(tl.float32)
         mom = mom64.to(tl.float32)
-        wd = tl.load(rows + row + _WEIGHT_DECAY).to(tl.float32)
-        keep = (1.0 - tl.load(rows + row + _DAMPENING)).to(tl.float32)
-        nesterov = _flag(tl.load(rows + row + _NESTEROV) != 0)
-        maximize = _flag(tl.load(rows + row + _MAXIMIZE) != 0)
-        has_buf = _flag(tl.load(rows + row + _HAS_MOMENTUM_BUFFER) != 0)
-        first_step = _flag(step == 0)
-        p_ptr = _address(rec, _T_PARAM, elem_ty, ALIGNED)
-        g_ptr = _address(rec, _T_GRAD, elem_ty, ALIGNED)
-        b_ptr = _address(rec, _T_STATE1, elem_ty, ALIGNED)
+        wd = tl.load(row + _WEIGHT_DECAY).to(tl.float32)
+        keep = (1.0 - tl.load(row + _DAMPENING)).to(tl.float32)
+        nesterov = tl.where(tl.load(row + _NESTEROV) != 0, True, False)
+        maximize = tl.where(tl.load(row + _MAXIMIZE) != 0, True, False)
+        has_buf = tl.where(tl.load(row + _HAS_MOMENTUM_BUFFER) != 0, True, False)
+        first_step = tl.where(step == 0, True, False)
+        moving = tl.where(mom != 0, True, False)
+        decays = tl.where(wd != 0, True, False)
         for it in range(ITERS):
             offs = start + it * BLOCK + tl.arange(0, BLOCK)
             live = offs < numel
@@ -258,19 +281,17 @@ def sgd_kernel(
                 grad = tl.div_rn(grad, scale)
             param = tl.load(p_ptr + offs, mask=live, other=0).to(tl.float32)
             grad = tl.where(maximize, -grad, grad)
-            grad = tl.where(wd != 0, grad + wd * param, grad)
+            grad = tl.where(decays, grad + wd * param, grad)
             buf_live = live & has_buf
             old = tl.load(b_ptr + offs, mask=buf_live, other=0).to(tl.float32)
             # torch's first step: buf = grad; afterwards mom*buf + (1-dampening)*grad.
             # A momentum of 0 leaves the buffer alone and steps with the gradient.
-            later = old * mom + keep * grad
-            new_buf = tl.where(first_step, grad, later)
-            new_buf = tl.where(mom != 0, new_buf, old)
+            new_buf = tl.where(first_step, grad, old * mom + keep * grad)
+            new_buf = tl.where(moving, new_buf, old)
             direction = tl.where(nesterov, grad + new_buf * mom, new_buf)
-            direction = tl.where(mom != 0, direction, grad)
-            direction = tl.where(has_buf, direction, grad)
-            tl.store(b_ptr + offs, new_buf.to(elem_ty), mask=buf_live & ok)
-            tl.store(p_ptr + offs, (param - direction * lr).to(elem_ty), mask=live & ok)
+            direction = tl.where(moving & has_buf, direction, grad)
+            tl.store(b_ptr + offs, _narrow(new_buf, elem_ty, ROUND_BF16), mask=buf_live & ok)
+            tl.store(p_ptr + offs, _narrow(param - direction * lr, elem_ty, ROUND_BF16), mask=live & ok)
     _finish(tensors, n_tensors, counter_ptr, done_ptr, increment, ADVANCE_COUNTER)
 
 
@@ -278,7 +299,7 @@ def sgd_kernel(
 def adam_kernel(
     tensors, n_tensors, chunks, n_chunks, rows, counter_ptr, scale_ptr, inf_ptr, done_ptr, dtype_ref,
     HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr, ADVANCE_COUNTER: tl.constexpr, ALIGNED: tl.constexpr,
-    BLOCK: tl.constexpr, ITERS: tl.constexpr,
+    ROUND_BF16: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
 ):
     """torch.optim.Adam / AdamW (``reference.ReferenceBackend._adam``) over one bucket."""
     pid = tl.program_id(0)
@@ -286,32 +307,30 @@ def adam_kernel(
     scale, ok, increment = _scale_and_skip(scale_ptr, inf_ptr, k, HAS_SCALE, HAS_INF)
     if pid < n_chunks:
         elem_ty = dtype_ref.dtype.element_ty
-        rec, start, numel, row, step = _chunk(tensors, chunks, pid, BLOCK)
-        lr64, beta1 = schedule_values(rows + row, k)
-        beta2 = tl.load(rows + row + _BETA2)
-        eps = tl.load(rows + row + _EPS).to(tl.float32)
-        wd64 = tl.load(rows + row + _WEIGHT_DECAY)
+        start, numel, row, step, p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr = _chunk(
+            tensors, chunks, pid, elem_ty, BLOCK, ALIGNED
+        )
+        row = rows + row
+        lr64, beta1 = schedule_values(row, k)
+        beta2 = tl.load(row + _BETA2)
+        eps = tl.load(row + _EPS).to(tl.float32)
+        wd64 = tl.load(row + _WEIGHT_DECAY)
         wd = wd64.to(tl.float32)
-        maximize = _flag(tl.load(rows + row + _MAXIMIZE) != 0)
-        amsgrad = _flag(tl.load(rows + row + _AMSGRAD) != 0)
-        decoupled = _flag((tl.load(rows + row + _DECOUPLED) != 0) & (wd != 0))
-        coupled = _flag((tl.load(rows + row + _DECOUPLED) == 0) & (wd != 0))
+        maximize = tl.where(tl.load(row + _MAXIMIZE) != 0, True, False)
+        amsgrad = tl.where(tl.load(row + _AMSGRAD) != 0, True, False)
+        decoupled = tl.load(row + _DECOUPLED)
+        decays_param = tl.where((decoupled != 0) & (wd64 != 0), True, False)
+        decays_grad = tl.where((decoupled == 0) & (wd64 != 0), True, False)
         # scalars in float64 where torch computes them with Python floats
         decay_factor = (1 - lr64 * wd64).to(tl.float32)
         weight = (1 - beta1).to(tl.float32)
+        near_start = tl.where(tl.abs(weight) < 0.5, True, False)
         beta2_f = beta2.to(tl.float32)
         one_minus_beta2 = (1 - beta2).to(tl.float32)
-        t = step + 1
-        bias_correction1 = 1 - _pow_int(beta1, t)
-        bias_correction2 = 1 - _pow_int(beta2, t)
+        bias_correction1, bias_correction2 = _bias_corrections(beta1, beta2, step + 1)
         step_size = (lr64 / bias_correction1).to(tl.float32)
         # float64 sqrt is IEEE (sqrt.rn.f64) compiled too
         bias_correction2_sqrt = tl.sqrt(bias_correction2).to(tl.float32)
-        p_ptr = _address(rec, _T_PARAM, elem_ty, ALIGNED)
-        g_ptr = _address(rec, _T_GRAD, elem_ty, ALIGNED)
-        m_ptr = _address(rec, _T_STATE1, elem_ty, ALIGNED)
-        v_ptr = _address(rec, _T_STATE2, elem_ty, ALIGNED)
-        vmax_ptr = _address(rec, _T_STATE3, elem_ty, ALIGNED)
         for it in range(ITERS):
             offs = start + it * BLOCK + tl.arange(0, BLOCK)
             live = offs < numel
@@ -320,24 +339,23 @@ def adam_kernel(
                 grad = tl.div_rn(grad, scale)
             param = tl.load(p_ptr + offs, mask=live, other=0).to(tl.float32)
             grad = tl.where(maximize, -grad, grad)
-            param = tl.where(decoupled, param * decay_factor, param)
-            grad = tl.where(coupled, grad + wd * param, grad)
+            param = tl.where(decays_param, param * decay_factor, param)
+            grad = tl.where(decays_grad, grad + wd * param, grad)
             exp_avg = tl.load(m_ptr + offs, mask=live, other=0).to(tl.float32)
             exp_avg_sq = tl.load(v_ptr + offs, mask=live, other=0).to(tl.float32)
             # torch's lerp: the formula depends on which end the weight is near
             diff = grad - exp_avg
-            exp_avg = tl.where(tl.abs(weight) < 0.5, exp_avg + weight * diff, grad - diff * (1 - weight))
+            exp_avg = tl.where(near_start, exp_avg + weight * diff, grad - diff * (1 - weight))
             exp_avg_sq = exp_avg_sq * beta2_f + one_minus_beta2 * grad * grad
             ams_live = live & amsgrad
-            second = exp_avg_sq
             old_max = tl.load(vmax_ptr + offs, mask=ams_live, other=0).to(tl.float32)
-            second = tl.where(amsgrad, tl.maximum(old_max, exp_avg_sq, propagate_nan=tl.PropagateNan.ALL), second)
+            second = tl.where(amsgrad, tl.maximum(old_max, exp_avg_sq, propagate_nan=tl.PropagateNan.ALL), exp_avg_sq)
             denom = tl.div_rn(tl.sqrt_rn(second), bias_correction2_sqrt) + eps
             new_param = param + tl.div_rn(exp_avg * -step_size, denom)
-            tl.store(vmax_ptr + offs, second.to(elem_ty), mask=ams_live & ok)
-            tl.store(m_ptr + offs, exp_avg.to(elem_ty), mask=live & ok)
-            tl.store(v_ptr + offs, exp_avg_sq.to(elem_ty), mask=live & ok)
-            tl.store(p_ptr + offs, new_param.to(elem_ty), mask=live & ok)
+            tl.store(vmax_ptr + offs, _narrow(second, elem_ty, ROUND_BF16), mask=ams_live & ok)
+            tl.store(m_ptr + offs, _narrow(exp_avg, elem_ty, ROUND_BF16), mask=live & ok)
+            tl.store(v_ptr + offs, _narrow(exp_avg_sq, elem_ty, ROUND_BF16), mask=live & ok)
+            tl.store(p_ptr + offs, _narrow(new_param, elem_ty, ROUND_BF16), mask=live & ok)
     _finish(tensors, n_tensors, counter_ptr, done_ptr, increment, ADVANCE_COUNTER)
 
 

@@ -1,0 +1,501 @@
+"""The Triton backend against the reference backend.
+
+CI has no GPU: these tests run the kernels in triton's interpreter on CPU
+tensors. TRITON_INTERPRET=1 must be in the environment before triton creates
+the kernels, so this file runs in its own pytest process:
+
+    TRITON_INTERPRET=1 python -m pytest tests/test_triton.py
+
+Without it (and without CUDA) the module skips. With CUDA and no interpreter
+the same tests run on the GPU.
+
+The interpreter costs ~30 ms per program, so tensors are small, chunks are
+64 elements (block 32 x 2 iterations) to get several chunks per tensor, and
+long runs use few tensors.
+"""
+import math
+import os
+
+import pytest
+import torch
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+if not INTERPRET and not torch.cuda.is_available():
+    pytest.skip(
+        "Triton kernels need CUDA or the interpreter: run with TRITON_INTERPRET=1 in its own pytest process",
+        allow_module_level=True,
+    )
+triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
+
+from onecycle_fused import FusedOneCycleAdam, FusedOneCycleAdamW, FusedOneCycleSGD, LRRangeTest, OneCycle  # noqa: E402
+from onecycle_fused.backends import get_backend  # noqa: E402
+from onecycle_fused.backends import triton as tb  # noqa: E402
+from onecycle_fused.backends import triton_kernels as tk  # noqa: E402
+from onecycle_fused.backends.reference import schedule_values  # noqa: E402
+from onecycle_fused.schedule import ROW_WIDTH  # noqa: E402
+
+DEVICE = torch.device("cpu" if INTERPRET else "cuda")
+SIZES = (0, 1, 7, 33, 64, 65, 130)  # empty, single, odd, one chunk, chunk + 1, three chunks
+# DeepSpeed-style schedule that visits rising and falling stairs and the decay phase quickly
+SCHED = dict(cycle_min_lr=0.01, cycle_max_lr=0.1, cycle_first_step_size=3, cycle_second_step_size=4,
+             decay_step_size=2, decay_lr_rate=0.3, cycle_min_mom=0.8, cycle_max_mom=0.95, decay_mom_rate=0.1)
+STAIRS = dict(SCHED, cycle_first_stair_count=2, cycle_second_stair_count=3)
+
+
+@pytest.fixture(autouse=True)
+def _small_chunks():
+    """64-element chunks (several per tensor) for every dtype, restored afterwards."""
+    saved = {dt: tb.TritonBackend.launch_config(dt) for dt in (torch.float32, torch.bfloat16, torch.float16)}
+    for dt in saved:
+        tb.TritonBackend.configure(dt, block=32, iters=2, num_warps=1)
+    yield
+    for dt, cfg in saved.items():
+        tb.TritonBackend.configure(dt, cfg.block, cfg.iters, cfg.num_warps)
+
+
+def init_params(sizes=SIZES, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g, dtype=torch.float64).to(dtype) for s in sizes]
+
+
+def make_grads(steps, sizes, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(s, generator=g, dtype=torch.float64) for s in sizes] for _ in range(steps)]
+
+
+def run(cls, backend, init, grads, dtype, groups=None, **kw):
+    """Optimizer ``cls`` on copies of ``init`` (as ``dtype``), stepped with ``grads``."""
+    params = [torch.nn.Parameter(t.to(DEVICE, dtype).clone()) for t in init]
+    if groups is not None:  # list of (indices, overrides)
+        spec = [dict(params=[params[i] for i in idx], **over) for idx, over in groups]
+    else:
+        spec = params
+    opt = cls(spec, backend=backend, **kw)
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = None if g is None else g.to(DEVICE, dtype)
+        opt.step()
+    return params, opt
+
+
+def state_tensors(opt, params):
+    out = []
+    for p in params:
+        st = opt.state[p]
+        out += [v for k, v in sorted(st.items()) if k != "step" and isinstance(v, torch.Tensor)]
+    return out
+
+
+def assert_ulps(actual, expected, ulps):
+    """Each tensor within ``ulps`` units of its dtype (relative to the tensor's scale)."""
+    assert len(actual) == len(expected)
+    for a, e in zip(actual, expected):
+        assert a.dtype == e.dtype and a.shape == e.shape
+        if e.numel() == 0:
+            continue
+        eps = torch.finfo(e.dtype).eps
+        a64, e64 = a.detach().double().cpu(), e.detach().double().cpu()
+        tol = ulps * eps * (e64.abs() + e64.abs().max().clamp_min(1e-30) * 0.1)
+        bad = (a64 - e64).abs() > tol
+        assert not bad.any(), f"max diff {(a64 - e64).abs().max().item():.3g} at scale {e64.abs().max().item():.3g}"
+
+
+def compare(cls, kw, steps=6, sizes=SIZES, dtype=torch.float32, groups=None, ulps=8, grads=None):
+    init = init_params(sizes)
+    grads = grads if grads is not None else make_grads(steps, sizes)
+    a, oa = run(cls, "triton", init, grads, dtype, groups, **kw)
+    b, ob = run(cls, "reference", init, grads, dtype, groups, **kw)
+    assert torch.equal(oa.step_counter().cpu(), ob.step_counter().cpu())
+    for pa, pb in zip(a, b):
+        if pb in ob.state:
+            assert torch.equal(oa.state[pa]["step"].cpu(), ob.state[pb]["step"].cpu())
+        else:
+            assert pa not in oa.state
+    assert_ulps(a, b, ulps)
+    assert_ulps(state_tensors(oa, a), state_tensors(ob, b), ulps)
+    return a, b, oa, ob
+
+
+# ---------------------------------------------------------------------------
+# the schedule: bit-exact with the reference, every branch, hundreds of steps
+
+
+@triton.jit
+def _probe_schedule(rows, ks, lr_out, mom_out, n, BLOCK: tl.constexpr):
+    """schedule_values of group 0 for a block of step counts at once."""
+    offs = tl.arange(0, BLOCK)
+    live = offs < n
+    k = tl.load(ks + offs, mask=live, other=0)
+    lr, mom = tk.schedule_values(rows, k)
+    tl.store(lr_out + offs, lr, mask=live)
+    tl.store(mom_out + offs, mom, mask=live)
+
+
+def _row(schedule, momentum=0.9):
+    row = schedule.row() + [0.0] * (ROW_WIDTH - len(schedule.row()))
+    if not schedule.cycles_momentum:
+        row[13] = momentum
+    return torch.tensor([row], dtype=torch.float64, device=DEVICE)
+
+
+SCHEDULES = {
+    "continuous": OneCycle(**SCHED),
+    "stairs": OneCycle(**STAIRS),
+    "asymmetric-stairs": OneCycle(0.001, 0.3, cycle_first_step_size=7, cycle_second_step_size=13,
+                                  cycle_first_stair_count=3, cycle_second_stair_count=5, decay_step_size=3,
+                                  decay_lr_rate=0.01, decay_mom_rate=0.2),
+    "no-second-phase": OneCycle(0.01, 0.1, cycle_first_step_size=5, cycle_second_step_size=0, decay_step_size=4,
+                                decay_lr_rate=0.5),
+    "no-decay": OneCycle(0.01, 0.1, cycle_first_step_size=4, decay_lr_rate=0.5),  # decay_step_size 0
+    "constant-momentum": OneCycle(0.01, 0.1, cycle_first_step_size=4, cycle_momentum=False),
+    "range-test": LRRangeTest(1e-4, lr_range_test_step_size=5, lr_range_test_step_rate=2.0),
+    "range-test-staircase": LRRangeTest(1e-4, lr_range_test_step_size=5, lr_range_test_step_rate=2.0,
+                                        lr_range_test_staircase=True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULES))
+def test_schedule_bit_exact(name):
+    """Same float64 operations in the same order as reference.schedule_values."""
+    table = _row(SCHEDULES[name])
+    ks = torch.cat([torch.arange(300), torch.tensor([2000, 10**6, 2**40])]).to(DEVICE)
+    lr = torch.empty(ks.numel(), dtype=torch.float64, device=DEVICE)
+    mom = torch.empty_like(lr)
+    _probe_schedule[(1,)](table, ks, lr, mom, ks.numel(), BLOCK=512)
+    for i, k in enumerate(ks.tolist()):
+        want_lr, want_mom = schedule_values(table, torch.tensor(k, device=DEVICE))
+        if INTERPRET:  # numpy: no fused multiply-add, so bit for bit
+            assert lr[i].item() == want_lr.item() and mom[i].item() == want_mom.item(), k
+        else:  # the GPU compiler may contract a*b+c: 1 ulp of float64
+            assert math.isclose(lr[i].item(), want_lr.item(), rel_tol=4e-16), k
+            assert math.isclose(mom[i].item(), want_mom.item(), rel_tol=4e-16), k
+
+
+# ---------------------------------------------------------------------------
+# update math: every option, against the reference
+
+
+SGD_OPTIONS = {
+    "plain-momentum": dict(),
+    "nesterov-wd": dict(nesterov=True, weight_decay=0.1),
+    "dampening-maximize": dict(dampening=0.3, maximize=True, weight_decay=0.05),
+    "no-buffer": dict(cycle_momentum=False, momentum=0.0),  # plain SGD: no buffer at all
+    "constant-momentum": dict(cycle_momentum=False, momentum=0.7, nesterov=True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SGD_OPTIONS))
+def test_sgd_options(name):
+    a, b, oa, ob = compare(FusedOneCycleSGD, dict(STAIRS, **SGD_OPTIONS[name]), steps=8)
+    if name == "no-buffer":
+        assert all("momentum_buffer" not in oa.state[p] for p in a)
+
+
+def test_sgd_zero_momentum_keeps_buffer():
+    """A group whose momentum is 0 for now keeps its buffer untouched (reference semantics)."""
+    sched = dict(SCHED, cycle_min_mom=0.0, cycle_max_mom=0.0)
+    compare(FusedOneCycleSGD, sched, steps=4, sizes=(5, 70))
+
+
+ADAM_OPTIONS = {
+    "adam": (FusedOneCycleAdam, dict()),
+    "adam-wd-amsgrad": (FusedOneCycleAdam, dict(weight_decay=0.1, amsgrad=True)),
+    "adam-maximize": (FusedOneCycleAdam, dict(maximize=True, betas=(0.9, 0.99), eps=1e-6)),
+    "adamw": (FusedOneCycleAdamW, dict()),
+    "adamw-amsgrad-maximize": (FusedOneCycleAdamW, dict(weight_decay=0.2, amsgrad=True, maximize=True)),
+    # beta1 below 0.5: torch's lerp takes its other formula
+    "adam-low-beta1": (FusedOneCycleAdam, dict(cycle_min_mom=0.2, cycle_max_mom=0.4)),
+    "adamw-constant-beta1": (FusedOneCycleAdamW, dict(cycle_momentum=False, betas=(0.85, 0.98))),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ADAM_OPTIONS))
+def test_adam_options(name):
+    cls, kw = ADAM_OPTIONS[name]
+    compare(cls, dict(STAIRS, **kw), steps=8)
+
+
+@pytest.mark.parametrize("cls,kw", [
+    (FusedOneCycleSGD, dict(nesterov=True, weight_decay=0.01)),
+    (FusedOneCycleAdam, dict(amsgrad=True, weight_decay=0.01)),
+], ids=["sgd", "adam"])
+def test_long_run(cls, kw):
+    """120 steps (rising, falling and decay phases several times over), few programs."""
+    sched = dict(cycle_min_lr=0.01, cycle_max_lr=0.1, cycle_first_step_size=20, cycle_second_step_size=30,
+                 cycle_first_stair_count=4, decay_step_size=5, decay_lr_rate=0.2)
+    compare(cls, dict(sched, **kw), steps=120, sizes=(3, 40), ulps=16)
+
+
+def test_range_test_schedule_through_optimizer():
+    compare(FusedOneCycleAdam, dict(schedule=LRRangeTest(1e-3, lr_range_test_step_size=2, lr_range_test_staircase=True)),
+            steps=5, sizes=(9, 65))
+
+
+def test_many_tensors_and_groups():
+    """50 tensors of odd sizes in three groups with different options: one launch for them all."""
+    sizes = [(i * 7) % 23 for i in range(50)]
+    groups = [(range(0, 20), dict(weight_decay=0.1)), (range(20, 35), dict(nesterov=True, cycle_max_lr=0.2)),
+              (range(35, 50), dict(dampening=0.5))]
+    compare(FusedOneCycleSGD, SCHED, steps=3, sizes=sizes, groups=groups)
+
+
+def test_params_without_grads_and_late_params():
+    """Tensors without a grad on some steps keep their own step counts (torch semantics)."""
+    sizes = (5, 33, 8)
+    grads = make_grads(6, sizes)
+    for k, step_grads in enumerate(grads):
+        if k % 2 == 1:
+            step_grads[1] = None
+        if k < 3:
+            step_grads[2] = None
+    a, b, oa, ob = compare(FusedOneCycleAdam, dict(SCHED, amsgrad=True), sizes=sizes, grads=grads)
+    assert [int(oa.state[p]["step"]) for p in a] == [6, 3, 3]
+
+
+def test_no_grads_still_advance_counter():
+    p = torch.nn.Parameter(torch.ones(3, device=DEVICE))
+    opt = FusedOneCycleSGD([p], backend="triton", **SCHED)
+    opt.step()
+    opt.step()
+    assert int(opt.step_counter()) == 2 and len(opt.state) == 0
+
+
+# ---------------------------------------------------------------------------
+# dtypes: low precision no further from float64 than the reference at the same dtype
+
+
+LOW = [torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("cls,kw", [(FusedOneCycleSGD, dict(nesterov=True, weight_decay=0.05)),
+                                    (FusedOneCycleAdamW, dict(amsgrad=True))], ids=["sgd", "adamw"])
+def test_low_precision(dtype, cls, kw):
+    sizes = (7, 65)
+    init = init_params(sizes)
+    grads = make_grads(10, sizes)
+    kw = dict(STAIRS, **kw)
+    ours, _ = run(cls, "triton", init, grads, dtype, **kw)
+    ref, _ = run(cls, "reference", init, grads, dtype, **kw)
+    exact, _ = run(cls, "reference", init, grads, torch.float64, **kw)
+    eps = torch.finfo(dtype).eps
+    for o, r, e in zip(ours, ref, exact):
+        err_ours = (o.double() - e).abs().max().item()
+        err_ref = (r.double() - e).abs().max().item()
+        assert err_ours <= 2 * err_ref + eps * e.abs().max().item(), (err_ours, err_ref)
+    assert_ulps(ours, ref, ulps=4)
+
+
+@triton.jit
+def _probe_narrow(x_ptr, out_ptr, n, ROUND_BF16: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    live = offs < n
+    x = tl.load(x_ptr + offs, mask=live, other=0)
+    tl.store(out_ptr + offs, tk._narrow(x, out_ptr.dtype.element_ty, ROUND_BF16), mask=live)
+
+
+def test_bf16_rounding_matches_torch():
+    """float32 -> bfloat16 rounds to nearest even, ties and specials included, like torch."""
+    ties = torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), 3.0e38, -3.4e38, 1e-40, 0.0, -0.0])
+    specials = torch.tensor([float("inf"), float("-inf"), float("nan")])
+    x = torch.cat([ties, specials, torch.randn(500) * 10]).to(DEVICE)
+    out = torch.empty(x.numel(), dtype=torch.bfloat16, device=DEVICE)
+    _probe_narrow[(1,)](x, out, x.numel(), ROUND_BF16=INTERPRET, BLOCK=1024)
+    want = x.to(torch.bfloat16)
+    assert torch.equal(out.isnan(), want.isnan())
+    assert torch.equal(out[~want.isnan()], want[~want.isnan()])
+
+
+def test_mixed_dtypes_one_counter():
+    """fp32, bf16 and fp16 params in one optimizer: three launches, the counter advances once."""
+    sizes = (9, 40, 3)
+    init = init_params(sizes)
+    dtypes = [torch.float32, torch.bfloat16, torch.float16]
+    results = {}
+    for backend in ("triton", "reference"):
+        params = [torch.nn.Parameter(t.to(DEVICE, dt)) for t, dt in zip(init, dtypes)]
+        opt = FusedOneCycleAdam(params, backend=backend, **SCHED)
+        for step_grads in make_grads(4, sizes):
+            for p, g in zip(params, step_grads):
+                p.grad = g.to(DEVICE, p.dtype)
+            opt.step()
+        assert int(opt.step_counter()) == 4
+        results[backend] = params
+    assert_ulps(results["triton"], results["reference"], ulps=4)
+
+
+# ---------------------------------------------------------------------------
+# GradScaler: grads divided by the scale; a found inf changes nothing
+
+
+@pytest.mark.parametrize("cls", [FusedOneCycleSGD, FusedOneCycleAdam], ids=["sgd", "adam"])
+def test_grad_scale_and_skip(cls):
+    sizes = (7, 70)
+    init = init_params(sizes)
+    grads = make_grads(5, sizes)
+    out = {}
+    for backend in ("triton", "reference"):
+        params = [torch.nn.Parameter(t.to(DEVICE).clone()) for t in init]
+        opt = cls(params, backend=backend, **SCHED)
+        snapshots = []
+        for k, step_grads in enumerate(grads):
+            for p, g in zip(params, step_grads):
+                p.grad = (g * 1024).to(DEVICE, torch.float32)
+            opt.grad_scale = torch.tensor(1024.0, device=DEVICE)
+            opt.found_inf = torch.tensor(1.0 if k in (0, 3) else 0.0, device=DEVICE)
+            before = [t.clone() for t in params + state_tensors(opt, params)]
+            opt.step()
+            if k in (0, 3):  # skipped: nothing moved, no step counted
+                after = params + state_tensors(opt, params)
+                assert all(torch.equal(x, y) for x, y in zip(before, after))
+            snapshots.append(int(opt.step_counter()))
+        assert snapshots == [0, 1, 2, 2, 3]
+        assert [int(opt.state[p]["step"]) for p in params] == [3, 3]
+        out[backend] = params + state_tensors(opt, params)
+    assert_ulps(out["triton"], out["reference"], ulps=8)
+
+
+# the skipped step computes with the inf grad (and throws it away): numpy says so
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_with_torch_grad_scaler():
+    """The real GradScaler: an inf gradient skips the step on both backends alike."""
+    if not INTERPRET:
+        pytest.skip("covered on the GPU by test_triton_gpu")
+    sizes = (6, 33)
+    init = init_params(sizes)
+    out = {}
+    for backend in ("triton", "reference"):
+        params = [torch.nn.Parameter(t.clone()) for t in init]
+        opt = FusedOneCycleAdamW(params, backend=backend, **SCHED)
+        scaler = torch.amp.GradScaler("cpu", init_scale=256.0, growth_interval=2)
+        for k, step_grads in enumerate(make_grads(5, sizes)):
+            if k == 2:
+                step_grads[1][3] = float("inf")
+            opt.zero_grad()
+            loss = sum((p * g.float()).sum() for p, g in zip(params, step_grads))
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        assert int(opt.step_counter()) == 4
+        out[backend] = params + state_tensors(opt, params)
+    assert_ulps(out["triton"], out["reference"], ulps=8)
+
+
+# ---------------------------------------------------------------------------
+# the launch table: built once, reused, rebuilt when a storage moves
+
+
+def test_launch_table_cache():
+    sizes = (5, 70)
+    init = init_params(sizes)
+    grads = make_grads(4, sizes)
+    params = [torch.nn.Parameter(t.to(DEVICE).clone()) for t in init]
+    opt = FusedOneCycleSGD(params, backend="triton", **SCHED)
+    launcher = tb._launcher
+    launcher.clear_cache()
+    builds = []
+    original = launcher._build
+
+    def counting_build(*args, **kwargs):
+        builds.append(1)
+        return original(*args, **kwargs)
+
+    launcher._build = counting_build
+    try:
+        holders = [torch.zeros_like(p) for p in params]
+        for k in range(3):  # grads written into the same storages: one build
+            for p, h, g in zip(params, holders, grads[k]):
+                h.copy_(g)
+                p.grad = h
+            opt.step()
+        assert len(builds) == 1
+        for p, g in zip(params, grads[3]):  # new grad storages: rebuilt
+            p.grad = g.float().to(DEVICE).clone()
+        opt.step()
+        assert len(builds) == 2
+    finally:
+        launcher._build = original
+    # and the math still matches the reference
+    ref_params = [torch.nn.Parameter(t.to(DEVICE).clone()) for t in init]
+    ref = FusedOneCycleSGD(ref_params, backend="reference", **SCHED)
+    for step_grads in grads:
+        for p, g in zip(ref_params, step_grads):
+            p.grad = g.float().to(DEVICE)
+        ref.step()
+    assert_ulps(params, ref_params, ulps=4)
+
+
+def test_launch_config_chunking():
+    """Other block / iteration splits give the same result (chunk boundaries move)."""
+    sizes = (1, 100, 257)
+    init = init_params(sizes)
+    grads = make_grads(3, sizes)
+    tb.TritonBackend.configure(torch.float32, block=16, iters=1, num_warps=1)
+    a, _ = run(FusedOneCycleAdam, "triton", init, grads, torch.float32, **SCHED)
+    tb.TritonBackend.configure(torch.float32, block=128, iters=4, num_warps=2)
+    b, _ = run(FusedOneCycleAdam, "triton", init, grads, torch.float32, **SCHED)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+# ---------------------------------------------------------------------------
+# backend plumbing
+
+
+def test_backend_selection_and_errors():
+    backend = get_backend("triton")
+    assert backend is not None and backend.available()
+    assert backend.supports(DEVICE, torch.float32) and backend.supports(DEVICE, torch.bfloat16)
+    assert not backend.supports(DEVICE, torch.float64)
+    with pytest.raises(ValueError, match="triton"):
+        FusedOneCycleSGD([torch.nn.Parameter(torch.ones(2, dtype=torch.float64, device=DEVICE))],
+                         backend="triton", **SCHED)
+    with pytest.raises(ValueError, match="power of two"):
+        tb.TritonBackend.configure(torch.float32, block=48, iters=1, num_warps=1)
+
+
+def test_noncontiguous_dense_params():
+    """A channels-last (dense, not contiguous) parameter is updated element for element."""
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64).to(memory_format=torch.channels_last)
+    out = {}
+    for backend in ("triton", "reference"):
+        p = torch.nn.Parameter(x.float().to(DEVICE).clone(memory_format=torch.channels_last))
+        opt = FusedOneCycleSGD([p], backend=backend, **SCHED)
+        for k in range(3):
+            # position-dependent grads, so a layout mix-up would show
+            g = torch.arange(p.numel(), dtype=torch.float32).reshape(p.shape).sin() * (k + 1)
+            p.grad = g.to(DEVICE).contiguous(memory_format=torch.channels_last)
+            opt.step()
+        out[backend] = p
+    assert out["triton"].is_contiguous(memory_format=torch.channels_last)
+    assert_ulps([out["triton"]], [out["reference"]], ulps=4)
+
+
+def test_custom_op_registered():
+    """The step is a custom op with declared mutations and a fake kernel (torch.compile sees it)."""
+    op = torch.ops.onecycle_fused_triton.step.default
+    schema = str(op._schema)
+    mutated = {arg.name for arg in op._schema.arguments if arg.alias_info is not None and arg.alias_info.is_write}
+    assert mutated == {"params", "state1", "state2", "state3", "steps", "counter"}, schema
+    # through the dispatcher, same result as the direct call
+    sizes = (5, 70)
+    init = init_params(sizes)
+    grads = make_grads(2, sizes)[0]
+
+    def go(use_op):
+        params = [t.to(DEVICE).clone() for t in init]
+        bufs = [torch.zeros_like(p) for p in params]
+        steps = [torch.zeros((), dtype=torch.int64, device=DEVICE) for _ in params]
+        opt = FusedOneCycleSGD([torch.nn.Parameter(torch.zeros(1, device=DEVICE))], backend="reference", **SCHED)
+        opt._refresh_tables()
+        table = opt._tables[DEVICE]
+        counter = torch.zeros((), dtype=torch.int64, device=DEVICE)
+        args = ("sgd", params, [g.float().to(DEVICE) for g in grads], bufs, [None, None], [None, None], steps,
+                [0, 0], table, counter, None, None)
+        if use_op:
+            torch.ops.onecycle_fused_triton.step(*args)
+        else:
+            tb._launcher.run(*args)
+        return params + bufs + steps + [counter]
+
+    assert all(torch.equal(x, y) for x, y in zip(go(True), go(False)))
