@@ -64,6 +64,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 from typing import Callable, Optional, Sequence
 
@@ -226,6 +227,7 @@ class Arm:
     lr_formula: Callable[[int], float]
     mom_formula: Callable[[int], float]
     description: str
+    schedule: Optional[OneCycle] = None  # the 1-Cycle arms' schedule
 
 
 def constant_arm(name, batch, lr, momentum, description) -> Arm:
@@ -279,7 +281,7 @@ def one_cycle_arm(name, batch, schedule: OneCycle, description) -> Arm:
     def make(params):
         return FusedOneCycleSGD(params, schedule=schedule), None  # backend "auto"
 
-    return Arm(name, batch, make, schedule.lr, schedule.momentum, description)
+    return Arm(name, batch, make, schedule.lr, schedule.momentum, description, schedule)
 
 
 # ---------------------------------------------------------------------------
@@ -654,13 +656,15 @@ def plot_lr(result: dict, arms: Sequence[Arm], path: str) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="shrunken study (CI): one seed, few steps")
-    p.add_argument("--out", default=None, help=f"output folder (default {RESULTS_DIR}, or a temp-like 'quick' one)")
+    p.add_argument("--out", default=None, help="output folder (default benchmarks/results/convergence; "
+                   "with --quick a folder under the system temp dir)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default 1: the model is tiny)")
     args = p.parse_args(argv)
     cfg = quick_config() if args.quick else Config()
     if args.threads is not None:
         cfg.threads = args.threads
-    out = args.out or (os.path.join(RESULTS_DIR, "quick") if args.quick else RESULTS_DIR)
+    # a quick run must not overwrite the committed results
+    out = args.out or (os.path.join(tempfile.gettempdir(), "onecycle_convergence_quick") if args.quick else RESULTS_DIR)
     run_study(cfg, out)
     return 0
 
