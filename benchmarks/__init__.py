@@ -1,0 +1,1 @@
+"""Benchmark suite for onecycle_fused: ``python -m benchmarks.run --help``."""

@@ -1,0 +1,171 @@
+"""Timing primitives: back-to-back step times, host CPU time, launch counts, the copy roofline.
+
+One code path for CPU and CUDA. On CUDA, step times come from events
+recorded between back-to-back steps (no synchronisation inside the timed
+stretch), so a host-bound implementation shows its host time and a
+device-bound one its kernel time, as a training loop would see them.
+"""
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import time
+from typing import Callable, Optional
+
+import torch
+
+# bytes moved per parameter per step at fp32 (DESIGN.md §5): SGD-momentum
+# reads p, g, buf and writes p, buf; Adam/AdamW read p, g, m, v and write p, m, v
+BYTES_PER_PARAM_FP32 = {"sgd": 20, "adam": 28, "adamw": 28}
+
+
+def bytes_per_step(algo: str, numel: int, dtype: torch.dtype) -> int:
+    """Bytes one step must move: params, grads and states all in ``dtype``."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    return BYTES_PER_PARAM_FP32[algo] * numel * elem // 4
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _percentile(values: list[float], q: float) -> float:
+    s = sorted(values)
+    i = min(len(s) - 1, max(0, int(round(q * (len(s) - 1)))))
+    return s[i]
+
+
+def time_steps(
+    step: Callable[[], object],
+    device: torch.device,
+    warmup: int,
+    iters: int,
+    budget_s: float,
+    min_iters: int = 3,
+    host_bursts: int = 5,
+    burst_len: int = 5,
+) -> dict:
+    """Median wall time per step over back-to-back steps, and host CPU time per step.
+
+    Runs ``warmup`` steps, then up to ``iters`` timed steps, stopping early
+    (after at least ``min_iters``) once ``budget_s`` seconds have passed.
+    Host CPU time is ``time.process_time`` (all threads of the process): on
+    CPU it is measured over the timed steps themselves; on CUDA over short
+    bursts that start after a synchronisation, so a full launch queue (a
+    device-bound step) cannot make the host spin inside the measurement.
+    """
+    for _ in range(warmup):
+        step()
+    sync(device)
+    times: list[float] = []
+    cpu: list[float] = []
+    start = time.perf_counter()
+    if device.type == "cuda":
+        chunk = 10
+        while len(times) < iters:
+            n = min(chunk, iters - len(times))
+            events = [torch.cuda.Event(enable_timing=True) for _ in range(n + 1)]
+            events[0].record()
+            for i in range(n):
+                step()
+                events[i + 1].record()
+            torch.cuda.synchronize(device)
+            times += [events[i].elapsed_time(events[i + 1]) / 1e3 for i in range(n)]
+            if len(times) >= min_iters and time.perf_counter() - start > budget_s:
+                break
+        for _ in range(host_bursts):
+            torch.cuda.synchronize(device)
+            c0 = time.process_time()
+            for _ in range(burst_len):
+                step()
+            cpu.append((time.process_time() - c0) / burst_len)
+        torch.cuda.synchronize(device)
+    else:
+        while len(times) < iters:
+            t0, c0 = time.perf_counter(), time.process_time()
+            step()
+            t1, c1 = time.perf_counter(), time.process_time()
+            times.append(t1 - t0)
+            cpu.append(c1 - c0)
+            if len(times) >= min_iters and t1 - start > budget_s:
+                break
+    return {
+        "median_ms": statistics.median(times) * 1e3,
+        "p10_ms": _percentile(times, 0.1) * 1e3,
+        "p90_ms": _percentile(times, 0.9) * 1e3,
+        "iters": len(times),
+        "host_cpu_ms": statistics.median(cpu) * 1e3,
+    }
+
+
+# host-side CUDA API calls that put work on the device
+_LAUNCH_APIS = {"cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx",
+                "cudaLaunchCooperativeKernel", "cudaGraphLaunch"}
+_COPY_APIS = {"cudaMemcpyAsync", "cudaMemcpy", "cudaMemsetAsync", "cudaMemset"}
+
+
+def count_launches(step: Callable[[], object], device: torch.device, steps: int = 3) -> dict:
+    """Kernel launches per step on CUDA, from torch.profiler (None on CPU).
+
+    ``launches``: host API calls that launch kernels or graphs (a graph
+    replay counts 1); ``kernels``: kernels the device ran (CUPTI reports the
+    nodes of a replayed graph too); ``copies``: memcpy/memset API calls.
+    """
+    if device.type != "cuda":
+        return {"launches_per_step": None, "kernels_per_step": None, "copies_per_step": None}
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        sync(device)
+    launches = kernels = copies = 0
+    for e in prof.events():
+        if e.device_type == DeviceType.CUDA:
+            if not e.name.startswith(("Memcpy", "Memset")):
+                kernels += 1
+        elif e.name in _LAUNCH_APIS:
+            launches += 1
+        elif e.name in _COPY_APIS:
+            copies += 1
+    return {"launches_per_step": launches / steps, "kernels_per_step": kernels / steps,
+            "copies_per_step": copies / steps}
+
+
+def _free_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 4 << 30
+
+
+def copy_roofline(total_bytes: int, device: torch.device, warmup: int, iters: int, budget_s: float) -> dict:
+    """A copy moving ``total_bytes`` (read half, write half), timed like a step.
+
+    On CUDA a device-to-device copy; on CPU ``Tensor.copy_`` (torch's parallel
+    memcpy). If the two buffers do not fit in half the free memory the copy
+    is shrunk and its time scaled linearly (``capped`` says so).
+    """
+    n = max(1, total_bytes // 2)
+    limit = max(1 << 20, _free_bytes(device) // 4)  # two buffers in half the free memory
+    m = min(n, limit)
+    src = torch.ones(m, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    t = time_steps(lambda: dst.copy_(src), device, warmup, iters, budget_s, host_bursts=1, burst_len=1)
+    del src, dst
+    scale = n / m
+    ms = t["median_ms"] * scale
+    return {"copy_ms": ms, "copy_gbps": 2 * n / (ms / 1e3) / 1e9, "copy_capped": m < n}
+
+
+def gbps(nbytes: int, ms: Optional[float]) -> Optional[float]:
+    if ms is None or ms <= 0 or math.isnan(ms):
+        return None
+    return nbytes / (ms / 1e3) / 1e9

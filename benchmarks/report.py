@@ -1,0 +1,183 @@
+"""Output: the console table, results.json, results.md and PNG plots."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+COLUMNS = [
+    ("impl", "implementation"),
+    ("median_ms", "median ms"),
+    ("spread", "p10-p90 ms"),
+    ("host_cpu_ms", "host CPU ms"),
+    ("launches_per_step", "launches"),
+    ("gbps", "GB/s"),
+    ("frac_of_copy", "of copy"),
+    ("vs_fused", "x fused+1cyc"),
+    ("note", "note"),
+]
+
+
+def _fmt(key, row) -> str:
+    if row.get("status") != "ok":
+        if key == "impl":
+            return row["impl"]
+        if key == "note":
+            return f"{row.get('status')}: {row.get('note', '')}"
+        return "-"
+    v = row.get(key)
+    if key == "spread":
+        return f"{row['p10_ms']:.3g}-{row['p90_ms']:.3g}"
+    if v is None:
+        return "-"
+    if key == "frac_of_copy":
+        return f"{100 * v:.0f}%"
+    if key == "vs_fused":
+        return f"{v:.2f}x"
+    if key == "launches_per_step":
+        return f"{v:g}"
+    if isinstance(v, float):
+        return f"{v:.3g}" if v < 100 else f"{v:.0f}"
+    return str(v)
+
+
+def case_title(case_rows) -> str:
+    r = case_rows[0]
+    copy = f"copy {r['copy_ms']:.3g} ms = {r['copy_gbps']:.3g} GB/s" if r.get("copy_ms") else "copy not measured"
+    return (f"{r['set']} ({r['n_tensors']} tensors, {r['n_params'] / 1e6:.1f}M params) / {r['dtype']} / {r['opt']}"
+            f" - {r['bytes_per_step'] / 1e6:.0f} MB per step, {copy}")
+
+
+def group_cases(rows) -> list[list[dict]]:
+    cases: dict[tuple, list] = {}
+    for r in rows:
+        cases.setdefault((r["set"], r["dtype"], r["opt"]), []).append(r)
+    return list(cases.values())
+
+
+def text_table(rows) -> str:
+    out = []
+    for case in group_cases(rows):
+        cells = [[h for _, h in COLUMNS]] + [[_fmt(k, r) for k, _ in COLUMNS] for r in case]
+        widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
+        out.append(case_title(case))
+        for j, line in enumerate(cells):
+            out.append("  " + "  ".join(c.ljust(w) if i in (0, len(COLUMNS) - 1) else c.rjust(w)
+                                         for i, (c, w) in enumerate(zip(line, widths))).rstrip())
+            if j == 0:
+                out.append("  " + "  ".join("-" * w for w in widths))
+        out.append("")
+    return "\n".join(out)
+
+
+def targets_text(targets) -> str:
+    lines = []
+    for t in targets:
+        mark = {True: "MET ", False: "MISS", None: "n/a "}[t["met"]]
+        v = "-" if t["value"] is None else f"{t['value']:.3f}"
+        lines.append(f"  [{mark}] {t['target']} | {t['case']} | {v} {t['op']} {t['threshold']} | {t['detail']}")
+    return "\n".join(lines)
+
+
+def e2e_text(e2e: Optional[dict]) -> str:
+    if not e2e:
+        return "  (not run)"
+    lines = [f"  {e2e['model']}, {e2e['steps']} steps (timed {e2e['timed_steps']})"]
+    for name, v in e2e["variants"].items():
+        lines.append(f"  {name:24s} {v['steps_per_s']:9.1f} steps/s  {v['speedup_vs_torch']:.2f}x torch  "
+                     f"max|diff| vs torch {v['max_abs_diff_vs_torch']:.2e}  agrees {v['agrees_with_torch']}  "
+                     f"bit-equal to ours eager {v['bitwise_equal_to_ours_eager']}"
+                     + (f"  [backend {v['backend']}]" if "backend" in v else ""))
+    return "\n".join(lines)
+
+
+def markdown(meta, rows, targets, e2e) -> str:
+    md = [f"# Benchmark results: {meta['device_name']}", ""]
+    md.append(f"Command: `{meta['command']}`  ")
+    md.append(f"Date (UTC): {meta['date']}  ")
+    md.append(", ".join(f"{k} {meta[k]}" for k in ("torch", "triton", "cuda", "deepspeed", "python") if meta.get(k)) + "  ")
+    md.append(f"Device: {meta['device_name']}; host CPU: {meta['cpu']} ({meta['cpu_count']} cores, torch threads "
+              f"{meta['torch_threads']}); git {meta['git']}  ")
+    md.append(f"onecycle_fused backends available: {', '.join(meta['backends'])}  ")
+    md.append(f"Load average (1, 5, 15 min) at start {meta.get('load_avg_start')}, at end {meta.get('load_avg_end')}")
+    for n in meta.get("notes", []):
+        md.append(f"\n> {n}")
+    md += ["", "Median step time over back-to-back steps after warm-up (schedule included); host CPU = "
+           "process CPU time per step; GB/s from DESIGN.md §5's bytes model; 'of copy' = copy time of the same "
+           "bytes / step time; 'x fused+1cyc' = step time / torch fused + OneCycleLR.", ""]
+    md += ["## Targets", "", "| | target | case | value | threshold | detail |", "|---|---|---|---|---|---|"]
+    for t in targets:
+        mark = {True: "met", False: "**missed**", None: "n/a"}[t["met"]]
+        v = "-" if t["value"] is None else f"{t['value']:.3f}"
+        md.append(f"| {mark} | {t['target']} | {t['case']} | {v} | {t['op']} {t['threshold']} | {t['detail']} |")
+    md += ["", "## End-to-end", "", "```", e2e_text(e2e), "```", "", "## Step times", ""]
+    for case in group_cases(rows):
+        md += [f"### {case_title(case)}", "", "| " + " | ".join(h for _, h in COLUMNS) + " |",
+               "|" + "---|" * len(COLUMNS)]
+        for r in case:
+            md.append("| " + " | ".join(_fmt(k, r).replace("|", "/") for k, _ in COLUMNS) + " |")
+        md.append("")
+    return "\n".join(md)
+
+
+def make_plots(rows, e2e, out_dir) -> list[str]:
+    """One PNG per parameter set (a panel per dtype x optimizer), plus the end-to-end run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    by_set: dict[str, list] = {}
+    for case in group_cases(rows):
+        by_set.setdefault(case[0]["set"], []).append(case)
+    for set_name, cases in by_set.items():
+        ncols = min(3, len(cases))
+        nrows = (len(cases) + ncols - 1) // ncols
+        fig, axes = plt.subplots(nrows, ncols, figsize=(6.5 * ncols, 0.35 * max(len(c) for c in cases) * nrows + 1.5 * nrows),
+                                 squeeze=False)
+        for ax, case in zip(axes.flat, cases):
+            ok = [r for r in case if r.get("status") == "ok"]
+            names = [r["impl"] for r in ok]
+            vals = [r["median_ms"] for r in ok]
+            colors = ["tab:green" if r["family"].startswith("ours") else "tab:gray" for r in ok]
+            ax.barh(range(len(ok)), vals, color=colors)
+            ax.set_yticks(range(len(ok)), names, fontsize=7)
+            ax.invert_yaxis()
+            if case[0].get("copy_ms"):
+                ax.axvline(case[0]["copy_ms"], color="tab:red", ls="--", lw=1, label="copy of the same bytes")
+                ax.legend(fontsize=7, loc="lower right")
+            ax.set_xlabel("median step time (ms)")
+            ax.set_title(f"{case[0]['dtype']} / {case[0]['opt']}", fontsize=9)
+        for ax in list(axes.flat)[len(cases):]:
+            ax.axis("off")
+        fig.suptitle(f"{set_name}: {cases[0][0]['n_tensors']} tensors, {cases[0][0]['n_params'] / 1e6:.1f}M params")
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"step_time_{set_name}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    if e2e:
+        fig, ax = plt.subplots(figsize=(6, 2.5))
+        names = list(e2e["variants"])
+        ax.barh(names, [e2e["variants"][n]["steps_per_s"] for n in names],
+                color=["tab:gray" if n.startswith("torch") else "tab:green" for n in names])
+        ax.invert_yaxis()
+        ax.set_xlabel("steps / s")
+        ax.set_title(f"end-to-end: {e2e['model']}", fontsize=9)
+        fig.tight_layout()
+        path = os.path.join(out_dir, "e2e.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def write_all(out_dir, meta, rows, targets, e2e, plots: bool = True) -> list[str]:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump({"meta": meta, "rows": rows, "targets": targets, "e2e": e2e}, f, indent=1)
+    with open(os.path.join(out_dir, "results.md"), "w") as f:
+        f.write(markdown(meta, rows, targets, e2e))
+    written = [os.path.join(out_dir, "results.json"), os.path.join(out_dir, "results.md")]
+    return written + (make_plots(rows, e2e, out_dir) if plots else [])

@@ -1,0 +1,318 @@
+"""The benchmark suite, one command: ``python -m benchmarks.run`` (``--help`` for options).
+
+Measures one optimizer step (update + 1-Cycle schedule) of torch.optim foreach
+/ fused with a host scheduler, the compiled optimizer, and every onecycle_fused
+backend available here (plus CUDA-graph replay on a GPU), side by side on
+real-model parameter sets; then a small end-to-end training run; then
+evaluates the targets. Prints a table and writes results.json, results.md and
+PNG plots under ``benchmarks/results/<device>_<date>/``.
+
+Defaults follow the hardware: on CPU the ResNet-50 and small-tensor sets with
+SGD, Adam and AdamW (a few minutes on 2 cores); on CUDA every set with SGD and
+AdamW. Giving ``--out`` an existing results folder merges the new rows into it
+(e.g. a GPU run split over several commands).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+
+import torch
+
+import onecycle_fused
+
+from . import e2e as e2e_mod
+from . import impls as impls_mod
+from . import measure, param_sets, report, targets
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _csv(s: str) -> list[str]:
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--sets", default=None, help=f"comma list of {sorted(param_sets.SETS)} "
+                   "(default: resnet50,small on CPU; resnet50,gpt2,llama1b,small on CUDA)")
+    p.add_argument("--opt", default=None, help="comma list of sgd,adam,adamw (default: sgd,adam,adamw on CPU; sgd,adamw on CUDA)")
+    p.add_argument("--dtype", default="fp32,bf16", help="comma list of fp32,bf16,fp16")
+    p.add_argument("--impls", default=None, help="only implementations whose name contains one of these comma-separated "
+                   "substrings (default: all; on CUDA the slow 'ours-reference' oracle only when named)")
+    p.add_argument("--skip-impls", default="", help="leave out implementations whose name contains one of these")
+    p.add_argument("--quick", action="store_true", help="tiny set, few iterations: a smoke run (seconds)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 3 CPU, 10 CUDA)")
+    p.add_argument("--iters", type=int, default=None, help="timed steps at most (default 20 CPU, 100 CUDA)")
+    p.add_argument("--budget", type=float, default=None, help="seconds of timed steps per implementation before "
+                   "stopping early (at least 3 steps; default 4 CPU, 5 CUDA)")
+    p.add_argument("--compiled-max-tensors", type=int, default=None, help="skip torch.compile on sets with more "
+                   "tensors (its compile time grows with the count; default 200 CPU, 5000 CUDA)")
+    p.add_argument("--e2e-steps", type=int, default=None, help="end-to-end training steps, 0 to skip (default 60 CPU, 500 CUDA)")
+    p.add_argument("--out", default=None, help="results folder (default benchmarks/results/<device>_<date>); "
+                   "an existing one is merged into")
+    p.add_argument("--note", action="append", default=[], help="a note stored with the results (repeatable)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", s.lower()).strip("-")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {_cpu_model()} x{os.cpu_count()}"
+
+
+def _version(mod: str):
+    try:
+        return __import__(mod).__version__
+    except Exception:
+        return None
+
+
+def _git() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE, capture_output=True,
+                               text=True).stdout.strip()
+        return rev + ("+dirty" if dirty else "") if rev else "unknown"
+    except OSError:
+        return "unknown"
+
+
+def _loadavg():
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def metadata(device: torch.device, argv) -> dict:
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+        "command": "python -m benchmarks.run " + " ".join(argv),
+        "device": device.type,
+        "device_name": device_name(device),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "cuda": torch.version.cuda,
+        "deepspeed": _version("deepspeed"),
+        "onecycle_fused": onecycle_fused.__version__,
+        "backends": onecycle_fused.available_backends(),
+        "git": _git(),
+        "load_avg_start": _loadavg(),
+        "notes": [],
+    }
+
+
+def default_out(device: torch.device) -> str:
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    base = os.path.join(HERE, "results", f"{_slug(device_name(device))}_{date}")
+    path, n = base, 1
+    while os.path.exists(path):
+        n += 1
+        path = f"{base}_{n}"
+    return path
+
+
+def _selected(impl: impls_mod.Impl, include, exclude, device) -> bool:
+    if any(x in impl.name for x in exclude):
+        return False
+    if include is None:
+        return not (device.type == "cuda" and impl.name == "ours-reference")
+    return any(x in impl.name for x in include)
+
+
+def _free(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def make_params(shapes, dtype, device, seed=0):
+    """One tensor per shape (separate allocations, as in a model), grads set once."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    params = []
+    for s in shapes:
+        p = torch.randn(s, dtype=dtype, device=device, generator=g).requires_grad_()
+        p.grad = torch.randn(s, dtype=dtype, device=device, generator=g).mul_(1e-2)
+        params.append(p)
+    return params
+
+
+def bench_case(set_name, shapes, dtype_name, algo, params, impl_list, device, cfg, progress) -> list[dict]:
+    dtype = DTYPES[dtype_name]
+    numel = param_sets.numel(shapes)
+    nbytes = measure.bytes_per_step(algo, numel, dtype)
+    base = {"set": set_name, "n_tensors": len(shapes), "n_params": numel, "dtype": dtype_name, "opt": algo,
+            "bytes_per_step": nbytes}
+    base.update(measure.copy_roofline(nbytes, device, cfg["warmup"], cfg["iters"], cfg["budget"]))
+    rows = []
+    for impl in impl_list:
+        progress.set_postfix_str(f"{set_name}/{dtype_name}/{algo}: {impl.name}", refresh=True)
+        row = dict(base, impl=impl.name, family=impl.family, scheduler=impl.scheduler, backend=impl.backend,
+                   status="ok", note="")
+        try:
+            if impl.backend is not None:
+                why = impls_mod.ours_status(impl.backend, device, dtype)
+                if why:
+                    raise impls_mod.Skip(why)
+            if impl.family == "torch-compiled" and len(shapes) > cfg["compiled_max_tensors"]:
+                raise impls_mod.Skip(f"{len(shapes)} tensors > --compiled-max-tensors {cfg['compiled_max_tensors']} "
+                                     "(compile time)")
+            step = impl.build(params, algo, device)
+            t0 = time.perf_counter()
+            step()  # the first step: state allocation, compilation
+            measure.sync(device)
+            row["first_step_s"] = time.perf_counter() - t0
+            row.update(measure.time_steps(step, device, max(0, cfg["warmup"] - 1), cfg["iters"], cfg["budget"]))
+            row.update(measure.count_launches(step, device))
+            row["gbps"] = measure.gbps(nbytes, row["median_ms"])
+            row["frac_of_copy"] = row["copy_ms"] / row["median_ms"]
+        except impls_mod.Skip as e:
+            row.update(status="skipped", note=str(e))
+        except Exception as e:  # one failing implementation must not sink the run
+            row.update(status="error", note=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+        finally:
+            step = None
+            if impl.family == "torch-compiled":
+                torch._dynamo.reset()
+            _free(device)
+        rows.append(row)
+        progress.update(1)
+    fused = next((r for r in rows if r["impl"] == "torch-fused+OneCycleLR" and r["status"] == "ok"), None)
+    for r in rows:
+        if r["status"] == "ok" and fused:
+            r["vs_fused"] = r["median_ms"] / fused["median_ms"]
+    return rows
+
+
+def _merge(out_dir, meta, rows, e2e):
+    path = os.path.join(out_dir, "results.json")
+    if not os.path.exists(path):
+        return meta, rows, e2e
+    with open(path) as f:
+        old = json.load(f)
+    keys = {(r["set"], r["dtype"], r["opt"], r["impl"]) for r in rows}
+    kept = [r for r in old["rows"] if (r["set"], r["dtype"], r["opt"], r["impl"]) not in keys]
+    meta = dict(meta)
+    meta["command"] = old["meta"]["command"] + "  &&  " + meta["command"]
+    meta["notes"] = list(dict.fromkeys(old["meta"].get("notes", []) + meta["notes"]))
+    return meta, kept + rows, e2e if e2e is not None else old.get("e2e")
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise SystemExit("--device cuda: no CUDA device in this process")
+    on_gpu = device.type == "cuda"
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    sets = _csv(args.sets) if args.sets else (["tiny"] if args.quick else
+                                              ["resnet50", "gpt2", "llama1b", "small"] if on_gpu else ["resnet50", "small"])
+    opts = _csv(args.opt) if args.opt else (["sgd", "adamw"] if on_gpu else ["sgd", "adam", "adamw"])
+    dtypes = _csv(args.dtype)
+    for name in sets:
+        param_sets.get(name)  # raises ValueError on a bad name
+    for o in opts:
+        if o not in measure.BYTES_PER_PARAM_FP32:
+            raise SystemExit(f"--opt must name sgd, adam or adamw, got {o!r}")
+    for d in dtypes:
+        if d not in DTYPES:
+            raise SystemExit(f"--dtype must name {', '.join(DTYPES)}, got {d!r}")
+    cfg = {
+        "warmup": args.warmup if args.warmup is not None else (1 if args.quick else 10 if on_gpu else 3),
+        "iters": args.iters if args.iters is not None else (3 if args.quick else 100 if on_gpu else 20),
+        "budget": args.budget if args.budget is not None else (1.0 if args.quick else 5.0 if on_gpu else 4.0),
+        "compiled_max_tensors": args.compiled_max_tensors if args.compiled_max_tensors is not None else
+        (5000 if on_gpu else 200),
+    }
+    e2e_steps = args.e2e_steps if args.e2e_steps is not None else (10 if args.quick else 500 if on_gpu else 60)
+    include = _csv(args.impls) if args.impls else None
+    impl_list = [i for i in impls_mod.all_impls(device) if _selected(i, include, _csv(args.skip_impls), device)]
+
+    meta = metadata(device, argv)
+    meta["config"] = dict(cfg, sets=sets, opts=opts, dtypes=dtypes, e2e_steps=e2e_steps)
+    meta["notes"] += args.note
+    if not on_gpu:
+        meta["notes"].append(f"CPU run: {os.cpu_count()} cores; timings are medians, other processes may share the cores.")
+    out_dir = args.out or default_out(device)
+
+    from tqdm import tqdm
+
+    total = len(sets) * len(dtypes) * len(opts) * len(impl_list)
+    rows = []
+    with tqdm(total=total, desc="benchmarks", unit="impl", disable=args.no_progress, file=sys.stderr) as progress:
+        for set_name in sets:
+            shapes = param_sets.get(set_name)
+            for dtype_name in dtypes:
+                params = make_params(shapes, DTYPES[dtype_name], device)
+                for algo in opts:
+                    rows += bench_case(set_name, shapes, dtype_name, algo, params, impl_list, device, cfg, progress)
+                del params
+                _free(device)
+    e2e = None
+    if e2e_steps > 0:
+        print("end-to-end run...", file=sys.stderr)
+        e2e = e2e_mod.run(device, e2e_steps)
+
+    meta["load_avg_end"] = _loadavg()
+    meta, rows, e2e = _merge(out_dir, meta, rows, e2e)
+    targ = targets.evaluate(device.type, rows, e2e)
+    print()
+    print(f"{meta['device_name']} | torch {meta['torch']} | triton {meta['triton']} | CUDA {meta['cuda']} | "
+          f"backends {meta['backends']}")
+    print(report.text_table(rows))
+    print("End-to-end:")
+    print(report.e2e_text(e2e))
+    print()
+    print("Targets (" + ("issue 5, GPU" if on_gpu else "issue 3, CPU") + "):")
+    print(report.targets_text(targ))
+    os.makedirs(out_dir, exist_ok=True)
+    if args.no_plots:
+        meta["notes"].append("plots skipped (--no-plots)")
+    report.write_all(out_dir, meta, rows, targ, e2e, plots=not args.no_plots)
+    print(f"\nwrote {out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

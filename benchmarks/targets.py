@@ -1,0 +1,128 @@
+"""The performance targets, evaluated from one run's rows.
+
+* On CUDA: issue 5's targets (H100/H200).
+* On CPU: issue 3's CPU targets: our "cpu" backend <= 0.6x torch foreach +
+  scheduler and <= 1.0x torch fused + scheduler on a >= 10M-parameter real
+  model set, for SGD, Adam and AdamW.
+
+Each target compares against the *faster* of the two host schedulers
+(OneCycleLR, DeepSpeed OneCycle) unless it names one, so a pass never leans
+on the slower peer. A target whose measurements are missing is reported with
+``met = None``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+from onecycle_fused import backends as ocf_backends
+
+REAL_SETS = ("resnet50", "gpt2", "llama1b")  # >= 10M parameters, real model shapes
+
+
+def _index(rows):
+    return {(r["set"], r["dtype"], r["opt"], r["impl"]): r for r in rows if r.get("status") == "ok"}
+
+
+def _cases(rows):
+    seen = []
+    for r in rows:
+        c = (r["set"], r["dtype"], r["opt"])
+        if c not in seen:
+            seen.append(c)
+    return seen
+
+
+def _best(idx, case, names, key="median_ms") -> tuple[Optional[float], Optional[str]]:
+    found = [(idx[case + (n,)][key], n) for n in names if case + (n,) in idx and idx[case + (n,)].get(key) is not None]
+    return min(found) if found else (None, None)
+
+
+def _target(name, case, value, threshold, le=True, detail=""):
+    met = None if value is None else (value <= threshold if le else value >= threshold)
+    return {"target": name, "case": " / ".join(case) if isinstance(case, tuple) else case,
+            "value": value, "threshold": threshold, "op": "<=" if le else ">=", "met": met, "detail": detail}
+
+
+def cpu_targets(rows) -> list[dict]:
+    idx = _index(rows)
+    out = []
+    for case in _cases(rows):
+        set_name, dtype, opt = case
+        if set_name not in REAL_SETS or dtype != "fp32":
+            continue
+        ours = idx.get(case + ("ours-cpu",))
+        ours_ms = ours["median_ms"] if ours else None
+        for family, threshold in (("foreach", 0.6), ("fused", 1.0)):
+            peer_ms, peer = _best(idx, case, (f"torch-{family}+OneCycleLR", f"torch-{family}+DS-OneCycle"))
+            ratio = ours_ms / peer_ms if ours_ms is not None and peer_ms else None
+            detail = (f"ours-cpu {ours_ms:.2f} ms vs {peer} {peer_ms:.2f} ms" if ratio is not None
+                      else "ours-cpu not measured (backend unavailable?)" if ours_ms is None else f"no torch-{family} row")
+            out.append(_target(f"cpu step time <= {threshold}x torch {family} + scheduler", case, ratio, threshold,
+                               detail=detail))
+    return out
+
+
+def _ours_auto(idx, case) -> Optional[str]:
+    """The eager 'ours' row that backend='auto' would use on CUDA."""
+    for b in ocf_backends.AUTO_ORDER.get("cuda", ()):
+        if case + (f"ours-{b}",) in idx:
+            return f"ours-{b}"
+    return None
+
+
+def gpu_targets(rows, e2e: Optional[dict]) -> list[dict]:
+    idx = _index(rows)
+    out = []
+    fused = ("torch-fused+OneCycleLR", "torch-fused+DS-OneCycle")
+    for case in _cases(rows):
+        set_name, dtype, opt = case
+        ours = _ours_auto(idx, case)
+        r = idx.get(case + (ours,)) if ours else None
+        if set_name == "llama1b" and dtype == "fp32" and opt in ("sgd", "adamw"):
+            frac = r.get("frac_of_copy") if r else None
+            out.append(_target("1B fp32: >= 0.90 of copy bandwidth", case, frac, 0.90, le=False, detail=str(ours)))
+        peer_ms, peer = _best(idx, case, fused)
+        ratio = r["median_ms"] / peer_ms if r and peer_ms else None
+        out.append(_target("never slower than torch fused + scheduler", case, ratio, 1.0,
+                           detail=f"{ours} vs {peer}"))
+        if set_name == "resnet50":
+            f = idx.get(case + ("torch-fused+OneCycleLR",))
+            ratio = r["median_ms"] / f["median_ms"] if r and f else None
+            out.append(_target("ResNet-50 step time <= 0.7x torch fused + OneCycleLR", case, ratio, 0.7, detail=str(ours)))
+            ratio = r["host_cpu_ms"] / f["host_cpu_ms"] if r and f and f["host_cpu_ms"] else None
+            out.append(_target("ResNet-50 host CPU time <= 0.5x torch fused + OneCycleLR", case, ratio, 0.5,
+                               detail=str(ours)))
+        if set_name == "small":
+            ratio = r["median_ms"] / peer_ms if r and peer_ms else None
+            out.append(_target("5,000 small tensors <= 0.3x torch fused + scheduler", case, ratio, 0.3,
+                               detail=f"{ours} vs {peer}"))
+    if e2e:
+        v = e2e["variants"]
+        g = v.get("ours-cudagraph")
+        speed = g["speedup_vs_torch"] if g else None
+        ok = bool(g and g["agrees_with_torch"] and g["bitwise_equal_to_ours_eager"])
+        out.append(_target("end-to-end CUDA graph >= 2x eager torch + OneCycleLR (steps/s)", "e2e", speed, 2.0, le=False,
+                           detail="results agree" if ok else "results DIFFER or graph run missing"))
+        if g and not ok:
+            out[-1]["met"] = False
+    # backend="auto" should pick the faster of cuda and triton (geometric mean over shared cases)
+    logs = [math.log(idx[c + ("ours-cuda",)]["median_ms"] / idx[c + ("ours-triton",)]["median_ms"])
+            for c in _cases(rows) if c + ("ours-cuda",) in idx and c + ("ours-triton",) in idx]
+    if logs:
+        gm = math.exp(sum(logs) / len(logs))
+        faster = "cuda" if gm <= 1 else "triton"
+        order = [b for b in ocf_backends.AUTO_ORDER.get("cuda", ()) if b in ("cuda", "triton")]
+        picks = order[0] if order else None
+        t = _target("backend='auto' picks the faster of cuda and triton", "all cases", gm, 1.0,
+                    detail=f"cuda/triton time geo-mean {gm:.3f} over {len(logs)} cases: {faster} faster; auto picks {picks}")
+        t["met"] = picks == faster
+        out.append(t)
+    else:
+        out.append(_target("backend='auto' picks the faster of cuda and triton", "all cases", None, 1.0,
+                           detail="ours-cuda and ours-triton not both measured"))
+    return out
+
+
+def evaluate(device_type: str, rows, e2e) -> list[dict]:
+    return gpu_targets(rows, e2e) if device_type == "cuda" else cpu_targets(rows)

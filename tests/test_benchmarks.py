@@ -1,0 +1,149 @@
+"""Smoke tests of the benchmark suite (benchmarks/): tiny sets, a few steps, outputs well formed.
+
+No timing assertions: the numbers live in the committed results. What is
+asserted: the parameter sets match their architectures, the bytes model, the
+host OneCycleLR peer follows the same schedule as ours (so the peers do the
+same work and the end-to-end results can agree), the target arithmetic, and
+that one CLI run writes a complete, parseable results folder.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from benchmarks import impls, measure, param_sets, targets  # noqa: E402
+
+import onecycle_fused  # noqa: E402
+
+
+@pytest.mark.parametrize("name", sorted(param_sets.EXPECTED))
+def test_param_sets_match_architectures(name):
+    shapes = param_sets.get(name)
+    assert (len(shapes), param_sets.numel(shapes)) == param_sets.EXPECTED[name]
+
+
+def test_resnet50_against_its_layer_list():
+    # 53 convolutions: the stem, 3 per bottleneck (16 blocks), 4 projection shortcuts
+    shapes = param_sets.resnet50()
+    convs = [s for s in shapes if len(s) == 4]
+    assert len(convs) == 53
+    assert sum(1 for s in shapes if len(s) == 1) == 2 * 53 + 1  # a BatchNorm per conv + fc bias
+    assert shapes[-2:] == [(1000, 2048), (1000,)]
+
+
+def test_bad_set_name():
+    with pytest.raises(ValueError, match="parameter set"):
+        param_sets.get("resnet5")
+
+
+def test_bytes_model():
+    assert measure.bytes_per_step("sgd", 10, torch.float32) == 200
+    assert measure.bytes_per_step("adamw", 10, torch.float32) == 280
+    assert measure.bytes_per_step("adam", 10, torch.bfloat16) == 140
+
+
+@pytest.mark.parametrize("algo", ["sgd", "adamw"])
+def test_onecyclelr_peer_follows_our_schedule(algo):
+    """impls.onecyclelr is torch's OneCycleLR shaped like DeepSpeed's triangle:
+    its lr/momentum equal onecycle_fused.OneCycle's at every step of the cycle."""
+    half = 10
+    p = torch.zeros(3, requires_grad=True)
+    opt = impls._torch_optimizer([p], algo, None)
+    sched = impls.onecyclelr(opt, half_cycle=half)
+    ours = onecycle_fused.OneCycle(impls.MIN_LR, impls.MAX_LR, cycle_first_step_size=half,
+                                   cycle_min_mom=impls.MIN_MOM, cycle_max_mom=impls.MAX_MOM)
+    for k in range(2 * half + 1):
+        g = opt.param_groups[0]
+        mom = g["momentum"] if algo == "sgd" else g["betas"][0]
+        assert math.isclose(g["lr"], ours.lr(k), rel_tol=1e-12), k
+        assert math.isclose(mom, ours.momentum(k), rel_tol=1e-12), k
+        opt.step()
+        sched.step()
+
+
+def _row(impl, ms, host=None, set_name="resnet50", opt="sgd"):
+    return {"set": set_name, "dtype": "fp32", "opt": opt, "impl": impl, "status": "ok", "median_ms": ms,
+            "host_cpu_ms": host if host is not None else ms}
+
+
+def test_cpu_targets_arithmetic():
+    rows = [_row("torch-foreach+OneCycleLR", 10.0), _row("torch-foreach+DS-OneCycle", 8.0),
+            _row("torch-fused+OneCycleLR", 5.0), _row("torch-fused+DS-OneCycle", 6.0), _row("ours-cpu", 4.0),
+            _row("torch-fused+OneCycleLR", 1.0, set_name="small")]  # not a real-model set: no target
+    t = targets.evaluate("cpu", rows, None)
+    assert [(x["threshold"], x["met"]) for x in t] == [(0.6, True), (1.0, True)]
+    assert t[0]["value"] == pytest.approx(4.0 / 8.0)  # against the faster foreach peer
+    assert t[1]["value"] == pytest.approx(4.0 / 5.0)
+    rows[-2]["median_ms"] = 5.5
+    t = targets.evaluate("cpu", rows, None)
+    assert [x["met"] for x in t] == [False, False]
+    # without our row the targets are reported, not passed
+    t = targets.evaluate("cpu", rows[:4], None)
+    assert [x["met"] for x in t] == [None, None]
+
+
+def test_cli_quick_run_writes_results(tmp_path):
+    out = tmp_path / "res"
+    cmd = [sys.executable, "-m", "benchmarks.run", "--quick", "--device", "cpu", "--sets", "tiny",
+           "--opt", "sgd,adamw", "--dtype", "fp32,bf16", "--skip-impls", "compiled", "--e2e-steps", "8",
+           "--no-progress", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Targets" in proc.stdout and "torch-fused+OneCycleLR" in proc.stdout
+
+    data = json.loads((out / "results.json").read_text())
+    meta, rows = data["meta"], data["rows"]
+    assert meta["torch"] == torch.__version__ and meta["device"] == "cpu"
+    names = {r["impl"] for r in rows}
+    assert "torch-compiled+OneCycleLR" not in names
+    assert {"torch-foreach+OneCycleLR", "torch-fused+DS-OneCycle", "ours-reference"} <= names
+    assert len(rows) == 2 * 2 * len(names)  # every (dtype, opt) case has every implementation
+    for r in rows:
+        if r["impl"].startswith("torch-") or r["impl"] == "ours-reference" or (
+                r["impl"] == "ours-cpu" and "cpu" in meta["backends"]):
+            assert r["status"] == "ok", r
+        if r["status"] == "ok":
+            assert r["iters"] >= 3
+            for k in ("median_ms", "host_cpu_ms", "gbps", "frac_of_copy", "copy_ms"):
+                assert math.isfinite(r[k]) and r[k] > 0, (k, r)
+            assert r["p10_ms"] <= r["median_ms"] <= r["p90_ms"]
+            assert r["bytes_per_step"] == measure.bytes_per_step(
+                r["opt"], param_sets.numel(param_sets.tiny()), {"fp32": torch.float32, "bf16": torch.bfloat16}[r["dtype"]])
+        else:
+            assert r["note"], r
+
+    e2e = data["e2e"]["variants"]
+    assert set(e2e) == {"torch-eager+OneCycleLR", "ours-eager"}
+    assert e2e["ours-eager"]["agrees_with_torch"], e2e
+    assert all(v["steps_per_s"] > 0 for v in e2e.values())
+
+    md = (out / "results.md").read_text()
+    assert "## Targets" in md and "## End-to-end" in md and "| torch-fused+OneCycleLR |" in md
+    for png in ("step_time_tiny.png", "e2e.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # a second run into the same folder merges: new rows join, old ones stay
+    from benchmarks import run
+
+    assert run.main(["--quick", "--device", "cpu", "--sets", "tiny", "--opt", "adam", "--dtype", "fp32",
+                     "--impls", "torch-fused", "--e2e-steps", "0", "--no-progress", "--no-plots", "--out", str(out)]) == 0
+    merged = json.loads((out / "results.json").read_text())
+    assert len(merged["rows"]) == len(rows) + 2
+    assert merged["e2e"] == data["e2e"]
+    assert "&&" in merged["meta"]["command"]
+
+
+def test_cli_rejects_bad_options():
+    from benchmarks import run
+
+    with pytest.raises(SystemExit, match="--opt"):
+        run.main(["--opt", "rmsprop", "--no-progress"])
+    with pytest.raises(ValueError, match="parameter set"):
+        run.main(["--sets", "vgg", "--no-progress"])
