@@ -111,6 +111,7 @@ class Config:
     target_fractions: tuple = (0.97, 0.92)
     blowup_loss: float = 10 * math.log(10)
     threads: int = 1
+    lr_record_every: int = 4  # steps of the large batch between recorded lr values
 
     @property
     def large_batch(self) -> int:
@@ -118,7 +119,7 @@ class Config:
 
     def validate(self) -> None:
         for name in ("dim", "teacher_hidden", "hidden", "classes", "batch", "factor", "budget", "eval_every",
-                     "range_steps", "threads"):
+                     "range_steps", "threads", "lr_record_every"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
@@ -135,7 +136,7 @@ class Config:
 def quick_config() -> Config:
     """A shrunken study for CI: one seed, a few hundred steps, same code paths."""
     return Config(n_train=4096, n_test=1000, batch=16, budget=8192, eval_every=2048, seeds=(0,),
-                  tune_seeds=(100,), grid_small=(0.01, 0.1), grid_large=(0.03, 0.3), range_steps=40)
+                  tune_seeds=(100,), grid_small=(0.01, 0.1), grid_large=(0.03, 0.3), range_steps=40, lr_record_every=1)
 
 
 # ---------------------------------------------------------------------------
@@ -300,6 +301,10 @@ class RunResult:
     lr: list  # per step, measured
     momentum: list  # per step, measured (None at step 0 for torch's first-step buffer)
     seconds: float
+    implementation: str  # which optimizer code ran the steps
+    record_every: int  # lr[i] / momentum[i] belong to step i * record_every
+    lr_max_rel_dev: float  # over every step: |measured - schedule| / schedule
+    momentum_max_abs_dev: float  # over every step after the first
 
 
 def train(cfg: Config, arm: Arm, seeds: Sequence[int], data, *, record_every: int = 1) -> RunResult:
@@ -356,9 +361,22 @@ def train(cfg: Config, arm: Arm, seeds: Sequence[int], data, *, record_every: in
                 accuracy[s].append(None if dead else acc[s].item())
                 test_loss[s].append(None if dead else tl[s].item())
     seconds = time.perf_counter() - t0
+    # the measured values against what the recipe promised, at every step
+    want_lr = torch.tensor([arm.lr_formula(k) for k in range(steps)], dtype=torch.float64)
+    want_mom = torch.tensor([arm.mom_formula(k) for k in range(steps)], dtype=torch.float64)
+    lr_dev = ((lr_log - want_lr).abs() / want_lr.clamp_min(1e-300)).max().item()
+    mom_dev = (mom_log[1:] - want_mom[1:]).abs().max().item() if steps > 1 else 0.0
     lrs = lr_log[::record_every].tolist()
     moms = [None if math.isnan(m) else m for m in mom_log[::record_every].tolist()]
-    return RunResult(arm.name, arm.batch, list(seeds), samples, accuracy, test_loss, blowup_step, lrs, moms, seconds)
+    return RunResult(arm.name, arm.batch, list(seeds), samples, accuracy, test_loss, blowup_step, lrs, moms, seconds,
+                     implementation(opt), record_every, lr_dev, mom_dev)
+
+
+def implementation(opt) -> str:
+    if isinstance(opt, FusedOneCycleSGD):
+        names = sorted({b.name for b in opt._backend_for.values()})
+        return f"FusedOneCycleSGD, backend {'/'.join(names)}"
+    return f"{type(opt).__module__}.{type(opt).__name__}"
 
 
 def mean_accuracy(run: RunResult) -> float:
@@ -471,8 +489,12 @@ def run_study(cfg: Config, out_dir: str, *, plots: bool = True) -> dict:
     runs = {}
     for arm in arms:
         # the small batch takes 8x the steps: keep every 8th lr so the JSON stays small
-        runs[arm.name] = train(cfg, arm, cfg.seeds, data, record_every=cfg.factor if arm.batch == B else 1)
-        log(f"  {arm.name}: final median acc {final_median(runs[arm.name]):.4f} ({runs[arm.name].seconds:.1f}s)")
+        # one lr record per lr_record_every steps of the large batch (the
+        # small batch takes factor x as many steps): keeps the JSON small
+        every = cfg.lr_record_every * (cfg.factor if arm.batch == B else 1)
+        runs[arm.name] = train(cfg, arm, cfg.seeds, data, record_every=every)
+        log(f"  {arm.name}: final median acc {final_median(runs[arm.name]):.4f} ({runs[arm.name].seconds:.1f}s, "
+            f"{runs[arm.name].implementation})")
 
     baseline = runs[arms[0].name]
     ceiling = final_median(baseline)
@@ -483,7 +505,8 @@ def run_study(cfg: Config, out_dir: str, *, plots: bool = True) -> dict:
         row = {"arm": arm.name, "batch": arm.batch, "schedule": arm.description,
                "blowups": sum(b is not None for b in run.blowup_step),
                "final_accuracy": summarize([a[-1] for a in run.accuracy]),
-               "seconds": round(run.seconds, 2)}
+               "seconds": round(run.seconds, 2), "implementation": run.implementation,
+               "lr_max_rel_dev": run.lr_max_rel_dev, "momentum_max_abs_dev": run.momentum_max_abs_dev}
         for t in targets:
             row[f"samples_to_{t}"] = summarize([samples_to_target(run.samples, a, t) for a in run.accuracy])
         table.append(row)
@@ -514,7 +537,7 @@ def run_study(cfg: Config, out_dir: str, *, plots: bool = True) -> dict:
         plot_lr(result, arms, os.path.join(out_dir, "lr_vs_steps.png"))
     result["seconds_total"] = round(time.perf_counter() - t_start, 1)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(result, f, indent=1)
+        json.dump(result, f, separators=(",", ":"))
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write(markdown_table(result))
     log(markdown_table(result))
@@ -573,7 +596,13 @@ def markdown_table(result: dict) -> str:
         f"{cfg['range_max_lr']:g}): smoothed loss lowest at lr {result['range_test']['lr_at_loss_min']:.4g}; "
         f"{result['range_test']['rule']}: cycle_max_lr {result['range_test']['cycle_max_lr']:.4g}, "
         f"cycle_min_lr {result['range_test']['cycle_min_lr']:.4g}.",
-        f"Environment: torch {result['environment']['torch']}, backends {result['environment']['backends']}, "
+        "The lr and momentum each arm used were measured at every step (a probe parameter, see the script) and "
+        "matched its schedule to within "
+        f"{max(r['lr_max_rel_dev'] for r in result['table']):.1e} (lr, relative) and "
+        f"{max(r['momentum_max_abs_dev'] for r in result['table']):.1e} (momentum).",
+        f"Environment: torch {result['environment']['torch']}, backends {result['environment']['backends']} "
+        f"(1-Cycle ran on {next(r['implementation'] for r in result['table'] if r['arm'] == '1-Cycle')}; "
+        "the other arms on torch.optim.SGD), "
         f"{result['environment']['threads']} thread(s); study time {result['seconds_total']}s.",
         "",
     ]
@@ -635,7 +664,7 @@ def plot_lr(result: dict, arms: Sequence[Arm], path: str) -> None:
         if arm.batch != large:
             continue
         run = result["runs"][arm.name]
-        steps = range(len(run["lr"]))
+        steps = [i * run["record_every"] for i in range(len(run["lr"]))]
         ax.plot(steps, run["lr"], color=f"C{i}", label=arm.name)
         moms = [float("nan") if m is None else m for m in run["momentum"]]
         axm.plot(steps, moms, color=f"C{i}")

@@ -91,7 +91,8 @@ def test_every_arm_used_its_schedule(study):
     constant = {"Fixed": lr_b, "LinearScale": cfg.factor * lr_b, "Best constant 8B": lr_8b}
     for arm in result["arms"]:
         run = runs[arm.name]
-        every = cfg.factor if arm.batch == cfg.batch else 1
+        every = cfg.lr_record_every * (cfg.factor if arm.batch == cfg.batch else 1)
+        assert run["record_every"] == every
         steps = list(range(0, cfg.budget // arm.batch, every))
         assert len(run["lr"]) == len(steps), arm.name
         if arm.name.startswith("1-Cycle"):
@@ -111,6 +112,8 @@ def test_every_arm_used_its_schedule(study):
         # the probe reads lr back through fp32 arithmetic: a few ulps of fp32
         for k, got, want in zip(steps, run["lr"], want_lr):
             assert got == pytest.approx(want, rel=1e-6, abs=1e-12), (arm.name, k)
+        # the study's own every-step comparison agrees
+        assert run["lr_max_rel_dev"] < 1e-6 and run["momentum_max_abs_dev"] < 1e-5, arm.name
         assert run["momentum"][0] is None  # torch's first step: buf = grad, no momentum applied
         for k, got, want in zip(steps[1:], run["momentum"][1:], want_mom[1:]):
             assert got == pytest.approx(want, rel=1e-5), (arm.name, k)
