@@ -203,7 +203,7 @@ class _Launcher:
                     grad_scale if has_scale else counter, found_inf if has_inf else counter, launch.done, ps[0],
                     HAS_SCALE=has_scale, HAS_INF=has_inf, ADVANCE_COUNTER=b == last, ALIGNED=launch.aligned,
                     ROUND_BF16=dtype == torch.bfloat16 and interpreting(),
-                    BLOCK=cfg.block, ITERS=cfg.iters, num_warps=cfg.num_warps,
+                    BLOCK=cfg.block, ITERS=cfg.iters, num_warps=cfg.num_warps, enable_fp_fusion=False,
                 )
 
 

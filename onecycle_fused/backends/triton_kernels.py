@@ -25,7 +25,11 @@ interpreter (numpy) raises no warnings; the selected values are unchanged.
 The element-wise math mirrors ``backends/reference.py`` (torch.optim's
 single-tensor code) in float32, with IEEE division and square root
 (``div_rn`` / ``sqrt_rn``) where torch uses them: Triton's plain ``/`` and
-``sqrt`` on float32 are the approximate PTX instructions.
+``sqrt`` on float32 are the approximate PTX instructions. The host launches
+with ``enable_fp_fusion=False``: no ``a*b+c`` is contracted into an FMA, so
+compiled kernels round exactly like the interpreter (numpy) that CI runs, and
+the float64 schedule equals the reference's bit for bit (checked in the PTX
+for sm_90 with triton 3.9: no ``fma.rn.f64``, v4 loads when aligned).
 """
 from __future__ import annotations
 
@@ -247,6 +251,39 @@ def _scale_and_skip(scale_ptr, inf_ptr, k, HAS_SCALE: tl.constexpr, HAS_INF: tl.
 
 
 @triton.jit
+def _sgd_block(
+    p_ptr, g_ptr, b_ptr, offs, live, scale, ok, lr, mom, wd, keep, nesterov, maximize, has_buf, first_step,
+    moving, decays, elem_ty, HAS_SCALE: tl.constexpr, ROUND_BF16: tl.constexpr, MASKED: tl.constexpr,
+):
+    """One block of SGD. Unmasked (``MASKED`` False) for blocks inside the
+    tensor: a mask that may change every element (``offs < numel``) stops the
+    compiler from using vector loads."""
+    if MASKED:
+        grad = tl.load(g_ptr + offs, mask=live, other=0).to(tl.float32)
+        param = tl.load(p_ptr + offs, mask=live, other=0).to(tl.float32)
+        buf_live = live & has_buf
+        write = live & ok
+    else:
+        grad = tl.load(g_ptr + offs).to(tl.float32)
+        param = tl.load(p_ptr + offs).to(tl.float32)
+        buf_live = has_buf
+        write = ok
+    if HAS_SCALE:
+        grad = tl.div_rn(grad, scale)
+    grad = tl.where(maximize, -grad, grad)
+    grad = tl.where(decays, grad + wd * param, grad)
+    old = tl.load(b_ptr + offs, mask=buf_live, other=0).to(tl.float32)
+    # torch's first step: buf = grad; afterwards mom*buf + (1-dampening)*grad.
+    # A momentum of 0 leaves the buffer alone and steps with the gradient.
+    new_buf = tl.where(first_step, grad, old * mom + keep * grad)
+    new_buf = tl.where(moving, new_buf, old)
+    direction = tl.where(nesterov, grad + new_buf * mom, new_buf)
+    direction = tl.where(moving & has_buf, direction, grad)
+    tl.store(b_ptr + offs, _narrow(new_buf, elem_ty, ROUND_BF16), mask=buf_live & ok)
+    tl.store(p_ptr + offs, _narrow(param - direction * lr, elem_ty, ROUND_BF16), mask=write)
+
+
+@triton.jit(do_not_specialize=["n_tensors", "n_chunks"])
 def sgd_kernel(
     tensors, n_tensors, chunks, n_chunks, rows, counter_ptr, scale_ptr, inf_ptr, done_ptr, dtype_ref,
     HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr, ADVANCE_COUNTER: tl.constexpr, ALIGNED: tl.constexpr,
@@ -273,29 +310,60 @@ def sgd_kernel(
         first_step = tl.where(step == 0, True, False)
         moving = tl.where(mom != 0, True, False)
         decays = tl.where(wd != 0, True, False)
-        for it in range(ITERS):
-            offs = start + it * BLOCK + tl.arange(0, BLOCK)
-            live = offs < numel
-            grad = tl.load(g_ptr + offs, mask=live, other=0).to(tl.float32)
-            if HAS_SCALE:
-                grad = tl.div_rn(grad, scale)
-            param = tl.load(p_ptr + offs, mask=live, other=0).to(tl.float32)
-            grad = tl.where(maximize, -grad, grad)
-            grad = tl.where(decays, grad + wd * param, grad)
-            buf_live = live & has_buf
-            old = tl.load(b_ptr + offs, mask=buf_live, other=0).to(tl.float32)
-            # torch's first step: buf = grad; afterwards mom*buf + (1-dampening)*grad.
-            # A momentum of 0 leaves the buffer alone and steps with the gradient.
-            new_buf = tl.where(first_step, grad, old * mom + keep * grad)
-            new_buf = tl.where(moving, new_buf, old)
-            direction = tl.where(nesterov, grad + new_buf * mom, new_buf)
-            direction = tl.where(moving & has_buf, direction, grad)
-            tl.store(b_ptr + offs, _narrow(new_buf, elem_ty, ROUND_BF16), mask=buf_live & ok)
-            tl.store(p_ptr + offs, _narrow(param - direction * lr, elem_ty, ROUND_BF16), mask=live & ok)
+        if start + BLOCK * ITERS <= numel:
+            for it in range(ITERS):
+                offs = start + it * BLOCK + tl.arange(0, BLOCK)
+                _sgd_block(p_ptr, g_ptr, b_ptr, offs, offs < numel, scale, ok, lr, mom, wd, keep, nesterov, maximize,
+                           has_buf, first_step, moving, decays, elem_ty, HAS_SCALE, ROUND_BF16, False)
+        else:
+            for it in range(ITERS):
+                offs = start + it * BLOCK + tl.arange(0, BLOCK)
+                _sgd_block(p_ptr, g_ptr, b_ptr, offs, offs < numel, scale, ok, lr, mom, wd, keep, nesterov, maximize,
+                           has_buf, first_step, moving, decays, elem_ty, HAS_SCALE, ROUND_BF16, True)
     _finish(tensors, n_tensors, counter_ptr, done_ptr, increment, ADVANCE_COUNTER)
 
 
 @triton.jit
+def _adam_block(
+    p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, live, scale, ok, wd, eps, maximize, amsgrad, decays_param,
+    decays_grad, decay_factor, weight, near_start, beta2, one_minus_beta2, step_size, bias_correction2_sqrt,
+    elem_ty, HAS_SCALE: tl.constexpr, ROUND_BF16: tl.constexpr, MASKED: tl.constexpr,
+):
+    """One block of Adam / AdamW (masked only where the tensor ends, see ``_sgd_block``)."""
+    if MASKED:
+        grad = tl.load(g_ptr + offs, mask=live, other=0).to(tl.float32)
+        param = tl.load(p_ptr + offs, mask=live, other=0).to(tl.float32)
+        exp_avg = tl.load(m_ptr + offs, mask=live, other=0).to(tl.float32)
+        exp_avg_sq = tl.load(v_ptr + offs, mask=live, other=0).to(tl.float32)
+        ams_live = live & amsgrad
+        write = live & ok
+    else:
+        grad = tl.load(g_ptr + offs).to(tl.float32)
+        param = tl.load(p_ptr + offs).to(tl.float32)
+        exp_avg = tl.load(m_ptr + offs).to(tl.float32)
+        exp_avg_sq = tl.load(v_ptr + offs).to(tl.float32)
+        ams_live = amsgrad
+        write = ok
+    if HAS_SCALE:
+        grad = tl.div_rn(grad, scale)
+    grad = tl.where(maximize, -grad, grad)
+    param = tl.where(decays_param, param * decay_factor, param)
+    grad = tl.where(decays_grad, grad + wd * param, grad)
+    # torch's lerp: the formula depends on which end the weight is near
+    diff = grad - exp_avg
+    exp_avg = tl.where(near_start, exp_avg + weight * diff, grad - diff * (1 - weight))
+    exp_avg_sq = exp_avg_sq * beta2 + one_minus_beta2 * grad * grad
+    old_max = tl.load(vmax_ptr + offs, mask=ams_live, other=0).to(tl.float32)
+    second = tl.where(amsgrad, tl.maximum(old_max, exp_avg_sq, propagate_nan=tl.PropagateNan.ALL), exp_avg_sq)
+    denom = tl.div_rn(tl.sqrt_rn(second), bias_correction2_sqrt) + eps
+    new_param = param + tl.div_rn(exp_avg * -step_size, denom)
+    tl.store(vmax_ptr + offs, _narrow(second, elem_ty, ROUND_BF16), mask=ams_live & ok)
+    tl.store(m_ptr + offs, _narrow(exp_avg, elem_ty, ROUND_BF16), mask=write)
+    tl.store(v_ptr + offs, _narrow(exp_avg_sq, elem_ty, ROUND_BF16), mask=write)
+    tl.store(p_ptr + offs, _narrow(new_param, elem_ty, ROUND_BF16), mask=write)
+
+
+@triton.jit(do_not_specialize=["n_tensors", "n_chunks"])
 def adam_kernel(
     tensors, n_tensors, chunks, n_chunks, rows, counter_ptr, scale_ptr, inf_ptr, done_ptr, dtype_ref,
     HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr, ADVANCE_COUNTER: tl.constexpr, ALIGNED: tl.constexpr,
@@ -325,37 +393,24 @@ def adam_kernel(
         decay_factor = (1 - lr64 * wd64).to(tl.float32)
         weight = (1 - beta1).to(tl.float32)
         near_start = tl.where(tl.abs(weight) < 0.5, True, False)
-        beta2_f = beta2.to(tl.float32)
         one_minus_beta2 = (1 - beta2).to(tl.float32)
         bias_correction1, bias_correction2 = _bias_corrections(beta1, beta2, step + 1)
         step_size = (lr64 / bias_correction1).to(tl.float32)
         # float64 sqrt is IEEE (sqrt.rn.f64) compiled too
         bias_correction2_sqrt = tl.sqrt(bias_correction2).to(tl.float32)
-        for it in range(ITERS):
-            offs = start + it * BLOCK + tl.arange(0, BLOCK)
-            live = offs < numel
-            grad = tl.load(g_ptr + offs, mask=live, other=0).to(tl.float32)
-            if HAS_SCALE:
-                grad = tl.div_rn(grad, scale)
-            param = tl.load(p_ptr + offs, mask=live, other=0).to(tl.float32)
-            grad = tl.where(maximize, -grad, grad)
-            param = tl.where(decays_param, param * decay_factor, param)
-            grad = tl.where(decays_grad, grad + wd * param, grad)
-            exp_avg = tl.load(m_ptr + offs, mask=live, other=0).to(tl.float32)
-            exp_avg_sq = tl.load(v_ptr + offs, mask=live, other=0).to(tl.float32)
-            # torch's lerp: the formula depends on which end the weight is near
-            diff = grad - exp_avg
-            exp_avg = tl.where(near_start, exp_avg + weight * diff, grad - diff * (1 - weight))
-            exp_avg_sq = exp_avg_sq * beta2_f + one_minus_beta2 * grad * grad
-            ams_live = live & amsgrad
-            old_max = tl.load(vmax_ptr + offs, mask=ams_live, other=0).to(tl.float32)
-            second = tl.where(amsgrad, tl.maximum(old_max, exp_avg_sq, propagate_nan=tl.PropagateNan.ALL), exp_avg_sq)
-            denom = tl.div_rn(tl.sqrt_rn(second), bias_correction2_sqrt) + eps
-            new_param = param + tl.div_rn(exp_avg * -step_size, denom)
-            tl.store(vmax_ptr + offs, _narrow(second, elem_ty, ROUND_BF16), mask=ams_live & ok)
-            tl.store(m_ptr + offs, _narrow(exp_avg, elem_ty, ROUND_BF16), mask=live & ok)
-            tl.store(v_ptr + offs, _narrow(exp_avg_sq, elem_ty, ROUND_BF16), mask=live & ok)
-            tl.store(p_ptr + offs, _narrow(new_param, elem_ty, ROUND_BF16), mask=live & ok)
+        beta2 = beta2.to(tl.float32)
+        if start + BLOCK * ITERS <= numel:
+            for it in range(ITERS):
+                offs = start + it * BLOCK + tl.arange(0, BLOCK)
+                _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, offs < numel, scale, ok, wd, eps, maximize,
+                            amsgrad, decays_param, decays_grad, decay_factor, weight, near_start, beta2,
+                            one_minus_beta2, step_size, bias_correction2_sqrt, elem_ty, HAS_SCALE, ROUND_BF16, False)
+        else:
+            for it in range(ITERS):
+                offs = start + it * BLOCK + tl.arange(0, BLOCK)
+                _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, offs < numel, scale, ok, wd, eps, maximize,
+                            amsgrad, decays_param, decays_grad, decay_factor, weight, near_start, beta2,
+                            one_minus_beta2, step_size, bias_correction2_sqrt, elem_ty, HAS_SCALE, ROUND_BF16, True)
     _finish(tensors, n_tensors, counter_ptr, done_ptr, increment, ADVANCE_COUNTER)
 
 
