@@ -96,7 +96,10 @@ class _Launcher:
     """Launch tables (cached) and kernel launches; shared by the op and the backend."""
 
     def __init__(self):
-        self.config = {dt: LaunchConfig() for dt in _DTYPES}
+        # 16-bit types take 8 elements per thread for 16-byte accesses (see the PTX
+        # check in tests/test_triton_gpu.py); all chunks hold 4096 elements
+        half = LaunchConfig(block=1024, iters=4, num_warps=4)
+        self.config = {torch.float32: LaunchConfig(), torch.bfloat16: half, torch.float16: half}
         self._cache: dict = {}
 
     def configure(self, dtype: torch.dtype, config: LaunchConfig) -> None:

@@ -1,0 +1,244 @@
+"""The Triton backend on a GPU (tests marked ``gpu``; they skip without CUDA),
+plus a compile-only check that runs in CI without a GPU.
+
+On a GPU machine: ``python -m pytest tests/test_triton_gpu.py tests/test_triton.py``
+(the second file then runs its interpreter tests on CUDA tensors, compiled).
+"""
+import os
+import re
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from onecycle_fused import FusedOneCycleAdam, FusedOneCycleAdamW, FusedOneCycleSGD  # noqa: E402
+from onecycle_fused.backends import triton_kernels as tk  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+SCHED = dict(cycle_min_lr=0.01, cycle_max_lr=0.1, cycle_first_step_size=5, cycle_second_step_size=7,
+             cycle_first_stair_count=3, decay_step_size=2, decay_lr_rate=0.3, cycle_min_mom=0.8, cycle_max_mom=0.95)
+# ResNet-like mix: big, odd and tiny tensors, one empty, several chunks each
+SIZES = (0, 1, 3, 64, 1000, 4097, 65536 + 3, 1 << 20)
+
+
+# ---------------------------------------------------------------------------
+# compile-only (CI, no GPU): the kernels lower to PTX for an H100
+
+
+def _compile(kernel, dtype, aligned, has_scale):
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig = {"tensors": "*i64", "n_tensors": "i32", "chunks": "*i64", "n_chunks": "i32", "rows": "*fp64",
+           "counter_ptr": "*i64", "scale_ptr": "*fp32", "inf_ptr": "*fp32", "done_ptr": "*i64",
+           "dtype_ref": f"*{dtype}"}
+    const = {"HAS_SCALE": has_scale, "HAS_INF": has_scale, "ADVANCE_COUNTER": True, "ALIGNED": aligned,
+             "ROUND_BF16": False, "BLOCK": 512, "ITERS": 8}
+    names = list(sig) + list(const)
+    sig.update({k: "constexpr" for k in const})
+    src = ASTSource(fn=kernel, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "enable_fp_fusion": False})
+
+
+@pytest.mark.skipif(INTERPRET, reason="kernels are interpreted in this process (TRITON_INTERPRET=1)")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the gpu tests below compile and run the kernels")
+@pytest.mark.parametrize("kernel,dtype,aligned,has_scale", [
+    ("sgd_kernel", "fp32", True, False),
+    ("sgd_kernel", "bf16", False, True),
+    ("adam_kernel", "fp16", True, True),
+    ("adam_kernel", "fp32", False, False),
+])
+def test_kernels_compile_for_sm90(kernel, dtype, aligned, has_scale):
+    """What the interpreter cannot show: the kernels compile for sm_90, keep
+    IEEE float32 division / sqrt, contract nothing into an FMA (float64
+    schedule bit-exact with the reference) and use vector accesses when the
+    host says the addresses are 16-byte aligned."""
+    try:
+        compiled = _compile(getattr(tk, kernel), dtype, aligned, has_scale)
+    except (ImportError, AttributeError, TypeError) as e:  # another triton's AOT API
+        pytest.skip(f"triton {triton.__version__} AOT API differs: {e}")
+    ptx = compiled.asm["ptx"]
+    assert "fma.rn.f64" not in ptx and "fma.rn.f32" not in ptx
+    assert "sqrt.approx" not in ptx and "div.full" not in ptx and "div.approx" not in ptx
+    # 512 elements over 128 threads: v4.b32 for float32, v2.b32 (8 bytes) for 16-bit types
+    vector = re.search(r"ld\.global(\.[a-z]+)*\.v[24]\.b32", ptx) is not None
+    assert vector == aligned
+
+
+# ---------------------------------------------------------------------------
+# on the GPU
+
+
+def _pair(cls, kw, dtype, sizes=SIZES, steps=12, seed=0):
+    """(triton params, reference params, triton opt, reference opt) after ``steps`` steps."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    init = [torch.randn(s, device="cuda", generator=g).to(dtype) for s in sizes]
+    grads = [[torch.randn(s, device="cuda", generator=g).to(dtype) for s in sizes] for _ in range(steps)]
+    out = []
+    for backend in ("triton", "reference"):
+        params = [torch.nn.Parameter(t.clone()) for t in init]
+        opt = cls(params, backend=backend, **kw)
+        for step_grads in grads:
+            for p, gr in zip(params, step_grads):
+                p.grad = gr
+            opt.step()
+        out.append((params, opt))
+    (a, oa), (b, ob) = out
+    return a, b, oa, ob
+
+
+def _assert_ulps(xs, ys, ulps):
+    for x, y in zip(xs, ys):
+        if y.numel() == 0:
+            continue
+        eps = torch.finfo(y.dtype).eps
+        x64, y64 = x.detach().double(), y.detach().double()
+        tol = ulps * eps * (y64.abs() + 0.1 * y64.abs().max())
+        assert ((x64 - y64).abs() <= tol).all(), (x64 - y64).abs().max().item()
+
+
+CASES = [
+    (FusedOneCycleSGD, dict(nesterov=True, weight_decay=0.01)),
+    (FusedOneCycleSGD, dict(dampening=0.2, maximize=True)),
+    (FusedOneCycleAdam, dict(amsgrad=True, weight_decay=0.01)),
+    (FusedOneCycleAdamW, dict(maximize=True)),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("cls,kw", CASES, ids=["sgd-nesterov", "sgd-dampening", "adam-amsgrad", "adamw"])
+def test_against_reference(cls, kw, dtype):
+    a, b, oa, ob = _pair(cls, dict(SCHED, **kw), dtype)
+    assert int(oa.step_counter()) == int(ob.step_counter()) == 12
+    _assert_ulps(a, b, ulps=8 if dtype == torch.float32 else 2)
+
+
+@pytest.mark.gpu
+def test_no_host_sync():
+    """Steps, including a launch-table rebuild and GradScaler inputs, never synchronise."""
+    params = [torch.nn.Parameter(torch.randn(s, device="cuda")) for s in SIZES]
+    opt = FusedOneCycleAdamW(params, backend="triton", **SCHED)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()  # compiles the kernel
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for k in range(3):
+            for p in params:
+                p.grad = torch.randn_like(p)  # new storages: the table is rebuilt
+            opt.grad_scale = torch.tensor(2.0, device="cuda")
+            opt.found_inf = torch.tensor(float(k == 1), device="cuda")
+            opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert int(opt.step_counter()) == 3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cls,kw", [CASES[0], CASES[2]], ids=["sgd", "adam"])
+def test_cuda_graph_replay_equals_eager(cls, kw):
+    """Capture one step, replay it: bit for bit the eager run, the schedule advancing on the device."""
+    kw = dict(SCHED, **kw)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    init = [torch.randn(s, device="cuda", generator=g) for s in SIZES]
+    grads = [[torch.randn(s, device="cuda", generator=g) for s in SIZES] for _ in range(20)]
+
+    eager = [torch.nn.Parameter(t.clone()) for t in init]
+    opt_e = cls(eager, backend="triton", **kw)
+    for step_grads in grads:
+        for p, gr in zip(eager, step_grads):
+            p.grad = gr.clone()
+        opt_e.step()
+
+    graphed = [torch.nn.Parameter(t.clone()) for t in init]
+    opt_g = cls(graphed, backend="triton", **kw)
+    static = [torch.zeros_like(t) for t in init]
+    for p, s in zip(graphed, static):
+        p.grad = s
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: state, kernels and launch table exist before capture
+        for s, gr in zip(static, grads[0]):
+            s.copy_(gr)
+        opt_g.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt_g.step()
+    for step_grads in grads[1:]:
+        for s, gr in zip(static, step_grads):
+            s.copy_(gr)
+        graph.replay()
+    torch.cuda.synchronize()
+    assert int(opt_g.step_counter()) == int(opt_e.step_counter()) == 20
+    for x, y in zip(graphed, eager):
+        assert torch.equal(x, y)
+    for x, y in zip(graphed, eager):
+        for key, v in opt_e.state[y].items():
+            assert torch.equal(opt_g.state[x][key], v), key
+
+
+@pytest.mark.gpu
+def test_torch_compile_traces_the_op():
+    """torch.compile sees the custom op (declared mutations) and gives the eager result."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    sizes = (5, 4097)
+    init = [torch.randn(s, device="cuda", generator=g) for s in sizes]
+    grads = [torch.randn(s, device="cuda", generator=g) for s in sizes]
+    ref_opt = FusedOneCycleSGD([torch.nn.Parameter(torch.zeros(1, device="cuda"))], backend="reference", **SCHED)
+    ref_opt._refresh_tables()
+    table = ref_opt._tables[torch.device("cuda", torch.cuda.current_device())]
+
+    def step(params, bufs, steps, counter):
+        torch.ops.onecycle_fused_triton.step("sgd", params, grads, bufs, [None, None], [None, None], steps, [0, 0],
+                                             table, counter, None, None)
+
+    results = []
+    for fn in (step, torch.compile(step, fullgraph=True)):
+        params = [t.clone() for t in init]
+        bufs = [torch.zeros_like(t) for t in init]
+        steps = [torch.zeros((), dtype=torch.int64, device="cuda") for _ in init]
+        counter = torch.zeros((), dtype=torch.int64, device="cuda")
+        for _ in range(3):
+            fn(params, bufs, steps, counter)
+        results.append(params + bufs + steps + [counter])
+    for x, y in zip(*results):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.gpu
+def test_int64_offsets():
+    """A tensor past 2**31 elements: its last elements are updated (int64 indexing)."""
+    n = 2**31 + 5
+    free, _ = torch.cuda.mem_get_info()
+    if free < 3 * n * 2 + (1 << 30):
+        pytest.skip("needs ~13 GB of free GPU memory")
+    p = torch.nn.Parameter(torch.ones(n, dtype=torch.bfloat16, device="cuda"))
+    p.grad = torch.ones_like(p)
+    p.grad[-3:] = torch.tensor([2.0, 4.0, 8.0], device="cuda")
+    # plain SGD (no buffer): p <- p - lr * g with lr = cycle_min_lr at step 0
+    opt = FusedOneCycleSGD([p], backend="triton", cycle_min_lr=0.125, cycle_max_lr=0.5, cycle_momentum=False)
+    opt.step()
+    tail = p.detach()[-4:].float().cpu()
+    assert torch.equal(tail, torch.tensor([1 - 0.125, 1 - 0.25, 1 - 0.5, 1 - 1.0]))
+    assert p.detach()[:4].float().cpu().eq(0.875).all()
+    del p, opt
+    torch.cuda.empty_cache()
+
+
+@pytest.mark.gpu
+def test_other_device_index():
+    """Parameters on a non-current GPU are launched under that device."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    a, b, _, _ = _pair(FusedOneCycleSGD, SCHED, torch.float32, sizes=(7, 70), steps=3)
+    params = [torch.nn.Parameter(t.detach().to("cuda:1")) for t in a]
+    opt = FusedOneCycleSGD(params, backend="triton", **SCHED)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert int(opt.step_counter()) == 1
+
