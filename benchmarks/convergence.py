@@ -72,7 +72,7 @@ import torch
 
 import onecycle_fused
 from onecycle_fused import FusedOneCycleSGD, OneCycle
-from onecycle_fused.range_test import lr_range_test, plot_range_test
+from onecycle_fused.range_test import lr_range_test
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "convergence")
 
@@ -532,7 +532,7 @@ def run_study(cfg: Config, out_dir: str, *, plots: bool = True) -> dict:
     }
     os.makedirs(out_dir, exist_ok=True)
     if plots:
-        plot_range_test(rt, os.path.join(out_dir, "range_test.png"))
+        plot_range(rt, schedule, os.path.join(out_dir, "range_test.png"))
         plot_accuracy(result, os.path.join(out_dir, "accuracy_vs_samples.png"))
         plot_lr(result, arms, os.path.join(out_dir, "lr_vs_steps.png"))
     result["seconds_total"] = round(time.perf_counter() - t_start, 1)
@@ -656,6 +656,30 @@ def plot_accuracy(result: dict, path: str) -> None:
     plt.close(fig)
 
 
+def plot_range(rt, schedule: OneCycle, path: str) -> None:
+    """The range test's curve with the smoothed-loss minimum and the 1-Cycle
+    bounds taken from it (the library's own plot marks only its suggestion)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    n = len(rt.smoothed)
+    ax.plot(rt.lrs, rt.losses, color="0.75", linewidth=1, label="training loss")
+    ax.plot(rt.lrs[:n], rt.smoothed, color="C0", linewidth=2, label="smoothed loss")
+    ax.axvline(rt.cycle_max_lr, color="C4", linestyle="--", label=f"smoothed-loss minimum, lr {rt.cycle_max_lr:.3g}")
+    ax.axvline(schedule.cycle_max_lr, color="C3", linestyle="--", label=f"1-Cycle cycle_max_lr {schedule.cycle_max_lr:.3g}")
+    ax.axvline(schedule.cycle_min_lr, color="C2", linestyle="--", label=f"1-Cycle cycle_min_lr {schedule.cycle_min_lr:.3g}")
+    ax.set_xscale("log")
+    finite = [v for v in rt.losses if math.isfinite(v)]
+    if finite:
+        ax.set_ylim(min(finite) - 0.05, rt.smoothed[0] * 1.2)
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("loss")
+    ax.set_title("LR range test at the large batch (DeepSpeed LRRangeTest, FusedOneCycleSGD)", fontsize=10)
+    ax.legend(loc="lower left", fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def plot_lr(result: dict, arms: Sequence[Arm], path: str) -> None:
     plt = _plt()
     fig, (ax, axm) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, gridspec_kw={"height_ratios": [2, 1]})
@@ -665,9 +689,10 @@ def plot_lr(result: dict, arms: Sequence[Arm], path: str) -> None:
             continue
         run = result["runs"][arm.name]
         steps = [i * run["record_every"] for i in range(len(run["lr"]))]
-        ax.plot(steps, run["lr"], color=f"C{i}", label=arm.name)
+        z = 3 if arm.name == "1-Cycle" else 2  # on top of the other 1-Cycle arm (same momentum)
+        ax.plot(steps, run["lr"], color=f"C{i}", label=arm.name, zorder=z)
         moms = [float("nan") if m is None else m for m in run["momentum"]]
-        axm.plot(steps, moms, color=f"C{i}")
+        axm.plot(steps, moms, color=f"C{i}", zorder=z)
     ax.set_yscale("log")
     ax.set_ylim(bottom=1e-3)  # cosine's last steps go to 0
     ax.set_ylabel("learning rate (measured)")
