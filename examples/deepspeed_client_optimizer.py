@@ -1,0 +1,84 @@
+"""The fused optimizer as DeepSpeed's client optimizer:
+``deepspeed.initialize(model=..., optimizer=ours, config=...)``.
+
+Take the ``"scheduler"`` entry out of the DeepSpeed config and give it to the
+optimizer (``schedule=schedule_from_config(config)``): the schedule then runs
+inside the fused step and DeepSpeed must not drive a second one. DeepSpeed
+calls ``optimizer.step()`` once per ``gradient_accumulation_steps`` micro
+batches, so the schedule position counts optimizer steps, as DeepSpeed's own
+``OneCycle`` does.
+
+What runs where:
+* fp32 with ZeRO stage 0 (this script, CPU or GPU): the engine calls our
+  ``step()`` directly.
+* ``bf16`` / ``fp16`` and ZeRO stages 1-3 wrap a client optimizer in
+  DeepSpeed's own mixed-precision / partitioning optimizers (GPU); they call
+  the wrapped optimizer's ``step()`` on fp32 master weights, so the fused
+  step and its schedule apply there too. Those paths need a GPU and are not
+  exercised in CI.
+
+CPU, one process (DeepSpeed picks its CPU accelerator when there is no GPU):
+
+    python examples/deepspeed_client_optimizer.py
+or, several processes:
+    deepspeed --num_gpus 2 examples/deepspeed_client_optimizer.py
+"""
+import argparse
+import os
+
+import torch
+
+import deepspeed
+from onecycle_fused import FusedOneCycleAdamW, schedule_from_config
+
+DS_CONFIG = {
+    "train_micro_batch_size_per_gpu": 8,
+    "gradient_accumulation_steps": 2,
+    "steps_per_print": 10**9,
+    "scheduler": {"type": "OneCycle", "params": {
+        "cycle_min_lr": 1e-4, "cycle_max_lr": 1e-3, "cycle_first_step_size": 5,
+        "cycle_min_mom": 0.85, "cycle_max_mom": 0.95}},
+}
+
+
+def build(config=DS_CONFIG, seed=0):
+    config = dict(config)
+    schedule = schedule_from_config(config.pop("scheduler"))  # ours runs it, DeepSpeed does not
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 4))
+    opt = FusedOneCycleAdamW(model.parameters(), schedule=schedule, weight_decay=0.01)
+    engine, opt, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config)
+    return engine, opt
+
+
+def batches(n, batch_size=8, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch_size, 16, generator=gen), torch.randn(batch_size, 4, generator=gen)) for _ in range(n)]
+
+
+def train(engine, data):
+    for x, y in data:
+        x, y = x.to(engine.device), y.to(engine.device)
+        loss = torch.nn.functional.mse_loss(engine(x), y)
+        engine.backward(loss)  # divides by gradient_accumulation_steps
+        engine.step()  # calls optimizer.step() at accumulation boundaries
+    return engine
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--micro-batches", type=int, default=20)
+    parser.add_argument("--local_rank", type=int, default=-1)  # passed by the deepspeed launcher
+    args = parser.parse_args(argv)
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
+                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29513")):
+        os.environ.setdefault(key, value)  # a single process without a launcher
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    engine, opt = build()
+    train(engine, batches(args.micro_batches))
+    print(f"optimizer steps {int(opt.step_counter())}, next lr {opt.get_last_lr()[0]:.3e}")
+    return engine, opt
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,221 @@
+"""Trainers and loops from examples/: a plain torch.amp + GradScaler loop,
+PyTorch Lightning, Hugging Face Trainer and DeepSpeed's client optimizer.
+
+Each runs a tiny model built in code (no download) and is checked against an
+independent run: torch.optim with the schedule's values set by hand, or the
+fused optimizer in a plain loop where the trainer's own plumbing is under
+test. Lightning, transformers and DeepSpeed are optional: their tests skip
+when the package is missing. About 30-40 s in all on 2 CPU cores.
+"""
+import csv
+import glob
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from onecycle_fused import FusedOneCycleAdamW, FusedOneCycleSGD, OneCycle
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+
+
+def _example(name):
+    spec = importlib.util.spec_from_file_location(f"example_{name}", os.path.join(EXAMPLES, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _assert_params_close(a, b):
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p.detach(), q.detach(), msg=name)
+
+
+# --------------------------------------------------------------------------
+# torch.amp + GradScaler
+
+
+def test_amp_gradscaler_skips_and_matches_torch():
+    """Gradients scaled by GradScaler, one step with an inf gradient: the
+    fused AdamW equals torch.optim.AdamW whose lr / beta1 are set by hand from
+    the schedule at the count of *applied* steps (the skipped one does not
+    advance the schedule)."""
+    sched = OneCycle(cycle_min_lr=1e-3, cycle_max_lr=1e-2, cycle_first_step_size=3, cycle_min_mom=0.8,
+                     cycle_max_mom=0.95)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
+    twin = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
+    twin.load_state_dict(model.state_dict())
+    fused = FusedOneCycleAdamW(model.parameters(), schedule=sched, weight_decay=0.01, backend="reference")
+    ref = torch.optim.AdamW(twin.parameters(), lr=sched.lr(0), betas=(sched.momentum(0), 0.999), weight_decay=0.01,
+                            foreach=False)
+    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0**10), torch.amp.GradScaler("cpu", init_scale=2.0**10)]
+    gen = torch.Generator().manual_seed(1)
+    applied = 0
+    for i in range(8):
+        x, y = torch.randn(4, 8, generator=gen), torch.randn(4, 2, generator=gen)
+        for net, opt, scaler in ((model, fused, scalers[0]), (twin, ref, scalers[1])):
+            opt.zero_grad()
+            scaler.scale(torch.nn.functional.mse_loss(net(x), y)).backward()
+            if i == 3:  # an overflow: this step must change nothing
+                net[0].weight.grad[0, 0] = float("inf")
+            if opt is ref:
+                for g in ref.param_groups:
+                    g["lr"], g["betas"] = sched.lr(applied), (sched.momentum(applied), 0.999)
+            scaler.step(opt)
+            scaler.update()
+        applied += i != 3
+        assert int(fused.step_counter()) == applied
+        assert scalers[0].get_scale() == scalers[1].get_scale()
+    assert applied == 7
+    _assert_params_close(model, twin)
+    assert fused.get_last_lr() == [sched.lr(7)]
+
+
+def test_amp_example_runs():
+    model, opt = _example("amp_gradscaler_example").main(["--steps", "6"])
+    assert int(opt.step_counter()) <= 6 and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------
+# PyTorch Lightning
+
+
+def test_lightning_lr_monitor_logs_true_values(tmp_path):
+    pytest.importorskip("lightning")
+    example = _example("lightning_example")
+    steps = 12
+    model, trainer = example.main(["--steps", str(steps)], log_dir=str(tmp_path))
+    rows = list(csv.DictReader(open(glob.glob(os.path.join(trainer.logger.log_dir, "metrics.csv"))[0])))
+    lr_key = next(k for k in rows[0] if k.startswith("lr-") and not k.endswith("-momentum"))
+    logged = {int(r["step"]): (float(r[lr_key]), float(r[lr_key + "-momentum"])) for r in rows if r[lr_key]}
+    # the monitor logs before each step: the values step k runs with
+    fresh = example.TinyClassifier(steps)
+    sched = fresh.configure_optimizers().schedule
+    assert sorted(logged) == list(range(steps))
+    for k, (lr, mom) in logged.items():
+        assert lr == pytest.approx(sched.lr(k), rel=1e-12) and mom == pytest.approx(sched.momentum(k), rel=1e-12)
+
+    # the weights equal the fused optimizer in a plain loop over the same batches
+    torch.manual_seed(0)
+    plain = example.TinyClassifier(steps)
+    opt = plain.configure_optimizers()
+    for i, (x, y) in enumerate(example.make_data()):
+        if i == steps:
+            break
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(plain.net(x), y).backward()
+        opt.step()
+    _assert_params_close(model, plain)
+
+
+# --------------------------------------------------------------------------
+# Hugging Face Trainer
+
+
+def _hf_run(example, optimizers_for, out_dir, steps=6):
+    from transformers import Trainer, TrainingArguments
+
+    model = example.tiny_gpt2()
+    opt, sched = optimizers_for(model)
+    args = TrainingArguments(output_dir=str(out_dir), per_device_train_batch_size=8, max_steps=steps, logging_steps=1,
+                             report_to=[], save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=example.random_tokens(), optimizers=(opt, sched))
+    trainer.train()
+    lrs = [e["learning_rate"] for e in trainer.state.log_history if "learning_rate" in e]
+    return model, opt, lrs
+
+
+def test_hf_trainer_matches_torch_adamw_with_the_schedule(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    example = _example("hf_trainer_example")
+    sched = OneCycle(cycle_min_lr=1e-4, cycle_max_lr=1e-3, cycle_first_step_size=2, cycle_momentum=False)
+
+    def ours(model):
+        opt = FusedOneCycleAdamW(model.parameters(), schedule=sched, betas=(0.9, 0.999), weight_decay=0.01,
+                                 backend="reference")
+        return opt, None
+
+    def ours_mirrored(model):
+        opt, _ = ours(model)
+        return opt, example.ScheduleMirror(opt)
+
+    def torch_pair(model):  # the oracle: torch AdamW + the same lr values through LambdaLR
+        opt = torch.optim.AdamW(model.parameters(), lr=sched.lr(0), betas=(0.9, 0.999), weight_decay=0.01,
+                                foreach=False)
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda k: sched.lr(k) / sched.lr(0))
+
+    expected, _, expected_lrs = _hf_run(example, torch_pair, tmp_path)
+    got, opt, _ = _hf_run(example, ours, tmp_path)  # (ours, None): HF adds its own scheduler, the math is ours
+    _assert_params_close(got, expected)
+    assert int(opt.step_counter()) == 6
+    got, opt, lrs = _hf_run(example, ours_mirrored, tmp_path)  # and with the mirror the log is true
+    _assert_params_close(got, expected)
+    assert lrs == pytest.approx(expected_lrs, rel=1e-12)
+
+
+# --------------------------------------------------------------------------
+# DeepSpeed client optimizer (a subprocess: deepspeed.initialize sets up a
+# process group that must not leak into other tests)
+
+
+def test_deepspeed_client_optimizer(tmp_path):
+    pytest.importorskip("deepspeed")
+    out = tmp_path / "ds.pt"
+    env = dict(os.environ, OMP_NUM_THREADS="1", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    proc = subprocess.run([sys.executable, __file__, "deepspeed", str(out)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    got = torch.load(out)
+    assert got["counter"] == 10  # 20 micro batches, 2 per optimizer step
+    for name, (p, q) in got["params"].items():
+        torch.testing.assert_close(p, q, msg=name)
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _deepspeed_worker(out):
+    import deepspeed
+    import deepspeed.comm.torch
+
+    # DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce at
+    # start-up (tens of seconds); one process never uses it
+    deepspeed.comm.torch.build_shm_op = lambda: None
+    deepspeed.init_distributed(dist_backend="gloo")
+    example = _example("deepspeed_client_optimizer")
+    data = example.batches(20)
+    engine, opt = example.build()
+    example.train(engine, data)
+
+    # the oracle: the fused optimizer in a plain loop, 2 micro batches per step
+    config = dict(example.DS_CONFIG)
+    from onecycle_fused import schedule_from_config
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 4))
+    plain = FusedOneCycleAdamW(model.parameters(), schedule=schedule_from_config(config["scheduler"]),
+                               weight_decay=0.01)
+    for i, (x, y) in enumerate(data):
+        (torch.nn.functional.mse_loss(model(x), y) / 2).backward()
+        if i % 2 == 1:
+            plain.step()
+            plain.zero_grad()
+    params = {name: (p.detach().clone(), q.detach().clone())
+              for (name, p), q in zip(engine.module.named_parameters(), model.parameters())}
+    torch.save({"counter": int(opt.step_counter()), "params": params}, out)
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "deepspeed":
+        _deepspeed_worker(sys.argv[2])
