@@ -1,0 +1,495 @@
+"""The CUDA backend (csrc/cuda, one multi-tensor launch per dtype) against the
+reference backend, torch.optim's math with the schedule on the device.
+
+Every test needs a GPU and the built ``_C_cuda`` library: they are marked
+``gpu`` (skipped by conftest without CUDA) and skip when the library is not
+built. Oracles: the reference backend at the same dtype (fp32: within a few
+ulps), and for bf16/fp16 the reference in float64 (the flash-attention rule:
+our error against float64 at most twice the reference's own at that dtype).
+"""
+import math
+
+import pytest
+import torch
+
+from onecycle_fused import FusedOneCycleAdam, FusedOneCycleAdamW, FusedOneCycleSGD, LRRangeTest, OneCycle
+from onecycle_fused.backends import get_backend
+
+pytestmark = pytest.mark.gpu
+
+
+def _cuda_backend_built() -> bool:
+    b = get_backend("cuda")
+    return b is not None and b.available()
+
+
+@pytest.fixture(autouse=True)
+def _needs_library():
+    if not _cuda_backend_built():
+        pytest.skip("onecycle_fused._C_cuda is not built (needs a CUDA build of torch and nvcc)")
+
+
+DEV = torch.device("cuda")
+# visits the rising and falling halves of the cycle and the decay phase
+SCHED = dict(cycle_min_lr=0.01, cycle_max_lr=0.1, cycle_first_step_size=4, cycle_second_step_size=3,
+             decay_step_size=2, decay_lr_rate=0.5, cycle_min_mom=0.8, cycle_max_mom=0.95, decay_mom_rate=0.2)
+STEPS = 12
+# empty, single, odd, one vector short of a chunk, several chunks, 2**20 + 3
+SIZES = ((0,), (1,), (7,), (33, 5), (8191,), (3, 8197), ((1 << 20) + 3,))
+
+CASES = [
+    ("sgd", FusedOneCycleSGD, dict(SCHED)),
+    ("sgd-nesterov-wd", FusedOneCycleSGD, dict(SCHED, nesterov=True, weight_decay=0.01)),
+    ("sgd-dampening-maximize", FusedOneCycleSGD, dict(SCHED, dampening=0.1, maximize=True)),
+    ("sgd-stairs", FusedOneCycleSGD, dict(SCHED, cycle_first_stair_count=2, cycle_second_stair_count=3)),
+    ("sgd-constant-momentum", FusedOneCycleSGD, dict(SCHED, cycle_momentum=False, momentum=0.9)),
+    ("sgd-no-buffer", FusedOneCycleSGD, dict(SCHED, cycle_momentum=False, momentum=0.0, weight_decay=0.1)),
+    ("sgd-range-test", FusedOneCycleSGD,
+     dict(schedule=LRRangeTest(0.01, lr_range_test_step_size=3, lr_range_test_step_rate=0.5), momentum=0.9)),
+    ("adam", FusedOneCycleAdam, dict(SCHED)),
+    ("adam-wd-amsgrad", FusedOneCycleAdam, dict(SCHED, weight_decay=0.01, amsgrad=True)),
+    ("adam-maximize-eps", FusedOneCycleAdam, dict(SCHED, maximize=True, eps=1e-6, betas=(0.9, 0.99))),
+    ("adam-range-test", FusedOneCycleAdam,
+     dict(schedule=LRRangeTest(0.001, lr_range_test_step_size=2, lr_range_test_staircase=True))),
+    ("adamw", FusedOneCycleAdamW, dict(SCHED)),
+    ("adamw-amsgrad", FusedOneCycleAdamW, dict(SCHED, weight_decay=0.1, amsgrad=True)),
+]
+LOW = (torch.bfloat16, torch.float16)
+
+
+def init_values(sizes, seed=0):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    return [torch.randn(s, generator=g, device=DEV, dtype=torch.float64) for s in sizes]
+
+
+def grad_values(steps, sizes, seed=1):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    return [[torch.randn(s, generator=g, device=DEV, dtype=torch.float64) for s in sizes] for _ in range(steps)]
+
+
+def make_param(value, dtype, misaligned=False):
+    """A leaf parameter holding ``value``; misaligned: its data starts one
+    element into its storage, so no 16-byte vector access is possible."""
+    if not misaligned:
+        return torch.nn.Parameter(value.to(dtype).clone())
+    base = torch.empty(value.numel() + 1, device=value.device, dtype=dtype)
+    view = base[1:].view(value.shape)
+    view.copy_(value)
+    return torch.nn.Parameter(view)
+
+
+def run(cls, backend, inits, grads, dtype, misaligned=(), groups=None, **kw):
+    params = [make_param(v, dtype, i in misaligned) for i, v in enumerate(inits)]
+    spec = params if groups is None else [dict(params=[params[i] for i in idx], **o) for idx, o in groups]
+    opt = cls(spec, backend=backend, **kw)
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = None if g is None else g.to(dtype)
+        opt.step()
+    return params, opt
+
+
+STATE_KEYS = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+def assert_close_fp32(ours, ref):
+    # a few ulps of the values' scale after a dozen steps
+    torch.testing.assert_close(ours, ref, rtol=4e-6, atol=1e-6)
+
+
+def assert_flash_rule(ours, ref_lowp, ref64, what):
+    """Our distance from the float64 reference is at most twice the
+    reference's own at the same low precision (or one ulp of the largest
+    value, for tensors so small that the reference happens to be exact)."""
+    if ours.numel() == 0:
+        return
+    ours_err = (ours.double() - ref64).abs().max().item()
+    ref_err = (ref_lowp.double() - ref64).abs().max().item()
+    ulp = torch.finfo(ours.dtype).eps * ref64.abs().max().item()
+    assert ours_err <= max(2 * ref_err, ulp), f"{what}: error {ours_err:.3g} vs reference's {ref_err:.3g}"
+
+
+def compare_runs(cls, kw, dtype, sizes=SIZES, misaligned=(), steps=STEPS, groups=None):
+    inits = init_values(sizes)
+    grads = grad_values(steps, sizes)
+    ours, opt = run(cls, "cuda", inits, grads, dtype, misaligned, groups, **kw)
+    ref, ref_opt = run(cls, "reference", inits, grads, dtype, misaligned, groups, **kw)
+    assert int(opt.step_counter()) == steps == int(ref_opt.step_counter())
+    if dtype == torch.float32:
+        for i, (p, q) in enumerate(zip(ours, ref)):
+            assert_close_fp32(p, q)
+            for k in STATE_KEYS:
+                if k in ref_opt.state[q]:
+                    assert_close_fp32(opt.state[p][k], ref_opt.state[q][k])
+            assert int(opt.state[p]["step"]) == int(ref_opt.state[q]["step"]) == steps
+        return
+    ref64, opt64 = run(cls, "reference", [v.to(dtype).double() for v in inits],
+                       [[g.to(dtype).double() for g in s] for s in grads], torch.float64, misaligned, groups, **kw)
+    for i, (p, q, r) in enumerate(zip(ours, ref, ref64)):
+        assert_flash_rule(p.detach(), q.detach(), r.detach(), f"param {i}")
+        for k in STATE_KEYS:
+            if k in ref_opt.state[q]:
+                assert_flash_rule(opt.state[p][k], ref_opt.state[q][k], opt64.state[r][k], f"{k} {i}")
+        assert int(opt.state[p]["step"]) == steps
+
+
+# ---------------------------------------------------------------------------
+# against the reference
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("name,cls,kw", CASES, ids=[c[0] for c in CASES])
+def test_matches_reference(name, cls, kw, dtype):
+    compare_runs(cls, kw, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("cls", [FusedOneCycleSGD, FusedOneCycleAdamW])
+def test_misaligned_scalar_path(cls, dtype):
+    """Parameters that start off a 16-byte boundary take the element-wise path."""
+    compare_runs(cls, dict(SCHED), dtype, sizes=((1,), (8,), (9001,), (4, 1031)), misaligned=(0, 2, 3))
+
+
+def test_thousands_of_tensors_mixed_dtypes_and_groups():
+    """3000 tensors, two dtypes and three groups: two launches per step."""
+    g = torch.Generator().manual_seed(3)
+    sizes = [(int(torch.randint(0, 300, (1,), generator=g)),) for _ in range(3000)]
+    inits = init_values(sizes)
+    grads = grad_values(4, sizes)
+    dtypes = [torch.float32 if i % 2 else torch.bfloat16 for i in range(len(sizes))]
+    groups = [dict(weight_decay=0.0), dict(weight_decay=0.1, amsgrad=True), dict(cycle_max_lr=0.05)]
+
+    def go(backend):
+        params = [make_param(v, dt) for v, dt in zip(inits, dtypes)]
+        spec = [dict(params=params[j::3], **groups[j]) for j in range(3)]
+        opt = FusedOneCycleAdamW(spec, backend=backend, **SCHED)
+        for step_grads in grads:
+            for p, gr in zip(params, step_grads):
+                p.grad = gr.to(p.dtype)
+            opt.step()
+        return params, opt
+
+    ours, opt = go("cuda")
+    ref, ref_opt = go("reference")
+    assert int(opt.step_counter()) == 4
+    for p, q in zip(ours, ref):
+        if p.dtype == torch.float32:
+            assert_close_fp32(p, q)
+        else:  # same math, bf16 rounding of the result: at most an ulp or two apart
+            torch.testing.assert_close(p, q, rtol=2 * 2**-8, atol=1e-3)
+        assert int(opt.state[p]["step"]) == 4
+
+
+def test_params_without_grads_and_no_grads_at_all():
+    """A parameter without a grad is left alone (its step does not move); a
+    step where no parameter has a grad still advances the counter."""
+    inits = init_values(((10,), (20,)))
+    params = [make_param(v, torch.float32) for v in inits]
+    opt = FusedOneCycleSGD(params, backend="cuda", **SCHED)
+    params[0].grad = torch.ones_like(params[0])
+    opt.step()
+    assert torch.equal(params[1].detach(), inits[1].float())
+    assert int(opt.state[params[0]]["step"]) == 1 and len(opt.state[params[1]]) == 0
+    params[0].grad = None
+    opt.step()
+    assert int(opt.step_counter()) == 2 and int(opt.state[params[0]]["step"]) == 1
+
+
+def test_schedule_values_op_matches_host():
+    """The device schedule (schedule.h compiled by nvcc) equals schedule.py
+    bit for bit."""
+    opt = FusedOneCycleSGD([make_param(torch.zeros(3, device=DEV), torch.float32)], backend="cuda",
+                           **dict(SCHED, cycle_first_stair_count=2, cycle_second_stair_count=3))
+    opt.param_groups[0]["params"][0].grad = torch.zeros(3, device=DEV)
+    opt.step()  # builds the table
+    table = next(iter(opt._tables.values()))
+    sched = OneCycle(**{k: v for k, v in SCHED.items()}, cycle_first_stair_count=2, cycle_second_stair_count=3)
+    for k in list(range(0, 20)) + [10**6, 2**40]:
+        got = torch.ops.onecycle_fused.schedule_values(table, k).cpu()
+        assert got[0, 0].item() == sched.lr(k), k
+        assert got[0, 1].item() == sched.momentum(k), k
+
+
+# ---------------------------------------------------------------------------
+# no host sync, no copies, one launch
+
+
+def _steady_optimizer(cls=FusedOneCycleAdamW, **kw):
+    inits = init_values(((64, 33), (1000,), (5,)))
+    params = [make_param(v, dt) for v, dt in zip(inits, (torch.float32, torch.bfloat16, torch.float32))]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = cls(params, backend="cuda", **SCHED, **kw)
+    return params, opt
+
+
+def test_steady_state_steps_do_not_sync():
+    params, opt = _steady_optimizer()
+    opt.step()  # first step: state, table upload
+    opt.step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert int(opt.step_counter()) == 5
+
+
+def test_steady_state_one_launch_per_dtype_and_no_host_copies():
+    from torch.profiler import ProfilerActivity, profile
+
+    params, opt = _steady_optimizer(amsgrad=True)
+    opt.step()
+    opt.step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            opt.step()
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    ours = [n for n in names if "multi_tensor_step_kernel" in n]
+    assert len(ours) == 3 * 2, names  # fp32 and bf16 buckets
+    assert not [n for n in names if "HtoD" in n], names
+
+
+# ---------------------------------------------------------------------------
+# CUDA graphs
+
+
+def _graph_case(cls, kw, realloc_grads):
+    """opt.step() captured once after one eager step and replayed 5 times,
+    next to an eager optimizer stepped 6 times with the same grads."""
+    sizes = ((31, 7), (1000,), (3,), ((1 << 14) + 1,))
+    dtypes = (torch.float32, torch.bfloat16, torch.float16, torch.float32)
+    inits = init_values(sizes)
+    grads = grad_values(6, sizes)
+
+    def make():
+        params = [make_param(v, dt) for v, dt in zip(inits, dtypes)]
+        return params, cls(params, backend="cuda", **kw)
+
+    eager, eopt = make()
+    for step_grads in grads:
+        for p, g in zip(eager, step_grads):
+            p.grad = g.to(p.dtype)
+        eopt.step()
+
+    graphed, gopt = make()
+    sources = [torch.empty_like(p) for p in graphed]  # the graph's grad inputs
+
+    def feed(i):
+        for s, g in zip(sources, grads[i]):
+            s.copy_(g)
+
+    feed(0)
+    for p, s in zip(graphed, sources):
+        p.grad = s.clone()
+    gopt.step()  # eager first step: optimizer state, table
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for p, s in zip(graphed, sources):
+            if realloc_grads:
+                # grads made inside the capture have new storages: the step's
+                # table is built (and uploaded by kernels) during capture
+                p.grad = s * 1
+            else:
+                p.grad.copy_(s)
+        gopt.step()
+    for i in range(1, 6):
+        feed(i)
+        graph.replay()
+    torch.cuda.synchronize()
+    return eager, eopt, graphed, gopt
+
+
+@pytest.mark.parametrize("realloc_grads", [False, True], ids=["static-grads", "grads-made-in-capture"])
+@pytest.mark.parametrize("cls,kw", [(FusedOneCycleSGD, dict(SCHED, nesterov=True)),
+                                    (FusedOneCycleAdamW, dict(SCHED, amsgrad=True))],
+                         ids=["sgd", "adamw"])
+def test_graph_replay_equals_eager_bit_for_bit(cls, kw, realloc_grads):
+    eager, eopt, graphed, gopt = _graph_case(cls, kw, realloc_grads)
+    assert int(gopt.step_counter()) == 6 == int(eopt.step_counter())
+    for p, q in zip(graphed, eager):
+        assert torch.equal(p, q)
+        for k in STATE_KEYS:
+            if k in eopt.state[q]:
+                assert torch.equal(gopt.state[p][k], eopt.state[q][k]), k
+        assert int(gopt.state[p]["step"]) == 6
+
+
+def test_graph_replay_advances_the_schedule():
+    """With equal grads each replay, the update sizes follow lr(k): the
+    schedule is read from the counter at replay, not baked in at capture."""
+    p = make_param(torch.zeros(4, device=DEV), torch.float32)
+    opt = FusedOneCycleSGD([p], backend="cuda", **dict(SCHED, cycle_momentum=False, momentum=0.0))
+    p.grad = torch.ones_like(p)
+    opt.step()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    sched = OneCycle(**dict(SCHED, cycle_momentum=False))
+    expected = torch.zeros(4, dtype=torch.float32)
+    expected -= torch.tensor(sched.lr(0), dtype=torch.float32)
+    for k in range(1, 10):
+        graph.replay()
+        expected -= torch.tensor(sched.lr(k), dtype=torch.float32)
+    assert int(opt.step_counter()) == 10
+    torch.testing.assert_close(p.detach().cpu(), expected, rtol=1e-6, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------
+# GradScaler
+
+
+@pytest.mark.parametrize("cls", [FusedOneCycleSGD, FusedOneCycleAdam])
+def test_grad_scaler_with_forced_infs(cls):
+    """Steps 2 and 5 get an inf gradient: they change nothing and do not
+    count, the others equal the reference backend's under the same scaler."""
+    inits = init_values(((16, 8), (8,), (1001,)))
+
+    def go(backend):
+        torch.manual_seed(0)
+        params = [make_param(v, torch.float32) for v in inits]
+        opt = cls(params, backend=backend, **SCHED)
+        scaler = torch.amp.GradScaler("cuda", init_scale=1024.0, growth_interval=3)
+        snapshots = []
+        for i in range(8):
+            loss = sum((p.float() ** 2).sum() * (0.1 * (j + 1)) for j, p in enumerate(params)) * (1 + 0.1 * i)
+            opt.zero_grad()
+            scaler.scale(loss).backward()
+            if i in (2, 5):
+                params[1].grad[3] = math.inf
+            before = [p.detach().clone() for p in params]
+            scaler.step(opt)
+            scaler.update()
+            if i in (2, 5):
+                assert all(torch.equal(b, p) for b, p in zip(before, params)), f"step {i} changed a parameter"
+            snapshots.append(int(opt.step_counter()))
+        return params, opt, snapshots
+
+    ours, opt, counts = go("cuda")
+    ref, ref_opt, ref_counts = go("reference")
+    assert counts == ref_counts == [1, 2, 2, 3, 4, 4, 5, 6]
+    for p, q in zip(ours, ref):
+        assert_close_fp32(p, q)
+        assert int(opt.state[p]["step"]) == 6
+
+
+# ---------------------------------------------------------------------------
+# int64 indexing
+
+
+def test_bf16_tensor_over_2_31_elements():
+    """One bf16 tensor of 2**31 + 9 elements: elements on both sides of
+    2**31 are updated like the reference updates the same values."""
+    n = (1 << 31) + 9
+    need = 3 * 2 * n + (1 << 30)  # param, grad, momentum buffer in bf16, plus slack
+    free, _ = torch.cuda.mem_get_info()
+    if free < need:
+        pytest.skip(f"needs {need / 2**30:.1f} GiB of free GPU memory, {free / 2**30:.1f} GiB free")
+    g = torch.Generator(device=DEV).manual_seed(5)
+    p = torch.nn.Parameter(torch.randn(n, generator=g, device=DEV, dtype=torch.bfloat16))
+    windows = [slice(0, 4096), slice((1 << 31) - 2048, (1 << 31) + 2048), slice(n - 4096, n)]
+    small = [torch.nn.Parameter(p.detach()[w].clone()) for w in windows]
+    opt = FusedOneCycleSGD([p], backend="cuda", **SCHED)
+    ref = FusedOneCycleSGD(small, backend="reference", **SCHED)
+    for _ in range(2):  # first step (buf = grad) and a momentum step
+        p.grad = torch.randn(n, generator=g, device=DEV, dtype=torch.bfloat16)
+        for s, w in zip(small, windows):
+            s.grad = p.grad[w].clone()
+        opt.step()
+        ref.step()
+        p.grad = None
+    for s, w in zip(small, windows):
+        torch.testing.assert_close(p.detach()[w], s.detach(), rtol=2 * 2**-8, atol=1e-5)
+        torch.testing.assert_close(opt.state[p]["momentum_buffer"][w], ref.state[s]["momentum_buffer"],
+                                   rtol=2 * 2**-8, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------
+# the op itself
+
+
+def _sgd_args(params, grads, bufs, steps, table, counter, grad_scale=None, found_inf=None):
+    return (params, grads, bufs, steps, [0] * len(params), table, counter, grad_scale, found_inf)
+
+
+def _table():
+    opt = FusedOneCycleSGD([make_param(torch.zeros(1, device=DEV), torch.float32)], backend="cuda", **SCHED)
+    opt.param_groups[0]["params"][0].grad = torch.zeros(1, device=DEV)
+    opt.step()
+    return next(iter(opt._tables.values()))
+
+
+def test_opcheck():
+    table = _table()
+    params = [torch.randn(s, device=DEV) for s in (5, 0, 130)]
+    args = _sgd_args(params, [torch.randn_like(p) for p in params], [torch.zeros_like(p) for p in params],
+                     [torch.zeros((), dtype=torch.int64, device=DEV) for _ in params], table,
+                     torch.zeros((), dtype=torch.int64, device=DEV), torch.full((1,), 2.0, device=DEV),
+                     torch.zeros((1,), device=DEV))
+    torch.library.opcheck(torch.ops.onecycle_fused.sgd_step_, args)
+    n = len(params)
+    adam_args = (params, [torch.randn_like(p) for p in params], [torch.zeros_like(p) for p in params],
+                 [torch.zeros_like(p) for p in params], [torch.empty(0, device=DEV) for _ in params],
+                 [torch.zeros((), dtype=torch.int64, device=DEV) for _ in params], [0] * n, table,
+                 torch.zeros((), dtype=torch.int64, device=DEV), None, None)
+    torch.library.opcheck(torch.ops.onecycle_fused.adam_step_, adam_args)
+
+
+def test_found_inf_changes_nothing_at_op_level():
+    table = _table()
+    p = torch.randn(100, device=DEV)
+    buf = torch.randn(100, device=DEV)
+    step = torch.full((), 3, dtype=torch.int64, device=DEV)
+    counter = torch.full((), 7, dtype=torch.int64, device=DEV)
+    before = (p.clone(), buf.clone())
+    torch.ops.onecycle_fused.sgd_step_(*_sgd_args([p], [torch.randn_like(p)], [buf], [step], table, counter,
+                                                  None, torch.ones((), device=DEV)))
+    assert torch.equal(p, before[0]) and torch.equal(buf, before[1])
+    assert int(step) == 3 and int(counter) == 7
+
+
+def test_channels_last_params_are_handled():
+    """Dense permuted layouts (channels_last) are updated in memory order."""
+    value = torch.randn(4, 6, 3, 5, device=DEV)
+    p = torch.nn.Parameter(value.clone().to(memory_format=torch.channels_last))
+    q = torch.nn.Parameter(value.clone())
+    opt = FusedOneCycleSGD([p], backend="cuda", **SCHED)
+    ref = FusedOneCycleSGD([q], backend="reference", **SCHED)
+    for _ in range(3):
+        g = torch.randn(4, 6, 3, 5, device=DEV)
+        p.grad = g.clone().to(memory_format=torch.channels_last)
+        q.grad = g.clone()
+        opt.step()
+        ref.step()
+    assert_close_fp32(p, q)
+
+
+def test_clear_errors():
+    table = _table()
+    counter = torch.zeros((), dtype=torch.int64, device=DEV)
+
+    def call(p, g, buf=None):
+        buf = torch.zeros_like(p) if buf is None else buf
+        torch.ops.onecycle_fused.sgd_step_(
+            *_sgd_args([p], [g], [buf], [torch.zeros((), dtype=torch.int64, device=DEV)], table, counter))
+
+    strided = torch.randn(10, 10, device=DEV)[:, ::2]
+    with pytest.raises(ValueError, match=r"params\[0\] must be dense"):
+        call(strided, torch.randn_like(strided))
+    p = torch.randn(6, 4, device=DEV)
+    with pytest.raises(ValueError, match=r"grads\[0\] must match params\[0\]"):
+        call(p, torch.randn(4, 6, device=DEV).t())
+    with pytest.raises(ValueError, match=r"grads\[0\] must match params\[0\]"):
+        call(p, torch.randn(6, 4, device=DEV, dtype=torch.bfloat16))
+    p64 = torch.randn(3, device=DEV, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"params\[0\] has dtype"):
+        call(p64, torch.randn_like(p64))
+    with pytest.raises(ValueError, match=r"group_ids\[0\]"):
+        torch.ops.onecycle_fused.sgd_step_([p], [p.clone()], [torch.zeros_like(p)],
+                                           [torch.zeros((), dtype=torch.int64, device=DEV)], [5], table, counter,
+                                           None, None)
+    assert int(counter) == 0
