@@ -30,12 +30,15 @@ def _oracle_losses(model, loss_fn, data, min_lr, max_lr, num_steps, opt_cls, **o
     return lrs, losses
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("name,opt_cls,kwargs", [
     ("sgd", torch.optim.SGD, {"momentum": 0.9}),
     ("adamw", torch.optim.AdamW, {"betas": (0.9, 0.999), "weight_decay": 0.01}),
 ])
-def test_losses_match_torch_with_deepspeed_schedule(name, opt_cls, kwargs):
+def test_losses_match_torch_with_deepspeed_schedule(name, opt_cls, kwargs, device):
     model, loss_fn, data = toy_problem(seed=1, num_batches=4)
+    model = model.to(device)
+    data = [(x.to(device), y.to(device)) for x, y in data]
     twin = copy.deepcopy(model)
     before = copy.deepcopy(model.state_dict())
     min_lr, max_lr, n = 1e-3, 0.5 if name == "sgd" else 0.05, 25

@@ -38,7 +38,12 @@ def _assert_params_close(a, b):
 # torch.amp + GradScaler
 
 
-def test_amp_gradscaler_skips_and_matches_torch():
+@pytest.mark.parametrize("device,backend", [
+    ("cpu", "reference"),
+    ("cpu", "auto"),
+    pytest.param("cuda", "auto", marks=pytest.mark.gpu),
+])
+def test_amp_gradscaler_skips_and_matches_torch(device, backend):
     """Gradients scaled by GradScaler, one step with an inf gradient: the
     fused AdamW equals torch.optim.AdamW whose lr / beta1 are set by hand from
     the schedule at the count of *applied* steps (the skipped one does not
@@ -49,14 +54,15 @@ def test_amp_gradscaler_skips_and_matches_torch():
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
     twin = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
     twin.load_state_dict(model.state_dict())
-    fused = FusedOneCycleAdamW(model.parameters(), schedule=sched, weight_decay=0.01, backend="reference")
+    model, twin = model.to(device), twin.to(device)
+    fused = FusedOneCycleAdamW(model.parameters(), schedule=sched, weight_decay=0.01, backend=backend)
     ref = torch.optim.AdamW(twin.parameters(), lr=sched.lr(0), betas=(sched.momentum(0), 0.999), weight_decay=0.01,
                             foreach=False)
-    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0**10), torch.amp.GradScaler("cpu", init_scale=2.0**10)]
+    scalers = [torch.amp.GradScaler(device, init_scale=2.0**10), torch.amp.GradScaler(device, init_scale=2.0**10)]
     gen = torch.Generator().manual_seed(1)
     applied = 0
     for i in range(8):
-        x, y = torch.randn(4, 8, generator=gen), torch.randn(4, 2, generator=gen)
+        x, y = torch.randn(4, 8, generator=gen).to(device), torch.randn(4, 2, generator=gen).to(device)
         for net, opt, scaler in ((model, fused, scalers[0]), (twin, ref, scalers[1])):
             opt.zero_grad()
             scaler.scale(torch.nn.functional.mse_loss(net(x), y)).backward()
