@@ -486,12 +486,45 @@ def test_custom_op_registered():
         opt._refresh_tables()
         table = opt._tables[DEVICE]
         counter = torch.zeros((), dtype=torch.int64, device=DEVICE)
-        args = ("sgd", params, [g.float().to(DEVICE) for g in grads], bufs, [None, None], [None, None], steps,
-                [0, 0], table, counter, None, None)
-        if use_op:
-            torch.ops.onecycle_fused_triton.step(*args)
+        gs = [g.float().to(DEVICE) for g in grads]
+        if use_op:  # only present states travel through the op, flagged per parameter
+            torch.ops.onecycle_fused_triton.step("sgd", params, gs, bufs, [], [], [1, 1], steps, [0, 0], table,
+                                                 counter, None, None)
         else:
-            tb._launcher.run(*args)
+            tb._launcher.run("sgd", params, gs, bufs, [None, None], [None, None], steps, [0, 0], table, counter,
+                             None, None)
         return params + bufs + steps + [counter]
 
     assert all(torch.equal(x, y) for x, y in zip(go(True), go(False)))
+
+
+def test_state_packing_round_trip():
+    a, b, c = torch.ones(1), torch.ones(2), torch.ones(3)
+    states = ([a, None, b], [None, None, c], [None, None, None])
+    present, packed = tb.pack_states(*states)
+    assert present == [1, 0, 3] and packed == [[a, b], [c], []]
+    assert tb.unpack_states(present, *packed) == [list(s) for s in states]
+
+
+@pytest.mark.parametrize("cls,kw", [(FusedOneCycleSGD, dict(nesterov=True)), (FusedOneCycleAdamW, dict(amsgrad=True))],
+                         ids=["sgd", "adamw"])
+def test_torch_compile_optimizer_step(cls, kw):
+    """torch.compile traces optimizer.step through the custom op (functionalised
+    mutations) and gives the eager result. aot_eager: no C++ compiler needed."""
+    if not INTERPRET:
+        pytest.skip("inductor on the GPU: tests/test_triton_gpu.py")
+    sizes = (5, 70)
+    init = init_params(sizes)
+    grads = make_grads(4, sizes)
+    out = []
+    for compiled in (False, True):
+        params = [torch.nn.Parameter(t.float().clone()) for t in init]
+        opt = cls(params, backend="triton", **dict(SCHED, **kw))
+        step = torch.compile(opt.step, backend="aot_eager") if compiled else opt.step
+        for step_grads in grads:
+            for p, g in zip(params, step_grads):
+                p.grad = g.float()
+            step()
+        assert int(opt.step_counter()) == 4
+        out.append(params + state_tensors(opt, params))
+    assert all(torch.equal(x, y) for x, y in zip(*out))

@@ -193,11 +193,11 @@ def test_torch_compile_traces_the_op():
     table = ref_opt._tables[torch.device("cuda", torch.cuda.current_device())]
 
     def step(params, bufs, steps, counter):
-        torch.ops.onecycle_fused_triton.step("sgd", params, grads, bufs, [None, None], [None, None], steps, [0, 0],
-                                             table, counter, None, None)
+        torch.ops.onecycle_fused_triton.step("sgd", params, grads, bufs, [], [], [1, 1], steps, [0, 0], table,
+                                             counter, None, None)
 
     results = []
-    for fn in (step, torch.compile(step, fullgraph=True)):
+    for fn in (step, torch.compile(step, fullgraph=True)):  # inductor
         params = [t.clone() for t in init]
         bufs = [torch.zeros_like(t) for t in init]
         steps = [torch.zeros((), dtype=torch.int64, device="cuda") for _ in init]
@@ -206,6 +206,26 @@ def test_torch_compile_traces_the_op():
             fn(params, bufs, steps, counter)
         results.append(params + bufs + steps + [counter])
     for x, y in zip(*results):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.gpu
+def test_torch_compile_optimizer_step():
+    """The whole optimizer step under torch.compile (inductor) equals eager."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    init = [torch.randn(s, device="cuda", generator=g) for s in (5, 4097)]
+    grads = [[torch.randn_like(t) for t in init] for _ in range(4)]
+    out = []
+    for compiled in (False, True):
+        params = [torch.nn.Parameter(t.clone()) for t in init]
+        opt = FusedOneCycleAdamW(params, backend="triton", amsgrad=True, **SCHED)
+        step = torch.compile(opt.step) if compiled else opt.step
+        for step_grads in grads:
+            for p, gr in zip(params, step_grads):
+                p.grad = gr
+            step()
+        out.append(params + [opt.state[p][k] for p in params for k in ("exp_avg", "exp_avg_sq")])
+    for x, y in zip(*out):
         assert torch.equal(x, y)
 
 

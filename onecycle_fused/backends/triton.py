@@ -220,9 +220,10 @@ def step_op(
     algo: str,
     params: List[torch.Tensor],
     grads: List[torch.Tensor],
-    state1: List[Optional[torch.Tensor]],
-    state2: List[Optional[torch.Tensor]],
-    state3: List[Optional[torch.Tensor]],
+    state1: List[torch.Tensor],
+    state2: List[torch.Tensor],
+    state3: List[torch.Tensor],
+    present: List[int],
     steps: List[torch.Tensor],
     group_ids: List[int],
     table: torch.Tensor,
@@ -232,15 +233,35 @@ def step_op(
 ) -> None:
     """One fused optimizer step on one device (see ``backends.Backend.step``).
 
-    SGD: ``state1`` holds the momentum buffers (None: no buffer). Adam/AdamW:
-    exp_avg, exp_avg_sq, max_exp_avg_sq (None: no amsgrad).
+    SGD: ``state1`` holds the momentum buffers. Adam/AdamW: exp_avg,
+    exp_avg_sq, max_exp_avg_sq. The state lists hold only the states that
+    exist; bit ``j`` of ``present[i]`` says whether parameter ``i`` has state
+    ``j + 1``. (A mutated ``Tensor?[]`` holding None breaks torch.compile's
+    functionalization in torch 2.13, hence no None here.)
     """
-    _launcher.run(algo, params, grads, state1, state2, state3, steps, group_ids, table, counter, grad_scale, found_inf)
+    _launcher.run(algo, params, grads, *unpack_states(present, state1, state2, state3), steps, group_ids, table,
+                  counter, grad_scale, found_inf)
 
 
 @step_op.register_fake
-def _step_fake(algo, params, grads, state1, state2, state3, steps, group_ids, table, counter, grad_scale, found_inf):
+def _step_fake(algo, params, grads, state1, state2, state3, present, steps, group_ids, table, counter, grad_scale,
+               found_inf):
     return None  # everything happens in place
+
+
+def pack_states(*states):
+    """Optional per-parameter state lists -> (present bitmasks, lists without None)."""
+    present = [sum(1 << j for j, st in enumerate(states) if st[i] is not None) for i in range(len(states[0]))]
+    return present, [[t for t in st if t is not None] for st in states]
+
+
+def unpack_states(present, *packed):
+    """Inverse of :func:`pack_states`."""
+    out = []
+    for j, lst in enumerate(packed):
+        it = iter(lst)
+        out.append([next(it) if mask >> j & 1 else None for mask in present])
+    return out
 
 
 class TritonBackend:
@@ -276,15 +297,14 @@ class TritonBackend:
             raise ValueError(f"batch.algo must be one of 'sgd', 'adam', 'adamw', got {batch.algo!r}")
         if any(len(s) != n for s in states) or len(batch.grads) != n or len(batch.steps) != n or len(batch.group_ids) != n:
             raise ValueError("batch lists (params, grads, steps, group_ids, states) must have equal lengths")
-        args = (
-            batch.algo, list(batch.params), list(batch.grads), *states, list(batch.steps), list(batch.group_ids),
-            batch.table, batch.counter, batch.grad_scale, batch.found_inf,
-        )
+        rest = (list(batch.steps), list(batch.group_ids), batch.table, batch.counter, batch.grad_scale, batch.found_inf)
         if torch.compiler.is_compiling():
-            torch.ops.onecycle_fused_triton.step(*args)
+            present, packed = pack_states(*states)
+            torch.ops.onecycle_fused_triton.step(batch.algo, list(batch.params), list(batch.grads), *packed, present,
+                                                 *rest)
         else:
             # eager: skip the dispatcher's per-call cost, same code underneath
-            _launcher.run(*args)
+            _launcher.run(batch.algo, list(batch.params), list(batch.grads), *states, *rest)
 
 
 __all__ = ["TritonBackend", "LaunchConfig", "interpreting", "step_op"]
