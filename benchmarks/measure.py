@@ -128,9 +128,11 @@ def count_launches(step: Callable[[], object], device: torch.device, steps: int 
         if e.device_type == DeviceType.CUDA:
             if not e.name.startswith(("Memcpy", "Memset")):
                 kernels += 1
-        elif e.name in _LAUNCH_APIS:
+            continue
+        api = e.name.split("_v")[0]  # CUPTI may suffix a version: cudaLaunchKernel_v7000
+        if api in _LAUNCH_APIS:
             launches += 1
-        elif e.name in _COPY_APIS:
+        elif api in _COPY_APIS:
             copies += 1
     return {"launches_per_step": launches / steps, "kernels_per_step": kernels / steps,
             "copies_per_step": copies / steps}
@@ -169,3 +171,62 @@ def gbps(nbytes: int, ms: Optional[float]) -> Optional[float]:
     if ms is None or ms <= 0 or math.isnan(ms):
         return None
     return nbytes / (ms / 1e3) / 1e9
+
+
+def time_interleaved(steps: dict, device: torch.device, warmup: int, iters: int, budget_s: float,
+                     min_iters: int = 3) -> tuple[dict, dict]:
+    """Like :func:`time_steps` for several implementations at once, in rounds.
+
+    Each round runs one step of every implementation still being timed, so a
+    change in background load (other processes on shared cores) hits all of
+    them alike instead of whichever happened to run at that moment. An
+    implementation stops after ``iters`` steps, or after ``min_iters`` once
+    its own timed steps exceed ``budget_s``. CPU only (on CUDA steps are
+    timed back to back, see :func:`time_steps`).
+
+    Returns (stats by name, error message by name for any that raised).
+    """
+    if device.type == "cuda":
+        raise ValueError("time_interleaved is for CPU devices; use time_steps on CUDA")
+    errors: dict[str, str] = {}
+    times: dict[str, list] = {k: [] for k in steps}
+    cpu: dict[str, list] = {k: [] for k in steps}
+
+    def call(name, fn):
+        try:
+            fn()
+            return True
+        except Exception as e:  # reported as this implementation's error
+            errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            return False
+
+    live = dict(steps)
+    for _ in range(warmup):
+        for name, fn in list(live.items()):
+            if not call(name, fn):
+                del live[name]
+    while live:
+        for name, fn in list(live.items()):
+            t0, c0 = time.perf_counter(), time.process_time()
+            ok = call(name, fn)
+            t1, c1 = time.perf_counter(), time.process_time()
+            if not ok:
+                del live[name]
+                continue
+            times[name].append(t1 - t0)
+            cpu[name].append(c1 - c0)
+            n = len(times[name])
+            if n >= iters or (n >= min_iters and sum(times[name]) > budget_s):
+                del live[name]
+    stats = {}
+    for name, ts in times.items():
+        if name in errors or not ts:
+            continue
+        stats[name] = {
+            "median_ms": statistics.median(ts) * 1e3,
+            "p10_ms": _percentile(ts, 0.1) * 1e3,
+            "p90_ms": _percentile(ts, 0.9) * 1e3,
+            "iters": len(ts),
+            "host_cpu_ms": statistics.median(cpu[name]) * 1e3,
+        }
+    return stats, errors

@@ -92,7 +92,8 @@ def test_cpu_targets_arithmetic():
 def test_cli_quick_run_writes_results(tmp_path):
     out = tmp_path / "res"
     cmd = [sys.executable, "-m", "benchmarks.run", "--quick", "--device", "cpu", "--sets", "tiny",
-           "--opt", "sgd,adamw", "--dtype", "fp32,bf16", "--skip-impls", "compiled", "--e2e-steps", "8",
+           "--opt", "sgd,adamw", "--dtype", "fp32,bf16", "--impls", "torch-,ours-", "--skip-impls", "compiled",
+           "--e2e-steps", "8",
            "--no-progress", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -147,3 +148,51 @@ def test_cli_rejects_bad_options():
         run.main(["--opt", "rmsprop", "--no-progress"])
     with pytest.raises(ValueError, match="parameter set"):
         run.main(["--sets", "vgg", "--no-progress"])
+
+
+def test_gpu_targets_arithmetic(monkeypatch):
+    """The GPU targets' ratios from synthetic rows (the code runs without a GPU)."""
+    from onecycle_fused import backends
+
+    monkeypatch.setitem(backends.AUTO_ORDER, "cuda", ("cuda", "triton", "reference"))
+    rows = []
+    for set_name, fused_ms, ours_ms, triton_ms in (("resnet50", 10.0, 6.0, 7.0), ("small", 10.0, 2.0, 4.0),
+                                                   ("llama1b", 10.0, 9.0, 9.5)):
+        for opt in ("sgd", "adamw"):
+            rows += [_row("torch-fused+OneCycleLR", fused_ms, host=4.0, set_name=set_name, opt=opt),
+                     _row("torch-fused+DS-OneCycle", fused_ms + 1, set_name=set_name, opt=opt),
+                     dict(_row("ours-cuda", ours_ms, host=1.0, set_name=set_name, opt=opt), frac_of_copy=0.93),
+                     _row("ours-triton", triton_ms, set_name=set_name, opt=opt)]
+    e2e = {"variants": {"ours-cudagraph": {"speedup_vs_torch": 2.5, "agrees_with_torch": True,
+                                           "bitwise_equal_to_ours_eager": True}}}
+    t = targets.evaluate("cuda", rows, e2e)
+    by = {}
+    for x in t:
+        by.setdefault(x["target"], []).append(x)
+    assert all(x["met"] for x in t), [x for x in t if not x["met"]]
+    assert [x["value"] for x in by["ResNet-50 step time <= 0.7x torch fused + OneCycleLR"]] == [0.6, 0.6]
+    assert [x["value"] for x in by["ResNet-50 host CPU time <= 0.5x torch fused + OneCycleLR"]] == [0.25, 0.25]
+    assert [x["value"] for x in by["5,000 small tensors <= 0.3x torch fused + scheduler"]] == [0.2, 0.2]
+    assert len(by["1B fp32: >= 0.90 of copy bandwidth"]) == 2
+    assert len(by["never slower than torch fused + scheduler"]) == 6
+    # auto must name the faster backend: make triton faster everywhere
+    for r in rows:
+        if r["impl"] == "ours-triton":
+            r["median_ms"] = 0.5
+    t = targets.evaluate("cuda", rows, dict(e2e, variants={"ours-cudagraph": dict(
+        e2e["variants"]["ours-cudagraph"], agrees_with_torch=False)}))
+    failed = {x["target"] for x in t if x["met"] is False}
+    assert failed == {"backend='auto' picks the faster of cuda and triton",
+                      "end-to-end CUDA graph >= 2x eager torch + OneCycleLR (steps/s)"}
+
+
+def test_interleaved_timing_reports_errors():
+    calls = []
+
+    def bad():
+        raise RuntimeError("boom")
+
+    stats, errors = measure.time_interleaved({"ok": lambda: calls.append(1), "bad": bad}, torch.device("cpu"),
+                                             warmup=1, iters=4, budget_s=10.0)
+    assert errors == {"bad": "RuntimeError: boom"}
+    assert stats["ok"]["iters"] == 4 and len(calls) == 5
