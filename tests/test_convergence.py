@@ -166,3 +166,17 @@ def test_stacked_seeds_equal_independent_runs():
         alone = run((seed,), idx[i: i + 1])
         for a, b in zip(alone, together):
             torch.testing.assert_close(a[0], b[i], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("change,name", [
+    ({"eval_every": 1000}, "eval_every"),  # not a multiple of the large batch
+    ({"budget": 5000}, "budget"),  # not a multiple of eval_every
+    ({"batch": 0}, "batch"),
+    ({"seeds": ()}, "seeds"),
+])
+def test_bad_config_names_the_parameter(change, name):
+    import dataclasses
+
+    cfg = dataclasses.replace(conv.quick_config(), **change)
+    with pytest.raises(ValueError, match=name):
+        cfg.validate()
