@@ -467,6 +467,15 @@ def test_noncontiguous_dense_params():
     assert_ulps([out["triton"]], [out["reference"]], ulps=4)
 
 
+def test_grad_with_another_layout_is_refused():
+    p = torch.nn.Parameter(torch.randn(2, 3, 4, 5, device=DEVICE))
+    opt = FusedOneCycleSGD([p], backend="triton", **SCHED)
+    p.grad = torch.randn(2, 3, 4, 5, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match="parameter 0 .* memory layout"):
+        opt.step()
+    assert int(opt.step_counter()) == 0
+
+
 def test_custom_op_registered():
     """The step is a custom op with declared mutations and a fake kernel (torch.compile sees it)."""
     op = torch.ops.onecycle_fused_triton.step.default

@@ -80,6 +80,13 @@ def _dense(t: torch.Tensor) -> bool:
     return True
 
 
+def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same shape and the same element order in memory (strides of size-1 dims do not matter)."""
+    if a.shape != b.shape:
+        return False
+    return all(sa == sb for sa, sb, n in zip(a.stride(), b.stride(), a.shape) if n > 1)
+
+
 @dataclasses.dataclass
 class _Launch:
     """A bucket's device-resident launch table and the views the kernel takes."""
@@ -124,8 +131,11 @@ class _Launcher:
             for t in tensors:
                 if t.device != device or t.dtype != dtype:
                     raise ValueError(f"{what}: grad and states must be {dtype} on {device}, got {t.dtype} on {t.device}")
-                if t.shape != p.shape or (t.numel() > 1 and t.stride() != p.stride()):
-                    raise ValueError(f"{what}: grad and states must have the parameter's shape and strides")
+                if not _same_layout(t, p):
+                    raise ValueError(
+                        f"{what}: grad and states must have the parameter's shape and memory layout, got "
+                        f"strides {t.stride()} for {tuple(p.stride())}"
+                    )
                 if not _dense(t):
                     raise ValueError(f"{what}: the triton backend needs dense (non-overlapping) tensors")
                 aligned = aligned and t.data_ptr() % 16 == 0
