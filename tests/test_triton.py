@@ -507,6 +507,29 @@ def test_custom_op_registered():
     assert all(torch.equal(x, y) for x, y in zip(go(True), go(False)))
 
 
+@pytest.mark.parametrize("algo", ["sgd", "adam"])
+def test_opcheck(algo):
+    """torch.library.opcheck: schema (declared mutations are the real ones),
+    fake kernel, autograd registration and AOT dispatch."""
+    cls = FusedOneCycleSGD if algo == "sgd" else FusedOneCycleAdam  # the table row holds its hyper-parameters
+    ref = cls([torch.nn.Parameter(torch.zeros(1, device=DEVICE))], backend="reference", **SCHED)
+    ref._refresh_tables()
+    table = ref._tables[DEVICE]
+    sizes = (5, 70)
+    params = [torch.randn(s, device=DEVICE) for s in sizes]
+    grads = [torch.randn(s, device=DEVICE) for s in sizes]
+    zeros = lambda: [torch.zeros(s, device=DEVICE) for s in sizes]  # noqa: E731
+    if algo == "sgd":
+        states, present = (zeros(), [], []), [1, 1]
+    else:  # amsgrad state on the second parameter only
+        states, present = (zeros(), zeros(), zeros()[1:]), [3, 7]
+    steps = [torch.zeros((), dtype=torch.int64, device=DEVICE) for _ in sizes]
+    counter = torch.zeros((), dtype=torch.int64, device=DEVICE)
+    args = (algo, params, grads, *states, present, steps, [0, 0], table, counter,
+            torch.tensor(2.0, device=DEVICE), torch.tensor(0.0, device=DEVICE))
+    torch.library.opcheck(torch.ops.onecycle_fused_triton.step.default, args)
+
+
 def test_state_packing_round_trip():
     a, b, c = torch.ones(1), torch.ones(2), torch.ones(3)
     states = ([a, None, b], [None, None, c], [None, None, None])
