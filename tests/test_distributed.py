@@ -3,11 +3,10 @@ local shards) with 2 processes on gloo on CPU: the trained parameters equal a
 single-process run on the whole batch.
 
 The workers are this file run as a script (``python test_distributed.py RANK
-WORLD PORT OUT``), so nothing depends on how pytest imports tests. One pair of
+WORLD RENDEZVOUS_FILE OUT``), so nothing depends on how pytest imports tests. One pair of
 processes runs every configuration (~15-25 s on 2 cores).
 """
 import os
-import socket
 import subprocess
 import sys
 
@@ -81,13 +80,13 @@ def _run_config(mode, algo, rank, world):
             "lr": opt.get_last_lr(), "counter": int(opt.step_counter())}
 
 
-def _worker(rank, world, port, out):
+def _worker(rank, world, rendezvous, out):
     """Every configuration in one process group: starting processes is the
     slow part (~10 s for the pair), so the pair is started once."""
     import traceback
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # a file rendezvous: no TCP port to race for with other processes
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     results = {}
     try:
         for mode, algo in CONFIGS:
@@ -108,21 +107,15 @@ def _worker(rank, world, port, out):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def distributed_results(tmp_path_factory):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("needs torch.distributed with gloo")
     world = 2
-    out = tmp_path_factory.mktemp("dist") / "results.pt"
-    port = _free_port()
+    tmp = tmp_path_factory.mktemp("dist")
+    out, rendezvous = tmp / "results.pt", tmp / "rendezvous"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, __file__, str(r), str(world), str(port), str(out)],
+    procs = [subprocess.Popen([sys.executable, __file__, str(r), str(world), str(rendezvous), str(out)],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for r in range(world)]
     logs = []
@@ -151,5 +144,5 @@ def test_two_processes_equal_single_process(mode, algo, distributed_results):
 
 
 if __name__ == "__main__":
-    rank, world, port, out = sys.argv[1:]
-    _worker(int(rank), int(world), int(port), out)
+    rank, world, rendezvous, out = sys.argv[1:]
+    _worker(int(rank), int(world), rendezvous, out)

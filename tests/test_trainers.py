@@ -172,10 +172,9 @@ def test_hf_trainer_matches_torch_adamw_with_the_schedule(tmp_path):
 def test_deepspeed_client_optimizer(tmp_path):
     pytest.importorskip("deepspeed")
     out = tmp_path / "ds.pt"
-    env = dict(os.environ, OMP_NUM_THREADS="1", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
-               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    proc = subprocess.run([sys.executable, __file__, "deepspeed", str(out)], env=env, capture_output=True, text=True,
-                          timeout=300)
+    env = dict(os.environ, OMP_NUM_THREADS="1", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    proc = subprocess.run([sys.executable, __file__, "deepspeed", str(out), str(tmp_path / "rendezvous")], env=env,
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     got = torch.load(out)
     assert got["counter"] == 10  # 20 micro batches, 2 per optimizer step
@@ -183,22 +182,16 @@ def test_deepspeed_client_optimizer(tmp_path):
         torch.testing.assert_close(p, q, msg=name)
 
 
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _deepspeed_worker(out):
+def _deepspeed_worker(out, rendezvous):
     import deepspeed
     import deepspeed.comm.torch
 
     # DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce at
     # start-up (tens of seconds); one process never uses it
     deepspeed.comm.torch.build_shm_op = lambda: None
-    deepspeed.init_distributed(dist_backend="gloo")
+    # a file rendezvous: no TCP port to race for with other processes
+    torch.distributed.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=0, world_size=1)
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)  # adopts the group above
     example = _example("deepspeed_client_optimizer")
     data = example.batches(20)
     engine, opt = example.build()
@@ -224,4 +217,4 @@ def _deepspeed_worker(out):
 
 if __name__ == "__main__":
     if sys.argv[1] == "deepspeed":
-        _deepspeed_worker(sys.argv[2])
+        _deepspeed_worker(sys.argv[2], sys.argv[3])
