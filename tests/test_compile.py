@@ -3,7 +3,7 @@ step where dynamo can trace backward): no graph break, same results as eager
 within fp32 rounding (inductor fuses the element-wise math differently), and
 the host lr mirror is right afterwards.
 
-Each parametrization compiles a small graph: ~5-15 s each on 2 CPU cores.
+Each parametrization compiles a small graph: ~5-15 s each cold on 2 CPU cores.
 """
 import contextlib
 
@@ -64,9 +64,16 @@ def _check(model, lrs, opt, expected):
         assert p["step"].item() == q["step"].item() == STEPS
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+# the reference backend is dozens of small ops per tensor: inductor takes
+# ~50 s cold on AdamW-amsgrad with 2 cores, so it is compiled with SGD only
+@pytest.mark.parametrize("name,backend", [
+    ("sgd_nesterov", "reference"),
+    ("sgd_nesterov", "cpu"),
+    ("adamw_amsgrad", "cpu"),
+])
 def test_compiled_step_fullgraph_equals_eager(name, backend):
+    if backend not in BACKENDS:
+        pytest.skip(f"backend {backend!r} is not built")
     torch._dynamo.reset()
     expected = _eager(name, backend)
     model, opt, data = _setup(name, backend)
