@@ -118,6 +118,40 @@ def test_lightning_lr_monitor_logs_true_values(tmp_path):
     _assert_params_close(model, plain)
 
 
+def test_lightning_checkpoint_resumes_the_schedule(tmp_path):
+    """A Lightning checkpoint carries the step counter: the resumed run goes
+    on at the saved position, and its LR monitor logs the schedule from there."""
+    pytest.importorskip("lightning")
+    example = _example("lightning_example")
+    L, LearningRateMonitor, CSVLogger = example.L, example.LearningRateMonitor, example.CSVLogger
+    steps, first = 12, 5
+
+    def trainer(max_steps, name):
+        return L.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=CSVLogger(tmp_path, name=name),
+                         callbacks=[LearningRateMonitor(logging_interval="step")], log_every_n_steps=1,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+
+    torch.manual_seed(0)
+    model = example.TinyClassifier(steps)
+    t = trainer(first, "first")
+    t.fit(model, example.make_data())
+    ckpt = tmp_path / "half.ckpt"
+    t.save_checkpoint(ckpt)
+    assert int(torch.load(ckpt, weights_only=False)["optimizer_states"][0]["step_counter"]) == first
+
+    resumed = example.TinyClassifier(steps)
+    t = trainer(steps, "resumed")
+    t.fit(resumed, example.make_data(), ckpt_path=str(ckpt))
+    assert int(t.optimizers[0].step_counter()) == steps
+    rows = list(csv.DictReader(open(os.path.join(t.logger.log_dir, "metrics.csv"))))
+    lr_key = next(k for k in rows[0] if k.startswith("lr-"))
+    logged = {int(r["step"]): float(r[lr_key]) for r in rows if r[lr_key]}
+    sched = t.optimizers[0].schedule
+    assert sorted(logged) == list(range(first, steps))
+    for k, lr in logged.items():
+        assert lr == pytest.approx(sched.lr(k), rel=1e-12)
+
+
 # --------------------------------------------------------------------------
 # Hugging Face Trainer
 
