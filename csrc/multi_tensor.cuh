@@ -45,6 +45,11 @@ constexpr int kVecBytes = 16;
 // Blocks per SM for the grid-stride grid (2048 resident threads per SM on
 // sm_80 / sm_90).
 constexpr int kBlocksPerSM = 4;
+// At least two blocks resident per SM (registers capped at 64 per thread):
+// with one, the SM idles while thread 0 reads a step count / evaluates the
+// schedule between chunks. Without the cap the bf16 Adam kernel took 128
+// registers, i.e. one block per SM (ptxas -v, sm_90).
+constexpr int kMinBlocksPerSM = 2;
 
 template <typename T>
 constexpr int vec_elems() {
@@ -233,8 +238,17 @@ __device__ __forceinline__ void update_vector(const typename Op::Coef& c, const 
   if (s.s2) store_vec<T>(s.s2, i, m);
 }
 
+// Out of line: the float64 schedule and pow() of the bias corrections need
+// many registers, the element loop few; inlined, the loop would be
+// allocated (and spill) for the worst of both.
+template <typename Op>
+__device__ __noinline__ void compute_coefficients(const double* row, int64_t k, int64_t step, int flags, bool scaled,
+                                                  float scale, typename Op::Coef* out) {
+  Op::coefficients(row, k, step, flags, scaled, scale, *out);
+}
+
 template <typename T, typename Op>
-__global__ void __launch_bounds__(kBlockThreads) multi_tensor_step_kernel(LaunchArgs args) {
+__global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSM) multi_tensor_step_kernel(LaunchArgs args) {
   // A skipped step (GradScaler found an inf/nan) changes nothing: every
   // block sees the same flag and leaves, so the done-count stays 0 too.
   if (args.found_inf != nullptr && *args.found_inf != 0.f) return;
@@ -250,13 +264,15 @@ __global__ void __launch_bounds__(kBlockThreads) multi_tensor_step_kernel(Launch
   __shared__ typename Op::Coef coef_shared;
   __shared__ int is_last_block;
 
-  // thread 0 keeps the last (group, step, flags) it evaluated, so that
-  // consecutive chunks of one tensor, or of tensors of one group, do not
-  // redo the float64 schedule / bias corrections
+  // coef_shared keeps the last (group, step, flags) thread 0 evaluated, so
+  // that consecutive chunks of one tensor, or of tensors of one group, do
+  // not redo the float64 schedule / bias corrections. The counter is read
+  // once, before any block can have advanced it (the last block does, at the
+  // end).
+  const int64_t k = threadIdx.x == 0 ? *args.counter : 0;
   int cached_group = -1;
   int64_t cached_step = -1;
   int cached_flags = -1;
-  typename Op::Coef coef_cached;
 
   constexpr int64_t kChunk = chunk_elems<T>();
   constexpr int N = vec_elems<T>();
@@ -267,13 +283,12 @@ __global__ void __launch_bounds__(kBlockThreads) multi_tensor_step_kernel(Launch
       const int64_t step = *s.step;
       const int flags = slot_flags(s);
       if (s.group != cached_group || step != cached_step || flags != cached_flags) {
-        Op::coefficients(args.rows + static_cast<int64_t>(s.group) * row::WIDTH, *args.counter, step, flags,
-                         scaled, scaled ? *args.grad_scale : 1.f, coef_cached);
+        compute_coefficients<Op>(args.rows + static_cast<int64_t>(s.group) * row::WIDTH, k, step, flags, scaled,
+                                 scaled ? *args.grad_scale : 1.f, &coef_shared);
         cached_group = s.group;
         cached_step = step;
         cached_flags = flags;
       }
-      coef_shared = coef_cached;
     }
     __syncthreads();
     const typename Op::Coef coef = coef_shared;
@@ -293,7 +308,7 @@ __global__ void __launch_bounds__(kBlockThreads) multi_tensor_step_kernel(Launch
     } else {
       for (int64_t i = begin + threadIdx.x; i < end; i += kBlockThreads) update_scalar<T, Op>(coef, s, i);
     }
-    __syncthreads();  // coef_shared is rewritten for the next chunk
+    __syncthreads();  // coef_shared may be rewritten for the next chunk
   }
 
   // ---- the last block to finish advances the step counts
