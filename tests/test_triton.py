@@ -467,6 +467,34 @@ def test_noncontiguous_dense_params():
     assert_ulps([out["triton"]], [out["reference"]], ulps=4)
 
 
+def test_dtensor_params_use_their_local_shards(tmp_path):
+    """FSDP2 parameters are DTensors: the kernels update their local shards in place."""
+    dist = pytest.importorskip("torch.distributed")
+    if not INTERPRET or not dist.is_available():
+        pytest.skip("single-process gloo mesh on CPU tensors")
+    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        sizes = (6, 70)
+        init = init_params(sizes)
+        grads = make_grads(3, sizes)
+        out = {}
+        for backend in ("triton", "reference"):
+            params = [torch.nn.Parameter(distribute_tensor(t.float(), mesh, [Shard(0)])) for t in init]
+            opt = FusedOneCycleAdamW(params, backend=backend, amsgrad=True, **SCHED)
+            for step_grads in grads:
+                for p, g in zip(params, step_grads):
+                    p.grad = distribute_tensor(g.float(), mesh, [Shard(0)])
+                opt.step()
+            out[backend] = [p.full_tensor() for p in params]
+        assert_ulps(out["triton"], out["reference"], ulps=8)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_grad_with_another_layout_is_refused():
     p = torch.nn.Parameter(torch.randn(2, 3, 4, 5, device=DEVICE))
     opt = FusedOneCycleSGD([p], backend="triton", **SCHED)

@@ -274,6 +274,14 @@ def unpack_states(present, *packed):
     return out
 
 
+def _local(tensors):
+    """DTensors (FSDP2 parameters, their grads and states) as their local
+    shards, which share storage, so the element-wise update reaches the
+    DTensor; other entries as given."""
+    return [t._local_tensor if t is not None and hasattr(t, "_local_tensor") and hasattr(t, "device_mesh") else t
+            for t in tensors]
+
+
 class TritonBackend:
     """``backend="triton"``: the kernels of ``triton_kernels.py``."""
 
@@ -299,22 +307,24 @@ class TritonBackend:
 
     def step(self, batch: StepBatch) -> None:
         n = len(batch.params)
+        plain = (torch.Tensor, torch.nn.Parameter)
+        local = list if all(type(p) in plain for p in batch.params) else _local
         if batch.algo == "sgd":
-            states = (list(batch.momentum_buffers), [None] * n, [None] * n)
+            states = (local(batch.momentum_buffers), [None] * n, [None] * n)
         elif batch.algo in ("adam", "adamw"):
-            states = (list(batch.exp_avgs), list(batch.exp_avg_sqs), list(batch.max_exp_avg_sqs))
+            states = (local(batch.exp_avgs), local(batch.exp_avg_sqs), local(batch.max_exp_avg_sqs))
         else:
             raise ValueError(f"batch.algo must be one of 'sgd', 'adam', 'adamw', got {batch.algo!r}")
         if any(len(s) != n for s in states) or len(batch.grads) != n or len(batch.steps) != n or len(batch.group_ids) != n:
             raise ValueError("batch lists (params, grads, steps, group_ids, states) must have equal lengths")
-        rest = (list(batch.steps), list(batch.group_ids), batch.table, batch.counter, batch.grad_scale, batch.found_inf)
+        params, grads = local(batch.params), local(batch.grads)
+        rest = (local(batch.steps), list(batch.group_ids), batch.table, batch.counter, batch.grad_scale, batch.found_inf)
         if torch.compiler.is_compiling():
             present, packed = pack_states(*states)
-            torch.ops.onecycle_fused_triton.step(batch.algo, list(batch.params), list(batch.grads), *packed, present,
-                                                 *rest)
+            torch.ops.onecycle_fused_triton.step(batch.algo, params, grads, *packed, present, *rest)
         else:
             # eager: skip the dispatcher's per-call cost, same code underneath
-            _launcher.run(batch.algo, list(batch.params), list(batch.grads), *states, *rest)
+            _launcher.run(batch.algo, params, grads, *states, *rest)
 
 
 __all__ = ["TritonBackend", "LaunchConfig", "interpreting", "step_op"]
