@@ -134,14 +134,14 @@ def test_lightning_checkpoint_resumes_the_schedule(tmp_path):
     torch.manual_seed(0)
     model = example.TinyClassifier(steps)
     t = trainer(first, "first")
-    t.fit(model, example.make_data())
+    t.fit(model, example.make_data(n=32 * first))  # one epoch: the checkpoint is at its end
     ckpt = tmp_path / "half.ckpt"
     t.save_checkpoint(ckpt)
     assert int(torch.load(ckpt, weights_only=False)["optimizer_states"][0]["step_counter"]) == first
 
     resumed = example.TinyClassifier(steps)
     t = trainer(steps, "resumed")
-    t.fit(resumed, example.make_data(), ckpt_path=str(ckpt))
+    t.fit(resumed, example.make_data(n=32 * first), ckpt_path=str(ckpt))
     assert int(t.optimizers[0].step_counter()) == steps
     rows = list(csv.DictReader(open(os.path.join(t.logger.log_dir, "metrics.csv"))))
     lr_key = next(k for k in rows[0] if k.startswith("lr-"))
