@@ -18,20 +18,7 @@ import tempfile
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
-from onecycle_fused import FusedOneCycleAdamW
-
-
-class ScheduleMirror(torch.optim.lr_scheduler.LRScheduler):
-    """An lr "scheduler" for trainers that insist on one: it changes nothing
-    (the fused step computes lr on the device) and reports the optimizer's
-    own values, so ``get_last_lr()`` is the lr of the next step."""
-
-    def __init__(self, optimizer):
-        self.fused = optimizer
-        super().__init__(optimizer)
-
-    def get_lr(self):
-        return self.fused.get_last_lr()
+from onecycle_fused import FusedOneCycleAdamW, ScheduleMirror
 
 
 def tiny_gpt2(seed=0):

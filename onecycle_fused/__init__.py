@@ -3,6 +3,9 @@ computed on the device from a step counter (no host sync, CUDA-graph safe)."""
 from .schedule import LRRangeTest, OneCycle, schedule_from_config
 from .optim import FusedOneCycleAdam, FusedOneCycleAdamW, FusedOneCycleSGD
 from .backends import available_backends
+from .migrate import load_torch_optimizer_state
+from .range_test import RangeTestResult, lr_range_test
+from .schedule_mirror import ScheduleMirror
 
 __version__ = "0.1.0"
 
@@ -14,4 +17,8 @@ __all__ = [
     "FusedOneCycleAdam",
     "FusedOneCycleAdamW",
     "available_backends",
+    "lr_range_test",
+    "RangeTestResult",
+    "load_torch_optimizer_state",
+    "ScheduleMirror",
 ]

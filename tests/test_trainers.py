@@ -17,6 +17,7 @@ import sys
 import pytest
 import torch
 
+import onecycle_fused
 from onecycle_fused import FusedOneCycleAdamW, FusedOneCycleSGD, OneCycle
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
@@ -182,7 +183,7 @@ def test_hf_trainer_matches_torch_adamw_with_the_schedule(tmp_path):
 
     def ours_mirrored(model):
         opt, _ = ours(model)
-        return opt, example.ScheduleMirror(opt)
+        return opt, onecycle_fused.ScheduleMirror(opt)
 
     def torch_pair(model):  # the oracle: torch AdamW + the same lr values through LambdaLR
         opt = torch.optim.AdamW(model.parameters(), lr=sched.lr(0), betas=(0.9, 0.999), weight_decay=0.01,
