@@ -24,6 +24,8 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
+#include <vector>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -93,6 +95,33 @@ __host__ __device__ inline int64_t table_bytes(int64_t n) {
   // rounded up to 16 bytes so that the upload kernel copies whole words
   const int64_t end = chunk_start_offset(n) + (n + 1) * static_cast<int64_t>(sizeof(int64_t));
   return (end + 15) / 16 * 16;
+}
+
+// 1 when every pointer of the slot allows 16-byte vector accesses.
+inline int32_t slot_vec_ok(const TensorSlot& s) {
+  auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % kVecBytes == 0; };
+  return aligned(s.param) && aligned(s.grad) && aligned(s.s0) && aligned(s.s1) && aligned(s.s2) ? 1 : 0;
+}
+
+// The table's bytes for `slots` (host side): header, slots, prefix sums of
+// the chunk counts with `chunk` elements per chunk. Returned as 8-byte words
+// (table_bytes(n) / 8 of them); *total_chunks receives the chunk count.
+inline std::vector<uint64_t> build_table_image(const std::vector<TensorSlot>& slots, int64_t chunk,
+                                               int64_t* total_chunks) {
+  const int64_t n = static_cast<int64_t>(slots.size());
+  std::vector<uint64_t> words(static_cast<size_t>(table_bytes(n) / 8), 0);
+  auto* base = reinterpret_cast<unsigned char*>(words.data());
+  std::vector<int64_t> start(static_cast<size_t>(n) + 1, 0);
+  for (int64_t i = 0; i < n; ++i) start[i + 1] = start[i] + (slots[i].numel + chunk - 1) / chunk;
+  TableHeader header{};
+  header.done = 0;
+  header.num_tensors = static_cast<int32_t>(n);
+  header.total_chunks = start[n];
+  std::memcpy(base, &header, sizeof(header));
+  if (n > 0) std::memcpy(base + slots_offset(), slots.data(), n * sizeof(TensorSlot));
+  std::memcpy(base + chunk_start_offset(n), start.data(), (n + 1) * sizeof(int64_t));
+  *total_chunks = start[n];
+  return words;
 }
 
 // Arguments of one launch. Everything that may change from step to step
@@ -330,21 +359,6 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSM) multi_tensor_s
     if (args.advance_counter) *args.counter += 1;
     header->done = 0;  // ready for the next launch (stream-ordered)
   }
-}
-
-// Copies up to kUploadWords 8-byte words into device memory from the kernel's
-// own parameter buffer. Used instead of a host-to-device memcpy while a CUDA
-// graph is being captured: the words are captured by value in the kernel
-// node, so a replay never reads host memory that may have been freed.
-constexpr int kUploadWords = 480;  // 3840 bytes: under the 4 KiB parameter limit
-struct UploadArgs {
-  unsigned long long* dst;
-  int nwords;
-  unsigned long long words[kUploadWords];
-};
-
-__global__ void upload_words_kernel(UploadArgs a) {
-  for (int i = threadIdx.x; i < a.nwords; i += blockDim.x) a.dst[i] = a.words[i];
 }
 
 }  // namespace mt

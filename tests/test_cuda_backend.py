@@ -1,21 +1,34 @@
-"""The CUDA backend (csrc/cuda, one multi-tensor launch per dtype) against the
-reference backend, torch.optim's math with the schedule on the device.
+"""The CUDA backend (csrc/cuda: one multi-tensor launch per dtype bucket)
+against the reference backend, torch.optim's math with the schedule on the
+device.
 
-Every test needs a GPU and the built ``_C_cuda`` library: they are marked
-``gpu`` (skipped by conftest without CUDA) and skip when the library is not
-built. Oracles: the reference backend at the same dtype (fp32: within a few
-ulps), and for bf16/fp16 the reference in float64 (the flash-attention rule:
-our error against float64 at most twice the reference's own at that dtype).
+Two kinds of tests:
+
+* ``gpu`` tests run the built ``_C_cuda`` library on a GPU (skipped by
+  conftest without CUDA, and here when the library is not built);
+* ``emulated`` tests run on the CPU, in CI: the same kernel source
+  (multi_tensor.cuh + step_ops.cuh, the table from build_table_image) is
+  compiled by the host compiler with csrc/cuda/cpu_emulation.cuh, which
+  plays each CUDA thread on a std::thread, and is plugged in as the "cuda"
+  backend for CPU tensors. They check the kernel's logic (chunks, vector and
+  scalar paths, tails, grid-stride loop, last-block step counts, GradScaler
+  flags, the shared math) but not the GPU's memory model or speed.
+
+Oracles: the reference backend at the same dtype (fp32: within a few ulps),
+and for bf16/fp16 the reference in float64 (the flash-attention rule: our
+error against float64 at most twice the reference's own at that dtype).
 """
 import math
+import os
 
 import pytest
 import torch
 
 from onecycle_fused import FusedOneCycleAdam, FusedOneCycleAdamW, FusedOneCycleSGD, LRRangeTest, OneCycle
+from onecycle_fused import backends as _backends
 from onecycle_fused.backends import get_backend
 
-pytestmark = pytest.mark.gpu
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _cuda_backend_built() -> bool:
@@ -23,10 +36,15 @@ def _cuda_backend_built() -> bool:
     return b is not None and b.available()
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture
 def _needs_library():
     if not _cuda_backend_built():
         pytest.skip("onecycle_fused._C_cuda is not built (needs a CUDA build of torch and nvcc)")
+
+
+def gpu(test):
+    """A test of the built CUDA library on a GPU."""
+    return pytest.mark.gpu(pytest.mark.usefixtures("_needs_library")(test))
 
 
 DEV = torch.device("cuda")
@@ -57,14 +75,14 @@ CASES = [
 LOW = (torch.bfloat16, torch.float16)
 
 
-def init_values(sizes, seed=0):
-    g = torch.Generator(device=DEV).manual_seed(seed)
-    return [torch.randn(s, generator=g, device=DEV, dtype=torch.float64) for s in sizes]
+def init_values(sizes, seed=0, device=DEV):
+    g = torch.Generator(device=device).manual_seed(seed)
+    return [torch.randn(s, generator=g, device=device, dtype=torch.float64) for s in sizes]
 
 
-def grad_values(steps, sizes, seed=1):
-    g = torch.Generator(device=DEV).manual_seed(seed)
-    return [[torch.randn(s, generator=g, device=DEV, dtype=torch.float64) for s in sizes] for _ in range(steps)]
+def grad_values(steps, sizes, seed=1, device=DEV):
+    g = torch.Generator(device=device).manual_seed(seed)
+    return [[torch.randn(s, generator=g, device=device, dtype=torch.float64) for s in sizes] for _ in range(steps)]
 
 
 def make_param(value, dtype, misaligned=False):
@@ -109,9 +127,9 @@ def assert_flash_rule(ours, ref_lowp, ref64, what):
     assert ours_err <= max(2 * ref_err, ulp), f"{what}: error {ours_err:.3g} vs reference's {ref_err:.3g}"
 
 
-def compare_runs(cls, kw, dtype, sizes=SIZES, misaligned=(), steps=STEPS, groups=None):
-    inits = init_values(sizes)
-    grads = grad_values(steps, sizes)
+def compare_runs(cls, kw, dtype, sizes=SIZES, misaligned=(), steps=STEPS, groups=None, device=DEV):
+    inits = init_values(sizes, device=device)
+    grads = grad_values(steps, sizes, device=device)
     ours, opt = run(cls, "cuda", inits, grads, dtype, misaligned, groups, **kw)
     ref, ref_opt = run(cls, "reference", inits, grads, dtype, misaligned, groups, **kw)
     assert int(opt.step_counter()) == steps == int(ref_opt.step_counter())
@@ -137,12 +155,14 @@ def compare_runs(cls, kw, dtype, sizes=SIZES, misaligned=(), steps=STEPS, groups
 # against the reference
 
 
+@gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("name,cls,kw", CASES, ids=[c[0] for c in CASES])
 def test_matches_reference(name, cls, kw, dtype):
     compare_runs(cls, kw, dtype)
 
 
+@gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("cls", [FusedOneCycleSGD, FusedOneCycleAdamW])
 def test_misaligned_scalar_path(cls, dtype):
@@ -150,12 +170,13 @@ def test_misaligned_scalar_path(cls, dtype):
     compare_runs(cls, dict(SCHED), dtype, sizes=((1,), (8,), (9001,), (4, 1031)), misaligned=(0, 2, 3))
 
 
-def test_thousands_of_tensors_mixed_dtypes_and_groups():
-    """3000 tensors, two dtypes and three groups: two launches per step."""
+def many_tensors_case(n_tensors, device, steps=4):
+    """n_tensors of 0..299 elements, fp32 and bf16 alternating, three AdamW
+    groups (one with amsgrad): one launch per dtype, many tensors per block."""
     g = torch.Generator().manual_seed(3)
-    sizes = [(int(torch.randint(0, 300, (1,), generator=g)),) for _ in range(3000)]
-    inits = init_values(sizes)
-    grads = grad_values(4, sizes)
+    sizes = [(int(torch.randint(0, 300, (1,), generator=g)),) for _ in range(n_tensors)]
+    inits = init_values(sizes, device=device)
+    grads = grad_values(steps, sizes, device=device)
     dtypes = [torch.float32 if i % 2 else torch.bfloat16 for i in range(len(sizes))]
     groups = [dict(weight_decay=0.0), dict(weight_decay=0.1, amsgrad=True), dict(cycle_max_lr=0.05)]
 
@@ -171,19 +192,24 @@ def test_thousands_of_tensors_mixed_dtypes_and_groups():
 
     ours, opt = go("cuda")
     ref, ref_opt = go("reference")
-    assert int(opt.step_counter()) == 4
+    assert int(opt.step_counter()) == steps
     for p, q in zip(ours, ref):
         if p.dtype == torch.float32:
             assert_close_fp32(p, q)
         else:  # same math, bf16 rounding of the result: at most an ulp or two apart
             torch.testing.assert_close(p, q, rtol=2 * 2**-8, atol=1e-3)
-        assert int(opt.state[p]["step"]) == 4
+        assert int(opt.state[p]["step"]) == steps
 
 
-def test_params_without_grads_and_no_grads_at_all():
+@gpu
+def test_thousands_of_tensors_mixed_dtypes_and_groups():
+    many_tensors_case(3000, DEV)
+
+
+def params_without_grads_case(device):
     """A parameter without a grad is left alone (its step does not move); a
     step where no parameter has a grad still advances the counter."""
-    inits = init_values(((10,), (20,)))
+    inits = init_values(((10,), (20,)), device=device)
     params = [make_param(v, torch.float32) for v in inits]
     opt = FusedOneCycleSGD(params, backend="cuda", **SCHED)
     params[0].grad = torch.ones_like(params[0])
@@ -195,6 +221,12 @@ def test_params_without_grads_and_no_grads_at_all():
     assert int(opt.step_counter()) == 2 and int(opt.state[params[0]]["step"]) == 1
 
 
+@gpu
+def test_params_without_grads_and_no_grads_at_all():
+    params_without_grads_case(DEV)
+
+
+@gpu
 def test_schedule_values_op_matches_host():
     """The device schedule (schedule.h compiled by nvcc) equals schedule.py
     bit for bit."""
@@ -223,6 +255,7 @@ def _steady_optimizer(cls=FusedOneCycleAdamW, **kw):
     return params, opt
 
 
+@gpu
 def test_steady_state_steps_do_not_sync():
     params, opt = _steady_optimizer()
     opt.step()  # first step: state, table upload
@@ -237,6 +270,7 @@ def test_steady_state_steps_do_not_sync():
     assert int(opt.step_counter()) == 5
 
 
+@gpu
 def test_steady_state_one_launch_per_dtype_and_no_host_copies():
     from torch.profiler import ProfilerActivity, profile
 
@@ -304,6 +338,7 @@ def _graph_case(cls, kw, realloc_grads):
     return eager, eopt, graphed, gopt
 
 
+@gpu
 @pytest.mark.parametrize("realloc_grads", [False, True], ids=["static-grads", "grads-made-in-capture"])
 @pytest.mark.parametrize("cls,kw", [(FusedOneCycleSGD, dict(SCHED, nesterov=True)),
                                     (FusedOneCycleAdamW, dict(SCHED, amsgrad=True))],
@@ -319,6 +354,7 @@ def test_graph_replay_equals_eager_bit_for_bit(cls, kw, realloc_grads):
         assert int(gopt.state[p]["step"]) == 6
 
 
+@gpu
 def test_graph_replay_advances_the_schedule():
     """With equal grads each replay, the update sizes follow lr(k): the
     schedule is read from the counter at replay, not baked in at capture."""
@@ -343,20 +379,18 @@ def test_graph_replay_advances_the_schedule():
 # GradScaler
 
 
-@pytest.mark.parametrize("cls", [FusedOneCycleSGD, FusedOneCycleAdam])
-def test_grad_scaler_with_forced_infs(cls):
+def grad_scaler_case(cls, device):
     """Steps 2 and 5 get an inf gradient: they change nothing and do not
     count, the others equal the reference backend's under the same scaler."""
-    inits = init_values(((16, 8), (8,), (1001,)))
+    inits = init_values(((16, 8), (8,), (1001,)), device=device)
 
     def go(backend):
-        torch.manual_seed(0)
         params = [make_param(v, torch.float32) for v in inits]
         opt = cls(params, backend=backend, **SCHED)
-        scaler = torch.amp.GradScaler("cuda", init_scale=1024.0, growth_interval=3)
-        snapshots = []
+        scaler = torch.amp.GradScaler(device.type, init_scale=1024.0, growth_interval=3)
+        counts = []
         for i in range(8):
-            loss = sum((p.float() ** 2).sum() * (0.1 * (j + 1)) for j, p in enumerate(params)) * (1 + 0.1 * i)
+            loss = sum((p**2).sum() * (0.1 * (j + 1)) for j, p in enumerate(params)) * (1 + 0.1 * i)
             opt.zero_grad()
             scaler.scale(loss).backward()
             if i in (2, 5):
@@ -366,8 +400,8 @@ def test_grad_scaler_with_forced_infs(cls):
             scaler.update()
             if i in (2, 5):
                 assert all(torch.equal(b, p) for b, p in zip(before, params)), f"step {i} changed a parameter"
-            snapshots.append(int(opt.step_counter()))
-        return params, opt, snapshots
+            counts.append(int(opt.step_counter()))
+        return params, opt, counts
 
     ours, opt, counts = go("cuda")
     ref, ref_opt, ref_counts = go("reference")
@@ -377,10 +411,17 @@ def test_grad_scaler_with_forced_infs(cls):
         assert int(opt.state[p]["step"]) == 6
 
 
+@gpu
+@pytest.mark.parametrize("cls", [FusedOneCycleSGD, FusedOneCycleAdam])
+def test_grad_scaler_with_forced_infs(cls):
+    grad_scaler_case(cls, DEV)
+
+
 # ---------------------------------------------------------------------------
 # int64 indexing
 
 
+@gpu
 def test_bf16_tensor_over_2_31_elements():
     """One bf16 tensor of 2**31 + 9 elements: elements on both sides of
     2**31 are updated like the reference updates the same values."""
@@ -423,6 +464,7 @@ def _table():
     return next(iter(opt._tables.values()))
 
 
+@gpu
 def test_opcheck():
     table = _table()
     params = [torch.randn(s, device=DEV) for s in (5, 0, 130)]
@@ -439,6 +481,7 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.onecycle_fused.adam_step_, adam_args)
 
 
+@gpu
 def test_found_inf_changes_nothing_at_op_level():
     table = _table()
     p = torch.randn(100, device=DEV)
@@ -452,6 +495,7 @@ def test_found_inf_changes_nothing_at_op_level():
     assert int(step) == 3 and int(counter) == 7
 
 
+@gpu
 def test_channels_last_params_are_handled():
     """Dense permuted layouts (channels_last) are updated in memory order."""
     value = torch.randn(4, 6, 3, 5, device=DEV)
@@ -468,6 +512,7 @@ def test_channels_last_params_are_handled():
     assert_close_fp32(p, q)
 
 
+@gpu
 def test_clear_errors():
     table = _table()
     counter = torch.zeros((), dtype=torch.int64, device=DEV)
@@ -493,3 +538,109 @@ def test_clear_errors():
                                            [torch.zeros((), dtype=torch.int64, device=DEV)], [5], table, counter,
                                            None, None)
     assert int(counter) == 0
+
+
+# ---------------------------------------------------------------------------
+# the kernel source emulated on the CPU (runs in CI)
+
+_EMULATION_HEADER = os.path.join(ROOT, "csrc", "cuda", "cpu_emulation.cuh")
+_emulation_loaded = False
+
+
+@pytest.fixture(scope="module")
+def emulated_kernel(tmp_path_factory):
+    """Builds csrc/cuda/cpu_emulation.cuh (~30 s of one core) and registers
+    onecycle_fused_emu::step."""
+    global _emulation_loaded
+    if not _emulation_loaded:
+        from torch.utils.cpp_extension import CUDA_HOME, load_inline
+
+        include = os.path.join(CUDA_HOME or "/usr/local/cuda", "include")
+        if not os.path.exists(os.path.join(include, "cuda_bf16.h")):
+            pytest.skip("the emulation needs the CUDA toolkit's headers (cuda_fp16.h, cuda_bf16.h)")
+        load_inline(
+            "onecycle_fused_emu", cpp_sources=[f'#include "{_EMULATION_HEADER}"\n'], is_python_module=False,
+            build_directory=str(tmp_path_factory.mktemp("emulation_build")), extra_include_paths=[include],
+            # -ffp-contract=off: the shared math must round each operation, as setup.py builds it
+            extra_cflags=["-O2", "-ffp-contract=off"], verbose=False,
+        )
+        _emulation_loaded = True
+
+
+class EmulatedCUDABackend:
+    """The "cuda" backend for CPU tensors: buckets by dtype like
+    cuda_impl::prepare_step (float32, float16, bfloat16; the last bucket
+    advances the counter) and runs the emulated kernel once per bucket."""
+
+    name = "cuda"
+    grid = 0  # blocks per launch; 0: as the CUDA launcher would (min(chunks, 4) here)
+
+    def available(self):
+        return True
+
+    def supports(self, device, dtype):
+        return dtype in (torch.float32, torch.float16, torch.bfloat16)
+
+    def step(self, batch):
+        n = len(batch.params)
+        none = torch.empty(0)
+        if batch.algo == "sgd":
+            states = ([none if b is None else b for b in batch.momentum_buffers], [none] * n, [none] * n)
+        else:
+            states = (batch.exp_avgs, batch.exp_avg_sqs, [none if m is None else m for m in batch.max_exp_avg_sqs])
+        order = (torch.float32, torch.float16, torch.bfloat16)
+        buckets = [[i for i, p in enumerate(batch.params) if p.dtype == dt] for dt in order]
+        buckets = [b for b in buckets if b] or [[]]
+        for j, idx in enumerate(buckets):
+            def pick(xs):
+                return [xs[i] for i in idx]
+
+            torch.ops.onecycle_fused_emu.step(
+                "sgd" if batch.algo == "sgd" else "adam", pick(batch.params), pick(batch.grads), pick(states[0]),
+                pick(states[1]), pick(states[2]), pick(batch.steps), pick(batch.group_ids), batch.table,
+                batch.counter, batch.grad_scale, batch.found_inf, self.grid, j == len(buckets) - 1,
+            )
+
+
+@pytest.fixture
+def emulated(emulated_kernel, monkeypatch):
+    backend = EmulatedCUDABackend()
+    monkeypatch.setitem(_backends._INSTANCES, "cuda", backend)
+    return backend
+
+
+CPU = torch.device("cpu")
+# empty, single, odd, just under a fp32 chunk (8192), just over, 2-3 chunks
+EMU_SIZES = ((0,), (1,), (7,), (33, 5), (8191,), (8197,), (20011,))
+EMU_CASES = [(name, cls, kw, dt) for name, cls, kw in CASES for dt in (torch.float32, torch.bfloat16)] + [
+    (name, cls, kw, torch.float16) for name, cls, kw in CASES if name in ("sgd-nesterov-wd", "adam-wd-amsgrad")
+]
+
+
+@pytest.mark.parametrize("name,cls,kw,dtype", EMU_CASES, ids=[f"{c[0]}-{c[3]}" for c in EMU_CASES])
+def test_emulated_kernel_matches_reference(emulated, name, cls, kw, dtype):
+    compare_runs(cls, kw, dtype, sizes=EMU_SIZES, device=CPU)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_emulated_misaligned_scalar_path(emulated, dtype):
+    compare_runs(FusedOneCycleAdamW, dict(SCHED, amsgrad=True), dtype, sizes=((1,), (8,), (9001,), (4, 1031)),
+                 misaligned=(0, 2, 3), steps=4, device=CPU)
+
+
+@pytest.mark.parametrize("grid", [1, 2, 7])
+def test_emulated_grid_stride_and_last_block(emulated, grid):
+    """One block doing every chunk, two blocks, and more blocks than some
+    buckets have chunks: every chunk is updated once, every step count and
+    the counter advance once."""
+    emulated.grid = grid
+    many_tensors_case(300, CPU, steps=3)
+
+
+def test_emulated_params_without_grads(emulated):
+    params_without_grads_case(CPU)
+
+
+@pytest.mark.parametrize("cls", [FusedOneCycleSGD, FusedOneCycleAdam])
+def test_emulated_grad_scaler_with_forced_infs(emulated, cls):
+    grad_scaler_case(cls, CPU)

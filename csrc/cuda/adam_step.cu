@@ -4,28 +4,12 @@
 // dtype bucket (multi_tensor.cuh).
 #include <torch/library.h>
 
-#include "../update.h"
+#include "step_ops.cuh"
 #include "tensor_table.cuh"
 
 namespace onecycle_fused {
 namespace cuda_impl {
 namespace {
-
-struct AdamOp {
-  using Coef = AdamScalars<float>;
-
-  static __device__ __forceinline__ void coefficients(const double* row, int64_t k, int64_t step, int flags,
-                                                      bool scaled, float scale, Coef& c) {
-    double lr, beta1;
-    schedule_lr_mom(row, k, &lr, &beta1);
-    c = adam_scalars<float>(row, lr, beta1, step, (flags & mt::kHasS2) != 0, scaled, static_cast<double>(scale));
-  }
-
-  static __device__ __forceinline__ void update(const Coef& c, float& p, float g, float& exp_avg,
-                                                float& exp_avg_sq, float& max_exp_avg_sq) {
-    adam_update<float, float>(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, c);
-  }
-};
 
 void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                     at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList steps,

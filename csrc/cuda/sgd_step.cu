@@ -3,28 +3,12 @@
 // launch per dtype bucket (multi_tensor.cuh).
 #include <torch/library.h>
 
-#include "../update.h"
+#include "step_ops.cuh"
 #include "tensor_table.cuh"
 
 namespace onecycle_fused {
 namespace cuda_impl {
 namespace {
-
-struct SgdOp {
-  using Coef = SgdScalars<float>;
-
-  static __device__ __forceinline__ void coefficients(const double* row, int64_t k, int64_t step, int flags,
-                                                      bool scaled, float scale, Coef& c) {
-    double lr, mom;
-    schedule_lr_mom(row, k, &lr, &mom);
-    c = sgd_scalars<float>(row, lr, mom, step, (flags & mt::kHasS0) != 0, scaled, static_cast<double>(scale));
-  }
-
-  static __device__ __forceinline__ void update(const Coef& c, float& p, float g, float& buf, float& /*unused*/,
-                                                float& /*unused*/) {
-    sgd_update<float, float>(p, g, buf, c);
-  }
-};
 
 void sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                    at::TensorList steps, at::IntArrayRef group_ids, const at::Tensor& table,

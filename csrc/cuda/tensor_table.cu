@@ -10,11 +10,10 @@
 // the host and uploads it on the current stream:
 //   * eagerly: one asynchronous copy from pinned memory;
 //   * while a CUDA graph is being captured: small kernels that carry the
-//     table in their by-value parameters (multi_tensor.cuh:
-//     upload_words_kernel). A captured memcpy would re-read the host buffer
-//     at every replay, long after it was freed; kernel parameters are copied
-//     into the graph. This is what makes a capture whose backward allocates
-//     fresh grads work.
+//     table in their by-value parameters (upload_words_kernel below). A
+//     captured memcpy would re-read the host buffer at every replay, long
+//     after it was freed; kernel parameters are copied into the graph. This
+//     is what makes a capture whose backward allocates fresh grads work.
 // A table that was used while capturing is pinned in the cache for the life
 // of the process, since a graph may replay it at any time. Other tables are
 // evicted least-recently-used beyond kMaxUnpinned.
@@ -84,23 +83,19 @@ bool same_layout(const at::Tensor& a, const at::Tensor& b) {
   return true;
 }
 
-// The table's bytes: header, slots, prefix sums of the chunk counts.
-std::vector<uint64_t> build_image(const std::vector<mt::TensorSlot>& slots, int64_t chunk, int64_t* total_out) {
-  const int64_t n = static_cast<int64_t>(slots.size());
-  const int64_t bytes = mt::table_bytes(n);
-  std::vector<uint64_t> words(static_cast<size_t>(bytes / 8), 0);
-  auto* base = reinterpret_cast<unsigned char*>(words.data());
-  std::vector<int64_t> start(static_cast<size_t>(n) + 1, 0);
-  for (int64_t i = 0; i < n; ++i) start[i + 1] = start[i] + (slots[i].numel + chunk - 1) / chunk;
-  mt::TableHeader header{};
-  header.done = 0;
-  header.num_tensors = static_cast<int32_t>(n);
-  header.total_chunks = start[n];
-  std::memcpy(base, &header, sizeof(header));
-  if (n > 0) std::memcpy(base + mt::slots_offset(), slots.data(), n * sizeof(mt::TensorSlot));
-  std::memcpy(base + mt::chunk_start_offset(n), start.data(), (n + 1) * sizeof(int64_t));
-  *total_out = start[n];
-  return words;
+// Copies up to kUploadWords 8-byte words into device memory from the
+// kernel's own parameter buffer. Used instead of a host-to-device memcpy
+// while a CUDA graph is being captured: the words are captured by value in
+// the kernel node, so a replay never reads host memory that may be freed.
+constexpr int kUploadWords = 480;  // 3840 bytes: under the 4 KiB parameter limit
+struct UploadArgs {
+  unsigned long long* dst;
+  int nwords;
+  unsigned long long words[kUploadWords];
+};
+
+__global__ void upload_words_kernel(UploadArgs a) {
+  for (int i = threadIdx.x; i < a.nwords; i += blockDim.x) a.dst[i] = a.words[i];
 }
 
 at::Tensor upload(const std::vector<uint64_t>& words, const at::Device& device, cudaStream_t stream,
@@ -115,12 +110,12 @@ at::Tensor upload(const std::vector<uint64_t>& words, const at::Device& device, 
   } else {
     auto* dst = reinterpret_cast<unsigned long long*>(table.data_ptr());
     const int64_t total = static_cast<int64_t>(words.size());
-    for (int64_t off = 0; off < total; off += mt::kUploadWords) {
-      mt::UploadArgs a;
+    for (int64_t off = 0; off < total; off += kUploadWords) {
+      UploadArgs a;
       a.dst = dst + off;
-      a.nwords = static_cast<int>(std::min<int64_t>(mt::kUploadWords, total - off));
+      a.nwords = static_cast<int>(std::min<int64_t>(kUploadWords, total - off));
       std::memcpy(a.words, words.data() + off, static_cast<size_t>(a.nwords) * 8);
-      mt::upload_words_kernel<<<1, 128, 0, stream>>>(a);
+      upload_words_kernel<<<1, 128, 0, stream>>>(a);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   }
@@ -157,7 +152,7 @@ at::Tensor find_or_upload(const std::vector<mt::TensorSlot>& slots, int64_t chun
   }
 
   int64_t total = 0;
-  const std::vector<uint64_t> words = build_image(slots, chunk, &total);
+  const std::vector<uint64_t> words = mt::build_table_image(slots, chunk, &total);
   at::Tensor table = upload(words, device, raw, capturing);
   c.entries.push_front(Entry{device.index(), chunk, slots, table, total, capturing, raw});
   if (!capturing && ++c.unpinned > kMaxUnpinned) {
@@ -287,8 +282,7 @@ Prepared prepare_step(const StepInputs& in, const c10::cuda::CUDAStream& stream)
     TORCH_CHECK_VALUE(g >= 0 && g < groups, op, ": group_ids[", i, "] = ", g, " is not a row of the ", groups,
                       "-row table");
     s.group = static_cast<int32_t>(g);
-    auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % mt::kVecBytes == 0; };
-    s.vec_ok = aligned(s.param) && aligned(s.grad) && aligned(s.s0) && aligned(s.s1) && aligned(s.s2);
+    s.vec_ok = mt::slot_vec_ok(s);
     by_dtype[d].push_back(s);
   }
   TORCH_CHECK_VALUE(n < (1u << 30), op, ": too many tensors (", n, ")");
