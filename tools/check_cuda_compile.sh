@@ -13,7 +13,8 @@
 # only holds export macros). Our glue uses c10/cuda headers only, never
 # ATen/cuda/CUDAContext.h, which needs cuBLAS/cuSPARSE headers.
 #
-# Exits non-zero on any compile error, or on any warning located in csrc/.
+# Exits non-zero on any compile or link error, or on any warning located in
+# csrc/.
 # Skips (exit 0, says so) when nvcc is not installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -75,4 +76,8 @@ if [ ${#SOURCES[@]} -eq 0 ]; then echo "check_cuda_compile: no csrc/cuda/*.cu"; 
 echo "check_cuda_compile: $($NVCC --version | tail -1), -std=$CXX_STD, archs ${CUDA_ARCHS:-90}, ${#SOURCES[@]} files"
 start=$SECONDS
 printf '%s\0' "${SOURCES[@]}" | xargs -0 -n1 -P "${JOBS:-2}" bash -c 'compile_one "$0"'
-echo "check_cuda_compile: all CUDA sources compile ($((SECONDS - start)) s)"
+# link the objects into one shared library, as the extension build does:
+# catches symbols defined in more than one file (torch's own symbols stay
+# undefined here, they come from libtorch at load time)
+"$NVCC" -shared "${ARCH_FLAGS[@]}" -o "$OUT/_C_cuda_check.so" "$OUT"/*.o
+echo "check_cuda_compile: all CUDA sources compile and link ($((SECONDS - start)) s)"
