@@ -31,6 +31,22 @@ from .schedule import ROW_WIDTH, LRRangeTest, OneCycle, Row, _Schedule, schedule
 
 __all__ = ["FusedOneCycleSGD", "FusedOneCycleAdam", "FusedOneCycleAdamW"]
 
+try:  # public since torch 2.5
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # older torch, or torch built without distributed
+    _DTensor = ()  # isinstance(x, ()) is always False
+
+_BATCH_TENSOR_LISTS = ("params", "grads", "steps", "momentum_buffers", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs")
+
+
+def _local(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The local shard of a DTensor (FSDP2's ``fully_shard``, tensor
+    parallel), else ``t``. The update is element-wise and its hyper-parameters
+    come from the table, so each rank steps its own shard; the shard shares the
+    DTensor's storage, so in-place writes land in it."""
+    return t.to_local() if isinstance(t, _DTensor) else t
+
+
 _ONECYCLE_KEYS = tuple(OneCycle(0.0, 0.0).params())
 _RANGETEST_KEYS = tuple(LRRangeTest().params())
 _SCHEDULE_KEYS = set(_ONECYCLE_KEYS) | set(_RANGETEST_KEYS) | {"post_cycle_decay_step_size"}
@@ -323,6 +339,10 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
                 self._fill_batch(batch, p, state, group)
         # every device's counter advances, even where no parameter has a grad
         for device, batch in batches.items():
+            if _DTensor and any(isinstance(p, _DTensor) for p in batch.params):
+                # backends see plain tensors: DTensors are stepped shard by shard
+                for name in _BATCH_TENSOR_LISTS:
+                    setattr(batch, name, [_local(t) for t in getattr(batch, name)])
             self._backend_for[device].step(batch)
         self._advance_mirror(found_inf)
         return loss

@@ -16,17 +16,6 @@ from . import StepBatch
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _local(tensors):
-    """The local shards of DTensors (FSDP2 parameters, their grads and states),
-    which the element-wise update may work on directly; other tensors as given."""
-    out = []
-    for t in tensors:
-        if t is not None and hasattr(t, "_local_tensor") and hasattr(t, "device_mesh"):
-            t = t._local_tensor  # shares storage: in-place updates reach the DTensor
-        out.append(t)
-    return out
-
-
 class _CompiledBackend:
     name = ""
     device_type = ""
@@ -50,22 +39,17 @@ class _CompiledBackend:
 
     def step(self, batch: StepBatch) -> None:
         none = self._placeholder(batch.device)
-        plain = (torch.Tensor, torch.nn.Parameter)
-        if all(type(p) in plain for p in batch.params):
-            local = list  # the common case: no per-tensor attribute lookups
-        else:
-            local = _local
         if batch.algo == "sgd":
             torch.ops.onecycle_fused.sgd_step_(
-                local(batch.params), local(batch.grads),
-                [none if b is None else b for b in local(batch.momentum_buffers)],
-                local(batch.steps), batch.group_ids, batch.table, batch.counter, batch.grad_scale, batch.found_inf,
+                batch.params, batch.grads,
+                [none if b is None else b for b in batch.momentum_buffers],
+                batch.steps, batch.group_ids, batch.table, batch.counter, batch.grad_scale, batch.found_inf,
             )
         elif batch.algo in ("adam", "adamw"):  # adam vs adamw: the table's DECOUPLED column
             torch.ops.onecycle_fused.adam_step_(
-                local(batch.params), local(batch.grads), local(batch.exp_avgs), local(batch.exp_avg_sqs),
-                [none if m is None else m for m in local(batch.max_exp_avg_sqs)],
-                local(batch.steps), batch.group_ids, batch.table, batch.counter, batch.grad_scale, batch.found_inf,
+                batch.params, batch.grads, batch.exp_avgs, batch.exp_avg_sqs,
+                [none if m is None else m for m in batch.max_exp_avg_sqs],
+                batch.steps, batch.group_ids, batch.table, batch.counter, batch.grad_scale, batch.found_inf,
             )
         else:
             raise ValueError(f"unknown algorithm {batch.algo!r}")

@@ -292,14 +292,6 @@ def unpack_states(present, *packed):
     return out
 
 
-def _local(tensors):
-    """DTensors (FSDP2 parameters, their grads and states) as their local
-    shards, which share storage, so the element-wise update reaches the
-    DTensor; other entries as given."""
-    return [t._local_tensor if t is not None and hasattr(t, "_local_tensor") and hasattr(t, "device_mesh") else t
-            for t in tensors]
-
-
 class TritonBackend:
     """``backend="triton"``: the kernels of ``triton_kernels.py``."""
 
@@ -325,18 +317,16 @@ class TritonBackend:
 
     def step(self, batch: StepBatch) -> None:
         n = len(batch.params)
-        plain = (torch.Tensor, torch.nn.Parameter)
-        local = list if all(type(p) in plain for p in batch.params) else _local
         if batch.algo == "sgd":
-            states = (local(batch.momentum_buffers), [None] * n, [None] * n)
+            states = (batch.momentum_buffers, [None] * n, [None] * n)
         elif batch.algo in ("adam", "adamw"):
-            states = (local(batch.exp_avgs), local(batch.exp_avg_sqs), local(batch.max_exp_avg_sqs))
+            states = (batch.exp_avgs, batch.exp_avg_sqs, batch.max_exp_avg_sqs)
         else:
             raise ValueError(f"batch.algo must be one of 'sgd', 'adam', 'adamw', got {batch.algo!r}")
         if any(len(s) != n for s in states) or len(batch.grads) != n or len(batch.steps) != n or len(batch.group_ids) != n:
             raise ValueError("batch lists (params, grads, steps, group_ids, states) must have equal lengths")
-        params, grads = local(batch.params), local(batch.grads)
-        rest = (local(batch.steps), list(batch.group_ids), batch.table, batch.counter, batch.grad_scale, batch.found_inf)
+        params, grads = batch.params, batch.grads
+        rest = (batch.steps, list(batch.group_ids), batch.table, batch.counter, batch.grad_scale, batch.found_inf)
         if torch.compiler.is_compiling():
             present, packed = pack_states(*states)
             torch.ops.onecycle_fused_triton.step(batch.algo, params, grads, *packed, present, *rest)
