@@ -161,7 +161,14 @@ def _ours_graph(backend: str, warmup: int = 3):
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             eager()
-        return graph.replay
+
+        def step():
+            graph.replay()
+
+        # the graph holds raw pointers into the optimizer's state (buffers,
+        # step counts, counter, table): keep the optimizer alive with it
+        step.keepalive = (graph, eager)
+        return step
 
     return build
 

@@ -42,13 +42,12 @@ def _csv(s: str) -> list[str]:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="auto", help="auto (cuda when present) | cpu | cuda")
     p.add_argument("--sets", default=None, help=f"comma list of {sorted(param_sets.SETS)} "
                    "(default: resnet50,small on CPU; resnet50,gpt2,llama1b,small on CUDA)")
     p.add_argument("--opt", default=None, help="comma list of sgd,adam,adamw (default: sgd,adam,adamw on CPU; sgd,adamw on CUDA)")
-    p.add_argument("--dtype", default="fp32,bf16", help="comma list of fp32,bf16,fp16")
+    p.add_argument("--dtype", default="fp32,bf16", help="comma list of fp32,bf16,fp16 (default fp32,bf16)")
     p.add_argument("--impls", default=None, help="only implementations whose name contains one of these comma-separated "
                    "substrings (default: all but the slow per-tensor 'ours-reference' oracle, which runs only when named)")
     p.add_argument("--skip-impls", default="", help="leave out implementations whose name contains one of these")
@@ -111,6 +110,14 @@ def _git() -> str:
         return "unknown"
 
 
+def _gpu(device: torch.device):
+    if device.type != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(device)
+    return {"name": props.name, "memory_gib": round(props.total_memory / 2**30, 1),
+            "capability": f"{props.major}.{props.minor}", "sms": props.multi_processor_count}
+
+
 def _loadavg():
     try:
         return [round(x, 2) for x in os.getloadavg()]
@@ -136,6 +143,7 @@ def metadata(device: torch.device, argv) -> dict:
         "backends": onecycle_fused.available_backends(),
         "git": _git(),
         "load_avg_start": _loadavg(),
+        "gpu": _gpu(device),
         "notes": [],
     }
 
