@@ -114,6 +114,7 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         self.schedule = schedule
         self.backend = backend
         self._host = _HostStep()
+        self._has_dtensors = False  # FSDP2 / tensor-parallel parameters
         self._counters: dict[torch.device, torch.Tensor] = {}
         self._backend_for: dict[torch.device, Any] = {}
         self._tables: dict[torch.device, torch.Tensor] = {}
@@ -180,6 +181,7 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
             dtypes |= {p.dtype for g in self.param_groups for p in g["params"] if p.device == device}
             backends[device] = _backends.resolve(self.backend, device, dtypes)
         super().add_param_group(group)
+        self._has_dtensors = self._has_dtensors or any(isinstance(p, _DTensor) for p in params)
         for device, b in backends.items():
             self._backend_for[device] = b
             if device not in self._counters:
@@ -339,7 +341,7 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
                 self._fill_batch(batch, p, state, group)
         # every device's counter advances, even where no parameter has a grad
         for device, batch in batches.items():
-            if _DTensor and any(isinstance(p, _DTensor) for p in batch.params):
+            if self._has_dtensors:
                 # backends see plain tensors: DTensors are stepped shard by shard
                 for name in _BATCH_TENSOR_LISTS:
                     setattr(batch, name, [_local(t) for t in getattr(batch, name)])
