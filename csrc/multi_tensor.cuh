@@ -152,6 +152,13 @@ __device__ __forceinline__ __half from_float<__half>(float x) { return __float2h
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
+// The CPU emulation of this kernel (csrc/cuda/cpu_emulation.cuh) defines
+// this to record any vector access off a 16-byte boundary, which on a GPU
+// would fault; the CUDA build compiles it away.
+#ifndef ONECYCLE_CHECK_VEC_ALIGNED
+#define ONECYCLE_CHECK_VEC_ALIGNED(address) ((void)0)
+#endif
+
 // N = vec_elems<T>() elements through one 16-byte access. Only called when
 // the address is 16-byte aligned (the slot's vec_ok and a chunk-aligned
 // offset guarantee it).
@@ -162,6 +169,7 @@ __device__ __forceinline__ void load_vec(const void* base, int64_t i, float* out
     uint4 raw;
     T v[N];
   } u;
+  ONECYCLE_CHECK_VEC_ALIGNED(static_cast<const T*>(base) + i);
   u.raw = *reinterpret_cast<const uint4*>(static_cast<const T*>(base) + i);
 #pragma unroll
   for (int j = 0; j < N; ++j) out[j] = to_float(u.v[j]);
@@ -176,6 +184,7 @@ __device__ __forceinline__ void store_vec(void* base, int64_t i, const float* in
   } u;
 #pragma unroll
   for (int j = 0; j < N; ++j) u.v[j] = from_float<T>(in[j]);
+  ONECYCLE_CHECK_VEC_ALIGNED(static_cast<T*>(base) + i);
   *reinterpret_cast<uint4*>(static_cast<T*>(base) + i) = u.raw;
 }
 

@@ -634,7 +634,7 @@ def test_emulated_grid_stride_and_last_block(emulated, grid):
     buckets have chunks: every chunk is updated once, every step count and
     the counter advance once."""
     emulated.grid = grid
-    many_tensors_case(300, CPU, steps=3)
+    many_tensors_case(150, CPU, steps=3)
 
 
 def test_emulated_params_without_grads(emulated):

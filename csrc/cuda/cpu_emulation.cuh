@@ -7,8 +7,9 @@
 //   * __syncthreads is a barrier of the block's threads;
 //   * __shared__ variables are function statics (one block uses them at a
 //     time), atomics and fences are the host's.
-// What it cannot show: real concurrency between blocks, the memory model of
-// the GPU, alignment faults, performance. Compiled by a host compiler only:
+// A vector access off a 16-byte boundary (a fault on a GPU) makes the op
+// raise. What it cannot show: real concurrency between blocks, the memory
+// model of the GPU, performance. Compiled by a host compiler only:
 // tests/test_cuda_backend.py builds it with torch.utils.cpp_extension and
 // registers onecycle_fused_emu::step. Never include it in a .cu file.
 #pragma once
@@ -82,8 +83,16 @@ class Barrier {
 };
 inline Barrier* block_barrier = nullptr;
 
+// vector accesses off a 16-byte boundary (a fault on a GPU), counted
+inline std::atomic<int64_t> misaligned_vector_accesses{0};
+inline void check_vec_aligned(const void* address) {
+  if (reinterpret_cast<uintptr_t>(address) % 16 != 0) misaligned_vector_accesses.fetch_add(1);
+}
+
 }  // namespace emu
 }  // namespace onecycle_fused
+
+#define ONECYCLE_CHECK_VEC_ALIGNED(address) ::onecycle_fused::emu::check_vec_aligned(address)
 
 #define threadIdx (::onecycle_fused::emu::thread_idx)
 #define blockIdx (::onecycle_fused::emu::block_idx)
@@ -189,6 +198,8 @@ inline void emulated_step(const std::string& algo, at::TensorList params, at::Te
     default:
       TORCH_CHECK(false, "emulated_step: dtype ", dtype);
   }
+  const int64_t misaligned = misaligned_vector_accesses.exchange(0);
+  TORCH_CHECK(misaligned == 0, "emulated_step: ", misaligned, " vector accesses were not 16-byte aligned");
 }
 
 }  // namespace emu
