@@ -1,8 +1,10 @@
 // One kernel launch over a device-resident table of tensors.
 //
-// Device side only (CUDA runtime headers, no ATen), so that it compiles on its
-// own; the host side that builds, caches and uploads the table is
-// csrc/cuda/tensor_table.{cuh,cu}.
+// CUDA runtime headers only, no ATen: the kernel and the table layout
+// (with its host-side image builder) compile on their own, with nvcc for the
+// GPU or with a host compiler for the CPU emulation CI runs
+// (csrc/cuda/cpu_emulation.cuh). Checking inputs, caching and uploading the
+// tables is csrc/cuda/tensor_table.{cuh,cu}.
 //
 // Layout of a table (one device allocation, built once per set of storages):
 //

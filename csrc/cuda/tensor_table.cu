@@ -77,6 +77,7 @@ bool is_capturing(cudaStream_t stream) {
 // the same strides wherever a size is > 1 (a size-1 dim's stride is free).
 bool same_layout(const at::Tensor& a, const at::Tensor& b) {
   if (a.sizes() != b.sizes()) return false;
+  if (a.numel() == 0) return true;  // no element: any strides
   for (int64_t d = 0; d < a.dim(); ++d) {
     if (a.size(d) > 1 && a.stride(d) != b.stride(d)) return false;
   }
@@ -217,6 +218,7 @@ Prepared prepare_step(const StepInputs& in, const c10::cuda::CUDAStream& stream)
   const int64_t groups = table.size(0);
 
   const size_t n = in.params.size();
+  TORCH_CHECK_VALUE(n < (1u << 30), op, ": too many tensors (", n, ")");  // int32 indices in the table
   auto check_len = [&](size_t len, const char* name) {
     TORCH_CHECK_VALUE(len == n, op, ": ", name, " has ", len, " entries but params has ", n);
   };
@@ -285,7 +287,6 @@ Prepared prepare_step(const StepInputs& in, const c10::cuda::CUDAStream& stream)
     s.vec_ok = mt::slot_vec_ok(s);
     by_dtype[d].push_back(s);
   }
-  TORCH_CHECK_VALUE(n < (1u << 30), op, ": too many tensors (", n, ")");
 
   for (int d = 0; d < 3; ++d) {
     if (by_dtype[d].empty()) continue;
