@@ -16,7 +16,9 @@
 //     is what makes a capture whose backward allocates fresh grads work.
 // A table that was used while capturing is pinned in the cache for the life
 // of the process, since a graph may replay it at any time. Other tables are
-// evicted least-recently-used beyond kMaxUnpinned.
+// evicted least-recently-used beyond kMaxUnpinned tables or kMaxUnpinnedBytes
+// (a run whose grads land elsewhere every step leaves one stale table per
+// step behind: 64 bytes per tensor each).
 #include "tensor_table.cuh"
 
 #include <algorithm>
@@ -29,7 +31,8 @@ namespace onecycle_fused {
 namespace cuda_impl {
 namespace {
 
-constexpr size_t kMaxUnpinned = 256;
+constexpr size_t kMaxUnpinned = 64;
+constexpr int64_t kMaxUnpinnedBytes = int64_t(16) << 20;
 
 struct Entry {
   int device;
@@ -44,7 +47,8 @@ struct Entry {
 struct Cache {
   std::mutex mu;
   std::list<Entry> entries;  // most recently used first
-  size_t unpinned = 0;
+  size_t unpinned = 0;  // count and device bytes of the unpinned tables
+  int64_t unpinned_bytes = 0;
 };
 
 Cache& cache() {
@@ -142,6 +146,7 @@ at::Tensor find_or_upload(const std::vector<mt::TensorSlot>& slots, int64_t chun
       if (!e.pinned) {
         e.pinned = true;
         --c.unpinned;
+        c.unpinned_bytes -= e.table.numel();
       }
     } else if (raw != e.stream && !e.pinned) {
       // used on another stream than it was allocated on: its memory must not
@@ -156,14 +161,19 @@ at::Tensor find_or_upload(const std::vector<mt::TensorSlot>& slots, int64_t chun
   const std::vector<uint64_t> words = mt::build_table_image(slots, chunk, &total);
   at::Tensor table = upload(words, device, raw, capturing);
   c.entries.push_front(Entry{device.index(), chunk, slots, table, total, capturing, raw});
-  if (!capturing && ++c.unpinned > kMaxUnpinned) {
-    // drop the least recently used unpinned table (never the one just made)
-    for (auto it = std::prev(c.entries.end()); it != c.entries.begin(); --it) {
+  if (!capturing) {
+    ++c.unpinned;
+    c.unpinned_bytes += table.numel();
+    // drop least recently used unpinned tables (never the one just made)
+    auto it = std::prev(c.entries.end());
+    while ((c.unpinned > kMaxUnpinned || c.unpinned_bytes > kMaxUnpinnedBytes) && it != c.entries.begin()) {
+      auto older = it == c.entries.begin() ? it : std::prev(it);
       if (!it->pinned) {
-        c.entries.erase(it);
         --c.unpinned;
-        break;
+        c.unpinned_bytes -= it->table.numel();
+        c.entries.erase(it);
       }
+      it = older;
     }
   }
   *total_chunks = total;
