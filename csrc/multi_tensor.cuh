@@ -43,7 +43,10 @@ namespace mt {
 // thousand small tensors spread over the grid, large enough that the
 // per-chunk scalar work (schedule and bias corrections on one thread) is
 // noise next to the memory traffic.
-constexpr int kBlockThreads = 512;
+#ifndef ONECYCLE_MT_BLOCK_THREADS  // the CPU emulation uses 32: cheaper, more chunks
+#define ONECYCLE_MT_BLOCK_THREADS 512
+#endif
+constexpr int kBlockThreads = ONECYCLE_MT_BLOCK_THREADS;
 constexpr int kVecsPerThread = 4;
 constexpr int kVecBytes = 16;
 // Blocks per SM for the grid-stride grid (2048 resident threads per SM on

@@ -612,8 +612,10 @@ def emulated(emulated_kernel, monkeypatch):
 
 
 CPU = torch.device("cpu")
-# empty, single, odd, just under a fp32 chunk (8192), just over, 2-3 chunks
-EMU_SIZES = ((0,), (1,), (7,), (33, 5), (8191,), (8197,), (20011,))
+# the emulation runs 32-thread blocks: chunks of 512 fp32 / 1024 16-bit
+# elements. Empty, single, odd, one vector short of a chunk, a chunk and a
+# bit, many chunks with a ragged tail.
+EMU_SIZES = ((0,), (1,), (7,), (33, 5), (511,), (1027,), (20011,))
 EMU_CASES = [(name, cls, kw, dt) for name, cls, kw in CASES for dt in (torch.float32, torch.bfloat16)] + [
     (name, cls, kw, torch.float16) for name, cls, kw in CASES if name in ("sgd-nesterov-wd", "adam-wd-amsgrad")
 ]
