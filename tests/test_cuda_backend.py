@@ -616,9 +616,7 @@ CPU = torch.device("cpu")
 # elements. Empty, single, odd, one vector short of a chunk, a chunk and a
 # bit, many chunks with a ragged tail.
 EMU_SIZES = ((0,), (1,), (7,), (33, 5), (511,), (1027,), (20011,))
-EMU_CASES = [(name, cls, kw, dt) for name, cls, kw in CASES for dt in (torch.float32, torch.bfloat16)] + [
-    (name, cls, kw, torch.float16) for name, cls, kw in CASES if name in ("sgd-nesterov-wd", "adam-wd-amsgrad")
-]
+EMU_CASES = [(name, cls, kw, dt) for name, cls, kw in CASES for dt in (torch.float32, torch.bfloat16, torch.float16)]
 
 
 @pytest.mark.parametrize("name,cls,kw,dtype", EMU_CASES, ids=[f"{c[0]}-{c[3]}" for c in EMU_CASES])
