@@ -515,6 +515,24 @@ def test_channels_last_params_are_handled():
 
 
 @gpu
+def test_grad_with_other_strides_is_read_in_param_layout():
+    """A grad set by hand with strides unlike its parameter's is used as is
+    (through a copy in the parameter's layout)."""
+    value = torch.randn(6, 4, device=DEV)
+    grads = [torch.randn(4, 6, device=DEV).t() for _ in range(3)]
+    p = torch.nn.Parameter(value.clone())
+    q = torch.nn.Parameter(value.clone())
+    opt = FusedOneCycleSGD([p], backend="cuda", **SCHED)
+    ref = FusedOneCycleSGD([q], backend="reference", **SCHED)
+    for g in grads:
+        p.grad = g
+        q.grad = g.contiguous()
+        opt.step()
+        ref.step()
+    assert_close_fp32(p, q)
+
+
+@gpu
 def test_clear_errors():
     table = _table()
     counter = torch.zeros((), dtype=torch.int64, device=DEV)
@@ -528,8 +546,10 @@ def test_clear_errors():
     with pytest.raises(ValueError, match=r"params\[0\] must be dense"):
         call(strided, torch.randn_like(strided))
     p = torch.randn(6, 4, device=DEV)
+    with pytest.raises(ValueError, match=r"momentum_buffers\[0\] must match params\[0\]"):
+        call(p, torch.randn_like(p), torch.zeros(4, 6, device=DEV).t())
     with pytest.raises(ValueError, match=r"grads\[0\] must match params\[0\]"):
-        call(p, torch.randn(4, 6, device=DEV).t())
+        call(p, torch.randn(6, 5, device=DEV))
     with pytest.raises(ValueError, match=r"grads\[0\] must match params\[0\]"):
         call(p, torch.randn(6, 4, device=DEV, dtype=torch.bfloat16))
     p64 = torch.randn(3, device=DEV, dtype=torch.float64)

@@ -21,6 +21,8 @@
 // step behind: 64 bytes per tensor each).
 #include "tensor_table.cuh"
 
+#include <ATen/ops/empty_like.h>
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -274,8 +276,19 @@ Prepared prepare_step(const StepInputs& in, const c10::cuda::CUDAStream& stream)
 
     mt::TensorSlot s{};
     s.param = p.data_ptr();
-    check_like(in.grads[i], "grads");
-    s.grad = in.grads[i].data_ptr();
+    const at::Tensor& given = in.grads[i];
+    if (given.defined() && given.device() == device && given.scalar_type() == dtype && given.sizes() == p.sizes() &&
+        !same_layout(given, p)) {
+      // a grad laid out unlike its parameter (set by hand: autograd gives a
+      // dense parameter's grad the parameter's strides) is read from a copy
+      // in the parameter's layout; a state must match, it is written
+      prep.keep.push_back(at::empty_like(p));
+      prep.keep.back().copy_(given);
+      s.grad = prep.keep.back().data_ptr();
+    } else {
+      check_like(given, "grads");
+      s.grad = given.data_ptr();
+    }
     void** state_ptr[3] = {&s.s0, &s.s1, &s.s2};
     for (int j = 0; j < 3; ++j) {
       if (in.state_names[j] == nullptr) continue;
