@@ -45,6 +45,22 @@ def _sources(pattern: str) -> list[str]:
     return sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
 
 
+def _openmp_flags(torch) -> list[str]:
+    """-fopenmp where torch itself runs on OpenMP (Linux wheels, GCC).
+
+    ATen's at::parallel_for is an inline ``#pragma omp parallel`` in an OpenMP
+    build of torch: compiled without -fopenmp it silently runs on one thread.
+    The library then needs libgomp.so.1, which the loader resolves to the copy
+    torch has already loaded, so both share one thread pool and
+    torch.set_num_threads governs our kernels too.
+    """
+    import platform
+
+    if platform.system() != "Linux" or not torch.backends.openmp.is_available():
+        return []
+    return ["-fopenmp"]
+
+
 def _extensions():
     from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
     import torch
@@ -56,12 +72,14 @@ def _extensions():
     # an ulp (explicit fma calls are kept).
     cxx = opt + ["-std=c++17", "-ffp-contract=off", "-fvisibility=hidden", "-Wno-unknown-pragmas"]
     include = [os.path.join(HERE, "csrc")]
+    openmp = _openmp_flags(torch)
     exts = [
         CppExtension(
             "onecycle_fused._C",
             _sources("csrc/ops.cpp") + _sources("csrc/cpu/kernels_default.cpp"),
             include_dirs=include,
-            extra_compile_args={"cxx": cxx},
+            extra_compile_args={"cxx": cxx + openmp},
+            extra_link_args=openmp,
         )
     ]
 
