@@ -366,3 +366,21 @@ def test_cpu_capability_variants_agree():
     values = list(results.values())
     for v in values[1:]:
         assert v == values[0], sorted(results)
+
+
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and torch.backends.openmp.is_available()),
+                    reason="torch is not an OpenMP build on Linux")
+def test_library_is_compiled_with_openmp():
+    """at::parallel_for is an inline OpenMP pragma in these torch builds: compiled
+    without -fopenmp it silently runs the CPU kernels on one thread. The pragma,
+    when compiled, becomes calls to libgomp's GOMP_parallel."""
+    import onecycle_fused
+
+    libs = [f for f in os.listdir(os.path.dirname(onecycle_fused.__file__)) if f.startswith("_C.") and f.endswith(".so")]
+    assert libs, "no _C library file found"
+    with open(os.path.join(os.path.dirname(onecycle_fused.__file__), libs[0]), "rb") as f:
+        assert b"GOMP_parallel" in f.read()
+    # and the process holds one OpenMP runtime: torch's (ours resolved to it)
+    with open("/proc/self/maps") as f:
+        gomp = {line.split()[-1] for line in f if "libgomp" in line}
+    assert len(gomp) == 1, gomp
