@@ -51,8 +51,8 @@ class Impl:
     backend: Optional[str] = None  # ours: the onecycle_fused backend
 
 
-def _torch_optimizer(params, algo, mode, lr=MIN_LR):
-    kw = {"lr": lr, "weight_decay": WEIGHT_DECAY[algo]}
+def _torch_optimizer(params, algo, mode, lr=MIN_LR, **extra):
+    kw = {"lr": lr, "weight_decay": WEIGHT_DECAY[algo], **extra}
     if mode is not None:
         kw[mode] = True
     if algo == "sgd":

@@ -3,8 +3,10 @@
 Measures one optimizer step (update + 1-Cycle schedule) of torch.optim foreach
 / fused with a host scheduler, the compiled optimizer, and every onecycle_fused
 backend available here (plus CUDA-graph replay on a GPU), side by side on
-real-model parameter sets; then a small end-to-end training run; then
-evaluates the targets. Prints a table and writes results.json, results.md and
+real-model parameter sets, each first checked on a small probe against a
+float64 torch.optim reference (``agreement.py``: a row that computes the wrong
+step is marked and never used as a peer); then a small end-to-end training
+run; then evaluates the targets. Prints a table and writes results.json, results.md and
 PNG plots under ``benchmarks/results/<device>_<date>/``.
 
 Defaults follow the hardware: on CPU the ResNet-50 and small-tensor sets with
@@ -29,6 +31,7 @@ import torch
 
 import onecycle_fused
 
+from . import agreement
 from . import e2e as e2e_mod
 from . import impls as impls_mod
 from . import measure, param_sets, report, targets
@@ -219,6 +222,10 @@ def bench_case(set_name, shapes, dtype_name, algo, params, impl_list, device, cf
             if impl.family == "torch-compiled" and len(shapes) > cfg["compiled_max_tensors"]:
                 raise impls_mod.Skip(f"{len(shapes)} tensors > --compiled-max-tensors {cfg['compiled_max_tensors']} "
                                      "(compile time)")
+            # first: does it compute the step it is timed for?
+            row.update(agreement.check(impl, algo, dtype, device))
+            if row["agrees"] is False:
+                row["note"] = row["agreement_note"]
             step = impl.build(params, algo, device)
             t0 = time.perf_counter()
             step()  # the first step: state allocation, compilation

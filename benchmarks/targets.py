@@ -3,12 +3,13 @@
 * On CUDA: issue 5's targets (H100/H200).
 * On CPU: issue 3's CPU targets: our "cpu" backend <= 0.6x torch foreach +
   scheduler and <= 1.0x torch fused + scheduler on a >= 10M-parameter real
-  model set, for SGD, Adam and AdamW.
+  model set, for SGD, Adam and AdamW, in every dtype measured.
 
 Each target compares against the *faster* of the two host schedulers
 (OneCycleLR, DeepSpeed OneCycle) unless it names one, so a pass never leans
-on the slower peer. A target whose measurements are missing is reported with
-``met = None``.
+on the slower peer. A row caught computing the wrong step (agreement.py) is
+never a peer; if it is ours, the target fails. A target whose measurements are
+missing is reported with ``met = None``.
 """
 from __future__ import annotations
 
@@ -21,7 +22,18 @@ REAL_SETS = ("resnet50", "gpt2", "llama1b")  # >= 10M parameters, real model sha
 
 
 def _index(rows):
+    """Rows usable in a target: measured, and not caught computing the wrong step
+    (``agrees`` False, see agreement.py; None means not probed)."""
+    return {k: r for k, r in _index_all(rows).items() if r.get("agrees") is not False}
+
+
+def _index_all(rows):
     return {(r["set"], r["dtype"], r["opt"], r["impl"]): r for r in rows if r.get("status") == "ok"}
+
+
+def _wrong(rows, case, impl) -> bool:
+    return any((r["set"], r["dtype"], r["opt"], r["impl"]) == case + (impl,) and r.get("agrees") is False
+               for r in rows)
 
 
 def _cases(rows):
@@ -49,17 +61,24 @@ def cpu_targets(rows) -> list[dict]:
     out = []
     for case in _cases(rows):
         set_name, dtype, opt = case
-        if set_name not in REAL_SETS or dtype != "fp32":
+        if set_name not in REAL_SETS:
             continue
         ours = idx.get(case + ("ours-cpu",))
         ours_ms = ours["median_ms"] if ours else None
         for family, threshold in (("foreach", 0.6), ("fused", 1.0)):
             peer_ms, peer = _best(idx, case, (f"torch-{family}+OneCycleLR", f"torch-{family}+DS-OneCycle"))
             ratio = ours_ms / peer_ms if ours_ms is not None and peer_ms else None
+            wrong_peers = [n for n in (f"torch-{family}+OneCycleLR", f"torch-{family}+DS-OneCycle") if _wrong(rows, case, n)]
             detail = (f"ours-cpu {ours_ms:.2f} ms vs {peer} {peer_ms:.2f} ms" if ratio is not None
-                      else "ours-cpu not measured (backend unavailable?)" if ours_ms is None else f"no torch-{family} row")
+                      else "ours-cpu not measured (backend unavailable?)" if ours_ms is None
+                      else f"no valid peer: {', '.join(wrong_peers)} compute the wrong step (agreement probe)"
+                      if wrong_peers else f"no torch-{family} row")
+            if _wrong(rows, case, "ours-cpu"):
+                detail = "ours-cpu computes the wrong step (agreement probe)"
             out.append(_target(f"cpu step time <= {threshold}x torch {family} + scheduler", case, ratio, threshold,
                                detail=detail))
+            if _wrong(rows, case, "ours-cpu"):
+                out[-1]["met"] = False
     return out
 
 
@@ -77,7 +96,8 @@ def gpu_targets(rows, e2e: Optional[dict]) -> list[dict]:
     fused = ("torch-fused+OneCycleLR", "torch-fused+DS-OneCycle")
     for case in _cases(rows):
         set_name, dtype, opt = case
-        ours = _ours_auto(idx, case)
+        ours = _ours_auto(_index_all(rows), case)  # auto's pick, right or wrong
+        first = len(out)
         r = idx.get(case + (ours,)) if ours else None
         if set_name == "llama1b" and dtype == "fp32" and opt in ("sgd", "adamw"):
             frac = r.get("frac_of_copy") if r else None
@@ -97,6 +117,9 @@ def gpu_targets(rows, e2e: Optional[dict]) -> list[dict]:
             ratio = r["median_ms"] / peer_ms if r and peer_ms else None
             out.append(_target("5,000 small tensors <= 0.3x torch fused + scheduler", case, ratio, 0.3,
                                detail=f"{ours} vs {peer}"))
+        if ours and _wrong(rows, case, ours):
+            for t in out[first:]:
+                t.update(met=False, detail=f"{ours} computes the wrong step (agreement probe)")
     if e2e:
         v = e2e["variants"]
         g = v.get("ours-cudagraph")

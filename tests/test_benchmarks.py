@@ -196,3 +196,55 @@ def test_interleaved_timing_reports_errors():
                                              warmup=1, iters=4, budget_s=10.0)
     assert errors == {"bad": "RuntimeError: boom"}
     assert stats["ok"]["iters"] == 4 and len(calls) == 5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("algo", ["sgd", "adamw"])
+def test_agreement_probe_tells_right_from_wrong(algo, dtype):
+    """The probe passes a correct step (torch foreach, ours) and flags one that
+    skips the update or uses a wrong lr, in fp32 and bf16."""
+    from benchmarks import agreement
+
+    cpu = torch.device("cpu")
+    right = impls.Impl("torch-foreach+OneCycleLR", "torch-foreach", "OneCycleLR",
+                       impls._torch_with_scheduler("foreach", impls.onecyclelr))
+    r = agreement.check(right, algo, dtype, cpu)
+    assert r["agrees"] is True and r["agreement_error"] < 0.05, r
+    if onecycle_fused.ops.cpu_library_loaded():
+        assert agreement.check(impls.Impl("ours-cpu", "ours", "on-device", impls._ours("cpu"), "cpu"),
+                               algo, dtype, cpu)["agrees"] is True
+
+    def no_update(params, algo, device):
+        return lambda: None
+
+    r = agreement.check(impls.Impl("noop", "torch-fused", "OneCycleLR", no_update), algo, dtype, cpu)
+    assert r["agrees"] is False and r["agreement_error"] > 0.9 and "WRONG" in r["agreement_note"]
+
+    def double_lr(params, algo, device):
+        opt = impls._torch_optimizer(params, algo, "foreach", lr=2 * impls.MIN_LR)
+        return opt.step
+
+    assert agreement.check(impls.Impl("2lr", "torch-foreach", "OneCycleLR", double_lr), algo, dtype, cpu)["agrees"] is False
+    # compiled / graph rows are not probed, and say so
+    r = agreement.check(impls.Impl("c", "torch-compiled", "OneCycleLR", no_update), algo, dtype, cpu)
+    assert r["agrees"] is None and "not probed" in r["agreement_note"]
+
+
+def test_targets_ignore_wrong_peers_and_fail_wrong_ours():
+    rows = [_row("torch-foreach+OneCycleLR", 10.0), _row("torch-fused+OneCycleLR", 5.0),
+            _row("torch-fused+DS-OneCycle", 3.0), _row("ours-cpu", 4.0)]
+    rows[2]["agrees"] = False  # the faster fused peer computes the wrong step: not a peer
+    t = targets.evaluate("cpu", rows, None)
+    assert t[1]["value"] == pytest.approx(4.0 / 5.0) and t[1]["met"] is True
+    rows[1]["agrees"] = False  # no valid fused peer left
+    t = targets.evaluate("cpu", rows, None)
+    assert t[1]["met"] is None and "wrong step" in t[1]["detail"]
+    rows[3]["agrees"] = False  # ours wrong: fails however fast
+    t = targets.evaluate("cpu", rows, None)
+    assert [x["met"] for x in t] == [False, False]
+    # GPU: auto's row (ours-cuda) wrong fails its targets, even with triton right
+    g = [_row("torch-fused+OneCycleLR", 5.0, set_name="small"), _row("ours-cuda", 1.0, set_name="small"),
+         _row("ours-triton", 1.0, set_name="small")]
+    g[1]["agrees"] = False
+    t = [x for x in targets.evaluate("cuda", g, None) if x["case"] == "small / fp32 / sgd"]
+    assert t and all(x["met"] is False for x in t)
