@@ -6,8 +6,9 @@
 //
 // CPU implementation: per op call, lr / momentum of every group are computed
 // from the step counter by schedule.h, per-tensor constants by update.h, and
-// then all tensors are cut into chunks that one at::parallel_for runs through
-// the vectorized kernels of the best CPU capability (csrc/cpu/kernels.inc).
+// then one at::parallel_for gives each thread an equal share of all the
+// tensors' elements, run through the vectorized kernels of the best CPU
+// capability (csrc/cpu/kernels.inc).
 #include <Python.h>
 
 #include <ATen/Parallel.h>
@@ -38,12 +39,11 @@ namespace {
 using at::Tensor;
 using at::TensorList;
 
-// Elements per parallel work item: large enough that a tensor's chunk runs at
-// full bandwidth, small enough to share big tensors between threads.
-constexpr int64_t kChunk = 1 << 16;
 // Below this many elements in total the step runs on the calling thread: a
 // parallel region costs more than it saves.
 constexpr int64_t kSerialBelow = 1 << 15;
+// Fewest elements worth giving a thread of their own.
+constexpr int64_t kGrain = 1 << 14;
 
 const cpu::Kernels& kernels() {
   // torch's own choice (honours ATEN_CPU_CAPABILITY), so our kernels and the
@@ -172,27 +172,28 @@ class Batch {
   std::vector<Tensor> keep_;
 };
 
-struct Chunk {
-  int32_t work;
-  int64_t begin, end;
-};
-
+// Runs `fn` over every element of every work item. The items are laid end to
+// end and the threads get equal shares of *elements* (a share may start or
+// end inside a tensor): splitting by tensor, or by fixed-size chunks with
+// every small tensor a chunk of its own, leaves one thread with most of the
+// bytes when sizes are as uneven as a real model's (ResNet-50: 106 of 161
+// tensors are BatchNorm vectors of at most 2,048 elements).
 void run(const std::vector<cpu::TensorWork>& works, cpu::ChunkFn fn) {
-  std::vector<Chunk> chunks;
-  int64_t total = 0;
-  for (size_t i = 0; i < works.size(); ++i) {
-    const int64_t n = works[i].numel;
-    total += n;
-    for (int64_t b = 0; b < n; b += kChunk) chunks.push_back({static_cast<int32_t>(i), b, std::min(n, b + kChunk)});
-  }
-  auto body = [&](int64_t first, int64_t last) {
-    for (int64_t c = first; c < last; ++c) fn(works[chunks[c].work], chunks[c].begin, chunks[c].end);
+  std::vector<int64_t> starts(works.size() + 1, 0);  // element offset of each item
+  for (size_t i = 0; i < works.size(); ++i) starts[i + 1] = starts[i] + works[i].numel;
+  const int64_t total = starts.back();
+  auto body = [&](int64_t begin, int64_t end) {
+    size_t i = std::upper_bound(starts.begin(), starts.end(), begin) - starts.begin() - 1;
+    for (; begin < end; ++i) {
+      const int64_t stop = std::min(end, starts[i + 1]);
+      fn(works[i], begin - starts[i], stop - starts[i]);
+      begin = stop;
+    }
   };
-  const int64_t n = static_cast<int64_t>(chunks.size());
   if (total < kSerialBelow || at::get_num_threads() == 1 || at::in_parallel_region()) {
-    body(0, n);
+    body(0, total);
   } else {
-    at::parallel_for(0, n, 1, body);
+    at::parallel_for(0, total, kGrain, body);
   }
 }
 
