@@ -177,127 +177,144 @@ class Batch {
 // end inside a tensor): splitting by tensor, or by fixed-size chunks with
 // every small tensor a chunk of its own, leaves one thread with most of the
 // bytes when sizes are as uneven as a real model's (ResNet-50: 106 of 161
-// tensors are BatchNorm vectors of at most 2,048 elements).
+// tensors are BatchNorm vectors of at most 2,048 elements). Shares are cut
+// in units of kAlign elements counted from each tensor's start, so a share
+// inside a tensor starts on a 64-byte boundary (for 4-byte and smaller
+// types) and its vector loads do not straddle cache lines.
+constexpr int64_t kAlign = 16;
+
 void run(const std::vector<cpu::TensorWork>& works, cpu::ChunkFn fn) {
-  std::vector<int64_t> starts(works.size() + 1, 0);  // element offset of each item
-  for (size_t i = 0; i < works.size(); ++i) starts[i + 1] = starts[i] + works[i].numel;
-  const int64_t total = starts.back();
-  auto body = [&](int64_t begin, int64_t end) {
+  std::vector<int64_t> starts(works.size() + 1, 0);  // first unit of each item
+  int64_t total = 0;
+  for (size_t i = 0; i < works.size(); ++i) {
+    starts[i + 1] = starts[i] + (works[i].numel + kAlign - 1) / kAlign;
+    total += works[i].numel;
+  }
+  auto body = [&](int64_t begin, int64_t end) {  // in units
     size_t i = std::upper_bound(starts.begin(), starts.end(), begin) - starts.begin() - 1;
     for (; begin < end; ++i) {
       const int64_t stop = std::min(end, starts[i + 1]);
-      fn(works[i], begin - starts[i], stop - starts[i]);
+      fn(works[i], (begin - starts[i]) * kAlign, std::min(works[i].numel, (stop - starts[i]) * kAlign));
       begin = stop;
     }
   };
   if (total < kSerialBelow || at::get_num_threads() == 1 || at::in_parallel_region()) {
-    body(0, total);
+    body(0, starts.back());
   } else {
-    at::parallel_for(0, total, kGrain, body);
+    at::parallel_for(0, starts.back(), kGrain / kAlign, body);
   }
 }
 
-struct Common {
-  std::vector<double> schedules;  // lr, mom per group
+// What both ops do around their per-tensor work: the checks shared by all
+// arguments, every group's lr / momentum at this step, and afterwards the
+// kernels, the write-backs and the step counts. Nothing is written before
+// finish(), so a failed check leaves every tensor as it was.
+class Step {
+ public:
+  Step(const char* op, TensorList params, TensorList grads, TensorList steps, at::IntArrayRef group_ids,
+       const Tensor& table, const Tensor& counter, const std::optional<Tensor>& grad_scale,
+       const std::optional<Tensor>& found_inf)
+      : batch(op, params, grads), group_ids_(group_ids) {
+    batch.check_list(steps, "steps");
+    TORCH_CHECK_VALUE(group_ids.size() == params.size(), "onecycle_fused::", op, ": got ", params.size(),
+                      " params but ", group_ids.size(), " group_ids");
+    for (size_t i = 0; i < steps.size(); ++i) step_ptrs_.push_back(int64_scalar(steps[i], op, "steps", i));
+    counter_ = int64_scalar(counter, op, "counter", size_t(-1));
+    if (found_inf.has_value() && scalar_value(*found_inf, op, "found_inf") != 0) {
+      skipped_ = true;
+      return;
+    }
+    schedules_ = group_schedules(table, *counter_, op);
+    const int64_t groups = table.size(0);
+    for (size_t i = 0; i < group_ids.size(); ++i) {
+      TORCH_CHECK_VALUE(group_ids[i] >= 0 && group_ids[i] < groups, "onecycle_fused::", op, ": group_ids[", i,
+                        "] = ", group_ids[i], " is not a row of the table (", groups, " groups)");
+    }
+    if (grad_scale.has_value()) {
+      has_grad_scale = true;
+      this->grad_scale = scalar_value(*grad_scale, op, "grad_scale");
+    }
+    rows_ = table.contiguous();
+  }
+
+  // found_inf said this step does not happen: nothing changes, not even the counters
+  bool skipped() const { return skipped_; }
+  // tensor i's row of the table, lr and momentum (beta1), and its step count before this step
+  const double* row(size_t i) const { return rows_.data_ptr<double>() + group_ids_[i] * rows_.size(1); }
+  double lr(size_t i) const { return schedules_[2 * group_ids_[i]]; }
+  double mom(size_t i) const { return schedules_[2 * group_ids_[i] + 1]; }
+  int64_t step_before(size_t i) const { return *step_ptrs_[i]; }
+
+  void finish(const std::vector<cpu::TensorWork>& works, cpu::ChunkFn fn) {
+    run(works, fn);
+    batch.finish();
+    for (int64_t* s : step_ptrs_) ++*s;
+    ++*counter_;
+  }
+
+  Batch batch;
   bool has_grad_scale = false;
   double grad_scale = 1.0;
-  int64_t* counter = nullptr;
-};
 
-// Shared checks; returns false when found_inf says the step is skipped.
-bool prepare(const char* op, const Tensor& table, const Tensor& counter, const std::optional<Tensor>& grad_scale,
-             const std::optional<Tensor>& found_inf, at::IntArrayRef group_ids, size_t n, Common& c) {
-  TORCH_CHECK_VALUE(group_ids.size() == n, "onecycle_fused::", op, ": got ", n, " params but ", group_ids.size(),
-                    " group_ids");
-  c.counter = int64_scalar(counter, op, "counter", size_t(-1));
-  if (found_inf.has_value() && scalar_value(*found_inf, op, "found_inf") != 0) return false;
-  c.schedules = group_schedules(table, *c.counter, op);
-  const int64_t groups = table.size(0);
-  for (size_t i = 0; i < n; ++i) {
-    TORCH_CHECK_VALUE(group_ids[i] >= 0 && group_ids[i] < groups, "onecycle_fused::", op, ": group_ids[", i, "] = ",
-                      group_ids[i], " is not a row of the table (", groups, " groups)");
-  }
-  if (grad_scale.has_value()) {
-    c.has_grad_scale = true;
-    c.grad_scale = scalar_value(*grad_scale, op, "grad_scale");
-  }
-  return true;
-}
+ private:
+  at::IntArrayRef group_ids_;
+  std::vector<int64_t*> step_ptrs_;
+  int64_t* counter_ = nullptr;
+  bool skipped_ = false;
+  std::vector<double> schedules_;  // lr, mom per group
+  Tensor rows_;
+};
 
 void sgd_step_cpu(TensorList params, TensorList grads, TensorList momentum_buffers, TensorList steps,
                   at::IntArrayRef group_ids, const Tensor& table, const Tensor& counter,
                   const std::optional<Tensor>& grad_scale, const std::optional<Tensor>& found_inf) {
-  const char* op = "sgd_step_";
-  Batch batch(op, params, grads);
-  batch.check_list(momentum_buffers, "momentum_buffers");
-  batch.check_list(steps, "steps");
-  std::vector<int64_t*> step_ptrs;
-  for (size_t i = 0; i < steps.size(); ++i) step_ptrs.push_back(int64_scalar(steps[i], op, "steps", i));
-  Common c;
-  if (!prepare(op, table, counter, grad_scale, found_inf, group_ids, params.size(), c)) return;
-  const Tensor rows = table.contiguous();
-  const double* table_data = rows.data_ptr<double>();
-
+  Step st("sgd_step_", params, grads, steps, group_ids, table, counter, grad_scale, found_inf);
+  st.batch.check_list(momentum_buffers, "momentum_buffers");
+  if (st.skipped()) return;
   std::vector<cpu::TensorWork> works;
   works.reserve(params.size());
   for (size_t i = 0; i < params.size(); ++i) {
     cpu::TensorWork w;
-    const bool nonempty = batch.begin(i, w);
-    const int64_t g = group_ids[i];
-    const double* r = table_data + g * rows.size(1);
-    const double lr = c.schedules[2 * g], mom = c.schedules[2 * g + 1];
+    const bool nonempty = st.batch.begin(i, w);
     const bool has_buffer = momentum_buffers[i].numel() > 0;
-    w.sgd_f = sgd_scalars<float>(r, lr, mom, *step_ptrs[i], has_buffer, c.has_grad_scale, c.grad_scale);
-    w.sgd_d = sgd_scalars<double>(r, lr, mom, *step_ptrs[i], has_buffer, c.has_grad_scale, c.grad_scale);
+    w.sgd_f = sgd_scalars<float>(st.row(i), st.lr(i), st.mom(i), st.step_before(i), has_buffer, st.has_grad_scale,
+                                 st.grad_scale);
+    w.sgd_d = sgd_scalars<double>(st.row(i), st.lr(i), st.mom(i), st.step_before(i), has_buffer, st.has_grad_scale,
+                                  st.grad_scale);
     const bool use_buffer = w.dtype == cpu::Dtype::Double ? w.sgd_d.use_buffer : w.sgd_f.use_buffer;
     if (!nonempty) continue;
     // a buffer that momentum 0 leaves alone is not touched (nor copied)
-    w.state0 = use_buffer ? batch.data(momentum_buffers[i], "momentum_buffers", i, true, true) : nullptr;
+    w.state0 = use_buffer ? st.batch.data(momentum_buffers[i], "momentum_buffers", i, true, true) : nullptr;
     works.push_back(w);
   }
-  run(works, kernels().sgd);
-  batch.finish();
-  for (int64_t* s : step_ptrs) ++*s;
-  ++*c.counter;
+  st.finish(works, kernels().sgd);
 }
 
 void adam_step_cpu(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
                    TensorList max_exp_avg_sqs, TensorList steps, at::IntArrayRef group_ids, const Tensor& table,
                    const Tensor& counter, const std::optional<Tensor>& grad_scale,
                    const std::optional<Tensor>& found_inf) {
-  const char* op = "adam_step_";
-  Batch batch(op, params, grads);
-  batch.check_list(exp_avgs, "exp_avgs");
-  batch.check_list(exp_avg_sqs, "exp_avg_sqs");
-  batch.check_list(max_exp_avg_sqs, "max_exp_avg_sqs");
-  batch.check_list(steps, "steps");
-  std::vector<int64_t*> step_ptrs;
-  for (size_t i = 0; i < steps.size(); ++i) step_ptrs.push_back(int64_scalar(steps[i], op, "steps", i));
-  Common c;
-  if (!prepare(op, table, counter, grad_scale, found_inf, group_ids, params.size(), c)) return;
-  const Tensor rows = table.contiguous();
-  const double* table_data = rows.data_ptr<double>();
-
+  Step st("adam_step_", params, grads, steps, group_ids, table, counter, grad_scale, found_inf);
+  st.batch.check_list(exp_avgs, "exp_avgs");
+  st.batch.check_list(exp_avg_sqs, "exp_avg_sqs");
+  st.batch.check_list(max_exp_avg_sqs, "max_exp_avg_sqs");
+  if (st.skipped()) return;
   std::vector<cpu::TensorWork> works;
   works.reserve(params.size());
   for (size_t i = 0; i < params.size(); ++i) {
     cpu::TensorWork w;
-    if (!batch.begin(i, w)) continue;
-    const int64_t g = group_ids[i];
-    const double* r = table_data + g * rows.size(1);
-    const double lr = c.schedules[2 * g], beta1 = c.schedules[2 * g + 1];
-    w.state0 = batch.data(exp_avgs[i], "exp_avgs", i, true);
-    w.state1 = batch.data(exp_avg_sqs[i], "exp_avg_sqs", i, true);
-    w.state2 = batch.data(max_exp_avg_sqs[i], "max_exp_avg_sqs", i, true, true);
+    if (!st.batch.begin(i, w)) continue;
+    w.state0 = st.batch.data(exp_avgs[i], "exp_avgs", i, true);
+    w.state1 = st.batch.data(exp_avg_sqs[i], "exp_avg_sqs", i, true);
+    w.state2 = st.batch.data(max_exp_avg_sqs[i], "max_exp_avg_sqs", i, true, true);
     const bool has_max = w.state2 != nullptr;
-    w.adam_f = adam_scalars<float>(r, lr, beta1, *step_ptrs[i], has_max, c.has_grad_scale, c.grad_scale);
-    w.adam_d = adam_scalars<double>(r, lr, beta1, *step_ptrs[i], has_max, c.has_grad_scale, c.grad_scale);
+    w.adam_f = adam_scalars<float>(st.row(i), st.lr(i), st.mom(i), st.step_before(i), has_max, st.has_grad_scale,
+                                   st.grad_scale);
+    w.adam_d = adam_scalars<double>(st.row(i), st.lr(i), st.mom(i), st.step_before(i), has_max, st.has_grad_scale,
+                                    st.grad_scale);
     works.push_back(w);
   }
-  run(works, kernels().adam);
-  batch.finish();
-  for (int64_t* s : step_ptrs) ++*s;
-  ++*c.counter;
+  st.finish(works, kernels().adam);
 }
 
 // Debug / test op: [groups, 2] float64 (lr, momentum) after k applied steps,
