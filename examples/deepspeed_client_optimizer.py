@@ -11,11 +11,16 @@ batches, so the schedule position counts optimizer steps, as DeepSpeed's own
 What runs where:
 * fp32 with ZeRO stage 0 (this script, CPU or GPU): the engine calls our
   ``step()`` directly.
-* ``bf16`` / ``fp16`` and ZeRO stages 1-3 wrap a client optimizer in
-  DeepSpeed's own mixed-precision / partitioning optimizers (GPU); they call
-  the wrapped optimizer's ``step()`` on fp32 master weights, so the fused
-  step and its schedule apply there too. Those paths need a GPU and are not
-  exercised in CI.
+* ZeRO stages 1-3 and ``bf16`` / ``fp16`` wrap the client optimizer in
+  DeepSpeed's partitioning / mixed-precision optimizers, which call our
+  ``step()`` on fp32 (master) partitions: the fused step and its schedule
+  apply there. ZeRO needs ``"zero_allow_untested_optimizer": true`` in the
+  config for any client optimizer. fp32 ZeRO 1-3 and bf16 ZeRO 0-3 are tested
+  on CPU (tests/test_trainers.py); fp16 is GPU-only (a ``gpu`` test).
+* With ``bf16`` / ``fp16`` at ZeRO stage 0, DeepSpeed's wrapper runs one step
+  on all-zero gradients while it is built (to create the optimizer state):
+  that step counts, so training starts at schedule step 1. Call
+  ``opt.set_step(0)`` after ``deepspeed.initialize`` to start at 0.
 
 CPU, one process (DeepSpeed picks its CPU accelerator when there is no GPU):
 
