@@ -380,10 +380,11 @@ print(repr(out))
 
 def test_cpu_capability_variants_agree():
     """DEFAULT, AVX2 and AVX512 builds of the kernels give identical results
-    (torch's ATEN_CPU_CAPABILITY picks the variant)."""
+    (ONECYCLE_FUSED_CPU_KERNELS asks for a variant, torch's ATEN_CPU_CAPABILITY
+    caps it; the inputs come from numpy, so they do not depend on it)."""
     results = {}
     for cap in ("default", "avx2", "avx512"):
-        env = dict(os.environ, ATEN_CPU_CAPABILITY=cap)
+        env = dict(os.environ, ATEN_CPU_CAPABILITY=cap, ONECYCLE_FUSED_CPU_KERNELS=cap)
         proc = subprocess.run([sys.executable, "-c", _VARIANT_SCRIPT], env=env, capture_output=True, text=True,
                               timeout=300)
         assert proc.returncode == 0, proc.stderr
@@ -397,6 +398,33 @@ def test_cpu_capability_variants_agree():
 
 @pytest.mark.skipif(not (sys.platform.startswith("linux") and torch.backends.openmp.is_available()),
                     reason="torch is not an OpenMP build on Linux")
+def test_kernel_variant_choice():
+    """AVX2 kernels on an AVX512 machine unless asked (torch's own rule for its
+    fused optimizers), never above torch's capability."""
+    script = "import onecycle_fused; from onecycle_fused import ops; print(ops.cpu_capability())"
+
+    def variant(**env):
+        proc = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, **env), capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.split()[-1]
+
+    base = dict(os.environ)
+    base.pop("ONECYCLE_FUSED_CPU_KERNELS", None)
+    torch_cap = torch.backends.cpu.get_cpu_capability()
+    expected = {"AVX512": "AVX2", "AVX2": "AVX2"}.get(torch_cap, "DEFAULT")
+    os.environ.pop("ONECYCLE_FUSED_CPU_KERNELS", None)
+    try:
+        assert variant() == expected
+        assert variant(ONECYCLE_FUSED_CPU_KERNELS="avx512") == torch_cap if torch_cap in ("AVX2", "AVX512") \
+            else variant(ONECYCLE_FUSED_CPU_KERNELS="avx512") == "DEFAULT"
+        assert variant(ONECYCLE_FUSED_CPU_KERNELS="default") == "DEFAULT"
+        assert variant(ATEN_CPU_CAPABILITY="default", ONECYCLE_FUSED_CPU_KERNELS="avx512") == "DEFAULT"
+    finally:
+        os.environ.clear()
+        os.environ.update(base)
+
+
 def test_library_is_compiled_with_openmp():
     """at::parallel_for is an inline OpenMP pragma in these torch builds: compiled
     without -fopenmp it silently runs the CPU kernels on one thread. The pragma,
