@@ -29,7 +29,12 @@ single-tensor code) in float32, with IEEE division and square root
 with ``enable_fp_fusion=False``: no ``a*b+c`` is contracted into an FMA, so
 compiled kernels round exactly like the interpreter (numpy) that CI runs, and
 the float64 schedule equals the reference's bit for bit (checked in the PTX
-for sm_90 with triton 3.9: no ``fma.rn.f64``, v4 loads when aligned).
+for sm_90 with triton 3.9: no ``fma.rn.f64``, v4 loads when aligned). The
+one exception is TorchOneCycle's ``cos``: ``tl.cos`` on float64 compiles to
+libdevice's ``__nv_cos``, whose own argument reduction and polynomial use
+``fma.rn.f64`` (the only ones in the PTX, triton 3.9, sm_90, compiled
+without a GPU by ``triton.compile(..., target=GPUTarget("cuda", 90, 32))``);
+its result may differ from ``math.cos`` by an ulp or so, like CUDA's ``cos``.
 """
 from __future__ import annotations
 
