@@ -35,7 +35,7 @@ class Row:
     KIND = 0  # 0: OneCycle, 1: LRRangeTest, 2: TorchOneCycle
     # OneCycle                        # LRRangeTest reuses:    # TorchOneCycle reuses:
     FIRST_STEP_SIZE = 1               # step_size              # end step of phase 1: float(pct_start * T) - 1
-    SECOND_STEP_SIZE = 2              #                        # end step of phase 2 (three_phase): float(2 * pct_start * T) - 2
+    SECOND_STEP_SIZE = 2              #                        # end step of phase 2: float(2 * pct_start * T) - 2
     FIRST_STAIR_COUNT = 3             # staircase (0 / 1)      # anneal_strategy: 0 cos, 1 linear
     SECOND_STAIR_COUNT = 4            #                        # three_phase (0 / 1)
     DECAY_STEP_SIZE = 5               #                        # end step of the last phase: T - 1
