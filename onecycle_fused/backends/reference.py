@@ -32,9 +32,9 @@ def schedule_values(table: torch.Tensor, counter: torch.Tensor) -> tuple[torch.T
 
     Same operations, in the same order, as ``OneCycle.scale`` / ``_eval``,
     ``LRRangeTest._eval`` and ``TorchOneCycle._eval``, so values equal the
-    host's bit for bit (TorchOneCycle's cos: ``torch.cos``, which on CPU is
-    the C library's ``cos`` for tensors shorter than a vector, i.e. a few
-    groups, and may differ from ``math.cos`` by an ulp otherwise or on a GPU).
+    host's bit for bit, except TorchOneCycle's 'cos': ``torch.cos`` is not
+    ``math.cos`` (on CPU it is Sleef's, even for one element, and differs by
+    1 ulp for ~0.1% of arguments; on a GPU it is CUDA's).
     """
     k = counter.to(torch.float64)
 
