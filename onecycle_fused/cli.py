@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("plot", help="plot lr / momentum of a schedule and print a table")
-    p.add_argument("params", nargs="*", metavar="key=value", help="schedule parameters (DeepSpeed names, JSON values)")
+    p.add_argument("params", nargs="*", metavar="key=value",
+                   help="schedule parameters (DeepSpeed names; OneCycleLR's with --type TorchOneCycle; JSON values)")
     p.add_argument("--config", help="DeepSpeed JSON config holding a scheduler entry")
     p.add_argument("--type", default="OneCycle", choices=sorted(_TYPES), help="schedule type for key=value arguments")
     p.add_argument("--steps", type=_positive_int, help="number of steps to plot (default: cycle + as much decay)")

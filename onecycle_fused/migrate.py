@@ -17,10 +17,11 @@ What carries over:
   ``LRScheduler`` state; both are "steps already taken", the ``k`` of
   ``DESIGN.md`` §2.
 
-The schedule's *shape* is the fused optimizer's own (give it the same
-DeepSpeed parameters to continue a DeepSpeed run exactly). torch's
-``OneCycleLR`` follows a different curve (cosine, ``div_factor``...), so from
-it only the position and the optimizer state are taken.
+The schedule's *shape* is the fused optimizer's own: give it the same
+DeepSpeed parameters to continue a DeepSpeed run exactly, or
+``schedule=TorchOneCycle(...)`` with ``OneCycleLR``'s arguments to continue a
+torch ``OneCycleLR`` run exactly (its ``last_epoch`` is the ``k`` both use).
+With another schedule only the position and the optimizer state are taken.
 """
 from __future__ import annotations
 

@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 
 from . import backends as _backends
-from .schedule import ROW_WIDTH, LRRangeTest, OneCycle, Row, _Schedule, schedule_from_config
+from .schedule import ROW_WIDTH, LRRangeTest, OneCycle, Row, TorchOneCycle, _Schedule, schedule_from_config
 
 __all__ = ["FusedOneCycleSGD", "FusedOneCycleAdam", "FusedOneCycleAdamW"]
 
@@ -49,7 +49,8 @@ def _local(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 _ONECYCLE_KEYS = tuple(OneCycle(0.0, 0.0).params())
 _RANGETEST_KEYS = tuple(LRRangeTest().params())
-_SCHEDULE_KEYS = set(_ONECYCLE_KEYS) | set(_RANGETEST_KEYS) | {"post_cycle_decay_step_size"}
+_TORCH_ONECYCLE_KEYS = tuple(TorchOneCycle(0.0, total_steps=1).params())
+_SCHEDULE_KEYS = set(_ONECYCLE_KEYS) | set(_RANGETEST_KEYS) | set(_TORCH_ONECYCLE_KEYS) | {"post_cycle_decay_step_size"}
 
 
 def _freeze(value):
@@ -105,7 +106,7 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         if backend not in _backends.backend_names():
             raise ValueError(f"backend must be one of {_backends.backend_names()}, got {backend!r}")
         if not isinstance(schedule, _Schedule):
-            raise ValueError(f"schedule must be a OneCycle or LRRangeTest, got {type(schedule).__name__}")
+            raise ValueError(f"schedule must be a OneCycle, LRRangeTest or TorchOneCycle, got {type(schedule).__name__}")
         if isinstance(params, torch.Tensor):
             raise TypeError("params argument given to the optimizer should be an iterable of Tensors or dicts")
         params = list(params)
@@ -136,7 +137,9 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
             elif isinstance(given, dict):
                 base = schedule_from_config(given)
             else:
-                raise ValueError(f"a group's schedule must be a OneCycle, LRRangeTest or config dict, got {given!r}")
+                raise ValueError(
+                    f"a group's schedule must be a OneCycle, LRRangeTest, TorchOneCycle or config dict, got {given!r}"
+                )
         else:
             base = self.schedule
         n = base.num_groups
@@ -416,8 +419,9 @@ _SCHEDULE_DOC = """
     ``post_cycle_decay_step_size``), ``cycle_momentum``, ``cycle_min_mom``,
     ``cycle_max_mom``, ``decay_mom_rate``.
 
-    ``schedule``: a :class:`OneCycle` or :class:`LRRangeTest` used instead of
-    the keywords. ``backend``: ``"auto"`` (fastest built one for the device),
+    ``schedule``: a :class:`OneCycle`, :class:`LRRangeTest` or
+    :class:`TorchOneCycle` (torch's ``OneCycleLR``) used instead of the
+    keywords. ``backend``: ``"auto"`` (fastest built one for the device),
     ``"reference"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
 """
 
@@ -441,7 +445,10 @@ class FusedOneCycleSGD(_FusedOneCycleOptimizer):
 
     With ``cycle_momentum=True`` (the default) the momentum follows the
     schedule; ``momentum`` is used when it does not (``cycle_momentum=False``
-    or an :class:`LRRangeTest` schedule).
+    or an :class:`LRRangeTest` schedule). From ``torch.optim.SGD(params,
+    momentum=0.9)`` with ``OneCycleLR(opt, max_lr=0.1, total_steps=1000)``:
+    ``FusedOneCycleSGD(params, schedule=TorchOneCycle(max_lr=0.1,
+    total_steps=1000), momentum=0.9)``.
     """
         + _SCHEDULE_DOC
     )

@@ -8,16 +8,19 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from .schedule import OneCycle, _Schedule
+from .schedule import OneCycle, TorchOneCycle, _Schedule
 
 __all__ = ["schedule_values_at", "format_table", "plot_schedule", "default_steps"]
 
 
 def default_steps(schedule: _Schedule) -> int:
     """A step count that shows the whole shape: OneCycle's cycle plus as much
-    decay again (at least 1000 steps for a range test)."""
+    decay again, TorchOneCycle's whole schedule (at least 1000 steps for a
+    range test)."""
     if isinstance(schedule, OneCycle):
         return 2 * schedule.total_size + 1
+    if isinstance(schedule, TorchOneCycle):
+        return schedule.length + 1
     return max(1000, 2 * schedule.lr_range_test_step_size)
 
 

@@ -9,7 +9,8 @@ Triton kernels.
 
 ``k`` is always the number of optimizer steps already applied; the step about
 to run uses ``lr(k)`` and ``momentum(k)``. This equals DeepSpeed's schedulers
-driven as ``optimizer.step(); scheduler.step()``.
+driven as ``optimizer.step(); scheduler.step()``, and torch's ``OneCycleLR``
+(:class:`TorchOneCycle`) driven the same way.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import numbers
 import os
 from typing import Any, Mapping, Sequence
 
-__all__ = ["OneCycle", "LRRangeTest", "Row", "ROW_WIDTH", "schedule_from_config"]
+__all__ = ["OneCycle", "LRRangeTest", "TorchOneCycle", "Row", "ROW_WIDTH", "schedule_from_config"]
 
 
 class Row:
@@ -31,19 +32,19 @@ class Row:
     ``csrc/schedule.h`` / ``csrc/update.h`` and ``backends/triton_kernels.py``.
     """
 
-    KIND = 0  # 0: OneCycle, 1: LRRangeTest
-    # OneCycle                        # LRRangeTest reuses:
-    FIRST_STEP_SIZE = 1               # step_size
-    SECOND_STEP_SIZE = 2
-    FIRST_STAIR_COUNT = 3             # staircase (0 / 1)
-    SECOND_STAIR_COUNT = 4
-    DECAY_STEP_SIZE = 5
-    MIN_LR = 6                        # lr_range_test_min_lr
-    MAX_LR = 7
-    DECAY_LR_RATE = 8                 # lr_range_test_step_rate
-    MIN_MOM = 9
-    MAX_MOM = 10
-    DECAY_MOM_RATE = 11
+    KIND = 0  # 0: OneCycle, 1: LRRangeTest, 2: TorchOneCycle
+    # OneCycle                        # LRRangeTest reuses:    # TorchOneCycle reuses:
+    FIRST_STEP_SIZE = 1               # step_size              # end step of phase 1: float(pct_start * T) - 1
+    SECOND_STEP_SIZE = 2              #                        # end step of phase 2: float(2 * pct_start * T) - 2
+    FIRST_STAIR_COUNT = 3             # staircase (0 / 1)      # anneal_strategy: 0 cos, 1 linear
+    SECOND_STAIR_COUNT = 4            #                        # three_phase (0 / 1)
+    DECAY_STEP_SIZE = 5               #                        # end step of the last phase: T - 1
+    MIN_LR = 6                        # lr_range_test_min_lr   # initial_lr = max_lr / div_factor
+    MAX_LR = 7                        #                        # max_lr
+    DECAY_LR_RATE = 8                 # lr_range_test_step_rate  # min_lr = initial_lr / final_div_factor
+    MIN_MOM = 9                       #                        # base_momentum
+    MAX_MOM = 10                      #                        # max_momentum
+    DECAY_MOM_RATE = 11               #                        # last step evaluated as is; later k use T - 1
     CYCLE_MOMENTUM = 12               # 1.0: momentum from the schedule
     MOMENTUM = 13                     # constant momentum / beta1 otherwise
     # update hyper-parameters (filled by the optimizer)
@@ -62,6 +63,9 @@ ROW_WIDTH = 24
 
 KIND_ONECYCLE = 0
 KIND_LRRANGETEST = 1
+KIND_TORCH_ONECYCLE = 2
+ANNEAL_COS = 0  # Row.FIRST_STAIR_COUNT of a TorchOneCycle row
+ANNEAL_LINEAR = 1
 
 
 # --------------------------------------------------------------------------
@@ -423,15 +427,203 @@ class LRRangeTest(_Schedule):
         return [float(v) for v in r]
 
 
-_TYPES = {cls.type_name: cls for cls in (OneCycle, LRRangeTest)}
+def _positive(name: str, value: Any) -> float:
+    value = _as_float(name, value)
+    if value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+    return value
 
 
-def schedule_from_config(config: str | os.PathLike | Mapping[str, Any]) -> OneCycle | LRRangeTest:
+class TorchOneCycle(_Schedule):
+    """torch's 1-Cycle schedule (``torch.optim.lr_scheduler.OneCycleLR``).
+
+    Same parameter names and defaults; ``max_lr``, ``base_momentum`` and
+    ``max_momentum`` take a list with one value per parameter group. ``lr(k)``
+    and ``momentum(k)`` equal, bit for bit, what ``OneCycleLR`` has put in
+    ``param_groups`` after ``k`` calls of ``scheduler.step()`` (its
+    ``last_epoch == k``), for every ``k`` in ``0 .. T`` (``T = total_steps``,
+    or ``epochs * steps_per_epoch``). So::
+
+        opt = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+        sched = OneCycleLR(opt, max_lr=0.1, total_steps=1000)   # + sched.step() per step
+
+    becomes ``FusedOneCycleSGD(params, schedule=TorchOneCycle(max_lr=0.1,
+    total_steps=1000), momentum=0.9)``. With ``cycle_momentum=True`` the
+    momentum (SGD) / beta1 (Adam) follows the schedule, otherwise the
+    optimizer's own ``momentum`` / ``betas[0]`` is used.
+
+    Differences from torch, where torch raises:
+
+    * after ``T`` steps torch raises ``ValueError`` at the next
+      ``scheduler.step()``. A device cannot raise, so for ``k > T`` lr and
+      momentum hold the values of ``k = T - 1``, the end of the schedule
+      (also at ``k = T`` when the last phase has zero length, e.g.
+      ``pct_start=1.0``, where torch divides by zero);
+    * a first phase of zero length (``pct_start * T == 1``), where torch
+      raises ``ZeroDivisionError`` at construction, is a ``ValueError``
+      naming ``pct_start``;
+    * ``pct_start`` may be an int (0 or 1): it is used as a float.
+    """
+
+    type_name = "TorchOneCycle"
+    _per_group_names = ("max_lr", "base_momentum", "max_momentum")
+
+    def __init__(
+        self,
+        max_lr,
+        total_steps=None,
+        epochs=None,
+        steps_per_epoch=None,
+        pct_start=0.3,
+        anneal_strategy="cos",
+        cycle_momentum=True,
+        base_momentum=0.85,
+        max_momentum=0.95,
+        div_factor=25.0,
+        final_div_factor=1e4,
+        three_phase=False,
+    ):
+        # torch: total_steps wins; epochs and steps_per_epoch are only read
+        # (and checked) without it. The values are kept as given for params().
+        if total_steps is not None:
+            self.total_steps = _as_int("total_steps", total_steps, 1)
+            self.epochs, self.steps_per_epoch = epochs, steps_per_epoch
+            self.length = self.total_steps
+        elif epochs is not None and steps_per_epoch is not None:
+            self.total_steps = None
+            self.epochs = _as_int("epochs", epochs, 1)
+            self.steps_per_epoch = _as_int("steps_per_epoch", steps_per_epoch, 1)
+            self.length = self.epochs * self.steps_per_epoch
+        else:
+            raise ValueError("give total_steps, or epochs and steps_per_epoch")
+        pct = _as_float("pct_start", pct_start)
+        if not 0.0 <= pct <= 1.0:
+            raise ValueError(f"pct_start must be in [0, 1], got {pct_start!r}")
+        self.pct_start = pct
+        if anneal_strategy not in ("cos", "linear"):
+            raise ValueError(f"anneal_strategy must be 'cos' or 'linear', got {anneal_strategy!r}")
+        self.anneal_strategy = anneal_strategy
+        for name, flag in (("cycle_momentum", cycle_momentum), ("three_phase", three_phase)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"{name} must be a bool, got {flag!r}")
+        self.cycle_momentum = cycle_momentum
+        self.three_phase = three_phase
+        self.max_lr = _per_group("max_lr", max_lr, _nonneg)
+        self.base_momentum = _per_group("base_momentum", base_momentum, _momentum)
+        self.max_momentum = _per_group("max_momentum", max_momentum, _momentum)
+        self.div_factor = _positive("div_factor", div_factor)
+        self.final_div_factor = _positive("final_div_factor", final_div_factor)
+        self._check_list_lengths()
+
+        # Phase end steps, written as torch writes them (float64, same
+        # operation order), so that the device compares and divides by the
+        # very same numbers.
+        T = self.length
+        self.phase1_end = float(pct * T) - 1
+        self.phase2_end = float(2 * pct * T) - 2
+        self.last_end = float(T - 1)
+        if self.phase1_end == 0.0:
+            # step 0 selects phase 1 (0 <= end) and divides by end - 0.0
+            raise ValueError(
+                f"pct_start * total steps must not be 1 (pct_start={pct_start!r}, total steps={T}): "
+                "the first phase would have zero length (torch's OneCycleLR divides by zero at step 0)"
+            )
+        # The last phase is divided by only from k = T on when it has zero
+        # length (its start, the previous end, is then T - 1): hold from T.
+        previous_end = self.phase2_end if three_phase else self.phase1_end
+        self.last_exact_step = T if self.last_end - previous_end != 0 else T - 1
+
+    @property
+    def cycles_momentum(self) -> bool:
+        return self.cycle_momentum
+
+    def params(self) -> dict[str, Any]:
+        return {
+            "max_lr": self.max_lr,
+            "total_steps": self.total_steps,
+            "epochs": self.epochs,
+            "steps_per_epoch": self.steps_per_epoch,
+            "pct_start": self.pct_start,
+            "anneal_strategy": self.anneal_strategy,
+            "cycle_momentum": self.cycle_momentum,
+            "base_momentum": self.base_momentum,
+            "max_momentum": self.max_momentum,
+            "div_factor": self.div_factor,
+            "final_div_factor": self.final_div_factor,
+            "three_phase": self.three_phase,
+        }
+
+    def group_lrs(self, group: int = 0) -> tuple[float, float, float]:
+        """(initial_lr, max_lr, min_lr) of a group, computed as torch does."""
+        max_lr = _at(self.max_lr, group)
+        initial_lr = max_lr / self.div_factor
+        return initial_lr, max_lr, initial_lr / self.final_div_factor
+
+    def _anneal(self, start: float, end: float, pct: float) -> float:
+        if self.anneal_strategy == "cos":
+            cos_out = math.cos(math.pi * pct) + 1
+            return end + (start - end) / 2.0 * cos_out
+        return (end - start) * pct + start
+
+    def _eval(self, step, group):
+        initial_lr, max_lr, min_lr = self.group_lrs(group)
+        base_mom, max_mom = _at(self.base_momentum, group), _at(self.max_momentum, group)
+        if step > self.last_exact_step:
+            step = self.length - 1
+        # (end step, lr from, lr to, momentum from, momentum to) per phase
+        if self.three_phase:
+            phases = [
+                (self.phase1_end, initial_lr, max_lr, max_mom, base_mom),
+                (self.phase2_end, max_lr, initial_lr, base_mom, max_mom),
+                (self.last_end, initial_lr, min_lr, max_mom, max_mom),
+            ]
+        else:
+            phases = [
+                (self.phase1_end, initial_lr, max_lr, max_mom, base_mom),
+                (self.last_end, max_lr, min_lr, base_mom, max_mom),
+            ]
+        # torch's phase search: the first phase whose end is >= step, else the
+        # last; a phase starts where the previous one ends (first: 0.0)
+        start = 0.0
+        for i, (end, lr_from, lr_to, mom_from, mom_to) in enumerate(phases):
+            if step <= end or i == len(phases) - 1:
+                pct = (step - start) / (end - start)
+                lr = self._anneal(lr_from, lr_to, pct)
+                mom = self._anneal(mom_from, mom_to, pct)
+                break
+            start = end
+        return lr, (mom if self.cycle_momentum else None)
+
+    def row(self, group: int = 0) -> list[float]:
+        initial_lr, max_lr, min_lr = self.group_lrs(group)
+        r = [0.0] * (Row.MOMENTUM + 1)
+        r[Row.KIND] = KIND_TORCH_ONECYCLE
+        r[Row.FIRST_STEP_SIZE] = self.phase1_end
+        r[Row.SECOND_STEP_SIZE] = self.phase2_end
+        r[Row.FIRST_STAIR_COUNT] = ANNEAL_COS if self.anneal_strategy == "cos" else ANNEAL_LINEAR
+        r[Row.SECOND_STAIR_COUNT] = 1.0 if self.three_phase else 0.0
+        r[Row.DECAY_STEP_SIZE] = self.last_end
+        r[Row.MIN_LR] = initial_lr
+        r[Row.MAX_LR] = max_lr
+        r[Row.DECAY_LR_RATE] = min_lr
+        r[Row.MIN_MOM] = _at(self.base_momentum, group)
+        r[Row.MAX_MOM] = _at(self.max_momentum, group)
+        r[Row.DECAY_MOM_RATE] = self.last_exact_step
+        r[Row.CYCLE_MOMENTUM] = 1.0 if self.cycle_momentum else 0.0
+        return [float(v) for v in r]
+
+
+_TYPES = {cls.type_name: cls for cls in (OneCycle, LRRangeTest, TorchOneCycle)}
+
+
+def schedule_from_config(config: str | os.PathLike | Mapping[str, Any]) -> OneCycle | LRRangeTest | TorchOneCycle:
     """Build a schedule from a DeepSpeed config.
 
     ``config`` is a path to a JSON file or a dict holding
     ``{"scheduler": {"type": "OneCycle" | "LRRangeTest", "params": {...}}}``;
-    the inner ``{"type": ..., "params": ...}`` alone is accepted too.
+    the inner ``{"type": ..., "params": ...}`` alone is accepted too. The type
+    ``"TorchOneCycle"`` (not DeepSpeed's; what ``TorchOneCycle.config()``
+    writes) is accepted as well.
     """
     if isinstance(config, (str, os.PathLike)):
         with open(config) as f:
@@ -469,3 +661,4 @@ def _from_config(cls, config):
 
 OneCycle.from_config = classmethod(_from_config)  # type: ignore[attr-defined]
 LRRangeTest.from_config = classmethod(_from_config)  # type: ignore[attr-defined]
+TorchOneCycle.from_config = classmethod(_from_config)  # type: ignore[attr-defined]

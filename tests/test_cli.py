@@ -8,7 +8,7 @@ import pytest
 
 from onecycle_fused.cli import main
 from onecycle_fused.plotting import format_table, plot_schedule, schedule_values_at
-from onecycle_fused.schedule import OneCycle, schedule_from_config
+from onecycle_fused.schedule import OneCycle, TorchOneCycle, schedule_from_config
 
 from conftest import SEED_CONFIG
 
@@ -75,6 +75,17 @@ def test_plot_range_test_schedule_default_table(capsys):
     table = _table(capsys.readouterr().out)
     assert sorted(table) == list(range(0, 101, 10))  # 11 evenly spaced rows by default
     assert table[100] == pytest.approx([1e-3 * 11])
+
+
+def test_plot_torch_onecycle_default_steps(capsys):
+    """--type TorchOneCycle takes OneCycleLR's names; the default table spans
+    the whole schedule, 0 .. total_steps."""
+    assert main(["plot", "--type", "TorchOneCycle", "max_lr=0.1", "total_steps=100", "anneal_strategy=linear"]) == 0
+    table = _table(capsys.readouterr().out)
+    sched = TorchOneCycle(max_lr=0.1, total_steps=100, anneal_strategy="linear")
+    assert sorted(table) == list(range(0, 101, 10))
+    for k, values in table.items():
+        assert values == pytest.approx([sched.lr(k), sched.momentum(k)], rel=1e-5)
 
 
 @pytest.mark.parametrize("args,match", [

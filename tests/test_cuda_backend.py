@@ -24,7 +24,7 @@ import os
 import pytest
 import torch
 
-from onecycle_fused import FusedOneCycleAdam, FusedOneCycleAdamW, FusedOneCycleSGD, LRRangeTest, OneCycle
+from onecycle_fused import FusedOneCycleAdam, FusedOneCycleAdamW, FusedOneCycleSGD, LRRangeTest, OneCycle, TorchOneCycle
 from onecycle_fused import backends as _backends
 from onecycle_fused.backends import get_backend
 
@@ -71,6 +71,13 @@ CASES = [
      dict(schedule=LRRangeTest(0.001, lr_range_test_step_size=2, lr_range_test_staircase=True))),
     ("adamw", FusedOneCycleAdamW, dict(SCHED)),
     ("adamw-amsgrad", FusedOneCycleAdamW, dict(SCHED, weight_decay=0.1, amsgrad=True)),
+]
+# torch's OneCycleLR: three phases and two steps past the end in STEPS
+TORCH_SCHED = dict(max_lr=0.1, total_steps=10, pct_start=0.25, three_phase=True)
+CASES += [
+    ("sgd-torch-onecycle", FusedOneCycleSGD, dict(schedule=TorchOneCycle(**TORCH_SCHED), momentum=0.9)),
+    ("adam-torch-onecycle-linear", FusedOneCycleAdam,
+     dict(schedule=TorchOneCycle(**TORCH_SCHED, anneal_strategy="linear", cycle_momentum=False))),
 ]
 LOW = (torch.bfloat16, torch.float16)
 
@@ -242,6 +249,26 @@ def test_schedule_values_op_matches_host():
         got = torch.ops.onecycle_fused.schedule_values(table, k).cpu()
         assert got[0, 0].item() == sched.lr(k), k
         assert got[0, 1].item() == sched.momentum(k), k
+
+
+@gpu
+@pytest.mark.parametrize("anneal", ["cos", "linear"])
+def test_torch_onecycle_schedule_values_op(anneal):
+    """TorchOneCycle on the GPU (schedule.h compiled by nvcc) against
+    schedule.py: 'linear' bit for bit; 'cos' within 2 ulps (CUDA's cos is not
+    the C library's that math.cos is)."""
+    sched = TorchOneCycle(max_lr=[0.1, 0.02], total_steps=40, pct_start=0.3, three_phase=True,
+                          anneal_strategy=anneal)
+    rows = [r + [0.0] * (24 - len(r)) for r in (sched.row(0), sched.row(1))]
+    table = torch.tensor(rows, dtype=torch.float64, device=DEV)
+    for k in list(range(0, 43)) + [10**6, 2**40]:
+        got = torch.ops.onecycle_fused.schedule_values(table, k).cpu()
+        for g in range(2):
+            for v, want in zip(got[g].tolist(), (sched.lr(k, g), sched.momentum(k, g))):
+                if anneal == "linear":
+                    assert v == want, (k, g)
+                else:
+                    assert abs(v - want) <= 2 * math.ulp(want), (k, g, v, want)
 
 
 # ---------------------------------------------------------------------------

@@ -13,6 +13,7 @@ The interpreter costs ~10 ms per program, so tensors are small, chunks are
 64 elements (block 32 x 2 iterations) to get several chunks per tensor, and
 long runs use few tensors: the file takes ~60 s (30 s of CPU) on 2 cores.
 """
+import math
 import os
 
 import pytest
@@ -27,7 +28,9 @@ if not INTERPRET and not torch.cuda.is_available():
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
 
-from onecycle_fused import FusedOneCycleAdam, FusedOneCycleAdamW, FusedOneCycleSGD, LRRangeTest, OneCycle  # noqa: E402
+from onecycle_fused import (  # noqa: E402
+    FusedOneCycleAdam, FusedOneCycleAdamW, FusedOneCycleSGD, LRRangeTest, OneCycle, TorchOneCycle,
+)
 from onecycle_fused.backends import get_backend  # noqa: E402
 from onecycle_fused.backends import triton as tb  # noqa: E402
 from onecycle_fused.backends import triton_kernels as tk  # noqa: E402
@@ -166,6 +169,50 @@ def test_schedule_bit_exact(name):
     for i, k in enumerate(ks.tolist()):
         want_lr, want_mom = schedule_values(table, torch.tensor(k, device=DEVICE))
         assert lr[i].item() == want_lr.item() and mom[i].item() == want_mom.item(), k
+
+
+TORCH_SCHEDULES = {
+    "torch-cos": TorchOneCycle(max_lr=0.1, total_steps=200),
+    "torch-linear-three-phase": TorchOneCycle(max_lr=0.1, total_steps=10, pct_start=0.25, three_phase=True,
+                                              anneal_strategy="linear"),
+    "torch-cos-three-phase": TorchOneCycle(max_lr=0.1, total_steps=10, pct_start=0.25, three_phase=True),
+    "torch-zero-last-phase": TorchOneCycle(max_lr=0.1, total_steps=13, pct_start=1.0, anneal_strategy="linear"),
+    "torch-constant-momentum": TorchOneCycle(max_lr=0.1, total_steps=30, pct_start=0, cycle_momentum=False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TORCH_SCHEDULES))
+def test_torch_onecycle_schedule_against_host(name):
+    """TorchOneCycle rows against schedule.py's float64 host values (torch's
+    OneCycleLR's, bit for bit): 'linear' bit-exact; 'cos' within 2 ulps,
+    since tl.cos is numpy's cos in the interpreter and libdevice's __nv_cos
+    compiled, neither of them the C library's that math.cos is."""
+    sched = TORCH_SCHEDULES[name]
+    table = _row(sched)
+    T = sched.length
+    ks = sorted(set(range(T + 3)) | {10**6, 2**40})
+    ks_t = torch.tensor(ks, device=DEVICE)
+    lr = torch.empty(len(ks), dtype=torch.float64, device=DEVICE)
+    mom = torch.empty_like(lr)
+    _probe_schedule[(1,)](table, ks_t, lr, mom, len(ks), BLOCK=256, enable_fp_fusion=False)
+    for i, k in enumerate(ks):
+        want = (sched.lr(k), sched.momentum(k) if sched.cycles_momentum else 0.9)
+        for got, exp in zip((lr[i].item(), mom[i].item()), want):
+            if sched.anneal_strategy == "linear":
+                assert got == exp, (k, got, exp)
+            else:
+                assert abs(got - exp) <= 2 * math.ulp(exp), (k, got, exp)
+
+
+@pytest.mark.parametrize("cls,kw", [
+    (FusedOneCycleSGD, dict(momentum=0.9, nesterov=True)),
+    (FusedOneCycleAdamW, dict(amsgrad=True)),
+], ids=["sgd", "adamw"])
+def test_torch_onecycle_through_optimizer(cls, kw):
+    """A whole (short) TorchOneCycle schedule and two steps past its end."""
+    sched = TorchOneCycle(max_lr=[0.1, 0.05], total_steps=6, pct_start=0.4, three_phase=True)
+    compare(cls, dict(kw, schedule=sched), steps=9, sizes=(9, 65),
+            groups=[([0], {}), ([1], {})])
 
 
 # ---------------------------------------------------------------------------

@@ -19,17 +19,22 @@ common cases; tests still allow a few ulps.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
-from ..schedule import KIND_LRRANGETEST, KIND_ONECYCLE, Row
+from ..schedule import ANNEAL_LINEAR, KIND_LRRANGETEST, KIND_ONECYCLE, KIND_TORCH_ONECYCLE, Row
 from . import StepBatch
 
 
 def schedule_values(table: torch.Tensor, counter: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """lr and momentum of every group (float64 ``[groups]``) after ``counter`` applied steps.
 
-    Same operations, in the same order, as ``OneCycle.scale`` / ``_eval`` and
-    ``LRRangeTest._eval``, so values equal the host's bit for bit.
+    Same operations, in the same order, as ``OneCycle.scale`` / ``_eval``,
+    ``LRRangeTest._eval`` and ``TorchOneCycle._eval``, so values equal the
+    host's bit for bit, except TorchOneCycle's 'cos': ``torch.cos`` is not
+    ``math.cos`` (on CPU it is Sleef's, even for one element, and differs by
+    1 ulp for ~0.1% of arguments; on a GPU it is CUDA's).
     """
     k = counter.to(torch.float64)
 
@@ -67,10 +72,49 @@ def schedule_values(table: torch.Tensor, counter: torch.Tensor) -> tuple[torch.T
     rt_interval = torch.where(col(Row.FIRST_STAIR_COUNT) != 0, torch.floor(rt_interval), rt_interval)
     range_lr = min_lr * (1 + lr_rate * rt_interval)
 
+    # ---- TorchOneCycle (column meanings: schedule.Row)
+    torch_lr, torch_mom = _torch_onecycle_values(table, k)
+
     lr = torch.where(kind == KIND_LRRANGETEST, range_lr, onecycle_lr)
-    scheduled_mom = (kind == KIND_ONECYCLE) & (col(Row.CYCLE_MOMENTUM) != 0)
-    mom = torch.where(scheduled_mom, onecycle_mom, col(Row.MOMENTUM))
+    lr = torch.where(kind == KIND_TORCH_ONECYCLE, torch_lr, lr)
+    mom = torch.where(kind == KIND_TORCH_ONECYCLE, torch_mom, onecycle_mom)
+    scheduled_mom = (kind != KIND_LRRANGETEST) & (col(Row.CYCLE_MOMENTUM) != 0)
+    mom = torch.where(scheduled_mom, mom, col(Row.MOMENTUM))
     return lr, mom
+
+
+def _torch_onecycle_values(table: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``TorchOneCycle._eval`` on tensors: torch's OneCycleLR.get_lr."""
+    end1, end2 = table[:, Row.FIRST_STEP_SIZE], table[:, Row.SECOND_STEP_SIZE]
+    last_end = table[:, Row.DECAY_STEP_SIZE]
+    three = table[:, Row.SECOND_STAIR_COUNT] != 0
+    initial_lr, max_lr, min_lr = table[:, Row.MIN_LR], table[:, Row.MAX_LR], table[:, Row.DECAY_LR_RATE]
+    base_mom, max_mom = table[:, Row.MIN_MOM], table[:, Row.MAX_MOM]
+    # past the end (torch raises there) the values of k = T - 1 hold
+    k = torch.where(k > table[:, Row.DECAY_MOM_RATE], last_end, k)
+    # torch's phase search: first phase whose end is >= k, else the last
+    in_first = k <= end1
+    in_second = ~in_first & three & (k <= end2)
+    in_last = ~in_first & ~in_second
+
+    def pick(first, second, last):
+        return torch.where(in_first, first, torch.where(in_second, second, last))
+
+    zero = torch.zeros_like(end1)
+    start = pick(zero, end1, torch.where(three, end2, end1))
+    end = pick(end1, end2, last_end)
+    lr_from = pick(initial_lr, max_lr, torch.where(three, initial_lr, max_lr))
+    lr_to = pick(max_lr, initial_lr, min_lr)
+    mom_from = pick(max_mom, base_mom, torch.where(three, max_mom, base_mom))
+    mom_to = pick(base_mom, max_mom, max_mom)
+    pct = (k - start) / (end - start)
+    linear = table[:, Row.FIRST_STAIR_COUNT] == ANNEAL_LINEAR
+    cos_out = torch.cos(math.pi * pct) + 1
+
+    def anneal(a, b):
+        return torch.where(linear, (b - a) * pct + a, b + (a - b) / 2.0 * cos_out)
+
+    return anneal(lr_from, lr_to), anneal(mom_from, mom_to)
 
 
 def _commit(dst: torch.Tensor, new: torch.Tensor, skip: torch.Tensor | None) -> None:

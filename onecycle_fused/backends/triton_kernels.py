@@ -29,14 +29,19 @@ single-tensor code) in float32, with IEEE division and square root
 with ``enable_fp_fusion=False``: no ``a*b+c`` is contracted into an FMA, so
 compiled kernels round exactly like the interpreter (numpy) that CI runs, and
 the float64 schedule equals the reference's bit for bit (checked in the PTX
-for sm_90 with triton 3.9: no ``fma.rn.f64``, v4 loads when aligned).
+for sm_90 with triton 3.9: no ``fma.rn.f64``, v4 loads when aligned). The
+one exception is TorchOneCycle's ``cos``: ``tl.cos`` on float64 compiles to
+libdevice's ``__nv_cos``, whose own argument reduction and polynomial use
+``fma.rn.f64`` (the only ones in the PTX, triton 3.9, sm_90, compiled
+without a GPU by ``triton.compile(..., target=GPUTarget("cuda", 90, 32))``);
+its result may differ from ``math.cos`` by an ulp or so, like CUDA's ``cos``.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from ..schedule import KIND_LRRANGETEST, KIND_ONECYCLE, Row
+from ..schedule import ANNEAL_LINEAR, KIND_LRRANGETEST, KIND_ONECYCLE, KIND_TORCH_ONECYCLE, Row
 
 # -- launch-table layout (mirrored by backends/triton.py) -------------------
 T_PARAM, T_GRAD, T_STATE1, T_STATE2, T_STATE3, T_NUMEL, T_GROUP, T_STEP = range(8)
@@ -81,6 +86,9 @@ _DECOUPLED = tl.constexpr(Row.DECOUPLED)
 _HAS_MOMENTUM_BUFFER = tl.constexpr(Row.HAS_MOMENTUM_BUFFER)
 _KIND_ONECYCLE = tl.constexpr(KIND_ONECYCLE)
 _KIND_LRRANGETEST = tl.constexpr(KIND_LRRANGETEST)
+_KIND_TORCH_ONECYCLE = tl.constexpr(KIND_TORCH_ONECYCLE)
+_ANNEAL_LINEAR = tl.constexpr(ANNEAL_LINEAR)
+_PI = tl.constexpr(3.141592653589793)  # math.pi
 
 # how many step pointers the last program advances per iteration
 _STEPS_BLOCK = tl.constexpr(128)
@@ -97,8 +105,12 @@ def schedule_values(row, k_int):
     """
     k = k_int.to(tl.float64)
     kind = tl.load(row + _KIND)
-    first = tl.load(row + _FIRST_STEP_SIZE)
-    second = tl.load(row + _SECOND_STEP_SIZE)
+    torch_kind = kind == _KIND_TORCH_ONECYCLE
+    # a TorchOneCycle row keeps other numbers in these columns (phase ends,
+    # any sign, not integers): the OneCycle / LRRangeTest branches, discarded
+    # for it, get harmless ones so that no modulo or division by 0 happens
+    first = tl.where(torch_kind, 1.0, tl.load(row + _FIRST_STEP_SIZE))
+    second = tl.where(torch_kind, 1.0, tl.load(row + _SECOND_STEP_SIZE))
     first_stairs = tl.load(row + _FIRST_STAIR_COUNT)
     min_lr = tl.load(row + _MIN_LR)
     lr_rate = tl.load(row + _DECAY_LR_RATE)
@@ -136,10 +148,61 @@ def schedule_values(row, k_int):
     rt_interval = tl.where(first_stairs != 0, tl.floor(rt_interval), rt_interval)
     range_lr = min_lr * (1 + lr_rate * rt_interval)
 
+    # ---- TorchOneCycle
+    torch_lr, torch_mom = _torch_onecycle_values(row, k)
+
     lr = tl.where(kind == _KIND_LRRANGETEST, range_lr, onecycle_lr)
-    scheduled_mom = (kind == _KIND_ONECYCLE) & (tl.load(row + _CYCLE_MOMENTUM) != 0)
-    mom = tl.where(scheduled_mom, onecycle_mom, tl.load(row + _MOMENTUM))
+    lr = tl.where(torch_kind, torch_lr, lr)
+    mom = tl.where(torch_kind, torch_mom, onecycle_mom)
+    scheduled_mom = (kind != _KIND_LRRANGETEST) & (tl.load(row + _CYCLE_MOMENTUM) != 0)
+    mom = tl.where(scheduled_mom, mom, tl.load(row + _MOMENTUM))
     return lr, mom
+
+
+@triton.jit
+def _torch_anneal(start, end, pct, cos_out, linear):
+    """torch's OneCycleLR._annealing_linear / _annealing_cos (``cos_out`` =
+    ``cos(pi * pct) + 1``), operation for operation."""
+    return tl.where(linear, (end - start) * pct + start, end + (start - end) / 2.0 * cos_out)
+
+
+@triton.jit
+def _torch_onecycle_values(row, k):
+    """``reference._torch_onecycle_values`` for one row (columns: schedule.Row).
+
+    cos is ``tl.cos``: numpy's in the interpreter, libdevice's ``__nv_cos``
+    compiled for float64; either may differ from Python's ``math.cos`` by an
+    ulp or so.
+    """
+    end1 = tl.load(row + _FIRST_STEP_SIZE)
+    end2 = tl.load(row + _SECOND_STEP_SIZE)
+    last_end = tl.load(row + _DECAY_STEP_SIZE)
+    three = tl.load(row + _SECOND_STAIR_COUNT) != 0
+    initial_lr = tl.load(row + _MIN_LR)
+    max_lr = tl.load(row + _MAX_LR)
+    min_lr = tl.load(row + _DECAY_LR_RATE)
+    base_mom = tl.load(row + _MIN_MOM)
+    max_mom = tl.load(row + _MAX_MOM)
+    # past the end (torch raises there) the values of k = T - 1 hold
+    k = tl.where(k > tl.load(row + _DECAY_MOM_RATE), last_end, k)
+    in_first = k <= end1
+    # two phases: phase 2 ends where phase 1 does, so no k falls in it. (The
+    # interpreter cannot `&` a scalar flag with a block of k, hence no flags.)
+    in_second = (k > end1) & (k <= tl.where(three, end2, end1))
+    start = tl.where(in_first, 0.0, tl.where(in_second, end1, tl.where(three, end2, end1)))
+    end = tl.where(in_first, end1, tl.where(in_second, end2, last_end))
+    lr_from = tl.where(in_first, initial_lr, tl.where(in_second, max_lr, tl.where(three, initial_lr, max_lr)))
+    lr_to = tl.where(in_first, max_lr, tl.where(in_second, initial_lr, min_lr))
+    mom_from = tl.where(in_first, max_mom, tl.where(in_second, base_mom, tl.where(three, max_mom, base_mom)))
+    mom_to = tl.where(in_first, base_mom, max_mom)
+    # a zero length is never selected (TorchOneCycle validates and holds),
+    # but this row may not be a TorchOneCycle one: no 0 / 0 in the interpreter
+    length = end - start
+    pct = (k - start) / tl.where(length == 0, 1.0, length)
+    linear = tl.load(row + _FIRST_STAIR_COUNT) == _ANNEAL_LINEAR
+    cos_out = tl.cos(pct * _PI) + 1  # pct * pi == pi * pct; `constexpr * tensor` fails in the interpreter
+    return (_torch_anneal(lr_from, lr_to, pct, cos_out, linear),
+            _torch_anneal(mom_from, mom_to, pct, cos_out, linear))
 
 
 @triton.jit
