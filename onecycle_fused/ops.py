@@ -11,7 +11,8 @@ Ops (schemas in ``csrc/ops.cpp``)::
     adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, group_ids, table, counter,
                grad_scale?, found_inf?)
     schedule_values(table, k) -> [groups, 2] float64 (lr, momentum) after k steps (debug / tests)
-    cpu_capability() -> "DEFAULT" | "AVX2" | "AVX512" (which CPU kernels run)
+    cpu_capability() -> which CPU kernels run: "DEFAULT" | "AVX2" | "AVX512", or
+        "AVX2/AVX512" (float32-float64 / bfloat16-float16 variants)
 
 An empty tensor in ``momentum_buffers`` / ``max_exp_avg_sqs`` means "this
 parameter has none". Both step ops advance every ``steps[i]`` and ``counter``
@@ -59,7 +60,9 @@ def cuda_library_loaded() -> bool:
 
 
 def cpu_capability() -> str | None:
-    """Instruction set of the CPU kernels in use, or None when ``_C`` is not loaded."""
+    """Instruction set of the CPU kernels in use ("AVX2", or "AVX2/AVX512" when
+    float32/float64 and bfloat16/float16 use different variants), or None when
+    ``_C`` is not loaded."""
     return torch.ops.onecycle_fused.cpu_capability() if cpu_library_loaded() else None
 
 

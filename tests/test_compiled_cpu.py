@@ -75,6 +75,30 @@ def test_thread_shares_split_inside_tensors(threads, dtype):
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("cls", [SGD, ADAMW])
+def test_mixed_dtypes_in_one_call(cls):
+    """fp32, bf16, fp16 and fp64 tensors in one op call (each chunk runs its
+    dtype's kernel variant) give what each dtype gives alone."""
+    shapes = [(40_000,), (7, 9), (33_333,), (5,)]
+    dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+    start = [p.to(d) for p, d in zip(_make_params(shapes, torch.float64), dtypes)]
+
+    def train(indices):
+        params = [torch.nn.Parameter(start[i].clone()) for i in indices]
+        opt = cls(params, backend="cpu", **SCHED)
+        for step in range(3):
+            for i, p in zip(indices, params):  # each tensor's grads depend on it and the step only
+                g = torch.Generator().manual_seed(100 * i + step)
+                p.grad = torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype)
+            opt.step()
+        return params
+
+    together = train(range(len(shapes)))
+    for i, d in enumerate(dtypes):
+        alone = train([i])
+        assert together[i].dtype == d and torch.equal(together[i], alone[0]), d
+
+
 def _make_params(shapes, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(s, generator=g, dtype=torch.float64).to(dtype) for s in shapes]
@@ -396,35 +420,32 @@ def test_cpu_capability_variants_agree():
         assert v == values[0], sorted(results)
 
 
-@pytest.mark.skipif(not (sys.platform.startswith("linux") and torch.backends.openmp.is_available()),
-                    reason="torch is not an OpenMP build on Linux")
 def test_kernel_variant_choice():
-    """AVX2 kernels on an AVX512 machine unless asked (torch's own rule for its
-    fused optimizers), never above torch's capability."""
+    """float32/float64 run at most AVX2 (torch's rule for its fused optimizers),
+    bfloat16/float16 the best variant; ONECYCLE_FUSED_CPU_KERNELS asks for one
+    variant for all; never above torch's capability."""
     script = "import onecycle_fused; from onecycle_fused import ops; print(ops.cpu_capability())"
+    base = {k: v for k, v in os.environ.items() if k != "ONECYCLE_FUSED_CPU_KERNELS"}
 
     def variant(**env):
-        proc = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, **env), capture_output=True,
+        proc = subprocess.run([sys.executable, "-c", script], env=dict(base, **env), capture_output=True,
                               text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr
         return proc.stdout.split()[-1]
 
-    base = dict(os.environ)
-    base.pop("ONECYCLE_FUSED_CPU_KERNELS", None)
     torch_cap = torch.backends.cpu.get_cpu_capability()
-    expected = {"AVX512": "AVX2", "AVX2": "AVX2"}.get(torch_cap, "DEFAULT")
-    os.environ.pop("ONECYCLE_FUSED_CPU_KERNELS", None)
-    try:
-        assert variant() == expected
-        assert variant(ONECYCLE_FUSED_CPU_KERNELS="avx512") == torch_cap if torch_cap in ("AVX2", "AVX512") \
-            else variant(ONECYCLE_FUSED_CPU_KERNELS="avx512") == "DEFAULT"
-        assert variant(ONECYCLE_FUSED_CPU_KERNELS="default") == "DEFAULT"
-        assert variant(ATEN_CPU_CAPABILITY="default", ONECYCLE_FUSED_CPU_KERNELS="avx512") == "DEFAULT"
-    finally:
-        os.environ.clear()
-        os.environ.update(base)
+    if torch_cap not in ("AVX2", "AVX512"):
+        pytest.skip(f"torch's capability here is {torch_cap}")
+    assert variant() == ("AVX2/AVX512" if torch_cap == "AVX512" else "AVX2")
+    assert variant(ONECYCLE_FUSED_CPU_KERNELS="avx512") == torch_cap
+    assert variant(ONECYCLE_FUSED_CPU_KERNELS="avx2") == "AVX2"
+    assert variant(ONECYCLE_FUSED_CPU_KERNELS="default") == "DEFAULT"
+    assert variant(ATEN_CPU_CAPABILITY="default") == "DEFAULT"
+    assert variant(ATEN_CPU_CAPABILITY="avx2", ONECYCLE_FUSED_CPU_KERNELS="avx512") == "AVX2"
 
 
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and torch.backends.openmp.is_available()),
+                    reason="torch is not an OpenMP build on Linux")
 def test_library_is_compiled_with_openmp():
     """at::parallel_for is an inline OpenMP pragma in these torch builds: compiled
     without -fopenmp it silently runs the CPU kernels on one thread. The pragma,
