@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], default="sgd")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--backend", default="auto")
+    r.add_argument("--max-lr-divisor", type=float, default=1.0,
+                   help="suggest cycle_max_lr = (lr at the smoothed-loss minimum) / this (default 1: Smith's rule)")
     r.add_argument("--out", help="PNG path for the loss curve")
     return parser
 
@@ -110,7 +112,8 @@ def _range_test(args) -> int:
 
     model, loss_fn, data = toy_problem(seed=args.seed)
     result = lr_range_test(model, loss_fn, data, min_lr=args.min_lr, max_lr=args.max_lr, num_steps=args.steps,
-                           optimizer=args.optimizer, backend=args.backend, plot=args.out)
+                           optimizer=args.optimizer, backend=args.backend, plot=args.out,
+                           max_lr_divisor=args.max_lr_divisor)
     state = "diverged, stopped" if result.diverged else "completed"
     print(f"range test {state} after {result.steps_run} steps (lr {result.lrs[0]:.3g} .. {result.lrs[-1]:.3g})")
     print(f"suggested cycle_min_lr = {result.cycle_min_lr:.6g}, cycle_max_lr = {result.cycle_max_lr:.6g}")

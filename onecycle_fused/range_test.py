@@ -14,7 +14,11 @@ the loss is smoothed with a bias-corrected exponential moving average;
 ``cycle_max_lr`` is the lr where the smoothed loss stops falling (its
 minimum, before any divergence), and ``cycle_min_lr`` is ``cycle_max_lr``
 divided by ``min_lr_divisor`` (Smith's rule of thumb: a third or a quarter of
-the maximum; default 4).
+the maximum; default 4). ``max_lr_divisor`` (default 1: Smith's rule) divides
+``cycle_max_lr`` first, for a more conservative peak: in this project's
+convergence study (README) the loss minimum itself collapsed 1-Cycle and a
+tenth of it (``max_lr_divisor=10``, the rule fastai's ``lr_find`` popularised)
+trained well.
 """
 from __future__ import annotations
 
@@ -63,19 +67,30 @@ def smooth_losses(losses: Sequence[float], beta: float = 0.98) -> list[float]:
     return out
 
 
+def _check_divisor(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 1 <= value < math.inf:
+        raise ValueError(f"{name} must be a finite number >= 1, got {value!r}")
+
+
 def suggest_lr_bounds(
-    lrs: Sequence[float], losses: Sequence[float], *, beta: float = 0.98, min_lr_divisor: float = 4.0
+    lrs: Sequence[float],
+    losses: Sequence[float],
+    *,
+    beta: float = 0.98,
+    min_lr_divisor: float = 4.0,
+    max_lr_divisor: float = 1.0,
 ) -> tuple[float, float, list[float]]:
     """``(cycle_min_lr, cycle_max_lr, smoothed_losses)`` from a range-test curve.
 
     ``cycle_max_lr`` is the lr at the minimum of the smoothed loss (the point
     where the loss stops decreasing; non-finite losses and anything after them
-    are ignored); ``cycle_min_lr = cycle_max_lr / min_lr_divisor``.
+    are ignored) divided by ``max_lr_divisor``; ``cycle_min_lr = cycle_max_lr /
+    min_lr_divisor``.
     """
     if len(lrs) != len(losses):
         raise ValueError(f"lrs and losses must have the same length, got {len(lrs)} and {len(losses)}")
-    if not (isinstance(min_lr_divisor, (int, float)) and min_lr_divisor >= 1):
-        raise ValueError(f"min_lr_divisor must be a number >= 1, got {min_lr_divisor!r}")
+    _check_divisor("min_lr_divisor", min_lr_divisor)
+    _check_divisor("max_lr_divisor", max_lr_divisor)
     n = 0
     while n < len(losses) and math.isfinite(float(losses[n])):
         n += 1
@@ -83,7 +98,7 @@ def suggest_lr_bounds(
         raise ValueError("losses has no finite value at its start: nothing to suggest from")
     smoothed = smooth_losses(losses[:n], beta)
     best = min(range(n), key=lambda i: smoothed[i])
-    max_lr = float(lrs[best])
+    max_lr = float(lrs[best]) / max_lr_divisor
     return max_lr / min_lr_divisor, max_lr, smoothed
 
 
@@ -113,6 +128,7 @@ def lr_range_test(
     diverge_factor: float = 4.0,
     beta: float = 0.98,
     min_lr_divisor: float = 4.0,
+    max_lr_divisor: float = 1.0,
     backend: str = "auto",
     restore: bool = True,
     plot: Optional[str] = None,
@@ -131,12 +147,15 @@ def lr_range_test(
     smoothed loss exceeds ``diverge_factor`` times its minimum or a loss is
     not finite. With ``restore`` (default) the model's parameters and buffers
     are put back afterwards. ``plot``: a PNG path to draw the curve to.
+    ``min_lr_divisor`` / ``max_lr_divisor``: see :func:`suggest_lr_bounds`.
     """
     from .optim import FusedOneCycleAdam, FusedOneCycleAdamW, FusedOneCycleSGD
 
     classes = {"sgd": FusedOneCycleSGD, "adam": FusedOneCycleAdam, "adamw": FusedOneCycleAdamW}
     if optimizer not in classes:
         raise ValueError(f"optimizer must be one of {sorted(classes)}, got {optimizer!r}")
+    _check_divisor("min_lr_divisor", min_lr_divisor)  # before training, not after
+    _check_divisor("max_lr_divisor", max_lr_divisor)
     if not (isinstance(min_lr, (int, float)) and min_lr > 0 and math.isfinite(min_lr)):
         raise ValueError(f"min_lr must be a finite number > 0, got {min_lr!r}")
     if not (isinstance(max_lr, (int, float)) and max_lr > min_lr and math.isfinite(max_lr)):
@@ -191,7 +210,7 @@ def lr_range_test(
     host_losses = losses[:steps].tolist()
     lrs = [schedule.lr(k) for k in range(steps)]
     cycle_min_lr, cycle_max_lr, smoothed = suggest_lr_bounds(
-        lrs, host_losses, beta=beta, min_lr_divisor=min_lr_divisor
+        lrs, host_losses, beta=beta, min_lr_divisor=min_lr_divisor, max_lr_divisor=max_lr_divisor
     )
     result = RangeTestResult(lrs, host_losses, smoothed, cycle_min_lr, cycle_max_lr, diverged)
     if plot is not None:

@@ -106,3 +106,22 @@ def test_bad_arguments_name_the_parameter(bad, match):
     model, loss_fn, data = toy_problem(num_batches=1)
     with pytest.raises(ValueError, match=match):
         lr_range_test(model, loss_fn, data, **bad)
+
+
+def test_max_lr_divisor_scales_both_bounds():
+    """max_lr_divisor divides the peak found at the smoothed-loss minimum, and
+    cycle_min_lr follows it; bad divisors are refused before anything runs."""
+    lrs = [0.01 * (i + 1) for i in range(50)]
+    losses = [(lr - 0.3) ** 2 for lr in lrs]  # minimum at lr 0.3
+    lo1, hi1, _ = suggest_lr_bounds(lrs, losses, beta=0.0)
+    lo10, hi10, _ = suggest_lr_bounds(lrs, losses, beta=0.0, max_lr_divisor=10)
+    assert hi1 == pytest.approx(0.3) and hi10 == pytest.approx(0.03)
+    assert lo1 == pytest.approx(0.3 / 4) and lo10 == pytest.approx(0.03 / 4)
+    for bad in (0.5, 0, float("inf"), True, "10"):
+        with pytest.raises(ValueError, match="max_lr_divisor"):
+            suggest_lr_bounds(lrs, losses, max_lr_divisor=bad)
+    model = torch.nn.Linear(2, 1)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="max_lr_divisor"):
+        lr_range_test(model, lambda m, b: m(b).sum(), [torch.ones(1, 2)], max_lr_divisor=0.1)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
