@@ -181,3 +181,25 @@ def write_all(out_dir, meta, rows, targets, e2e, plots: bool = True) -> list[str
         f.write(markdown(meta, rows, targets, e2e))
     written = [os.path.join(out_dir, "results.json"), os.path.join(out_dir, "results.md")]
     return written + (make_plots(rows, e2e, out_dir) if plots else [])
+
+
+def rewrite(out_dir: str) -> list[str]:
+    """Re-derive results.md, the targets and the plots from a folder's results.json
+    (e.g. after a GPU run brought back without plots: ``python -m benchmarks.report DIR``)."""
+    from . import targets as targets_mod
+
+    with open(os.path.join(out_dir, "results.json")) as f:
+        data = json.load(f)
+    meta = data["meta"]
+    device_type = meta.get("device", "cuda" if meta.get("gpu") else "cpu")
+    targ = targets_mod.evaluate(device_type, data["rows"], data.get("e2e"))
+    return write_all(out_dir, meta, data["rows"], targ, data.get("e2e"))
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 2:
+        raise SystemExit("usage: python -m benchmarks.report RESULTS_DIR")
+    for path in rewrite(sys.argv[1]):
+        print("wrote", path)

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The GPU checks, as few device calls as the lease allows (a task drawn for a
+# GPU gets ~15 device-minutes in all, at most 10 per command, and a machine
+# takes a minute or more to start). Run from the repository root on the GPU
+# machine, whose python3 already has torch, triton, ninja, nvcc and pytest:
+#
+#   bash tools/gpu_session.sh 1     # build, gpu tests, ResNet-50 + small sets, e2e   (~6-8 min)
+#   MERGE_FROM=benchmarks/results/<phase 1 folder> bash tools/gpu_session.sh 2
+#                                   # GPT-2 + 1B sets, torch.compile rows, Triton tuning (~8 min)
+#
+# Everything it writes goes under $OUT, at most 7 files, since the device tool
+# brings back 8 at most: env.txt (device and versions), build.log,
+# pytest_gpu.log, bench.log (phase 2: also bench_compiled.log,
+# tune_triton.log) and bench/results.{json,md}. Plots are skipped there; make
+# them here with `python -m benchmarks.report DIR`. Commit what comes back
+# under benchmarks/results/<device>_<date>/ (pytest's log included): that is
+# how the README's GPU status gets updated. MERGE_FROM: an earlier results
+# folder (in the repository, so it travels) whose rows phase 2 adds to.
+# Each step has its own timeout, so a hang in one still leaves the others'
+# output; the exit status is the first failure's.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PHASE=${1:-1}
+OUT=${OUT:-/tmp/onecycle_gpu}
+mkdir -p "$OUT/bench"
+if [ -n "${MERGE_FROM:-}" ]; then cp "$MERGE_FROM/results.json" "$OUT/bench/"; fi
+export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+PY=${PYTHON:-python3}
+status=0
+step() {  # step NAME TIMEOUT_S COMMAND...: run, log to $OUT/NAME.log, remember the first failure
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name (limit ${limit}s): $*"
+  local t0=$SECONDS
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  tail -n 25 "$OUT/$name.log"
+  echo "== $name: exit $rc after $((SECONDS - t0)) s"
+  [ $rc -ne 0 ] && [ $status -eq 0 ] && status=$rc
+  return 0
+}
+
+# the extension, in place (_C and _C_cuda)
+step build 240 "$PY" setup.py build_ext --inplace
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
+  "$PY" -c "import torch, triton, onecycle_fused as oc, onecycle_fused.ops as ops
+print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)
+print('device', torch.cuda.get_device_name(), 'capability', torch.cuda.get_device_capability())
+print('backends', oc.available_backends(), 'cuda lib', ops.cuda_library_loaded(), 'cpu kernels', ops.cpu_capability())" 2>&1
+} > "$OUT/env.txt"
+cat "$OUT/env.txt"
+
+if [ "$PHASE" = 1 ]; then
+  # every gpu-marked test, in one process (the Triton GPU tests compile real kernels)
+  step pytest_gpu 300 "$PY" -m pytest -q -ra -m gpu -p no:cacheprovider tests/
+  # the step-time suite on the launch-bound and mid-size sets; compile rows in phase 2
+  step bench 420 "$PY" -m benchmarks.run --no-progress --sets resnet50,small --skip-impls compiled \
+    --budget 2 --no-plots --out "$OUT/bench" --note "tools/gpu_session.sh phase 1"
+else
+  step bench 360 "$PY" -m benchmarks.run --no-progress --sets gpt2,llama1b --skip-impls compiled \
+    --budget 2 --e2e-steps 0 --no-plots --out "$OUT/bench" --note "tools/gpu_session.sh phase 2"
+  step bench_compiled 300 "$PY" -m benchmarks.run --no-progress --sets resnet50 --impls compiled \
+    --budget 2 --e2e-steps 0 --no-plots --out "$OUT/bench" --note "tools/gpu_session.sh phase 2: torch.compile rows"
+  step tune_triton 120 "$PY" benchmarks/tune_triton.py
+fi
+echo "gpu_session phase $PHASE: exit $status"
+exit $status
