@@ -390,3 +390,24 @@ def test_step_plan_op_directly():
         torch.classes.onecycle_fused.StepPlan("lamb", p, bufs, [], [], steps, [0, 0], [])
     with pytest.raises(ValueError, match="state list"):
         torch.classes.onecycle_fused.StepPlan("adam", p, bufs, [], [], steps, [0, 0], [])
+
+
+@pytest.mark.parametrize("cls,kw", ALGOS, ids=ALGO_IDS)
+def test_schedule_config_edited_in_place(cls, kw):
+    """A group's schedule dict edited in place (not replaced) changes the
+    table rows and the lr mirror (_schedule_of caches by the dict object and
+    a deep copy of it)."""
+    def action(k, params, opt):
+        if k == 3:
+            opt.param_groups[0]["schedule"]["params"]["cycle_max_lr"] = 0.5  # nested, in place
+        if k == 6:
+            config = opt.param_groups[1]["schedule"]
+            opt.param_groups[1]["schedule"] = dict(config, params=dict(config["params"], cycle_min_lr=0.02))
+
+    opt = run_both(cls, kw, 9, action)
+    fresh = cls([torch.zeros(1)], **dict(kw, cycle_max_lr=0.5))
+    unedited = cls([torch.zeros(1)], **kw)
+    for o in (fresh, unedited):
+        o.set_step(9)
+    assert opt.get_last_lr()[0] == fresh.get_last_lr()[0] != unedited.get_last_lr()[0]
+    assert opt.param_groups[1]["schedule"]["params"]["cycle_min_lr"] == 0.02
