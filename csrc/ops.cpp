@@ -454,10 +454,11 @@ Tensor schedule_values_cpu(const Tensor& table, int64_t k) {
 // * every planned param has a dense grad of its own dtype, shape and device;
 // * no param that had no grad when the plan was built has one now;
 // * every state tensor the plan was built from is still alive. State tensors
-//   are held *weakly*: a user who offloads optimizer state by assignment
-//   (state['exp_avg'] = t.to('cpu')) gets the memory back, and Python, which
-//   compares ids, cannot be fooled by a new tensor reusing a dead one's id
-//   (a dead one is caught here).
+//   (not the 0-dim step counts) are held *weakly*: a user who offloads
+//   optimizer state by assignment (state['exp_avg'] = t.to('cpu')) gets the
+//   memory back, and Python, which compares addresses, cannot be fooled by a
+//   new tensor reusing a dead one's address (a dead one is caught here; a
+//   strongly held one cannot die).
 using WeakTensor = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
 
 struct StepPlan : torch::CustomClassHolder {
@@ -482,7 +483,8 @@ struct StepPlan : torch::CustomClassHolder {
     }
     TORCH_CHECK_VALUE(steps.size() == n && group_ids_.size() == n, "StepPlan: ", n, " params but ", steps.size(),
                       " steps and ", group_ids_.size(), " group_ids");
-    for (const Tensor& t : steps) steps_.emplace_back(weak(t));
+    steps_ = std::move(steps);
+    for (const Tensor& t : steps_) TORCH_CHECK_VALUE(t.defined(), "StepPlan: undefined step tensor");
   }
 
   int64_t size() const { return static_cast<int64_t>(params_.size()); }
@@ -490,25 +492,25 @@ struct StepPlan : torch::CustomClassHolder {
   // True when step() would step: the grads fit and every state tensor lives.
   bool ready() const {
     PythonGil gil;
-    std::vector<Tensor> grads, states[3], steps;
-    return gather(grads, states, steps);
+    std::vector<Tensor> grads, states[3];
+    return gather(grads, states);
   }
 
   // One step; false (nothing touched) when the plan does not fit the grads or
   // a state tensor it was built from is gone.
   bool step(const Tensor& table, const Tensor& counter, const std::optional<Tensor>& grad_scale,
             const std::optional<Tensor>& found_inf) const {
-    std::vector<Tensor> grads, states[3], steps;
+    std::vector<Tensor> grads, states[3];
     {
       PythonGil gil;
-      if (!gather(grads, states, steps)) {
-        release(grads, states, steps);
+      if (!gather(grads, states)) {
+        release(grads, states);
         return false;
       }
     }
-    call(grads, states, steps, table, counter, grad_scale, found_inf);
+    call(grads, states, table, counter, grad_scale, found_inf);
     PythonGil gil;
-    release(grads, states, steps);
+    release(grads, states);
     return true;  // the grads were released: set_to_none frees their memory as before
   }
 
@@ -533,14 +535,13 @@ struct StepPlan : torch::CustomClassHolder {
     PyGILState_STATE state_{};
   };
 
-  static void release(std::vector<Tensor>& grads, std::vector<Tensor> (&states)[3], std::vector<Tensor>& steps) {
+  static void release(std::vector<Tensor>& grads, std::vector<Tensor> (&states)[3]) {
     grads.clear();
     for (auto& s : states) s.clear();
-    steps.clear();
   }
 
   void call(const std::vector<Tensor>& grads, const std::vector<Tensor> (&states)[3],
-            const std::vector<Tensor>& steps, const Tensor& table, const Tensor& counter,
+            const Tensor& table, const Tensor& counter,
             const std::optional<Tensor>& grad_scale, const std::optional<Tensor>& found_inf) const {
     // Straight to the device kernel: through the Autograd / ADInplaceOrView
     // keys these ops (no derivative, no version-counter bumps: the list path
@@ -553,7 +554,7 @@ struct StepPlan : torch::CustomClassHolder {
                            .typed<void(TensorList, TensorList, TensorList, TensorList, TensorList, TensorList,
                                        at::IntArrayRef, const Tensor&, const Tensor&, const std::optional<Tensor>&,
                                        const std::optional<Tensor>&)>();
-      op.call(params_, grads, states[0], states[1], states[2], steps, group_ids_, table, counter, grad_scale,
+      op.call(params_, grads, states[0], states[1], states[2], steps_, group_ids_, table, counter, grad_scale,
               found_inf);
     } else {
       static auto op = c10::Dispatcher::singleton()
@@ -561,11 +562,11 @@ struct StepPlan : torch::CustomClassHolder {
                            .typed<void(TensorList, TensorList, TensorList, TensorList, at::IntArrayRef,
                                        const Tensor&, const Tensor&, const std::optional<Tensor>&,
                                        const std::optional<Tensor>&)>();
-      op.call(params_, grads, states[0], steps, group_ids_, table, counter, grad_scale, found_inf);
+      op.call(params_, grads, states[0], steps_, group_ids_, table, counter, grad_scale, found_inf);
     }
   }
 
-  bool gather(std::vector<Tensor>& grads, std::vector<Tensor> (&states)[3], std::vector<Tensor>& steps) const {
+  bool gather(std::vector<Tensor>& grads, std::vector<Tensor> (&states)[3]) const {
     for (const Tensor& w : watched_) {
       if (w.grad().defined()) return false;  // a new grad: the lists must grow
     }
@@ -582,7 +583,7 @@ struct StepPlan : torch::CustomClassHolder {
     for (size_t s = 0; s < 3; ++s) {
       if (!lock_all(states_[s], states[s])) return false;
     }
-    return lock_all(steps_, steps);
+    return true;
   }
 
   static WeakTensor weak(const Tensor& t) {
@@ -603,7 +604,10 @@ struct StepPlan : torch::CustomClassHolder {
   bool adam_;
   std::vector<Tensor> params_;
   std::vector<WeakTensor> states_[3];
-  std::vector<WeakTensor> steps_;
+  // held strongly: 0-dim, nothing to offload, and a C++ reference kept
+  // makes passing them cost nothing (a reference taken per step from a
+  // Python-only tensor costs a PyObject incref, see PythonGil)
+  std::vector<Tensor> steps_;
   std::vector<int64_t> group_ids_;
   std::vector<Tensor> watched_;
 };

@@ -20,7 +20,8 @@ the ``state`` / ``param_groups`` objects (``load_state_dict`` replaces both).
 Checked in C++ per step: every planned param has a grad of its dtype, shape
 and layout, no other param has one, and every state tensor the plan was
 built from is still alive (the plan holds them weakly, so an id compared here
-can only be reused by a new tensor once the old one died, which C++ sees).
+can only be reused by a new tensor once the old one died, which C++ sees; the
+params and the 0-dim step counts it holds strongly cannot die).
 Anything else falls back to the list path, which raises the usual errors or
 builds a new plan.
 
@@ -155,7 +156,11 @@ def run_planned(plan, table, counter, grad_scale, found_inf) -> bool:
     """One device's step through its plan; False: nothing done, take the list path."""
     global _step_planned
     if _step_planned is None:  # resolved once: torch.ops attribute lookups cost ~1 us
-        _step_planned = torch.ops.onecycle_fused.step_planned_.default
+        overload = torch.ops.onecycle_fused.step_planned_.default
+        # the C++ callable behind it: TorchBindOpOverload.__call__ first walks
+        # the args in Python looking for FakeScriptObjects (a few us), which a
+        # plan made here in eager mode never is
+        _step_planned = getattr(overload, "_op", overload)
     return _step_planned(plan, table, counter, grad_scale, found_inf)
 
 
