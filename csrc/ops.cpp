@@ -14,8 +14,13 @@
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_strided.h>
+#include <c10/util/intrusive_ptr.h>
+#include <torch/custom_class.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -28,10 +33,79 @@
 #include "cpu/kernels.h"
 #include "schedule.h"
 
-// `import onecycle_fused._C` works too; ops.py loads the library with
-// torch.ops.load_library, which needs no module.
+namespace onecycle_fused {
+namespace {
+
+// plan_fingerprint(param_groups, state) -> bytes | None
+//
+// What a step plan is built from (onecycle_fused/step_plan.py), as one bytes
+// object to compare with ==: the group dicts, each group's params list and
+// its tensors, the state's keys, each per-param state dict and its keys and
+// values, all by address, with every length before its items. Python needs a
+// call of id() per object for the same (~30 ns each, 5 or 6 per parameter);
+// this walks the dicts and lists directly. Addresses are only compared while
+// the plan keeps what could be reused alive or detects its death (see
+// StepPlan). None when the structures are not what an Optimizer holds.
+PyObject* plan_fingerprint(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 2) {
+    PyErr_SetString(PyExc_TypeError, "plan_fingerprint(param_groups, state) takes 2 arguments");
+    return nullptr;
+  }
+  PyObject* groups = args[0];
+  PyObject* state = args[1];
+  if (!PyList_Check(groups) || !PyDict_Check(state)) Py_RETURN_NONE;
+  static PyObject* params_key = PyUnicode_InternFromString("params");
+  if (params_key == nullptr) return nullptr;
+  std::vector<uintptr_t> out;
+  out.reserve(8 + 4 * PyList_GET_SIZE(groups) + 8 * PyDict_GET_SIZE(state));
+  auto put = [&out](const void* p) { out.push_back(reinterpret_cast<uintptr_t>(p)); };
+  out.push_back(PyList_GET_SIZE(groups));
+  for (Py_ssize_t g = 0; g < PyList_GET_SIZE(groups); ++g) {
+    PyObject* group = PyList_GET_ITEM(groups, g);
+    if (!PyDict_Check(group)) Py_RETURN_NONE;
+    PyObject* params = PyDict_GetItemWithError(group, params_key);  // borrowed
+    if (params == nullptr) {
+      if (PyErr_Occurred()) return nullptr;
+      Py_RETURN_NONE;
+    }
+    if (!PyList_Check(params)) Py_RETURN_NONE;
+    put(group);
+    put(params);
+    out.push_back(PyList_GET_SIZE(params));
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(params); ++i) put(PyList_GET_ITEM(params, i));
+  }
+  out.push_back(PyDict_GET_SIZE(state));
+  Py_ssize_t pos = 0;
+  PyObject *key, *value;
+  while (PyDict_Next(state, &pos, &key, &value)) {
+    if (!PyDict_Check(value)) Py_RETURN_NONE;
+    put(key);
+    put(value);
+    out.push_back(PyDict_GET_SIZE(value));
+    Py_ssize_t pos2 = 0;
+    PyObject *k2, *v2;
+    while (PyDict_Next(value, &pos2, &k2, &v2)) {
+      put(k2);
+      put(v2);
+    }
+  }
+  return PyBytes_FromStringAndSize(reinterpret_cast<const char*>(out.data()),
+                                   static_cast<Py_ssize_t>(out.size() * sizeof(uintptr_t)));
+}
+
+PyMethodDef module_methods[] = {
+    {"plan_fingerprint", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(&plan_fingerprint)),
+     METH_FASTCALL, "What a step plan is built from, as bytes (onecycle_fused/step_plan.py)."},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+}  // namespace onecycle_fused
+
+// ops.py loads the library with torch.ops.load_library (the ops need no
+// module); step_plan.py imports it as the module onecycle_fused._C for
+// plan_fingerprint.
 PyMODINIT_FUNC PyInit__C(void) {
-  static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, onecycle_fused::module_methods};
   return PyModule_Create(&module_def);
 }
 
@@ -360,6 +434,189 @@ Tensor schedule_values_cpu(const Tensor& table, int64_t k) {
   return out;
 }
 
+// ---------------------------------------------------------------------------
+// StepPlan: the host side of a step, built once and reused.
+//
+// optimizer.step() used to rebuild 4-5 Python lists of tensors per step and
+// hand them to sgd_step_ / adam_step_, which pybind converts tensor by tensor:
+// about 1.6 us per parameter on the host, which *is* the step time on a GPU
+// with thousands of small tensors. A StepPlan holds the lists (all but the
+// grads, which are new tensors whenever zero_grad(set_to_none=True) ran) and
+// step_planned_ reads the grads here in C++ from param.grad(), then calls the
+// same sgd_step_ / adam_step_ through the dispatcher: one implementation for
+// every device, so the CUDA kernels and their table cache are reused as is.
+//
+// The Python side (onecycle_fused/step_plan.py) decides when a plan is still
+// valid (same groups, params, state tensors, table rows). What only C++ can
+// see cheaply is checked here, per step, and any surprise returns false
+// before anything is written, so that Python takes the list path, which
+// raises its usual errors or rebuilds the plan:
+// * every planned param has a dense grad of its own dtype, shape and device;
+// * no param that had no grad when the plan was built has one now;
+// * every state tensor the plan was built from is still alive. State tensors
+//   (not the 0-dim step counts) are held *weakly*: a user who offloads
+//   optimizer state by assignment (state['exp_avg'] = t.to('cpu')) gets the
+//   memory back, and Python, which compares addresses, cannot be fooled by a
+//   new tensor reusing a dead one's address (a dead one is caught here; a
+//   strongly held one cannot die).
+using WeakTensor = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
+
+struct StepPlan : torch::CustomClassHolder {
+  // algo: "sgd" (states: momentum_buffers) or "adam" (exp_avgs, exp_avg_sqs,
+  // max_exp_avg_sqs); an empty tensor in an optional list means "none", as in
+  // the list ops. watched: the optimizer's params on this device that had no
+  // grad when the plan was built.
+  StepPlan(std::string algo, std::vector<Tensor> params, std::vector<Tensor> state0, std::vector<Tensor> state1,
+           std::vector<Tensor> state2, std::vector<Tensor> steps, std::vector<int64_t> group_ids,
+           std::vector<Tensor> watched)
+      : adam_(algo == "adam"), params_(std::move(params)), group_ids_(std::move(group_ids)),
+        watched_(std::move(watched)) {
+    TORCH_CHECK_VALUE(algo == "sgd" || algo == "adam", "StepPlan: algo must be 'sgd' or 'adam', got '", algo, "'");
+    const size_t n = params_.size();
+    const size_t n_states = adam_ ? 3 : 1;
+    const std::vector<Tensor>* lists[3] = {&state0, &state1, &state2};
+    for (size_t s = 0; s < 3; ++s) {
+      const size_t want = s < n_states ? n : 0;
+      TORCH_CHECK_VALUE(lists[s]->size() == want, "StepPlan: state list ", s, " has ", lists[s]->size(),
+                        " tensors, expected ", want);
+      for (const Tensor& t : *lists[s]) states_[s].emplace_back(weak(t));
+    }
+    TORCH_CHECK_VALUE(steps.size() == n && group_ids_.size() == n, "StepPlan: ", n, " params but ", steps.size(),
+                      " steps and ", group_ids_.size(), " group_ids");
+    steps_ = std::move(steps);
+    for (const Tensor& t : steps_) TORCH_CHECK_VALUE(t.defined(), "StepPlan: undefined step tensor");
+  }
+
+  int64_t size() const { return static_cast<int64_t>(params_.size()); }
+
+  // True when step() would step: the grads fit and every state tensor lives.
+  bool ready() const {
+    PythonGil gil;
+    std::vector<Tensor> grads, states[3];
+    return gather(grads, states);
+  }
+
+  // One step; false (nothing touched) when the plan does not fit the grads or
+  // a state tensor it was built from is gone.
+  bool step(const Tensor& table, const Tensor& counter, const std::optional<Tensor>& grad_scale,
+            const std::optional<Tensor>& found_inf) const {
+    std::vector<Tensor> grads, states[3];
+    {
+      PythonGil gil;
+      if (!gather(grads, states)) {
+        release(grads, states);
+        return false;
+      }
+    }
+    call(grads, states, table, counter, grad_scale, found_inf);
+    PythonGil gil;
+    release(grads, states);
+    return true;  // the grads were released: set_to_none frees their memory as before
+  }
+
+ private:
+  // A tensor that only Python holds (a state tensor: the plan's reference is
+  // weak) has C++ refcount 1; taking a C++ reference makes it 2, and torch
+  // then increfs its PyObject (and decrefs it on the way back), taking the
+  // GIL each time, which torch.ops released before calling us: measured, a
+  // take_gil/drop_gil pair per tensor cost more than all the rest of the
+  // op. So the GIL is held around the references taken and dropped, once per
+  // step, and not around the kernels.
+  struct PythonGil {
+    PythonGil() : held_(Py_IsInitialized() && !PyGILState_Check()) {
+      if (held_) state_ = PyGILState_Ensure();
+    }
+    ~PythonGil() {
+      if (held_) PyGILState_Release(state_);
+    }
+    PythonGil(const PythonGil&) = delete;
+    PythonGil& operator=(const PythonGil&) = delete;
+    bool held_;
+    PyGILState_STATE state_{};
+  };
+
+  static void release(std::vector<Tensor>& grads, std::vector<Tensor> (&states)[3]) {
+    grads.clear();
+    for (auto& s : states) s.clear();
+  }
+
+  void call(const std::vector<Tensor>& grads, const std::vector<Tensor> (&states)[3],
+            const Tensor& table, const Tensor& counter,
+            const std::optional<Tensor>& grad_scale, const std::optional<Tensor>& found_inf) const {
+    // Straight to the device kernel: through the Autograd / ADInplaceOrView
+    // keys these ops (no derivative, no version-counter bumps: the list path
+    // bumps none either) only meet torch's boxed fallbacks, which turn every
+    // tensor of the lists into an IValue and back.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    if (adam_) {
+      static auto op = c10::Dispatcher::singleton()
+                           .findSchemaOrThrow("onecycle_fused::adam_step_", "")
+                           .typed<void(TensorList, TensorList, TensorList, TensorList, TensorList, TensorList,
+                                       at::IntArrayRef, const Tensor&, const Tensor&, const std::optional<Tensor>&,
+                                       const std::optional<Tensor>&)>();
+      op.call(params_, grads, states[0], states[1], states[2], steps_, group_ids_, table, counter, grad_scale,
+              found_inf);
+    } else {
+      static auto op = c10::Dispatcher::singleton()
+                           .findSchemaOrThrow("onecycle_fused::sgd_step_", "")
+                           .typed<void(TensorList, TensorList, TensorList, TensorList, at::IntArrayRef,
+                                       const Tensor&, const Tensor&, const std::optional<Tensor>&,
+                                       const std::optional<Tensor>&)>();
+      op.call(params_, grads, states[0], steps_, group_ids_, table, counter, grad_scale, found_inf);
+    }
+  }
+
+  bool gather(std::vector<Tensor>& grads, std::vector<Tensor> (&states)[3]) const {
+    for (const Tensor& w : watched_) {
+      if (w.grad().defined()) return false;  // a new grad: the lists must grow
+    }
+    grads.reserve(params_.size());
+    for (const Tensor& p : params_) {
+      const Tensor& g = p.grad();
+      // anything unusual goes to the list path, which raises the clear error
+      if (!g.defined() || g.layout() != at::kStrided || g.scalar_type() != p.scalar_type() ||
+          g.device() != p.device() || g.sizes() != p.sizes()) {
+        return false;
+      }
+      grads.push_back(g);
+    }
+    for (size_t s = 0; s < 3; ++s) {
+      if (!lock_all(states_[s], states[s])) return false;
+    }
+    return true;
+  }
+
+  static WeakTensor weak(const Tensor& t) {
+    TORCH_CHECK_VALUE(t.defined(), "StepPlan: undefined tensor (use an empty tensor for 'none')");
+    return WeakTensor(t.getIntrusivePtr());
+  }
+
+  static bool lock_all(const std::vector<WeakTensor>& weak, std::vector<Tensor>& out) {
+    out.reserve(weak.size());
+    for (const WeakTensor& w : weak) {
+      auto impl = w.lock();
+      if (!impl.defined()) return false;
+      out.emplace_back(std::move(impl));
+    }
+    return true;
+  }
+
+  bool adam_;
+  std::vector<Tensor> params_;
+  std::vector<WeakTensor> states_[3];
+  // held strongly: 0-dim, nothing to offload, and a C++ reference kept
+  // makes passing them cost nothing (a reference taken per step from a
+  // Python-only tensor costs a PyObject incref, see PythonGil)
+  std::vector<Tensor> steps_;
+  std::vector<int64_t> group_ids_;
+  std::vector<Tensor> watched_;
+};
+
+bool step_planned(const c10::intrusive_ptr<StepPlan>& plan, const Tensor& table, const Tensor& counter,
+                  const std::optional<Tensor>& grad_scale, const std::optional<Tensor>& found_inf) {
+  return plan->step(table, counter, grad_scale, found_inf);
+}
+
 // "AVX2": one variant for every dtype; "AVX2/AVX512": float32-float64 / bfloat16-float16
 std::string cpu_capability() {
   const Variants& v = variants();
@@ -381,6 +638,24 @@ TORCH_LIBRARY(onecycle_fused, m) {
   m.def("schedule_values(Tensor table, int k) -> Tensor");
   // which vectorized CPU kernels this process uses (DEFAULT / AVX2 / AVX512)
   m.def("cpu_capability() -> str", &onecycle_fused::cpu_capability);
+  // the host side of a step, cached (see StepPlan above); eager only: it is
+  // never traced (no fake kernel), the optimizer uses the list ops under
+  // torch.compile
+  m.class_<onecycle_fused::StepPlan>("StepPlan")
+      .def(torch::init<std::string, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
+                       std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<int64_t>,
+                       std::vector<at::Tensor>>())
+      .def("__len__", &onecycle_fused::StepPlan::size)
+      .def("ready", &onecycle_fused::StepPlan::ready);
+  m.def(
+      "step_planned_(__torch__.torch.classes.onecycle_fused.StepPlan plan, Tensor table, Tensor(a!) counter, "
+      "Tensor? grad_scale, Tensor? found_inf) -> bool");
+}
+
+// One kernel for every device: it calls sgd_step_ / adam_step_, which
+// dispatch to the CPU or CUDA implementation by the params' device.
+TORCH_LIBRARY_IMPL(onecycle_fused, CompositeExplicitAutograd, m) {
+  m.impl("step_planned_", &onecycle_fused::step_planned);
 }
 
 TORCH_LIBRARY_IMPL(onecycle_fused, CPU, m) {

@@ -13,6 +13,10 @@ Ops (schemas in ``csrc/ops.cpp``)::
     schedule_values(table, k) -> [groups, 2] float64 (lr, momentum) after k steps (debug / tests)
     cpu_capability() -> which CPU kernels run: "DEFAULT" | "AVX2" | "AVX512", or
         "AVX2/AVX512" (float32-float64 / bfloat16-float16 variants)
+    step_planned_(StepPlan plan, table, counter, grad_scale?, found_inf?) -> bool: one device's step
+        through a cached plan (class ``torch.classes.onecycle_fused.StepPlan``, see
+        ``onecycle_fused/step_plan.py``); False, changing nothing, when the plan no longer fits.
+        Eager only: no fake kernel, never traced (the optimizer uses the list ops under compile).
 
 An empty tensor in ``momentum_buffers`` / ``max_exp_avg_sqs`` means "this
 parameter has none". Both step ops advance every ``steps[i]`` and ``counter``

@@ -21,12 +21,14 @@ What lives where:
 """
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any, Callable, Iterable, Optional
 
 import torch
 
 from . import backends as _backends
+from . import step_plan as _step_plan
 from .schedule import ROW_WIDTH, LRRangeTest, OneCycle, Row, TorchOneCycle, _Schedule, schedule_from_config
 
 __all__ = ["FusedOneCycleSGD", "FusedOneCycleAdam", "FusedOneCycleAdamW"]
@@ -121,6 +123,10 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         self._tables: dict[torch.device, torch.Tensor] = {}
         self._row_keys: list = []
         self._schedule_cache: dict[tuple, _Schedule] = {}
+        self._schedule_seen: dict[int, tuple] = {}  # id(config) -> (config, its deep copy, schedule)
+        # the lists of the last list-path step, kept as C++ StepPlans (step_plan.py)
+        self._plan = _step_plan.PlanCache()
+        self._step_plan_enabled = _step_plan.ENABLED_BY_DEFAULT  # False: always the list path (tests)
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------
@@ -193,6 +199,7 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
                 else:
                     self._counters[device] = torch.zeros((), dtype=torch.int64, device=device)
         self._row_keys = []  # tables are rebuilt at the next step
+        self._plan.drop()  # (the snapshot would see the new group too)
         self._update_mirror()
 
     def _validate_group(self, group: dict) -> None:
@@ -206,10 +213,24 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
 
     def _schedule_of(self, group: dict) -> _Schedule:
         """The group's schedule object (parsed once per distinct config)."""
-        key = _freeze(group["schedule"])
+        config = group["schedule"]
+        eager = not torch.compiler.is_compiling()
+        if eager:
+            # _freeze sorts and rebuilds the config: ~5 us, three times a step
+            # per group (table rows, lr mirror), a third of a planned step's
+            # host time for ResNet-50. The same dict object, still equal to a
+            # deep copy of what it held, is the same schedule.
+            seen = self._schedule_seen.get(id(config))
+            if seen is not None and seen[0] is config and seen[1] == config:
+                return seen[2]
+        key = _freeze(config)
         sched = self._schedule_cache.get(key)
         if sched is None:
-            sched = self._schedule_cache[key] = schedule_from_config(group["schedule"])
+            sched = self._schedule_cache[key] = schedule_from_config(config)
+        if eager:
+            if len(self._schedule_seen) > 4 * len(self.param_groups) + 4:
+                self._schedule_seen.clear()  # configs replaced by new dicts: keep the map small
+            self._schedule_seen[id(config)] = (config, copy.deepcopy(config), sched)
         return sched
 
     def _row(self, group: dict) -> list[float]:
@@ -319,24 +340,36 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         found_inf = getattr(self, "found_inf", None)
         self._refresh_tables()
 
+        devices = self._counters.keys()
+        if not torch.compiler.is_compiling():  # (first: dynamo never traces the plan code)
+            devices = self._planned_step(grad_scale, found_inf)
+            if not devices:
+                self._advance_mirror(found_inf)
+                return loss
+
         batches = {}
-        for device, counter in self._counters.items():
+        for device in devices:
+            counter = self._counters[device]
             batches[device] = _backends.StepBatch(
                 algo=self.algo, params=[], grads=[], steps=[], group_ids=[],
                 table=self._tables[device], counter=counter, groups=self.param_groups,
                 grad_scale=None if grad_scale is None else grad_scale.to(device, non_blocking=True),
                 found_inf=None if found_inf is None else found_inf.to(device, non_blocking=True),
             )
+        without_grad = []  # what a plan must watch for a first grad
         for gid, group in enumerate(self.param_groups):
             for p in group["params"]:
                 if p.grad is None:
+                    without_grad.append(p)
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                batch = batches.get(p.device)
+                if batch is None:  # its device already stepped through its plan
+                    continue
                 state = self.state[p]
                 if len(state) == 0:
                     state.update(self._init_state(p, group))
-                batch = batches[p.device]
                 batch.params.append(p)
                 batch.grads.append(p.grad)
                 batch.steps.append(state["step"])
@@ -349,8 +382,62 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
                 for name in _BATCH_TENSOR_LISTS:
                     setattr(batch, name, [_local(t) for t in getattr(batch, name)])
             self._backend_for[device].step(batch)
+        if not torch.compiler.is_compiling() and len(batches) == len(self._counters):
+            self._build_plans(batches, without_grad)
         self._advance_mirror(found_inf)
         return loss
+
+    # ------------------------------------------------------------------
+    # step plans (step_plan.py): the lists of a list-path step, reused
+
+    def _plans_allowed(self) -> bool:
+        return (
+            self._step_plan_enabled
+            and not self._has_dtensors
+            # the compiled cpu / cuda backends; triton, reference (and test doubles) keep the lists
+            and all(callable(getattr(b, "make_plan", None)) for b in self._backend_for.values())
+        )
+
+    def _build_plans(self, batches: dict, without_grad: list[torch.Tensor]) -> None:
+        """Keep this step's lists as one StepPlan per device."""
+        cache = self._plan
+        if not self._plans_allowed() or not cache.may_build() or not _step_plan.plain_tensors(self.param_groups):
+            return
+        plans = []
+        for device, batch in batches.items():
+            watched = [p for p in without_grad if p.device == device]
+            plans.append((device, self._backend_for[device].make_plan(batch, watched)))
+        cache.build(plans, self.param_groups, self.state, self._row_keys)
+
+    def _planned_step(self, grad_scale, found_inf):
+        """Steps devices through their plans. Returns the devices left for the
+        list path: none when the plans did it all, all of them when no plan
+        fits (then nothing was stepped)."""
+        cache = self._plan
+        if cache.plans is None:
+            return self._counters.keys()
+        if not self._step_plan_enabled:
+            cache.drop()
+            return self._counters.keys()
+        if not cache.valid_for(self.param_groups, self.state, self._row_keys):  # (dropped them)
+            return self._counters.keys()
+        plans = cache.plans
+        if len(plans) > 1 and not all(plan.ready() for _, plan in plans):
+            cache.drop()  # several devices step all through plans or none
+            return self._counters.keys()
+        left = []
+        for device, plan in plans:
+            if left or not _step_plan.run_planned(
+                plan, self._tables[device], self._counters[device],
+                None if grad_scale is None else grad_scale.to(device, non_blocking=True),
+                None if found_inf is None else found_inf.to(device, non_blocking=True),
+            ):
+                left.append(device)
+        if left:
+            cache.drop()
+            return left
+        cache.used()
+        return left
 
     def _advance_mirror(self, found_inf: Optional[torch.Tensor]) -> None:
         if torch.compiler.is_compiling() or (
@@ -407,6 +494,7 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         self._host = _HostStep()
         self._host.step = int(counter)
         self._row_keys = []
+        self._plan.drop()  # new state tensors, maybe new groups
         self._update_mirror()
 
 

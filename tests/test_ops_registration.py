@@ -102,6 +102,16 @@ def test_bad_arguments_raise_value_errors_naming_them():
         torch.ops.onecycle_fused.adam_step_(*args)
 
 
+def test_step_plan_class_and_op_registered():
+    """StepPlan and step_planned_ (tests/test_step_plan.py runs them); the op
+    is eager only, so it has no fake kernel and no opcheck here."""
+    schema = str(torch.ops.onecycle_fused.step_planned_.default._schema)
+    assert "__torch__.torch.classes.onecycle_fused.StepPlan plan" in schema and "Tensor(a!) counter" in schema
+    assert schema.endswith("-> bool")
+    plan = torch.classes.onecycle_fused.StepPlan("sgd", [], [], [], [], [], [], [])
+    assert len(plan) == 0
+
+
 def test_cpu_capability_reported():
     assert ops.cpu_capability() in ("DEFAULT", "AVX2", "AVX512", "AVX2/AVX512")
 

@@ -37,22 +37,37 @@ class _CompiledBackend:
             t = self._none[device] = torch.empty(0, device=device)
         return t
 
-    def step(self, batch: StepBatch) -> None:
+    def _state_lists(self, batch: StepBatch) -> tuple[list, list, list]:
+        """The op's state lists: SGD's momentum buffers, or Adam's exp_avgs,
+        exp_avg_sqs and max_exp_avg_sqs, with the placeholder for None."""
         none = self._placeholder(batch.device)
         if batch.algo == "sgd":
+            return [none if b is None else b for b in batch.momentum_buffers], [], []
+        if batch.algo in ("adam", "adamw"):  # adam vs adamw: the table's DECOUPLED column
+            return batch.exp_avgs, batch.exp_avg_sqs, [none if m is None else m for m in batch.max_exp_avg_sqs]
+        raise ValueError(f"unknown algorithm {batch.algo!r}")
+
+    def step(self, batch: StepBatch) -> None:
+        s0, s1, s2 = self._state_lists(batch)
+        if batch.algo == "sgd":
             torch.ops.onecycle_fused.sgd_step_(
-                batch.params, batch.grads,
-                [none if b is None else b for b in batch.momentum_buffers],
-                batch.steps, batch.group_ids, batch.table, batch.counter, batch.grad_scale, batch.found_inf,
-            )
-        elif batch.algo in ("adam", "adamw"):  # adam vs adamw: the table's DECOUPLED column
-            torch.ops.onecycle_fused.adam_step_(
-                batch.params, batch.grads, batch.exp_avgs, batch.exp_avg_sqs,
-                [none if m is None else m for m in batch.max_exp_avg_sqs],
+                batch.params, batch.grads, s0,
                 batch.steps, batch.group_ids, batch.table, batch.counter, batch.grad_scale, batch.found_inf,
             )
         else:
-            raise ValueError(f"unknown algorithm {batch.algo!r}")
+            torch.ops.onecycle_fused.adam_step_(
+                batch.params, batch.grads, s0, s1, s2,
+                batch.steps, batch.group_ids, batch.table, batch.counter, batch.grad_scale, batch.found_inf,
+            )
+
+    def make_plan(self, batch: StepBatch, watched: list[torch.Tensor]):
+        """A ``StepPlan`` (csrc/ops.cpp) holding ``batch``'s lists but the
+        grads, for ``torch.ops.onecycle_fused.step_planned_``; ``watched``: the
+        device's parameters that have no grad now."""
+        s0, s1, s2 = self._state_lists(batch)
+        return torch.classes.onecycle_fused.StepPlan(
+            "sgd" if batch.algo == "sgd" else "adam", batch.params, s0, s1, s2, batch.steps, batch.group_ids, watched,
+        )
 
 
 class CPUBackend(_CompiledBackend):
