@@ -467,6 +467,47 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------
     # checkpoints
 
+    # ------------------------------------------------------------------
+    # copy.deepcopy / pickle
+
+    def __getstate__(self) -> dict[str, Any]:
+        # torch's Optimizer keeps only defaults, state and param_groups; the
+        # schedule, the backend choice and the step counters are ours to keep
+        self._resolve_pending(wait=True)
+        state = super().__getstate__()
+        state["_onecycle_fused"] = {
+            "schedule": self.schedule,
+            "backend": self.backend,
+            "counters": self._counters,
+            "host_step": self._host.step,
+            "has_dtensors": self._has_dtensors,
+        }
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # load_state_dict calls this too, with state and param_groups only:
+        # then everything of ours stays as it is
+        ours = state.pop("_onecycle_fused", None)
+        super().__setstate__(state)
+        if ours is None:
+            return
+        self.schedule = ours["schedule"]
+        self.backend = ours["backend"]
+        self._counters = ours["counters"]
+        self._has_dtensors = ours["has_dtensors"]
+        self._host = _HostStep()
+        self._host.step = ours["host_step"]
+        # caches, rebuilt on use
+        self._backend_for = {
+            device: _backends.resolve(self.backend, device,
+                                      {p.dtype for g in self.param_groups for p in g["params"] if p.device == device})
+            for device in self._counters
+        }
+        self._tables, self._row_keys = {}, []
+        self._schedule_cache, self._schedule_seen = {}, {}
+        self._plan = _step_plan.PlanCache()
+        self._step_plan_enabled = _step_plan.ENABLED_BY_DEFAULT
+
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
         sd["step_counter"] = self.step_counter().detach().clone()

@@ -427,3 +427,38 @@ def test_sparse_gradients_are_refused():
     p.grad = torch.randn(4, 2).to_sparse()
     with pytest.raises(RuntimeError, match="sparse"):
         opt.step()
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+@pytest.mark.parametrize("opt_cls", [FusedOneCycleSGD, FusedOneCycleAdamW])
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_copy_and_pickle_continue_like_the_original(opt_cls, backend, how):
+    """copy.deepcopy / pickle of (model, optimizer) mid-run: the copy keeps the
+    schedule position, the backend and the state, and continues exactly as
+    the original does (torch's Optimizer pickles only defaults, state and
+    param_groups; the schedule and step counters are ours to carry)."""
+    import copy
+    import pickle
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    opt = opt_cls([{"params": model[0].parameters()}, {"params": model[2].parameters(), "cycle_max_lr": 0.05}],
+                  cycle_min_lr=0.01, cycle_max_lr=0.1, cycle_first_step_size=4, backend=backend)
+    data = [torch.randn(8, 5, generator=torch.Generator().manual_seed(i)) for i in range(12)]
+
+    def train(m, o, batches):
+        for x in batches:
+            o.zero_grad()
+            m(x).pow(2).mean().backward()
+            o.step()
+
+    train(model, opt, data[:5])
+    model2, opt2 = copy.deepcopy((model, opt)) if how == "deepcopy" else pickle.loads(pickle.dumps((model, opt)))
+    assert int(opt2.step_counter()) == 5 and opt2.get_last_lr() == opt.get_last_lr()
+    train(model, opt, data[5:])
+    train(model2, opt2, data[5:])
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)
+    assert int(opt2.step_counter()) == int(opt.step_counter()) == 12
+    assert opt2.get_last_lr() == opt.get_last_lr()
+    assert opt2.state_dict()["param_groups"] == opt.state_dict()["param_groups"]
