@@ -6,12 +6,12 @@
 #
 #   bash tools/gpu_session.sh 1     # build, gpu tests, ResNet-50 + small sets, e2e   (~6-8 min)
 #   MERGE_FROM=benchmarks/results/<phase 1 folder> bash tools/gpu_session.sh 2
-#                                   # GPT-2 + 1B sets, torch.compile rows, Triton tuning (~8 min)
+#                                   # GPT-2 + 1B sets, torch.compile rows, host overhead, Triton tuning (~8 min)
 #
-# Everything it writes goes under $OUT, at most 7 files, since the device tool
-# brings back 8 at most: env.txt (device and versions), build.log,
-# pytest_gpu.log, bench.log (phase 2: also bench_compiled.log,
-# tune_triton.log) and bench/results.{json,md}. Plots are skipped there; make
+# Everything it writes goes under $OUT, at most 8 files, as many as the device
+# tool brings back: env.txt (device and versions), build.log,
+# pytest_gpu.log, bench.log (phase 2: bench_compiled.log, host_overhead.log
+# and tune_triton.log instead of pytest_gpu.log) and bench/results.{json,md}. Plots are skipped there; make
 # them here with `python -m benchmarks.report DIR`. Commit what comes back
 # under benchmarks/results/<device>_<date>/ (pytest's log included): that is
 # how the README's GPU status gets updated. MERGE_FROM: an earlier results
@@ -41,8 +41,10 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run, log to $OUT/NAME.log, remember 
   return 0
 }
 
-# the extension, in place (_C and _C_cuda)
-step build 240 "$PY" setup.py build_ext --inplace
+# Limits: each phase's steps add up to < 600 s, the device tool's cap on one
+# command; a step past its limit is cut, the files already written come back.
+# the extension, in place (_C and _C_cuda); a warm machine keeps the build
+step build 150 "$PY" setup.py build_ext --inplace
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
   "$PY" -c "import torch, triton, onecycle_fused as oc, onecycle_fused.ops as ops
@@ -54,16 +56,18 @@ cat "$OUT/env.txt"
 
 if [ "$PHASE" = 1 ]; then
   # every gpu-marked test, in one process (the Triton GPU tests compile real kernels)
-  step pytest_gpu 300 "$PY" -m pytest -q -ra -m gpu -p no:cacheprovider tests/
+  step pytest_gpu 180 "$PY" -m pytest -q -ra -m gpu -p no:cacheprovider tests/
   # the step-time suite on the launch-bound and mid-size sets; compile rows in phase 2
-  step bench 420 "$PY" -m benchmarks.run --no-progress --sets resnet50,small --skip-impls compiled \
-    --budget 2 --no-plots --out "$OUT/bench" --note "tools/gpu_session.sh phase 1"
+  step bench 240 "$PY" -m benchmarks.run --no-progress --sets resnet50,small --skip-impls compiled \
+    --iters 50 --budget 1 --no-plots --out "$OUT/bench" --note "tools/gpu_session.sh phase 1"
 else
-  step bench 360 "$PY" -m benchmarks.run --no-progress --sets gpt2,llama1b --skip-impls compiled \
-    --budget 2 --e2e-steps 0 --no-plots --out "$OUT/bench" --note "tools/gpu_session.sh phase 2"
-  step bench_compiled 300 "$PY" -m benchmarks.run --no-progress --sets resnet50 --impls compiled \
-    --budget 2 --e2e-steps 0 --no-plots --out "$OUT/bench" --note "tools/gpu_session.sh phase 2: torch.compile rows"
-  step tune_triton 120 "$PY" benchmarks/tune_triton.py
+  step bench 180 "$PY" -m benchmarks.run --no-progress --sets gpt2,llama1b --skip-impls compiled \
+    --iters 50 --budget 1 --e2e-steps 0 --no-plots --out "$OUT/bench" --note "tools/gpu_session.sh phase 2"
+  step bench_compiled 120 "$PY" -m benchmarks.run --no-progress --sets resnet50 --impls compiled \
+    --iters 50 --budget 1 --e2e-steps 0 --no-plots --out "$OUT/bench" \
+    --note "tools/gpu_session.sh phase 2: torch.compile rows"
+  step host_overhead 60 "$PY" -m benchmarks.host_overhead --device cuda --full
+  step tune_triton 60 "$PY" benchmarks/tune_triton.py --sets small resnet50
 fi
 echo "gpu_session phase $PHASE: exit $status"
 exit $status
