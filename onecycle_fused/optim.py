@@ -55,6 +55,11 @@ _TORCH_ONECYCLE_KEYS = tuple(TorchOneCycle(0.0, total_steps=1).params())
 _SCHEDULE_KEYS = set(_ONECYCLE_KEYS) | set(_RANGETEST_KEYS) | set(_TORCH_ONECYCLE_KEYS) | {"post_cycle_decay_step_size"}
 
 
+def _on(t: Optional[torch.Tensor], device: torch.device) -> Optional[torch.Tensor]:
+    """GradScaler's grad_scale / found_inf on ``device`` (no sync), or None."""
+    return None if t is None else t.to(device, non_blocking=True)
+
+
 def _freeze(value):
     """A hashable snapshot of a (nested) config value."""
     if isinstance(value, dict):
@@ -108,7 +113,9 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         if backend not in _backends.backend_names():
             raise ValueError(f"backend must be one of {_backends.backend_names()}, got {backend!r}")
         if not isinstance(schedule, _Schedule):
-            raise ValueError(f"schedule must be a OneCycle, LRRangeTest or TorchOneCycle, got {type(schedule).__name__}")
+            raise ValueError(
+                f"schedule must be a OneCycle, LRRangeTest or TorchOneCycle, got {type(schedule).__name__}"
+            )
         if isinstance(params, torch.Tensor):
             raise TypeError("params argument given to the optimizer should be an iterable of Tensors or dicts")
         params = list(params)
@@ -120,6 +127,11 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         self._has_dtensors = False  # FSDP2 / tensor-parallel parameters
         self._counters: dict[torch.device, torch.Tensor] = {}
         self._backend_for: dict[torch.device, Any] = {}
+        self._reset_caches()
+        super().__init__(params, defaults)
+
+    def _reset_caches(self) -> None:
+        """What is derived from the groups and rebuilt on use (also after unpickling)."""
         self._tables: dict[torch.device, torch.Tensor] = {}
         self._row_keys: list = []
         self._schedule_cache: dict[tuple, _Schedule] = {}
@@ -127,7 +139,6 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         # the lists of the last list-path step, kept as C++ StepPlans (step_plan.py)
         self._plan = _step_plan.PlanCache()
         self._step_plan_enabled = _step_plan.ENABLED_BY_DEFAULT  # False: always the list path (tests)
-        super().__init__(params, defaults)
 
     # ------------------------------------------------------------------
     # param groups
@@ -353,8 +364,7 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
             batches[device] = _backends.StepBatch(
                 algo=self.algo, params=[], grads=[], steps=[], group_ids=[],
                 table=self._tables[device], counter=counter, groups=self.param_groups,
-                grad_scale=None if grad_scale is None else grad_scale.to(device, non_blocking=True),
-                found_inf=None if found_inf is None else found_inf.to(device, non_blocking=True),
+                grad_scale=_on(grad_scale, device), found_inf=_on(found_inf, device),
             )
         without_grad = []  # what a plan must watch for a first grad
         for gid, group in enumerate(self.param_groups):
@@ -428,9 +438,7 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         left = []
         for device, plan in plans:
             if left or not _step_plan.run_planned(
-                plan, self._tables[device], self._counters[device],
-                None if grad_scale is None else grad_scale.to(device, non_blocking=True),
-                None if found_inf is None else found_inf.to(device, non_blocking=True),
+                plan, self._tables[device], self._counters[device], _on(grad_scale, device), _on(found_inf, device)
             ):
                 left.append(device)
         if left:
@@ -465,10 +473,7 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         self._update_mirror()
 
     # ------------------------------------------------------------------
-    # checkpoints
-
-    # ------------------------------------------------------------------
-    # copy.deepcopy / pickle
+    # checkpoints, copy.deepcopy and pickle
 
     def __getstate__(self) -> dict[str, Any]:
         # torch's Optimizer keeps only defaults, state and param_groups; the
@@ -497,16 +502,12 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         self._has_dtensors = ours["has_dtensors"]
         self._host = _HostStep()
         self._host.step = ours["host_step"]
-        # caches, rebuilt on use
         self._backend_for = {
             device: _backends.resolve(self.backend, device,
                                       {p.dtype for g in self.param_groups for p in g["params"] if p.device == device})
             for device in self._counters
         }
-        self._tables, self._row_keys = {}, []
-        self._schedule_cache, self._schedule_seen = {}, {}
-        self._plan = _step_plan.PlanCache()
-        self._step_plan_enabled = _step_plan.ENABLED_BY_DEFAULT
+        self._reset_caches()
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()

@@ -162,9 +162,3 @@ def run_planned(plan, table, counter, grad_scale, found_inf) -> bool:
         # plan made here in eager mode never is
         _step_planned = getattr(overload, "_op", overload)
     return _step_planned(plan, table, counter, grad_scale, found_inf)
-
-
-def ready(plan) -> bool:
-    """The checks of ``step_planned_`` without the step (several devices:
-    all or none of them step through plans)."""
-    return plan.ready()
