@@ -65,19 +65,20 @@ def cpu_targets(rows) -> list[dict]:
             continue
         ours = idx.get(case + ("ours-cpu",))
         ours_ms = ours["median_ms"] if ours else None
+        ours_wrong = _wrong(rows, case, "ours-cpu")
         for family, threshold in (("foreach", 0.6), ("fused", 1.0)):
-            peer_ms, peer = _best(idx, case, (f"torch-{family}+OneCycleLR", f"torch-{family}+DS-OneCycle"))
+            peers = (f"torch-{family}+OneCycleLR", f"torch-{family}+DS-OneCycle")
+            peer_ms, peer = _best(idx, case, peers)
             ratio = ours_ms / peer_ms if ours_ms is not None and peer_ms else None
-            wrong_peers = [n for n in (f"torch-{family}+OneCycleLR", f"torch-{family}+DS-OneCycle") if _wrong(rows, case, n)]
-            detail = (f"ours-cpu {ours_ms:.2f} ms vs {peer} {peer_ms:.2f} ms" if ratio is not None
+            wrong_peers = [n for n in peers if _wrong(rows, case, n)]
+            detail = ("ours-cpu computes the wrong step (agreement probe)" if ours_wrong
+                      else f"ours-cpu {ours_ms:.2f} ms vs {peer} {peer_ms:.2f} ms" if ratio is not None
                       else "ours-cpu not measured (backend unavailable?)" if ours_ms is None
                       else f"no valid peer: {', '.join(wrong_peers)} compute the wrong step (agreement probe)"
                       if wrong_peers else f"no torch-{family} row")
-            if _wrong(rows, case, "ours-cpu"):
-                detail = "ours-cpu computes the wrong step (agreement probe)"
             out.append(_target(f"cpu step time <= {threshold}x torch {family} + scheduler", case, ratio, threshold,
                                detail=detail))
-            if _wrong(rows, case, "ours-cpu"):
+            if ours_wrong:
                 out[-1]["met"] = False
     return out
 
