@@ -22,7 +22,9 @@ What lives where:
 from __future__ import annotations
 
 import copy
+import inspect
 import math
+import numbers
 from typing import Any, Callable, Iterable, Optional
 
 import torch
@@ -550,16 +552,43 @@ _SCHEDULE_DOC = """
     ``cycle_max_mom``, ``decay_mom_rate``.
 
     ``schedule``: a :class:`OneCycle`, :class:`LRRangeTest` or
-    :class:`TorchOneCycle` (torch's ``OneCycleLR``) used instead of the
-    keywords. ``backend``: ``"auto"`` (fastest built one for the device),
+    :class:`TorchOneCycle` (torch's ``OneCycleLR``) or a config dict, used
+    instead of the keywords: a schedule keyword set to anything but its
+    default next to it is a ``ValueError`` (it would be ignored). ``backend``: ``"auto"`` (fastest built one for the device),
     ``"reference"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
 """
+
+
+# OneCycle's keyword defaults, which the optimizers' signatures repeat
+_ONECYCLE_DEFAULTS = {
+    name: p.default for name, p in inspect.signature(OneCycle.__init__).parameters.items()
+    if p.default is not inspect.Parameter.empty
+}
+
+
+def _is_default(name: str, value) -> bool:
+    default = _ONECYCLE_DEFAULTS[name]
+    if value is default:
+        return True
+    if default is None or isinstance(value, bool) != isinstance(default, bool):
+        return False  # e.g. decay_step_size=0, cycle_momentum=1: something the user wrote
+    # numbers compare by value (0 is decay_lr_rate's 0.0); a list is never a default
+    return isinstance(value, numbers.Real) and value == default
 
 
 def _build_schedule(schedule, cycle_min_lr, cycle_max_lr, **kw) -> _Schedule:
     if schedule is not None:
         if cycle_min_lr is not None or cycle_max_lr is not None:
             raise ValueError("give either schedule= or the OneCycle keyword arguments, not both")
+        # the other OneCycle keywords cannot apply either: one set to anything
+        # but its default would be silently dropped (e.g. cycle_momentum=False
+        # next to schedule=TorchOneCycle(...) would keep cycling momentum)
+        given = [name for name, value in kw.items() if not _is_default(name, value)]
+        if given:
+            raise ValueError(
+                f"{', '.join(given)} given together with schedule=: set them in the schedule "
+                "(they only build a OneCycle when schedule= is not given)"
+            )
         if isinstance(schedule, dict):
             return schedule_from_config(schedule)
         return schedule

@@ -411,6 +411,29 @@ def test_schedule_argument_and_keywords_conflict():
     assert opt.param_groups[0]["lr"] == 0.5
 
 
+@pytest.mark.parametrize("cls", [FusedOneCycleSGD, FusedOneCycleAdam])
+@pytest.mark.parametrize("kw, name", [
+    (dict(cycle_momentum=False), "cycle_momentum"),
+    (dict(decay_step_size=5), "decay_step_size"),
+    (dict(post_cycle_decay_step_size=5), "post_cycle_decay_step_size"),
+    (dict(cycle_first_step_size=10), "cycle_first_step_size"),
+    (dict(cycle_second_stair_count=3), "cycle_second_stair_count"),
+    (dict(cycle_min_mom=0.5, cycle_max_mom=0.6), "cycle_min_mom"),
+    (dict(decay_lr_rate=0.1), "decay_lr_rate"),
+])
+def test_schedule_keywords_are_not_silently_dropped_with_schedule(cls, kw, name):
+    """With schedule= the OneCycle keywords cannot apply: one the user set
+    (a value other than its default) is an error naming it, not ignored."""
+    p = torch.nn.Parameter(torch.randn(2))
+    sched = OneCycle(cycle_min_lr=0.01, cycle_max_lr=0.1, cycle_first_step_size=4)
+    with pytest.raises(ValueError, match=name):
+        cls([p], schedule=sched, **kw)
+    # the defaults, spelled out, are no conflict
+    opt = cls([p], schedule=sched, cycle_first_step_size=2000, cycle_momentum=True, decay_step_size=None,
+              decay_lr_rate=0, cycle_max_mom=0.9)
+    assert opt.schedule == sched
+
+
 def test_bad_group_leaves_optimizer_unchanged():
     p, q = torch.nn.Parameter(torch.randn(2)), torch.nn.Parameter(torch.randn(2))
     opt = FusedOneCycleSGD([p], cycle_min_lr=0.01, cycle_max_lr=0.1)
