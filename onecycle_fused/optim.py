@@ -71,6 +71,18 @@ def _freeze(value):
     return value
 
 
+def _check_scalar_schedule(sched: _Schedule) -> _Schedule:
+    """A group's schedule: every per-group value a scalar (lists give one value
+    per group only at the optimizer level; the device row holds one value)."""
+    lists = [n for n in sched._per_group_names if isinstance(getattr(sched, n), list)]
+    if lists:
+        raise ValueError(
+            f"{', '.join(lists)} of a parameter group's schedule must be a single value, not a list "
+            "(a list gives one value per group only in the optimizer's arguments)"
+        )
+    return sched
+
+
 def _check_nonneg(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
@@ -182,7 +194,7 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"{sorted(unknown)} are not parameters of {type(per_group).__name__}")
             params.update(overrides)
             per_group = type(per_group)(**params)
-        return per_group.config()
+        return _check_scalar_schedule(per_group).config()
 
     def add_param_group(self, param_group: dict) -> None:
         if not isinstance(param_group, dict):
@@ -239,7 +251,7 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         key = _freeze(config)
         sched = self._schedule_cache.get(key)
         if sched is None:
-            sched = self._schedule_cache[key] = schedule_from_config(config)
+            sched = self._schedule_cache[key] = _check_scalar_schedule(schedule_from_config(config))
         if eager:
             if len(self._schedule_seen) > 4 * len(self.param_groups) + 4:
                 self._schedule_seen.clear()  # configs replaced by new dicts: keep the map small
@@ -524,7 +536,7 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         for i, g in enumerate(state_dict["param_groups"]):
             if "schedule" not in g:
                 raise ValueError(f"state_dict param_groups[{i}] has no 'schedule'")
-            schedule_from_config(g["schedule"])  # a bad one raises before anything changes
+            _check_scalar_schedule(schedule_from_config(g["schedule"]))  # a bad one raises before anything changes
         counter = state_dict["step_counter"]
         super().load_state_dict(state_dict)
         for group in self.param_groups:

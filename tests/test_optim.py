@@ -1,6 +1,7 @@
 """The optimizer classes (reference backend) against torch.optim driven step by
 step with the same lr and momentum, plus the torch.optim conventions:
 closures, param groups, state_dict / resume, zero_grad, GradScaler, errors."""
+import copy
 import itertools
 import os
 import subprocess
@@ -278,6 +279,37 @@ def test_load_state_dict_restores_mirror_and_counter():
     with pytest.raises(ValueError, match="step_counter"):
         opt2.load_state_dict(torch.optim.SGD([q], lr=0.1).state_dict())
     assert int(opt2.step_counter()) == 10  # unchanged after the error
+
+
+def test_a_group_schedule_value_must_be_a_scalar():
+    """A list gives one value per group at the optimizer level; inside a group
+    it has no meaning. It used to be kept: the device row took its first entry
+    while param_groups[i]['lr'] became a list."""
+    p, q = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    with pytest.raises(ValueError, match="cycle_max_lr"):
+        FusedOneCycleSGD([{"params": [p], "cycle_max_lr": [0.1, 0.2]}], cycle_min_lr=0.01, cycle_max_lr=0.1)
+    opt = FusedOneCycleSGD([p], cycle_min_lr=0.01, cycle_max_lr=0.1, cycle_first_step_size=4)
+    with pytest.raises(ValueError, match="cycle_min_mom"):
+        opt.add_param_group({"params": [q], "cycle_min_mom": [0.5, 0.6]})
+    assert len(opt.param_groups) == 1
+    # a checkpoint whose group schedule holds a list: refused before anything changes
+    p.grad = torch.ones(2)
+    opt.step()
+    sd = copy.deepcopy(opt.state_dict())  # (torch's state_dict shares the group's values)
+    sd["param_groups"][0]["schedule"]["params"]["cycle_max_lr"] = [0.1, 0.3]
+    sd["step_counter"] = torch.tensor(3)
+    with pytest.raises(ValueError, match="cycle_max_lr"):
+        opt.load_state_dict(sd)
+    assert int(opt.step_counter()) == 1 and opt.param_groups[0]["schedule"]["params"]["cycle_max_lr"] == 0.1
+    # a group's schedule config edited in place: the next step refuses, and nothing moves
+    opt.param_groups[0]["schedule"]["params"]["decay_lr_rate"] = [0.5, 0.5]
+    before = p.detach().clone()
+    with pytest.raises(ValueError, match="decay_lr_rate"):
+        opt.step()
+    assert torch.equal(p.detach(), before) and int(opt.step_counter()) == 1
+    opt.param_groups[0]["schedule"]["params"]["decay_lr_rate"] = 0.5  # a scalar works
+    opt.step()
+    assert int(opt.step_counter()) == 2
 
 
 def test_grad_scaler_skip_changes_nothing():
