@@ -634,9 +634,14 @@ def schedule_from_config(config: str | os.PathLike | Mapping[str, Any]) -> OneCy
     if not isinstance(sched, Mapping) or "type" not in sched:
         raise ValueError('config has no "scheduler": {"type": ..., "params": ...} entry')
     kind = sched["type"]
-    if kind not in _TYPES:
+    if not isinstance(kind, str) or kind not in _TYPES:
         raise ValueError(f"scheduler type must be one of {sorted(_TYPES)}, got {kind!r}")
-    params = dict(sched.get("params") or {})
+    params = sched.get("params")
+    if params is None:
+        params = {}
+    if not isinstance(params, Mapping):
+        raise ValueError(f'scheduler "params" must be a dict of {kind} parameters, got {params!r}')
+    params = dict(params)
     # DeepSpeed's resume position is not part of the schedule's shape; a fresh
     # start (-1) is accepted, anything else must come from a checkpoint.
     last = params.pop("last_batch_iteration", -1)

@@ -133,6 +133,13 @@ def test_lr_range_test_from_config():
     ({"scheduler": {"type": "OneCycle", "params": {"cycle_min_lr": 0.1}}}, "cycle_max_lr"),
     ({"scheduler": {"type": "OneCycle", "params": {"cycle_min_lr": 0.1, "cycle_max_lr": 1,
                                                    "last_batch_iteration": 10}}}, "last_batch_iteration"),
+    # wrong JSON shapes: ValueError naming the entry, not a TypeError from deep inside
+    ({"scheduler": {"type": "OneCycle", "params": [0.1, 1.0]}}, "params"),
+    ({"scheduler": {"type": "OneCycle", "params": "cycle_min_lr=0.1"}}, "params"),
+    ({"scheduler": {"type": ["OneCycle"], "params": {}}}, "type"),
+    ({"scheduler": {"type": {"name": "OneCycle"}}}, "type"),
+    ({"scheduler": {"type": "OneCycle", "params": {"cycle_min_lr": 0.1, "cycle_max_lr": 1,
+                                                   "last_batch_iteration": [5]}}}, "last_batch_iteration"),
 ])
 def test_bad_configs(config, match):
     with pytest.raises(ValueError, match=match):
