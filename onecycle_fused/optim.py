@@ -341,8 +341,9 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         For migrating a run from another optimizer/scheduler pair; per-parameter
         step counts are left alone. Reads nothing back from the device.
         """
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
             raise ValueError(f"step must be an integer >= 0, got {step!r}")
+        step = int(step)  # a numpy integer too
         for c in self._counters.values():
             c.fill_(step)
         self._host = _HostStep()

@@ -312,6 +312,22 @@ def test_a_group_schedule_value_must_be_a_scalar():
     assert int(opt.step_counter()) == 2
 
 
+def test_set_step_takes_any_integer_and_refuses_the_rest():
+    import numpy as np
+
+    sched = OneCycle(**SCHED)
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = FusedOneCycleSGD([p], **SCHED)
+    for k in (np.int64(57), np.int32(3), 10**7):  # e.g. a position read from a numpy log
+        opt.set_step(k)
+        assert int(opt.step_counter()) == k and opt.get_last_lr() == [sched.lr(int(k))]
+        assert type(opt.param_groups[0]["lr"]) is float
+    for bad in (-1, 2.0, True, "3", np.float64(3.0), None):
+        with pytest.raises(ValueError, match="step"):
+            opt.set_step(bad)
+        assert int(opt.step_counter()) == 10**7
+
+
 def test_grad_scaler_skip_changes_nothing():
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
