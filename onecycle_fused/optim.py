@@ -83,6 +83,19 @@ def _check_scalar_schedule(sched: _Schedule) -> _Schedule:
     return sched
 
 
+def _checked_step_counter(value) -> int:
+    """A state_dict's ``step_counter`` (an int64 0-dim tensor, or an integer) as an int >= 0."""
+    k = None
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0 and not value.is_floating_point() and not value.is_complex() and value.dtype != torch.bool:
+            k = int(value)  # (reads a device tensor once; load_state_dict is not a hot path)
+    elif isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        k = int(value)
+    if k is None or k < 0:
+        raise ValueError(f"state_dict step_counter must be an integer >= 0 (a 0-dim int64 tensor), got {value!r}")
+    return k
+
+
 def _check_nonneg(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
@@ -538,7 +551,7 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
             if "schedule" not in g:
                 raise ValueError(f"state_dict param_groups[{i}] has no 'schedule'")
             _check_scalar_schedule(schedule_from_config(g["schedule"]))  # a bad one raises before anything changes
-        counter = state_dict["step_counter"]
+        counter = _checked_step_counter(state_dict["step_counter"])
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             for k, v in self.defaults.items():
@@ -547,9 +560,9 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
             if "step" in state:
                 state["step"] = torch.as_tensor(state["step"]).to(device=p.device, dtype=torch.int64)
         for c in self._counters.values():
-            c.copy_(counter)
+            c.fill_(counter)
         self._host = _HostStep()
-        self._host.step = int(counter)
+        self._host.step = counter
         self._row_keys = []
         self._plan.drop()  # new state tensors, maybe new groups
         self._update_mirror()

@@ -281,6 +281,34 @@ def test_load_state_dict_restores_mirror_and_counter():
     assert int(opt2.step_counter()) == 10  # unchanged after the error
 
 
+@pytest.mark.parametrize("bad", [torch.tensor(-3), -1, torch.tensor(2.5), torch.tensor([1, 2]), "4", 2.0, True])
+def test_load_state_dict_refuses_a_bad_step_counter_before_changing_anything(bad):
+    """The position must be an integer >= 0. A negative one used to be loaded
+    (counter and groups changed) and only then fail in the lr mirror; 2.5 was
+    truncated to 2; a non-tensor or a 1-D tensor failed half-way."""
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = FusedOneCycleSGD([p], **SCHED)
+    p.grad = torch.ones(2)
+    opt.step()
+    sd = copy.deepcopy(opt.state_dict())
+    sd["param_groups"][0]["weight_decay"] = 0.5
+    sd["step_counter"] = bad
+    with pytest.raises(ValueError, match="step_counter"):
+        opt.load_state_dict(sd)
+    assert int(opt.step_counter()) == 1 and opt.param_groups[0]["weight_decay"] == 0.0
+
+
+@pytest.mark.parametrize("good", [torch.tensor(7), 7, torch.tensor(7, dtype=torch.int32)])
+def test_load_state_dict_takes_an_integer_step_counter(good):
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = FusedOneCycleSGD([p], **SCHED)
+    sd = copy.deepcopy(opt.state_dict())
+    sd["step_counter"] = good
+    opt.load_state_dict(sd)
+    assert opt.step_counter().dtype == torch.int64 and int(opt.step_counter()) == 7
+    assert opt.get_last_lr() == [OneCycle(**SCHED).lr(7)]
+
+
 def test_a_group_schedule_value_must_be_a_scalar():
     """A list gives one value per group at the optimizer level; inside a group
     it has no meaning. It used to be kept: the device row took its first entry
