@@ -124,6 +124,7 @@ def lr_range_test(
     optimizer: str = "sgd",
     optimizer_kwargs: Optional[dict] = None,
     staircase: bool = False,
+    step_size: int = 1,
     check_every: int = 10,
     diverge_factor: float = 4.0,
     beta: float = 0.98,
@@ -138,8 +139,13 @@ def lr_range_test(
     ``loss_fn(model, batch)`` returns the scalar loss of one batch of ``data``
     (an iterable, started again when exhausted). The lr goes linearly from
     ``min_lr`` at step 0 to ``max_lr`` at step ``num_steps - 1``: the
-    ``LRRangeTest`` schedule with ``lr_range_test_step_size=1`` and
-    ``lr_range_test_step_rate=(max_lr / min_lr - 1) / (num_steps - 1)``.
+    ``LRRangeTest`` schedule with ``lr_range_test_step_size=step_size`` and
+    ``lr_range_test_step_rate=(max_lr / min_lr - 1) / ((num_steps - 1) / step_size)``.
+    With ``staircase=True`` the lr is held flat for ``step_size`` steps
+    (DeepSpeed's ``lr_range_test_staircase``: the interval is floored, so the
+    rate divides by ``(num_steps - 1) // step_size``) and the last stair, the
+    one holding step ``num_steps - 1``, is ``max_lr``; with the default
+    ``step_size=1`` there are no stairs.
 
     ``optimizer``: ``"sgd"``, ``"adam"`` or ``"adamw"``; ``optimizer_kwargs``
     go to its constructor (default for SGD: ``momentum=0.9``). Every
@@ -162,6 +168,8 @@ def lr_range_test(
         raise ValueError(f"max_lr must be a finite number > min_lr ({min_lr}), got {max_lr!r}")
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 2:
         raise ValueError(f"num_steps must be an integer >= 2, got {num_steps!r}")
+    if isinstance(step_size, bool) or not isinstance(step_size, int) or not 1 <= step_size <= num_steps - 1:
+        raise ValueError(f"step_size must be an integer in [1, num_steps - 1 = {num_steps - 1}], got {step_size!r}")
     if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
         raise ValueError(f"check_every must be an integer >= 1, got {check_every!r}")
     if not (isinstance(diverge_factor, (int, float)) and diverge_factor > 1):
@@ -169,8 +177,11 @@ def lr_range_test(
 
     schedule = LRRangeTest(
         lr_range_test_min_lr=min_lr,
-        lr_range_test_step_size=1,
-        lr_range_test_step_rate=(max_lr / min_lr - 1) / (num_steps - 1),
+        lr_range_test_step_size=step_size,
+        # the interval at the last step, as the schedule computes it
+        lr_range_test_step_rate=(max_lr / min_lr - 1) / (
+            (num_steps - 1) // step_size if staircase is True else (num_steps - 1) / step_size
+        ),
         lr_range_test_staircase=staircase,
     )
     kwargs = dict(optimizer_kwargs or {})

@@ -125,3 +125,42 @@ def test_max_lr_divisor_scales_both_bounds():
     with pytest.raises(ValueError, match="max_lr_divisor"):
         lr_range_test(model, lambda m, b: m(b).sum(), [torch.ones(1, 2)], max_lr_divisor=0.1)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_staircase_holds_the_lr_for_step_size_steps_like_deepspeed():
+    """staircase=True used to do nothing: the schedule's step size was fixed
+    at 1, where DeepSpeed's floor(k / 1) is k. With step_size the lr is held
+    flat for step_size steps (DeepSpeed's lr_range_test_step_size /
+    _staircase) and the last stair, the one holding step num_steps - 1, is
+    max_lr."""
+    from deepspeed.runtime.lr_schedules import LRRangeTest as DSRangeTest
+
+    model, loss_fn, data = toy_problem(seed=2, num_batches=2)
+    min_lr, max_lr, n, size = 1e-3, 0.1, 23, 5
+    res = lr_range_test(model, loss_fn, data, min_lr=min_lr, max_lr=max_lr, num_steps=n,
+                        staircase=True, step_size=size, check_every=n)
+    assert res.steps_run == n
+    # DeepSpeed's own schedule, driven as optimizer.step(); scheduler.step()
+    rate = (max_lr / min_lr - 1) / ((n - 1) // size)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    ds = DSRangeTest(opt, lr_range_test_min_lr=min_lr, lr_range_test_step_size=size,
+                     lr_range_test_step_rate=rate, lr_range_test_staircase=True)
+    want = []
+    for _ in range(n):
+        want.append(opt.param_groups[0]["lr"])
+        ds.step()
+    assert res.lrs == want
+    assert len(set(res.lrs)) == (n - 1) // size + 1  # flat stairs of `size` steps
+    assert res.lrs[0] == min_lr and math.isclose(res.lrs[-1], max_lr, rel_tol=1e-12)
+    # without staircase the step size does not change the (linear) curve
+    model, loss_fn, data = toy_problem(seed=2, num_batches=2)
+    smooth = lr_range_test(model, loss_fn, data, min_lr=min_lr, max_lr=max_lr, num_steps=n, step_size=size,
+                           check_every=n)
+    assert len(set(smooth.lrs)) == n and math.isclose(smooth.lrs[-1], max_lr, rel_tol=1e-12)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True, 23])
+def test_bad_step_size_names_it(bad):
+    model, loss_fn, data = toy_problem(num_batches=1)
+    with pytest.raises(ValueError, match="step_size"):
+        lr_range_test(model, loss_fn, data, num_steps=23, staircase=True, step_size=bad)
