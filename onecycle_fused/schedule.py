@@ -173,10 +173,19 @@ class _Schedule:
     def _eval(self, step: int, group: int) -> tuple[float, float | None]:
         raise NotImplementedError
 
+    def _check_group(self, group: int) -> int:
+        n = self.num_groups
+        if isinstance(group, bool) or not isinstance(group, numbers.Integral) or group < 0 or (
+            n is not None and group >= n
+        ):
+            have = "any group >= 0" if n is None else f"0 .. {n - 1}"
+            raise ValueError(f"group must be a parameter group index ({have}), got {group!r}")
+        return int(group)
+
     def _evaluate(self, step: int, group: int | None, index: int):
         step = _as_int("step", step, 0)
         if group is not None:
-            return self._eval(step, group)[index]
+            return self._eval(step, self._check_group(group))[index]
         n = self.num_groups
         if n is None:
             return self._eval(step, 0)[index]
@@ -195,6 +204,8 @@ class _Schedule:
         when this schedule does not set momentum."""
         if not self.cycles_momentum:
             _as_int("step", step, 0)
+            if group is not None:
+                self._check_group(group)
             return None
         return self._evaluate(step, group, 1)
 

@@ -304,6 +304,22 @@ def test_integral_floats_are_accepted():
     assert sched.cycle_first_step_size == 1000 and isinstance(sched.cycle_first_step_size, int)
 
 
+def test_group_index_is_checked():
+    """lr(k, group=g) names a group: one the lists do not have is a ValueError
+    (was an IndexError, and -1 silently read the last group)."""
+    sched = OneCycle(cycle_min_lr=[0.1, 0.2], cycle_max_lr=1.0)
+    assert sched.lr(0, group=1) == 0.2 and sched.momentum(0, group=1) == 0.9
+    for bad in (2, -1, True, 1.0, "0"):
+        with pytest.raises(ValueError, match="group"):
+            sched.lr(0, group=bad)
+        with pytest.raises(ValueError, match="group"):
+            sched.momentum(0, group=bad)
+    scalar = OneCycle(cycle_min_lr=0.1, cycle_max_lr=1.0)
+    assert scalar.lr(0, group=5) == 0.1  # scalars hold for every group
+    with pytest.raises(ValueError, match="group"):
+        scalar.lr(0, group=-1)
+
+
 def test_check_num_groups():
     sched = OneCycle(cycle_min_lr=[0.1, 0.2], cycle_max_lr=1.0)
     sched.check_num_groups(2)
