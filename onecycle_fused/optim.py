@@ -85,14 +85,15 @@ def _check_beta(name: str, value) -> None:
         raise ValueError(f"{name} must be in [0, 1), got {value!r}")
 
 
-def _check_grad(opt, p: torch.Tensor, grad: torch.Tensor) -> None:
-    """Refuse a grad the update cannot use, before the step changes anything."""
+def _check_grad(opt, i: int, p: torch.Tensor, grad: torch.Tensor) -> None:
+    """Refuse a grad the update cannot use, before the step changes anything
+    (``i``: the parameter's position over all groups, as the ops count)."""
     if grad.layout != torch.strided:
         raise RuntimeError(f"{type(opt).__name__} does not support sparse gradients (got layout {grad.layout})")
     if grad.shape != p.shape or grad.dtype != p.dtype or grad.device != p.device:
         raise ValueError(
-            f"{type(opt).__name__}: a parameter's grad must have its shape, dtype and device "
-            f"({p.dtype} {tuple(p.shape)} on {p.device}), got {grad.dtype} {tuple(grad.shape)} on {grad.device}"
+            f"{type(opt).__name__}: grads[{i}] must match params[{i}] ({p.dtype} {tuple(p.shape)} on {p.device}), "
+            f"got {grad.dtype} {tuple(grad.shape)} on {grad.device}"
         )
 
 
@@ -198,6 +199,11 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
             raise TypeError(f"param_group must be a dict, but got {type(param_group).__name__}")
         group = dict(param_group)
         params = group["params"]
+        if isinstance(params, set):  # torch's check, which list() below would hide
+            raise TypeError(
+                "optimizer parameters need to be organized in ordered collections, but "
+                "the ordering of tensors in sets will change between runs. Please use a list instead."
+            )
         params = [params] if isinstance(params, torch.Tensor) else list(params)
         group["params"] = params
         # everything is validated before anything is added
@@ -395,13 +401,15 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         # every grad is checked before anything changes: a bad one in the last
         # group must not leave the first ones stepped (the reference and triton
         # backends update tensor by tensor) or their state created
+        i = 0
         for group in self.param_groups:
             for p in group["params"]:
                 grad = p.grad
                 if grad is None:
                     without_grad.append(p)
                 elif p.device in batches:
-                    _check_grad(self, p, grad)
+                    _check_grad(self, i, p, grad)
+                i += 1
         created = []  # params whose state this step created: dropped again if it fails
         stepped = set()
         try:

@@ -543,3 +543,17 @@ def test_bad_hyperparameter_edited_after_construction(opt_cls, key, bad, match, 
     opt.param_groups[1][key] = good
     opt.step()
     assert int(opt.step_counter()) == 3
+
+
+def test_param_group_given_as_a_set_is_refused_like_torch():
+    """torch refuses a set (its order changes between runs, so would the state
+    order of a checkpoint); list() in add_param_group used to hide it."""
+    p, q = torch.nn.Parameter(torch.randn(2)), torch.nn.Parameter(torch.randn(2))
+    with pytest.raises(TypeError, match="ordered collections"):
+        torch.optim.SGD([{"params": {p}}], lr=0.1)
+    with pytest.raises(TypeError, match="ordered collections"):
+        FusedOneCycleSGD([{"params": {p}}], cycle_min_lr=0.01, cycle_max_lr=0.1)
+    opt = FusedOneCycleSGD([p], cycle_min_lr=0.01, cycle_max_lr=0.1)
+    with pytest.raises(TypeError, match="ordered collections"):
+        opt.add_param_group({"params": {q}})
+    assert len(opt.param_groups) == 1
