@@ -21,6 +21,8 @@ What lives where:
 """
 from __future__ import annotations
 
+import collections
+import contextlib
 import copy
 import math
 from typing import Any, Callable, Iterable, Optional
@@ -560,12 +562,43 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         }
         self._reset_caches()
 
+    @contextlib.contextmanager
+    def _hooks_suspended(self, name: str):
+        """torch's state_dict / load_state_dict without the hooks in ``name``,
+        which ours run where they see the whole state (step counter included)."""
+        hooks = getattr(self, name)
+        setattr(self, name, collections.OrderedDict())
+        try:
+            yield hooks
+        finally:
+            setattr(self, name, hooks)
+
     def state_dict(self) -> dict[str, Any]:
-        sd = super().state_dict()
+        with self._hooks_suspended("_optimizer_state_dict_post_hooks") as post_hooks:
+            sd = super().state_dict()
         sd["step_counter"] = self.step_counter().detach().clone()
+        # post hooks see (and may replace) the whole state dict, as with torch.optim
+        for hook in post_hooks.values():
+            result = hook(self, sd)
+            if result is not None:
+                sd = result
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # pre hooks first, as torch runs them: one may convert what it is given
+        # (add 'step_counter', say), so the checks below see their result
+        state_dict = state_dict.copy()
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        with self._hooks_suspended("_optimizer_load_state_dict_pre_hooks"):
+            with self._hooks_suspended("_optimizer_load_state_dict_post_hooks") as post_hooks:
+                self._load_state_dict(state_dict)
+        for hook in post_hooks.values():  # after the counter and mirror are loaded too
+            hook(self)
+
+    def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "step_counter" not in state_dict:
             raise ValueError(
                 "state_dict has no 'step_counter': it was not saved by a FusedOneCycle optimizer"

@@ -557,3 +557,55 @@ def test_param_group_given_as_a_set_is_refused_like_torch():
     with pytest.raises(TypeError, match="ordered collections"):
         opt.add_param_group({"params": {q}})
     assert len(opt.param_groups) == 1
+
+
+# ---- hooks, as torch.optim runs them
+
+
+def test_step_hooks_run_around_the_step():
+    p = torch.nn.Parameter(torch.randn(3))
+    opt = FusedOneCycleSGD([p], **SCHED)
+    seen = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: seen.append(("pre", int(o.step_counter()))))
+    opt.register_step_post_hook(lambda o, args, kwargs: seen.append(("post", int(o.step_counter()))))
+    p.grad = torch.randn(3)
+    opt.step()
+    assert seen == [("pre", 0), ("post", 1)]
+
+
+def test_state_dict_hooks_see_the_whole_state_dict():
+    """state_dict post hooks see 'step_counter' (it used to be added after
+    them, so a hook that moves or rewrites tensors missed it, and a dict a
+    hook returned got it added behind the hook's back); load_state_dict pre
+    hooks run before our checks, so one can convert a checkpoint (it used to
+    fail first on the missing 'step_counter'); load post hooks see the loaded
+    counter and lr mirror."""
+    p = torch.nn.Parameter(torch.randn(3))
+    opt = FusedOneCycleSGD([p], **SCHED)
+    for _ in range(4):
+        p.grad = torch.randn(3)
+        opt.step()
+    seen = {}
+
+    def post(o, sd):
+        seen["keys"] = set(sd)
+        return {**sd, "step_counter": sd["step_counter"] + 1}  # a hook may replace the dict
+
+    opt.register_state_dict_post_hook(post)
+    sd = opt.state_dict()
+    assert seen["keys"] == {"state", "param_groups", "step_counter"}
+    assert int(sd["step_counter"]) == 5
+
+    q = torch.nn.Parameter(p.detach().clone())
+    opt2 = FusedOneCycleSGD([q], **SCHED)
+    missing = {k: v for k, v in sd.items() if k != "step_counter"}
+
+    def pre(o, d):
+        d.setdefault("step_counter", torch.tensor(7))  # e.g. converting an older checkpoint
+
+    opt2.register_load_state_dict_pre_hook(pre)
+    opt2.register_load_state_dict_post_hook(lambda o: seen.update(after=(int(o.step_counter()), o.param_groups[0]["lr"])))
+    opt2.load_state_dict(missing)
+    assert "step_counter" not in missing  # the caller's dict is left alone
+    assert int(opt2.step_counter()) == 7
+    assert seen["after"] == (7, OneCycle(**SCHED).lr(7))
