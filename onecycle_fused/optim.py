@@ -207,6 +207,10 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
                 "the ordering of tensors in sets will change between runs. Please use a list instead."
             )
         params = [params] if isinstance(params, torch.Tensor) else list(params)
+        if len(set(map(id, params))) != len(params):
+            # torch only warns ("in future, this will cause an error"); a fused
+            # step would update the tensor twice, differently per backend
+            raise ValueError("a parameter group holds the same parameter more than once")
         group["params"] = params
         # everything is validated before anything is added
         group["schedule"] = self._group_schedule(group, len(self.param_groups))

@@ -609,3 +609,20 @@ def test_state_dict_hooks_see_the_whole_state_dict():
     assert "step_counter" not in missing  # the caller's dict is left alone
     assert int(opt2.step_counter()) == 7
     assert seen["after"] == (7, OneCycle(**SCHED).lr(7))
+
+
+@pytest.mark.parametrize("opt_cls", [FusedOneCycleSGD, FusedOneCycleAdam])
+def test_duplicate_parameters_are_refused(opt_cls):
+    """The same tensor twice in a group: torch warns that this will become an
+    error; stepped through the fused ops it was updated twice with the step
+    count read once (cpu) or twice (reference), so the backends disagreed.
+    It is a ValueError here, as a parameter in two groups is in torch."""
+    p, q = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(3))
+    with pytest.raises(ValueError, match="more than once"):
+        opt_cls([p, q, p], **SCHED)
+    with pytest.raises(ValueError, match="more than one parameter group"):
+        opt_cls([{"params": [p]}, {"params": [p]}], **SCHED)
+    opt = opt_cls([p], **SCHED)
+    with pytest.raises(ValueError, match="more than once"):
+        opt.add_param_group({"params": [q, q]})
+    assert len(opt.param_groups) == 1
