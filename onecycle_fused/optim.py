@@ -605,7 +605,8 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
     def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "step_counter" not in state_dict:
             raise ValueError(
-                "state_dict has no 'step_counter': it was not saved by a FusedOneCycle optimizer"
+                "state_dict has no 'step_counter': it was not saved by a FusedOneCycle optimizer "
+                "(for a torch.optim one, use onecycle_fused.load_torch_optimizer_state)"
             )
         for i, g in enumerate(state_dict["param_groups"]):
             if "schedule" not in g:
