@@ -21,6 +21,8 @@ What lives where:
 """
 from __future__ import annotations
 
+import collections
+import contextlib
 import copy
 import inspect
 import math
@@ -110,6 +112,18 @@ def _check_beta(name: str, value) -> None:
     _check_nonneg(name, value)
     if value >= 1:
         raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+
+
+def _check_grad(opt, i: int, p: torch.Tensor, grad: torch.Tensor) -> None:
+    """Refuse a grad the update cannot use, before the step changes anything
+    (``i``: the parameter's position over all groups, as the ops count)."""
+    if grad.layout != torch.strided:
+        raise RuntimeError(f"{type(opt).__name__} does not support sparse gradients (got layout {grad.layout})")
+    if grad.shape != p.shape or grad.dtype != p.dtype or grad.device != p.device:
+        raise ValueError(
+            f"{type(opt).__name__}: grads[{i}] must match params[{i}] ({p.dtype} {tuple(p.shape)} on {p.device}), "
+            f"got {grad.dtype} {tuple(grad.shape)} on {grad.device}"
+        )
 
 
 class _HostStep:
@@ -214,7 +228,16 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
             raise TypeError(f"param_group must be a dict, but got {type(param_group).__name__}")
         group = dict(param_group)
         params = group["params"]
+        if isinstance(params, set):  # torch's check, which list() below would hide
+            raise TypeError(
+                "optimizer parameters need to be organized in ordered collections, but "
+                "the ordering of tensors in sets will change between runs. Please use a list instead."
+            )
         params = [params] if isinstance(params, torch.Tensor) else list(params)
+        if len(set(map(id, params))) != len(params):
+            # torch only warns ("in future, this will cause an error"); a fused
+            # step would update the tensor twice, differently per backend
+            raise ValueError("a parameter group holds the same parameter more than once")
         group["params"] = params
         # everything is validated before anything is added
         group["schedule"] = self._group_schedule(group, len(self.param_groups))
@@ -240,7 +263,10 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         self._plan.drop()  # (the snapshot would see the new group too)
         self._update_mirror()
 
-    def _validate_group(self, group: dict) -> None:
+    def _validate_group(self, group: dict, mirrored: bool = False) -> None:
+        """Raise ValueError naming the first invalid hyper-parameter of ``group``.
+        ``mirrored``: the group has been stepped, so its momentum / beta1 holds
+        the schedule's mirror value where the schedule cycles it."""
         raise NotImplementedError
 
     def _constant_momentum(self, group: dict) -> float:
@@ -283,10 +309,21 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         return row
 
     def _refresh_tables(self) -> None:
-        """Rebuild the per-device group tables when any group's values changed."""
-        rows = [self._row(g) for g in self.param_groups]
-        if rows == self._row_keys:
+        """Rebuild the per-device group tables when any group's values changed.
+
+        Changed values are validated first, as the constructor does: a
+        hyper-parameter edited in ``param_groups`` to something invalid raises
+        ValueError naming it, before the step changes anything."""
+        try:
+            rows = [self._row(g) for g in self.param_groups]
+        except (TypeError, ValueError):
+            rows = None  # e.g. maximize="yes": validation below names it
+        if rows is not None and rows == self._row_keys:
             return
+        for group in self.param_groups:
+            self._validate_group(group, mirrored=True)
+        if rows is None:
+            rows = [self._row(g) for g in self.param_groups]
         host = torch.tensor(rows, dtype=torch.float64)
         for device in self._counters:
             table = self._tables.get(device)
@@ -395,31 +432,51 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
                 grad_scale=_on(grad_scale, device), found_inf=_on(found_inf, device),
             )
         without_grad = []  # what a plan must watch for a first grad
-        for gid, group in enumerate(self.param_groups):
+        # every grad is checked before anything changes: a bad one in the last
+        # group must not leave the first ones stepped (the reference and triton
+        # backends update tensor by tensor) or their state created
+        i = 0
+        for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is None:
+                grad = p.grad
+                if grad is None:
                     without_grad.append(p)
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-                batch = batches.get(p.device)
-                if batch is None:  # its device already stepped through its plan
-                    continue
-                state = self.state[p]
-                if len(state) == 0:
-                    state.update(self._init_state(p, group))
-                batch.params.append(p)
-                batch.grads.append(p.grad)
-                batch.steps.append(state["step"])
-                batch.group_ids.append(gid)
-                self._fill_batch(batch, p, state, group)
-        # every device's counter advances, even where no parameter has a grad
-        for device, batch in batches.items():
-            if self._has_dtensors:
-                # backends see plain tensors: DTensors are stepped shard by shard
-                for name in _BATCH_TENSOR_LISTS:
-                    setattr(batch, name, [_local(t) for t in getattr(batch, name)])
-            self._backend_for[device].step(batch)
+                elif p.device in batches:
+                    _check_grad(self, i, p, grad)
+                i += 1
+        created = []  # params whose state this step created: dropped again if it fails
+        stepped = set()
+        try:
+            for gid, group in enumerate(self.param_groups):
+                for p in group["params"]:
+                    grad = p.grad
+                    if grad is None:
+                        continue
+                    batch = batches.get(p.device)
+                    if batch is None:  # its device already stepped through its plan
+                        continue
+                    state = self.state[p]
+                    if len(state) == 0:
+                        created.append(p)
+                        state.update(self._init_state(p, group))
+                    batch.params.append(p)
+                    batch.grads.append(grad)
+                    batch.steps.append(state["step"])
+                    batch.group_ids.append(gid)
+                    self._fill_batch(batch, p, state, group)
+            # every device's counter advances, even where no parameter has a grad
+            for device, batch in batches.items():
+                if self._has_dtensors:
+                    # backends see plain tensors: DTensors are stepped shard by shard
+                    for name in _BATCH_TENSOR_LISTS:
+                        setattr(batch, name, [_local(t) for t in getattr(batch, name)])
+                self._backend_for[device].step(batch)
+                stepped.add(device)
+        except BaseException:
+            for p in created:
+                if p.device not in stepped:
+                    self.state.pop(p, None)
+            raise
         if not torch.compiler.is_compiling() and len(batches) == len(self._counters):
             self._build_plans(batches, without_grad)
         self._advance_mirror(found_inf)
@@ -537,15 +594,47 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         }
         self._reset_caches()
 
+    @contextlib.contextmanager
+    def _hooks_suspended(self, name: str):
+        """torch's state_dict / load_state_dict without the hooks in ``name``,
+        which ours run where they see the whole state (step counter included)."""
+        hooks = getattr(self, name)
+        setattr(self, name, collections.OrderedDict())
+        try:
+            yield hooks
+        finally:
+            setattr(self, name, hooks)
+
     def state_dict(self) -> dict[str, Any]:
-        sd = super().state_dict()
+        with self._hooks_suspended("_optimizer_state_dict_post_hooks") as post_hooks:
+            sd = super().state_dict()
         sd["step_counter"] = self.step_counter().detach().clone()
+        # post hooks see (and may replace) the whole state dict, as with torch.optim
+        for hook in post_hooks.values():
+            result = hook(self, sd)
+            if result is not None:
+                sd = result
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # pre hooks first, as torch runs them: one may convert what it is given
+        # (add 'step_counter', say), so the checks below see their result
+        state_dict = state_dict.copy()
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        with self._hooks_suspended("_optimizer_load_state_dict_pre_hooks"):
+            with self._hooks_suspended("_optimizer_load_state_dict_post_hooks") as post_hooks:
+                self._load_state_dict(state_dict)
+        for hook in post_hooks.values():  # after the counter and mirror are loaded too
+            hook(self)
+
+    def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "step_counter" not in state_dict:
             raise ValueError(
-                "state_dict has no 'step_counter': it was not saved by a FusedOneCycle optimizer"
+                "state_dict has no 'step_counter': it was not saved by a FusedOneCycle optimizer "
+                "(for a torch.optim one, use onecycle_fused.load_torch_optimizer_state)"
             )
         for i, g in enumerate(state_dict["param_groups"]):
             if "schedule" not in g:
@@ -676,8 +765,9 @@ class FusedOneCycleSGD(_FusedOneCycleOptimizer):
                         nesterov=nesterov, maximize=maximize)
         super().__init__(params, sched, defaults, backend)
 
-    def _validate_group(self, group):
-        _check_nonneg("momentum", group["momentum"])
+    def _validate_group(self, group, mirrored=False):
+        if not (mirrored and self._schedule_of(group).cycles_momentum):
+            _check_nonneg("momentum", group["momentum"])
         _check_nonneg("dampening", group["dampening"])
         _check_nonneg("weight_decay", group["weight_decay"])
         _check_bool("nesterov", group["nesterov"])
@@ -766,12 +856,13 @@ class FusedOneCycleAdam(_FusedOneCycleOptimizer):
                         weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize)
         super().__init__(params, sched, defaults, backend)
 
-    def _validate_group(self, group):
+    def _validate_group(self, group, mirrored=False):
         betas = group["betas"]
         if not isinstance(betas, (list, tuple)) or len(betas) != 2:
             raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
         group["betas"] = tuple(betas)
-        _check_beta("betas[0]", betas[0])
+        if not (mirrored and self._schedule_of(group).cycles_momentum):
+            _check_beta("betas[0]", betas[0])
         _check_beta("betas[1]", betas[1])
         _check_nonneg("eps", group["eps"])
         _check_nonneg("weight_decay", group["weight_decay"])

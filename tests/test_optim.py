@@ -561,3 +561,167 @@ def test_copy_and_pickle_continue_like_the_original(opt_cls, backend, how):
     assert int(opt2.step_counter()) == int(opt.step_counter()) == 12
     assert opt2.get_last_lr() == opt.get_last_lr()
     assert opt2.state_dict()["param_groups"] == opt.state_dict()["param_groups"]
+
+
+# ---- errors leave nothing half-updated
+
+
+def _snapshot(opt, params):
+    state = {i: {k: v.clone() for k, v in opt.state[p].items()} for i, p in enumerate(params) if p in opt.state}
+    return [p.detach().clone() for p in params], state, int(opt.step_counter()), opt.get_last_lr()
+
+
+def _assert_unchanged(before, after):
+    (p0, s0, c0, lr0), (p1, s1, c1, lr1) = before, after
+    assert all(torch.equal(a, b) for a, b in zip(p0, p1))
+    assert s0.keys() == s1.keys()  # no state created for any parameter either
+    for i in s0:
+        assert s0[i].keys() == s1[i].keys() and all(torch.equal(s0[i][k], s1[i][k]) for k in s0[i])
+    assert (c0, lr0) == (c1, lr1)
+
+
+def _set_bad_grad(q, kind):
+    q.grad = torch.zeros_like(q)  # the .grad setter refuses a mismatch; .data does not
+    q.grad.data = torch.randn(q.shape[0] + 1) if kind == "shape" else torch.randn(q.shape, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("kind", ["shape", "dtype"])
+@pytest.mark.parametrize("warm", [False, True], ids=["first_step", "after_steps"])
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("opt_cls", [FusedOneCycleSGD, FusedOneCycleAdam])
+def test_bad_grad_in_second_group_changes_nothing(opt_cls, backend, warm, kind):
+    """A grad of the wrong shape or dtype in the last group raises before the
+    first group is stepped or any state is created (the reference backend
+    used to update the first parameter and then fail; the dtype mismatch it
+    silently cast, while the cpu op refused it)."""
+    p, q = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(4))
+    opt = opt_cls([{"params": [p]}, {"params": [q]}], backend=backend, **SCHED)
+    if warm:  # a step plan exists too
+        for _ in range(3):
+            p.grad, q.grad = torch.randn(3), torch.randn(4)
+            opt.step()
+    before = _snapshot(opt, [p, q])
+    p.grad = torch.randn(3)
+    _set_bad_grad(q, kind)
+    with pytest.raises(ValueError, match="grad"):
+        opt.step()
+    _assert_unchanged(before, _snapshot(opt, [p, q]))
+    # and it steps normally once the grad is right
+    q.grad = torch.randn(4)
+    opt.step()
+    assert int(opt.step_counter()) == before[2] + 1
+
+
+@pytest.mark.parametrize("opt_cls, key, bad, match", [
+    (FusedOneCycleSGD, "weight_decay", -0.1, "weight_decay"),
+    (FusedOneCycleSGD, "dampening", float("nan"), "dampening"),
+    (FusedOneCycleSGD, "maximize", "yes", "maximize"),
+    (FusedOneCycleSGD, "nesterov", 1, "nesterov"),
+    (FusedOneCycleAdam, "eps", -1e-8, "eps"),
+    (FusedOneCycleAdam, "betas", (0.9, 1.5), r"betas\[1\]"),
+    (FusedOneCycleAdamW, "weight_decay", float("inf"), "weight_decay"),
+    (FusedOneCycleAdamW, "amsgrad", None, "amsgrad"),
+])
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_bad_hyperparameter_edited_after_construction(opt_cls, key, bad, match, backend):
+    """param_groups[i][key] set to an invalid value between steps: the next
+    step raises ValueError naming it (as the constructor does) and changes
+    nothing; it used to step with the bad value (e.g. a negative weight decay)."""
+    p, q = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(4))
+    opt = opt_cls([{"params": [p]}, {"params": [q]}], backend=backend, **SCHED)
+    for _ in range(2):
+        p.grad, q.grad = torch.randn(3), torch.randn(4)
+        opt.step()
+    good = opt.param_groups[1][key]
+    opt.param_groups[1][key] = bad
+    before = _snapshot(opt, [p, q])
+    p.grad, q.grad = torch.randn(3), torch.randn(4)
+    with pytest.raises(ValueError, match=match):
+        opt.step()
+    _assert_unchanged(before, _snapshot(opt, [p, q]))
+    opt.param_groups[1][key] = good
+    opt.step()
+    assert int(opt.step_counter()) == 3
+
+
+def test_param_group_given_as_a_set_is_refused_like_torch():
+    """torch refuses a set (its order changes between runs, so would the state
+    order of a checkpoint); list() in add_param_group used to hide it."""
+    p, q = torch.nn.Parameter(torch.randn(2)), torch.nn.Parameter(torch.randn(2))
+    with pytest.raises(TypeError, match="ordered collections"):
+        torch.optim.SGD([{"params": {p}}], lr=0.1)
+    with pytest.raises(TypeError, match="ordered collections"):
+        FusedOneCycleSGD([{"params": {p}}], cycle_min_lr=0.01, cycle_max_lr=0.1)
+    opt = FusedOneCycleSGD([p], cycle_min_lr=0.01, cycle_max_lr=0.1)
+    with pytest.raises(TypeError, match="ordered collections"):
+        opt.add_param_group({"params": {q}})
+    assert len(opt.param_groups) == 1
+
+
+# ---- hooks, as torch.optim runs them
+
+
+def test_step_hooks_run_around_the_step():
+    p = torch.nn.Parameter(torch.randn(3))
+    opt = FusedOneCycleSGD([p], **SCHED)
+    seen = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: seen.append(("pre", int(o.step_counter()))))
+    opt.register_step_post_hook(lambda o, args, kwargs: seen.append(("post", int(o.step_counter()))))
+    p.grad = torch.randn(3)
+    opt.step()
+    assert seen == [("pre", 0), ("post", 1)]
+
+
+def test_state_dict_hooks_see_the_whole_state_dict():
+    """state_dict post hooks see 'step_counter' (it used to be added after
+    them, so a hook that moves or rewrites tensors missed it, and a dict a
+    hook returned got it added behind the hook's back); load_state_dict pre
+    hooks run before our checks, so one can convert a checkpoint (it used to
+    fail first on the missing 'step_counter'); load post hooks see the loaded
+    counter and lr mirror."""
+    p = torch.nn.Parameter(torch.randn(3))
+    opt = FusedOneCycleSGD([p], **SCHED)
+    for _ in range(4):
+        p.grad = torch.randn(3)
+        opt.step()
+    seen = {}
+
+    def post(o, sd):
+        seen["keys"] = set(sd)
+        return {**sd, "step_counter": sd["step_counter"] + 1}  # a hook may replace the dict
+
+    opt.register_state_dict_post_hook(post)
+    sd = opt.state_dict()
+    assert seen["keys"] == {"state", "param_groups", "step_counter"}
+    assert int(sd["step_counter"]) == 5
+
+    q = torch.nn.Parameter(p.detach().clone())
+    opt2 = FusedOneCycleSGD([q], **SCHED)
+    missing = {k: v for k, v in sd.items() if k != "step_counter"}
+
+    def pre(o, d):
+        d.setdefault("step_counter", torch.tensor(7))  # e.g. converting an older checkpoint
+
+    opt2.register_load_state_dict_pre_hook(pre)
+    opt2.register_load_state_dict_post_hook(lambda o: seen.update(after=(int(o.step_counter()), o.param_groups[0]["lr"])))
+    opt2.load_state_dict(missing)
+    assert "step_counter" not in missing  # the caller's dict is left alone
+    assert int(opt2.step_counter()) == 7
+    assert seen["after"] == (7, OneCycle(**SCHED).lr(7))
+
+
+@pytest.mark.parametrize("opt_cls", [FusedOneCycleSGD, FusedOneCycleAdam])
+def test_duplicate_parameters_are_refused(opt_cls):
+    """The same tensor twice in a group: torch warns that this will become an
+    error; stepped through the fused ops it was updated twice with the step
+    count read once (cpu) or twice (reference), so the backends disagreed.
+    It is a ValueError here, as a parameter in two groups is in torch."""
+    p, q = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(3))
+    with pytest.raises(ValueError, match="more than once"):
+        opt_cls([p, q, p], **SCHED)
+    with pytest.raises(ValueError, match="more than one parameter group"):
+        opt_cls([{"params": [p]}, {"params": [p]}], **SCHED)
+    opt = opt_cls([p], **SCHED)
+    with pytest.raises(ValueError, match="more than once"):
+        opt.add_param_group({"params": [q, q]})
+    assert len(opt.param_groups) == 1

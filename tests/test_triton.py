@@ -542,13 +542,39 @@ def test_dtensor_params_use_their_local_shards(tmp_path):
         dist.destroy_process_group()
 
 
-def test_grad_with_another_layout_is_refused():
-    p = torch.nn.Parameter(torch.randn(2, 3, 4, 5, device=DEVICE))
-    opt = FusedOneCycleSGD([p], backend="triton", **SCHED)
-    p.grad = torch.randn(2, 3, 4, 5, device=DEVICE).contiguous(memory_format=torch.channels_last)
-    with pytest.raises(ValueError, match="parameter 0 .* memory layout"):
-        opt.step()
-    assert int(opt.step_counter()) == 0
+def _transposed(x):
+    return torch.nn.Parameter(x.t())  # dense, not contiguous
+
+
+def _strided_view(x):
+    big = torch.zeros(x.shape[0], 2 * x.shape[1], dtype=x.dtype, device=x.device)
+    big[:, ::2] = x
+    return torch.nn.Parameter(big[:, ::2])  # not dense: every other element of its storage
+
+
+@pytest.mark.parametrize("make_param", [torch.nn.Parameter, _transposed, _strided_view],
+                         ids=["contiguous", "transposed", "strided_view"])
+@pytest.mark.parametrize("grad_layout", ["contiguous", "transposed"])
+@pytest.mark.parametrize("cls,kw", [(FusedOneCycleSGD, dict(nesterov=True)), (FusedOneCycleAdamW, dict(amsgrad=True))],
+                         ids=["sgd", "adamw"])
+def test_any_param_and_grad_layout_is_stepped_correctly(cls, kw, make_param, grad_layout):
+    """A parameter that is a transposed or strided view, and a grad with other
+    strides than its parameter, step like the reference (and the cpu op).
+    They used to raise ValueError: the kernels walk a grad in its parameter's
+    memory order and cannot walk a non-dense tensor; such tensors now go
+    through copies in a layout the kernels can walk."""
+    x = torch.randn(9, 5, generator=torch.Generator().manual_seed(3))
+    out = {}
+    for backend in ("triton", "reference"):
+        p = make_param(x.to(DEVICE).clone())
+        opt = cls([p], backend=backend, **SCHED, **kw)
+        for k in range(4):
+            g = torch.arange(p.numel(), dtype=torch.float32).reshape(p.shape).sin() * (k + 1)
+            p.grad = g.to(DEVICE) if grad_layout == "contiguous" else g.t().contiguous().t().to(DEVICE)
+            opt.step()
+        out[backend] = (p.detach().clone(), [t.clone() for t in state_tensors(opt, [p])])
+    assert_ulps([out["triton"][0]], [out["reference"][0]], ulps=4)
+    assert_ulps(out["triton"][1], out["reference"][1], ulps=4)
 
 
 def test_custom_op_registered():

@@ -225,9 +225,12 @@ class _Launcher:
             if not buckets:
                 K.advance_kernel[(1,)](counter, found_inf if has_inf else counter, HAS_INF=has_inf)
                 return
+            # every bucket's table first: one that raises must not leave others stepped
+            launches = [self._launch_table(algo, dtype, device, ps, gs, states, ss, gids)
+                        for dtype, (ps, gs, states, ss, gids) in buckets.items()]
             last = len(buckets) - 1
             for b, (dtype, (ps, gs, states, ss, gids)) in enumerate(buckets.items()):
-                launch = self._launch_table(algo, dtype, device, ps, gs, states, ss, gids)
+                launch = launches[b]
                 cfg = self.config[dtype]
                 kernel[(max(launch.n_chunks, 1),)](
                     launch.table, launch.n_tensors, launch.chunks, launch.n_chunks, table, counter,
@@ -275,6 +278,46 @@ def step_op(
 def _step_fake(algo, params, grads, state1, state2, state3, present, steps, group_ids, table, counter, grad_scale,
                found_inf):
     return None  # everything happens in place
+
+
+def conform(params, grads, states):
+    """The kernels walk a tensor as ``numel`` elements from its data pointer, in
+    its parameter's memory order: a dense parameter's grad and states must
+    have its strides, and a parameter that is not dense (a strided view)
+    cannot be walked at all. Tensors that do not fit are replaced by copies
+    that do (a non-dense parameter and its states: contiguous ones); returns
+    the lists to launch with and the (original, copy) pairs to write back
+    after the launch. The usual layouts (states made by ``zeros_like(p)``,
+    autograd's grads) copy nothing."""
+    writebacks = []
+    grads, states = list(grads), [list(st) for st in states]
+    params_out = None
+    for i, p in enumerate(params):
+        if _dense(p):
+            def fits(t):
+                return _same_layout(t, p) and _dense(t)
+
+            def like_p(t):
+                return torch.empty_strided(p.shape, p.stride(), dtype=t.dtype, device=t.device).copy_(t)
+        else:
+            if params_out is None:
+                params_out = list(params)
+            params_out[i] = p.contiguous()
+            writebacks.append((p, params_out[i]))
+
+            def fits(t):
+                return t.is_contiguous()
+
+            def like_p(t):
+                return t.contiguous()
+        if not fits(grads[i]):
+            grads[i] = like_p(grads[i])  # read only
+        for st in states:
+            t = st[i]
+            if t is not None and not fits(t):
+                st[i] = like_p(t)
+                writebacks.append((t, st[i]))
+    return (params if params_out is None else params_out), grads, states, writebacks
 
 
 def pack_states(*states):
@@ -325,7 +368,7 @@ class TritonBackend:
             raise ValueError(f"batch.algo must be one of 'sgd', 'adam', 'adamw', got {batch.algo!r}")
         if any(len(s) != n for s in states) or len(batch.grads) != n or len(batch.steps) != n or len(batch.group_ids) != n:
             raise ValueError("batch lists (params, grads, steps, group_ids, states) must have equal lengths")
-        params, grads = batch.params, batch.grads
+        params, grads, states, writebacks = conform(batch.params, batch.grads, states)
         rest = (batch.steps, list(batch.group_ids), batch.table, batch.counter, batch.grad_scale, batch.found_inf)
         if torch.compiler.is_compiling():
             present, packed = pack_states(*states)
@@ -333,6 +376,8 @@ class TritonBackend:
         else:
             # eager: skip the dispatcher's per-call cost, same code underneath
             _launcher.run(batch.algo, params, grads, *states, *rest)
+        for dst, src in writebacks:  # (a skipped step wrote nothing: this copies the same values back)
+            dst.copy_(src)
 
 
 __all__ = ["TritonBackend", "LaunchConfig", "interpreting", "step_op"]
