@@ -241,6 +241,58 @@ def test_sgd_zero_momentum_keeps_buffer():
     compare(FusedOneCycleSGD, sched, steps=4, sizes=(5, 70))
 
 
+
+def test_sgd_momentum_switched_on_without_a_buffer():
+    """A group made without momentum (no buffer) whose momentum is set later:
+    the row then asks for a buffer the tensors lack. The kernel must go by the
+    tensor (no buffer: step with the gradient, as the reference and the CUDA
+    kernel do); it used to take the row's word and use the placeholder
+    address, the parameter itself, as the buffer."""
+    sizes = (5, 70)
+    init = init_params(sizes)
+    grads = make_grads(4, sizes)
+    out = {}
+    for backend in ("triton", "reference"):
+        params = [torch.nn.Parameter(t.to(DEVICE).clone()) for t in init]
+        opt = FusedOneCycleSGD(params, backend=backend, **dict(SCHED, cycle_momentum=False, momentum=0.0))
+        for k, step_grads in enumerate(grads):
+            if k == 2:
+                opt.param_groups[0]["momentum"] = 0.9
+            for p, g in zip(params, step_grads):
+                p.grad = g.float().to(DEVICE)
+            opt.step()
+        assert all("momentum_buffer" not in opt.state[p] for p in params)
+        out[backend] = params
+    assert_ulps(out["triton"], out["reference"], ulps=4)
+
+
+def test_amsgrad_row_without_max_state_leaves_param_alone():
+    """The op with an amsgrad row but no max_exp_avg_sq for a tensor: that
+    tensor steps without amsgrad (the reference's and the CUDA kernel's rule)
+    instead of writing the max into the parameter's address."""
+    cls = FusedOneCycleAdam
+    tables = {}
+    for amsgrad in (False, True):
+        ref = cls([torch.nn.Parameter(torch.zeros(1, device=DEVICE))], backend="reference", amsgrad=amsgrad, **SCHED)
+        ref._refresh_tables()
+        tables[amsgrad] = ref._tables[DEVICE]
+    init = init_params((5, 70))
+    grads = [g.float().to(DEVICE) for g in make_grads(1, (5, 70))[0]]
+    results = {}
+    for amsgrad, table in tables.items():
+        params = [t.float().to(DEVICE).clone() for t in init]
+        exp_avgs = [torch.zeros_like(p) for p in params]
+        exp_avg_sqs = [torch.zeros_like(p) for p in params]
+        steps = [torch.zeros((), dtype=torch.int64, device=DEVICE) for _ in params]
+        counter = torch.zeros((), dtype=torch.int64, device=DEVICE)
+        for _ in range(3):
+            torch.ops.onecycle_fused_triton.step("adam", params, grads, exp_avgs, exp_avg_sqs, [], [3, 3], steps,
+                                                 [0, 0], table, counter, None, None)
+        results[amsgrad] = params + exp_avgs + exp_avg_sqs
+    for x, y in zip(results[True], results[False]):
+        assert torch.equal(x, y)
+
+
 ADAM_OPTIONS = {
     "adam": (FusedOneCycleAdam, dict()),
     "adam-wd-amsgrad": (FusedOneCycleAdam, dict(weight_decay=0.1, amsgrad=True)),
