@@ -149,8 +149,10 @@ def test_no_host_sync():
         for k in range(3):
             for p in params:
                 p.grad = torch.randn_like(p)  # new storages: the table is rebuilt
-            opt.grad_scale = torch.tensor(2.0, device="cuda")
-            opt.found_inf = torch.tensor(float(k == 1), device="cuda")
+            # torch.full, not torch.tensor(..., device="cuda"): the latter copies
+            # from pageable host memory and synchronises (pytorch#120996)
+            opt.grad_scale = torch.full((), 2.0, device="cuda")
+            opt.found_inf = torch.full((), float(k == 1), device="cuda")
             opt.step()
     finally:
         torch.cuda.set_sync_debug_mode(0)
