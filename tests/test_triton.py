@@ -521,6 +521,38 @@ def test_launch_table_cache():
     assert_ulps(params, ref_params, ulps=4)
 
 
+def test_launch_table_used_in_a_capture_survives_eviction(monkeypatch):
+    """A launch table hit while a CUDA graph is being captured is pinned: the
+    graph replays with its raw address, so the 4-entry LRU (shared by every
+    optimizer of the bucket's algorithm, dtype and device) must not free it
+    when other parameter sets come and go. Capture is simulated here (the
+    interpreter has no CUDA); test_triton_gpu.py replays a real graph."""
+    launcher = tb._launcher
+    launcher.clear_cache()
+    sizes = (5, 70)
+    params = [torch.nn.Parameter(t.to(DEVICE).clone()) for t in init_params(sizes)]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt = FusedOneCycleSGD(params, backend="triton", **SCHED)
+    opt.step()  # warm-up: the table is built
+    capturing = [True]
+    monkeypatch.setattr(tb, "_capturing", lambda device: capturing[0])
+    opt.step()  # "captured": a cache hit
+    capturing[0] = False
+    (key, captured), = launcher._cache[("sgd", torch.float32, DEVICE)].items()
+    others = []
+    for i in range(tb._CACHE_ENTRIES + 2):  # other optimizers push it out of the LRU
+        ps = [torch.nn.Parameter(torch.zeros(s, device=DEVICE)) for s in (3 + i, 9)]
+        for p in ps:
+            p.grad = torch.ones_like(p)
+        o = FusedOneCycleSGD(ps, backend="triton", **SCHED)
+        o.step()
+        others.append((ps, o))
+    assert key not in launcher._cache[("sgd", torch.float32, DEVICE)]
+    launcher.clear_cache()
+    assert any(launch is captured for launch in launcher._pinned.values())
+
+
 def test_launch_config_chunking():
     """Other block / iteration splits give the same result (chunk boundaries move)."""
     sizes = (1, 100, 257)
