@@ -551,9 +551,9 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
             self._host.step += 1
             counter = self.step_counter()
             value = torch.empty((), dtype=torch.int64, pin_memory=True)
-            value.copy_(counter, non_blocking=True)
+            value.copy_(counter, non_blocking=True)  # on the counter's device's current stream
             event = torch.cuda.Event()
-            event.record()
+            event.record(torch.cuda.current_stream(counter.device))  # that stream, not the current device's
             self._host.pending = (value, event)
         self._update_mirror()
 

@@ -384,6 +384,56 @@ def test_graph_replay_equals_eager_bit_for_bit(cls, kw, realloc_grads):
 
 
 @gpu
+def test_eager_step_after_capture_before_any_replay():
+    """A table built while capturing (grads made inside the capture) is only
+    written when the graph replays. An eager step with those very grads
+    before the first replay hits that table in the cache: it must upload it
+    rather than read uninitialised device memory."""
+    sizes = ((31, 7), (1000,), (3,))
+    inits = init_values(sizes)
+    grads = grad_values(3, sizes)
+
+    def make():
+        params = [make_param(v, torch.float32) for v in inits]
+        return params, FusedOneCycleAdamW(params, backend="cuda", **dict(SCHED, amsgrad=True))
+
+    eager, eopt = make()
+    graphed, gopt = make()
+    sources = [torch.empty_like(p) for p in graphed]
+    for p, g in zip(eager, grads[0]):
+        p.grad = g.float()
+    eopt.step()
+    for s, p, g in zip(sources, graphed, grads[0]):
+        s.copy_(g)
+        p.grad = s.clone()
+    gopt.step()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for p, s in zip(graphed, sources):
+            p.grad = s * 1  # new storages: the table is built (not written) during capture
+        gopt.step()
+    # eager step 2 with the capture's grad tensors, before any replay
+    for p, q, g in zip(graphed, eager, grads[1]):
+        p.grad.copy_(g)
+        q.grad = g.float()
+    gopt.step()
+    eopt.step()
+    # and the graph still replays step 3
+    for s, q, g in zip(sources, eager, grads[2]):
+        s.copy_(g)
+        q.grad = g.float()
+    graph.replay()
+    eopt.step()
+    torch.cuda.synchronize()
+    assert int(gopt.step_counter()) == 3 == int(eopt.step_counter())
+    for p, q in zip(graphed, eager):
+        assert torch.equal(p, q)
+        for k in STATE_KEYS:
+            if k in eopt.state[q]:
+                assert torch.equal(gopt.state[p][k], eopt.state[q][k]), k
+
+
+@gpu
 def test_graph_replay_advances_the_schedule():
     """With equal grads each replay, the update sizes follow lr(k): the
     schedule is read from the counter at replay, not baked in at capture."""

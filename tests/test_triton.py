@@ -241,6 +241,58 @@ def test_sgd_zero_momentum_keeps_buffer():
     compare(FusedOneCycleSGD, sched, steps=4, sizes=(5, 70))
 
 
+
+def test_sgd_momentum_switched_on_without_a_buffer():
+    """A group made without momentum (no buffer) whose momentum is set later:
+    the row then asks for a buffer the tensors lack. The kernel must go by the
+    tensor (no buffer: step with the gradient, as the reference and the CUDA
+    kernel do); it used to take the row's word and use the placeholder
+    address, the parameter itself, as the buffer."""
+    sizes = (5, 70)
+    init = init_params(sizes)
+    grads = make_grads(4, sizes)
+    out = {}
+    for backend in ("triton", "reference"):
+        params = [torch.nn.Parameter(t.to(DEVICE).clone()) for t in init]
+        opt = FusedOneCycleSGD(params, backend=backend, **dict(SCHED, cycle_momentum=False, momentum=0.0))
+        for k, step_grads in enumerate(grads):
+            if k == 2:
+                opt.param_groups[0]["momentum"] = 0.9
+            for p, g in zip(params, step_grads):
+                p.grad = g.float().to(DEVICE)
+            opt.step()
+        assert all("momentum_buffer" not in opt.state[p] for p in params)
+        out[backend] = params
+    assert_ulps(out["triton"], out["reference"], ulps=4)
+
+
+def test_amsgrad_row_without_max_state_leaves_param_alone():
+    """The op with an amsgrad row but no max_exp_avg_sq for a tensor: that
+    tensor steps without amsgrad (the reference's and the CUDA kernel's rule)
+    instead of writing the max into the parameter's address."""
+    cls = FusedOneCycleAdam
+    tables = {}
+    for amsgrad in (False, True):
+        ref = cls([torch.nn.Parameter(torch.zeros(1, device=DEVICE))], backend="reference", amsgrad=amsgrad, **SCHED)
+        ref._refresh_tables()
+        tables[amsgrad] = ref._tables[DEVICE]
+    init = init_params((5, 70))
+    grads = [g.float().to(DEVICE) for g in make_grads(1, (5, 70))[0]]
+    results = {}
+    for amsgrad, table in tables.items():
+        params = [t.float().to(DEVICE).clone() for t in init]
+        exp_avgs = [torch.zeros_like(p) for p in params]
+        exp_avg_sqs = [torch.zeros_like(p) for p in params]
+        steps = [torch.zeros((), dtype=torch.int64, device=DEVICE) for _ in params]
+        counter = torch.zeros((), dtype=torch.int64, device=DEVICE)
+        for _ in range(3):
+            torch.ops.onecycle_fused_triton.step("adam", params, grads, exp_avgs, exp_avg_sqs, [], [3, 3], steps,
+                                                 [0, 0], table, counter, None, None)
+        results[amsgrad] = params + exp_avgs + exp_avg_sqs
+    for x, y in zip(results[True], results[False]):
+        assert torch.equal(x, y)
+
+
 ADAM_OPTIONS = {
     "adam": (FusedOneCycleAdam, dict()),
     "adam-wd-amsgrad": (FusedOneCycleAdam, dict(weight_decay=0.1, amsgrad=True)),
@@ -467,6 +519,38 @@ def test_launch_table_cache():
             p.grad = g.float().to(DEVICE)
         ref.step()
     assert_ulps(params, ref_params, ulps=4)
+
+
+def test_launch_table_used_in_a_capture_survives_eviction(monkeypatch):
+    """A launch table hit while a CUDA graph is being captured is pinned: the
+    graph replays with its raw address, so the 4-entry LRU (shared by every
+    optimizer of the bucket's algorithm, dtype and device) must not free it
+    when other parameter sets come and go. Capture is simulated here (the
+    interpreter has no CUDA); test_triton_gpu.py replays a real graph."""
+    launcher = tb._launcher
+    launcher.clear_cache()
+    sizes = (5, 70)
+    params = [torch.nn.Parameter(t.to(DEVICE).clone()) for t in init_params(sizes)]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt = FusedOneCycleSGD(params, backend="triton", **SCHED)
+    opt.step()  # warm-up: the table is built
+    capturing = [True]
+    monkeypatch.setattr(tb, "_capturing", lambda device: capturing[0])
+    opt.step()  # "captured": a cache hit
+    capturing[0] = False
+    (key, captured), = launcher._cache[("sgd", torch.float32, DEVICE)].items()
+    others = []
+    for i in range(tb._CACHE_ENTRIES + 2):  # other optimizers push it out of the LRU
+        ps = [torch.nn.Parameter(torch.zeros(s, device=DEVICE)) for s in (3 + i, 9)]
+        for p in ps:
+            p.grad = torch.ones_like(p)
+        o = FusedOneCycleSGD(ps, backend="triton", **SCHED)
+        o.step()
+        others.append((ps, o))
+    assert key not in launcher._cache[("sgd", torch.float32, DEVICE)]
+    launcher.clear_cache()
+    assert any(launch is captured for launch in launcher._pinned.values())
 
 
 def test_launch_config_chunking():

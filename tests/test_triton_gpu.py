@@ -149,8 +149,10 @@ def test_no_host_sync():
         for k in range(3):
             for p in params:
                 p.grad = torch.randn_like(p)  # new storages: the table is rebuilt
-            opt.grad_scale = torch.tensor(2.0, device="cuda")
-            opt.found_inf = torch.tensor(float(k == 1), device="cuda")
+            # torch.full, not torch.tensor(..., device="cuda"): the latter copies
+            # from pageable host memory and synchronises (pytorch#120996)
+            opt.grad_scale = torch.full((), 2.0, device="cuda")
+            opt.found_inf = torch.full((), float(k == 1), device="cuda")
             opt.step()
     finally:
         torch.cuda.set_sync_debug_mode(0)
@@ -199,6 +201,56 @@ def test_cuda_graph_replay_equals_eager(cls, kw):
     for x, y in zip(graphed, eager):
         for key, v in opt_e.state[y].items():
             assert torch.equal(opt_g.state[x][key], v), key
+
+
+@pytest.mark.gpu
+def test_cuda_graph_survives_other_optimizers_launch_tables():
+    """The launch-table cache keeps 4 tables per (algorithm, dtype, device),
+    shared by every optimizer. A graph captured with one of them must keep
+    replaying correctly after other optimizers' tables pushed it out of that
+    cache and their memory was reused."""
+    from onecycle_fused.backends import triton as tb
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    init = [torch.randn(s, device="cuda", generator=g) for s in (70, 4097)]
+    grads = [[torch.randn_like(t) for t in init] for _ in range(4)]
+    eager = [torch.nn.Parameter(t.clone()) for t in init]
+    opt_e = FusedOneCycleSGD(eager, backend="triton", **SCHED)
+    graphed = [torch.nn.Parameter(t.clone()) for t in init]
+    opt_g = FusedOneCycleSGD(graphed, backend="triton", **SCHED)
+    static = [torch.zeros_like(t) for t in init]
+    for p, s in zip(graphed, static):
+        p.grad = s
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for s, gr in zip(static, grads[0]):
+            s.copy_(gr)
+        opt_g.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt_g.step()
+    for i in range(tb._CACHE_ENTRIES + 2):  # other parameter sets evict the captured table from the LRU
+        ps = [torch.nn.Parameter(torch.zeros(s, device="cuda")) for s in (3 + i, 9)]
+        for p in ps:
+            p.grad = torch.ones_like(p)
+        FusedOneCycleSGD(ps, backend="triton", **SCHED).step()
+    tb._launcher.clear_cache()
+    junk = [torch.full((1 << 16,), -1, dtype=torch.int64, device="cuda") for _ in range(64)]  # reuse freed blocks
+    for k, step_grads in enumerate(grads):
+        for p, gr in zip(eager, step_grads):
+            p.grad = gr.clone()
+        opt_e.step()
+        if k > 0:
+            for s, gr in zip(static, step_grads):
+                s.copy_(gr)
+            graph.replay()
+    torch.cuda.synchronize()
+    del junk
+    assert int(opt_g.step_counter()) == int(opt_e.step_counter()) == 4
+    for x, y in zip(graphed, eager):
+        assert torch.equal(x, y)
 
 
 @pytest.mark.gpu

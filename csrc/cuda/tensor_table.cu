@@ -14,6 +14,11 @@
 //     captured memcpy would re-read the host buffer at every replay, long
 //     after it was freed; kernel parameters are copied into the graph. This
 //     is what makes a capture whose backward allocates fresh grads work.
+// A table built while capturing holds nothing until a replay runs its upload
+// kernels. So it remembers that no eager upload has reached it: the first
+// eager hit uploads it (an eager step between capture and first replay, with
+// the grads the capture made), and a hit in another capture emits the upload
+// kernels into that graph too (it may replay before the first one does).
 // A table that was used while capturing is pinned in the cache for the life
 // of the process, since a graph may replay it at any time. Other tables are
 // evicted least-recently-used beyond kMaxUnpinned tables or kMaxUnpinnedBytes
@@ -44,6 +49,9 @@ struct Entry {
   int64_t total_chunks;
   bool pinned;  // read by a captured graph: never freed
   cudaStream_t stream;  // stream the table was allocated on
+  // an eager upload was enqueued; false for a table built while capturing,
+  // whose bytes only a replay of that graph writes
+  bool written;
 };
 
 struct Cache {
@@ -105,15 +113,18 @@ __global__ void upload_words_kernel(UploadArgs a) {
   for (int i = threadIdx.x; i < a.nwords; i += blockDim.x) a.dst[i] = a.words[i];
 }
 
-at::Tensor upload(const std::vector<uint64_t>& words, const at::Device& device, cudaStream_t stream,
-                  bool capturing) {
+// Writes `words` into `table` on `stream`: eagerly one asynchronous copy
+// from pinned memory; while capturing, upload_words_kernel launches (captured
+// by value, see above).
+void write_table(const at::Tensor& table, const std::vector<uint64_t>& words, cudaStream_t stream, bool capturing) {
   const int64_t bytes = static_cast<int64_t>(words.size() * 8);
-  at::Tensor table = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).device(device));
+  TORCH_CHECK(table.numel() == bytes, "internal error: table of ", table.numel(), " bytes for ", bytes);
   if (!capturing) {
     at::Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
     std::memcpy(host.data_ptr(), words.data(), static_cast<size_t>(bytes));
     // on the current stream; the pinned block is not reused before the copy ran
-    table.copy_(host, /*non_blocking=*/true);
+    at::Tensor dst = table;  // (copy_ is not const)
+    dst.copy_(host, /*non_blocking=*/true);
   } else {
     auto* dst = reinterpret_cast<unsigned long long*>(table.data_ptr());
     const int64_t total = static_cast<int64_t>(words.size());
@@ -126,7 +137,6 @@ at::Tensor upload(const std::vector<uint64_t>& words, const at::Device& device, 
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   }
-  return table;
 }
 
 // The cached device table for `slots`, building and uploading it on a miss.
@@ -155,14 +165,22 @@ at::Tensor find_or_upload(const std::vector<mt::TensorSlot>& slots, int64_t chun
       // be handed out again before this stream's work on it is done
       e.table.record_stream(stream);
     }
+    if (!e.written) {
+      // built while capturing: its bytes exist only once that graph replays
+      int64_t total = 0;
+      write_table(e.table, mt::build_table_image(slots, chunk, &total), raw, capturing);
+      e.written = !capturing;
+    }
     *total_chunks = e.total_chunks;
     return e.table;
   }
 
   int64_t total = 0;
   const std::vector<uint64_t> words = mt::build_table_image(slots, chunk, &total);
-  at::Tensor table = upload(words, device, raw, capturing);
-  c.entries.push_front(Entry{device.index(), chunk, slots, table, total, capturing, raw});
+  at::Tensor table = at::empty({static_cast<int64_t>(words.size() * 8)},
+                               at::TensorOptions().dtype(at::kByte).device(device));
+  write_table(table, words, raw, capturing);
+  c.entries.push_front(Entry{device.index(), chunk, slots, table, total, capturing, raw, !capturing});
   if (!capturing) {
     ++c.unpinned;
     c.unpinned_bytes += table.numel();

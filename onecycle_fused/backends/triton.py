@@ -68,6 +68,11 @@ class LaunchConfig:
         return self.block * self.iters
 
 
+def _capturing(device: torch.device) -> bool:
+    """True while the current stream of ``device`` (CUDA) is being captured into a graph."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 _DATA_PTR = torch.Tensor.data_ptr
 _NUMEL = torch.Tensor.numel
 
@@ -120,6 +125,10 @@ class _Launcher:
         half = LaunchConfig(block=1024, iters=4, num_warps=4)
         self.config = {torch.float32: LaunchConfig(), torch.bfloat16: half, torch.float16: half}
         self._cache: dict = {}
+        # launches a captured CUDA graph uses: the graph holds raw addresses
+        # of their tables, so these are never freed (the LRU above may drop
+        # them, clear_cache too; the tables must outlive any replay)
+        self._pinned: dict[int, _Launch] = {}
 
     def configure(self, dtype: torch.dtype, config: LaunchConfig) -> None:
         if dtype not in _DTYPES:
@@ -166,7 +175,7 @@ class _Launcher:
         chunks = torch.stack([owner, start], 1)
         host = torch.cat([rec.flatten(), chunks.flatten(), torch.zeros(1, dtype=torch.int64)])
         if device.type == "cuda":
-            if torch.cuda.is_current_stream_capturing():
+            if _capturing(device):
                 raise RuntimeError(
                     "the triton backend built a new launch table during CUDA graph capture: run the "
                     "optimizer step eagerly (warm-up) with the same parameters, grads and state first"
@@ -195,6 +204,8 @@ class _Launcher:
                 bucket.popitem(last=False)
         else:
             bucket.move_to_end(key)
+            if _capturing(device):
+                self._pinned[id(launch)] = launch
         return launch
 
     # -- the step ---------------------------------------------------------

@@ -5,7 +5,8 @@ table" per bucket and keeps it on the device while the storages stay put:
 
 * ``T_WIDTH`` int64 per tensor: addresses of param, grad, the three state
   tensors (SGD: momentum buffer; Adam: exp_avg, exp_avg_sq, max_exp_avg_sq;
-  an unused state holds the param's address and is never written), the
+  an absent state holds the param's address, which is how the kernels tell
+  it is absent: it is never read or written), the
   element count, the parameter group (row of the float64 schedule table) and
   the address of the per-parameter int64 ``step``;
 * ``C_WIDTH`` int64 per chunk: the tensor index and the chunk's first element;
@@ -81,9 +82,7 @@ _NESTEROV = tl.constexpr(Row.NESTEROV)
 _MAXIMIZE = tl.constexpr(Row.MAXIMIZE)
 _BETA2 = tl.constexpr(Row.BETA2)
 _EPS = tl.constexpr(Row.EPS)
-_AMSGRAD = tl.constexpr(Row.AMSGRAD)
 _DECOUPLED = tl.constexpr(Row.DECOUPLED)
-_HAS_MOMENTUM_BUFFER = tl.constexpr(Row.HAS_MOMENTUM_BUFFER)
 _KIND_ONECYCLE = tl.constexpr(KIND_ONECYCLE)
 _KIND_LRRANGETEST = tl.constexpr(KIND_LRRANGETEST)
 _KIND_TORCH_ONECYCLE = tl.constexpr(KIND_TORCH_ONECYCLE)
@@ -232,24 +231,36 @@ def _bias_corrections(beta1, beta2, t):
 @triton.jit
 def _chunk(tensors, chunks, pid, elem_ty, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
     """Chunk ``pid``: its first element, its tensor's size, group row offset,
-    step count and the addresses of param, grad and the three states."""
+    step count, the addresses of param, grad and the three states, and
+    whether the tensor has state 1 and state 3 (SGD's momentum buffer, Adam's
+    max_exp_avg_sq).
+
+    Presence is per tensor, as in the reference and the CUDA kernel, not the
+    group row's HAS_MOMENTUM_BUFFER / AMSGRAD: a row may ask for a buffer a
+    tensor lacks (momentum switched on after the state was made), and the
+    absent state's address is the parameter's own."""
     rec = tensors + tl.load(chunks + pid.to(tl.int64) * _C_WIDTH) * _T_WIDTH
     start = tl.multiple_of(tl.load(chunks + pid.to(tl.int64) * _C_WIDTH + 1), BLOCK)
     numel = tl.load(rec + _T_NUMEL)
     row = tl.load(rec + _T_GROUP) * _ROW_WIDTH
     step = tl.load(tl.load(rec + _T_STEP).to(tl.pointer_type(tl.int64)))
-    p = tl.load(rec + _T_PARAM).to(tl.pointer_type(elem_ty))
+    p_addr = tl.load(rec + _T_PARAM)
+    s1_addr = tl.load(rec + _T_STATE1)
+    s3_addr = tl.load(rec + _T_STATE3)
+    has1 = tl.where(s1_addr != p_addr, True, False)
+    has3 = tl.where(s3_addr != p_addr, True, False)
+    p = p_addr.to(tl.pointer_type(elem_ty))
     g = tl.load(rec + _T_GRAD).to(tl.pointer_type(elem_ty))
-    s1 = tl.load(rec + _T_STATE1).to(tl.pointer_type(elem_ty))
+    s1 = s1_addr.to(tl.pointer_type(elem_ty))
     s2 = tl.load(rec + _T_STATE2).to(tl.pointer_type(elem_ty))
-    s3 = tl.load(rec + _T_STATE3).to(tl.pointer_type(elem_ty))
+    s3 = s3_addr.to(tl.pointer_type(elem_ty))
     if ALIGNED:  # the host checked that every address is 16-byte aligned: vector loads
         p = tl.multiple_of(p, 16)
         g = tl.multiple_of(g, 16)
         s1 = tl.multiple_of(s1, 16)
         s2 = tl.multiple_of(s2, 16)
         s3 = tl.multiple_of(s3, 16)
-    return start, numel, row, step, p, g, s1, s2, s3
+    return start, numel, row, step, p, g, s1, s2, s3, has1, has3
 
 
 @triton.jit
@@ -358,7 +369,9 @@ def sgd_kernel(
     scale, ok, increment = _scale_and_skip(scale_ptr, inf_ptr, k, HAS_SCALE, HAS_INF)
     if pid < n_chunks:
         elem_ty = dtype_ref.dtype.element_ty
-        start, numel, row, step, p_ptr, g_ptr, b_ptr, _s2, _s3 = _chunk(tensors, chunks, pid, elem_ty, BLOCK, ALIGNED)
+        start, numel, row, step, p_ptr, g_ptr, b_ptr, _s2, _s3, has_buf, _has3 = _chunk(
+            tensors, chunks, pid, elem_ty, BLOCK, ALIGNED
+        )
         row = rows + row
         lr64, mom64 = schedule_values(row, k)
         # torch hands lr / momentum to its kernels as Python floats rounded to
@@ -369,7 +382,6 @@ def sgd_kernel(
         keep = (1.0 - tl.load(row + _DAMPENING)).to(tl.float32)
         nesterov = tl.where(tl.load(row + _NESTEROV) != 0, True, False)
         maximize = tl.where(tl.load(row + _MAXIMIZE) != 0, True, False)
-        has_buf = tl.where(tl.load(row + _HAS_MOMENTUM_BUFFER) != 0, True, False)
         first_step = tl.where(step == 0, True, False)
         moving = tl.where(mom != 0, True, False)
         decays = tl.where(wd != 0, True, False)
@@ -438,7 +450,7 @@ def adam_kernel(
     scale, ok, increment = _scale_and_skip(scale_ptr, inf_ptr, k, HAS_SCALE, HAS_INF)
     if pid < n_chunks:
         elem_ty = dtype_ref.dtype.element_ty
-        start, numel, row, step, p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr = _chunk(
+        start, numel, row, step, p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, _has1, amsgrad = _chunk(
             tensors, chunks, pid, elem_ty, BLOCK, ALIGNED
         )
         row = rows + row
@@ -448,7 +460,6 @@ def adam_kernel(
         wd64 = tl.load(row + _WEIGHT_DECAY)
         wd = wd64.to(tl.float32)
         maximize = tl.where(tl.load(row + _MAXIMIZE) != 0, True, False)
-        amsgrad = tl.where(tl.load(row + _AMSGRAD) != 0, True, False)
         decoupled = tl.load(row + _DECOUPLED)
         decays_param = tl.where((decoupled != 0) & (wd64 != 0), True, False)
         decays_grad = tl.where((decoupled == 0) & (wd64 != 0), True, False)
