@@ -144,6 +144,18 @@ class _HostStep:
         self.stale = False
 
 
+class _TableRows:
+    """The rows the group tables were last built from (``_refresh_tables``).
+
+    A holder of its own for the reason _HostStep is one: the write happens
+    inside a compiled step too, where torch 2.13's dynamo drops attribute
+    writes on an Optimizer and torch 2.11's raises on them.
+    """
+
+    def __init__(self):
+        self.rows: list = []
+
+
 class _FusedOneCycleOptimizer(torch.optim.Optimizer):
     """Shared machinery; subclasses define the algorithm's hyper-parameters."""
 
@@ -174,7 +186,7 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
     def _reset_caches(self) -> None:
         """What is derived from the groups and rebuilt on use (also after unpickling)."""
         self._tables: dict[torch.device, torch.Tensor] = {}
-        self._row_keys: list = []
+        self._table_rows = _TableRows()
         self._schedule_cache: dict[tuple, _Schedule] = {}
         self._schedule_seen: dict[int, tuple] = {}  # id(config) -> (config, its deep copy, schedule)
         # the lists of the last list-path step, kept as C++ StepPlans (step_plan.py)
@@ -259,7 +271,7 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
                     self._counters[device] = next(iter(self._counters.values())).to(device, copy=True)
                 else:
                     self._counters[device] = torch.zeros((), dtype=torch.int64, device=device)
-        self._row_keys = []  # tables are rebuilt at the next step
+        self._table_rows.rows = []  # tables are rebuilt at the next step
         self._plan.drop()  # (the snapshot would see the new group too)
         self._update_mirror()
 
@@ -318,7 +330,7 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
             rows = [self._row(g) for g in self.param_groups]
         except (TypeError, ValueError):
             rows = None  # e.g. maximize="yes": validation below names it
-        if rows is not None and rows == self._row_keys:
+        if rows is not None and rows == self._table_rows.rows:
             return
         for group in self.param_groups:
             self._validate_group(group, mirrored=True)
@@ -331,7 +343,7 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
                 table.copy_(host)  # keep the storage: CUDA graphs see the new values
             else:
                 self._tables[device] = host.to(device)
-        self._row_keys = rows
+        self._table_rows.rows = rows
 
     # ------------------------------------------------------------------
     # host mirror of lr / momentum
@@ -502,7 +514,7 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         for device, batch in batches.items():
             watched = [p for p in without_grad if p.device == device]
             plans.append((device, self._backend_for[device].make_plan(batch, watched)))
-        cache.build(plans, self.param_groups, self.state, self._row_keys)
+        cache.build(plans, self.param_groups, self.state, self._table_rows.rows)
 
     def _planned_step(self, grad_scale, found_inf):
         """Steps devices through their plans. Returns the devices left for the
@@ -514,7 +526,7 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         if not self._step_plan_enabled:
             cache.drop()
             return self._counters.keys()
-        if not cache.valid_for(self.param_groups, self.state, self._row_keys):  # (dropped them)
+        if not cache.valid_for(self.param_groups, self.state, self._table_rows.rows):  # (dropped them)
             return self._counters.keys()
         plans = cache.plans
         if len(plans) > 1 and not all(plan.ready() for _, plan in plans):
@@ -652,7 +664,7 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
             c.fill_(counter)
         self._host = _HostStep()
         self._host.step = counter
-        self._row_keys = []
+        self._table_rows.rows = []
         self._plan.drop()  # new state tensors, maybe new groups
         self._update_mirror()
 
