@@ -44,7 +44,7 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run, log to $OUT/NAME.log, remember 
 # Limits: each phase's steps add up to < 600 s, the device tool's cap on one
 # command; a step past its limit is cut, the files already written come back.
 # the extension, in place (_C and _C_cuda); a warm machine keeps the build
-step build 150 "$PY" setup.py build_ext --inplace
+step build 120 "$PY" setup.py build_ext --inplace
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
   "$PY" -c "import torch, triton, onecycle_fused as oc, onecycle_fused.ops as ops
@@ -67,7 +67,9 @@ else
     --iters 50 --budget 1 --e2e-steps 0 --no-plots --out "$OUT/bench" \
     --note "tools/gpu_session.sh phase 2: torch.compile rows"
   step host_overhead 60 "$PY" -m benchmarks.host_overhead --device cuda --full
-  step tune_triton 60 "$PY" benchmarks/tune_triton.py --sets small resnet50
+  # the default grid over every algo/dtype/set is ~10 min: here one set, fp32,
+  # SGD and AdamW (2 x 18 configurations, ~1 min), enough to check the defaults
+  step tune_triton 90 "$PY" benchmarks/tune_triton.py --algos sgd adamw --dtypes fp32 --sets resnet50
 fi
 echo "gpu_session phase $PHASE: exit $status"
 exit $status
