@@ -67,8 +67,13 @@ def smooth_losses(losses: Sequence[float], beta: float = 0.98) -> list[float]:
     return out
 
 
+def _is_number(value) -> bool:
+    """A real number, not a bool (``True`` is not a learning rate)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _check_divisor(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 1 <= value < math.inf:
+    if not _is_number(value) or not 1 <= value < math.inf:
         raise ValueError(f"{name} must be a finite number >= 1, got {value!r}")
 
 
@@ -158,21 +163,23 @@ def lr_range_test(
     from .optim import FusedOneCycleAdam, FusedOneCycleAdamW, FusedOneCycleSGD
 
     classes = {"sgd": FusedOneCycleSGD, "adam": FusedOneCycleAdam, "adamw": FusedOneCycleAdamW}
-    if optimizer not in classes:
+    if not isinstance(optimizer, str) or optimizer not in classes:
         raise ValueError(f"optimizer must be one of {sorted(classes)}, got {optimizer!r}")
     _check_divisor("min_lr_divisor", min_lr_divisor)  # before training, not after
     _check_divisor("max_lr_divisor", max_lr_divisor)
-    if not (isinstance(min_lr, (int, float)) and min_lr > 0 and math.isfinite(min_lr)):
+    if not (_is_number(min_lr) and min_lr > 0 and math.isfinite(min_lr)):
         raise ValueError(f"min_lr must be a finite number > 0, got {min_lr!r}")
-    if not (isinstance(max_lr, (int, float)) and max_lr > min_lr and math.isfinite(max_lr)):
+    if not (_is_number(max_lr) and max_lr > min_lr and math.isfinite(max_lr)):
         raise ValueError(f"max_lr must be a finite number > min_lr ({min_lr}), got {max_lr!r}")
+    if not isinstance(staircase, bool):
+        raise ValueError(f"staircase must be a bool, got {staircase!r}")
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 2:
         raise ValueError(f"num_steps must be an integer >= 2, got {num_steps!r}")
     if isinstance(step_size, bool) or not isinstance(step_size, int) or not 1 <= step_size <= num_steps - 1:
         raise ValueError(f"step_size must be an integer in [1, num_steps - 1 = {num_steps - 1}], got {step_size!r}")
     if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
         raise ValueError(f"check_every must be an integer >= 1, got {check_every!r}")
-    if not (isinstance(diverge_factor, (int, float)) and diverge_factor > 1):
+    if not (_is_number(diverge_factor) and diverge_factor > 1):
         raise ValueError(f"diverge_factor must be a number > 1, got {diverge_factor!r}")
 
     schedule = LRRangeTest(
@@ -180,7 +187,7 @@ def lr_range_test(
         lr_range_test_step_size=step_size,
         # the interval at the last step, as the schedule computes it
         lr_range_test_step_rate=(max_lr / min_lr - 1) / (
-            (num_steps - 1) // step_size if staircase is True else (num_steps - 1) / step_size
+            (num_steps - 1) // step_size if staircase else (num_steps - 1) / step_size
         ),
         lr_range_test_staircase=staircase,
     )

@@ -101,6 +101,13 @@ def test_stops_on_divergence_and_writes_png(tmp_path):
     ({"optimizer": "lamb"}, "optimizer"),
     ({"check_every": 0}, "check_every"),
     ({"diverge_factor": 1.0}, "diverge_factor"),
+    # bools are not numbers here (True would silently be 1.0), as elsewhere
+    ({"min_lr": True}, "min_lr"),
+    ({"min_lr": 1e-3, "max_lr": True}, "max_lr"),
+    ({"diverge_factor": True}, "diverge_factor"),
+    ({"min_lr_divisor": True}, "min_lr_divisor"),
+    ({"staircase": 1}, "staircase"),
+    ({"optimizer": ["sgd"]}, "optimizer"),
 ])
 def test_bad_arguments_name_the_parameter(bad, match):
     model, loss_fn, data = toy_problem(num_batches=1)
