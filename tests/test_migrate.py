@@ -186,3 +186,36 @@ def test_mismatches_raise():
     plain = FusedOneCycleSGD(model.parameters(), **{**SCHEDULE, "cycle_momentum": False}, backend="reference")
     with pytest.raises(ValueError, match="no momentum"):
         load_torch_optimizer_state(plain, sgd.state_dict())
+
+
+def test_positions_of_any_integer_type():
+    """step= takes any integer (numpy, a one-element tensor), as set_step does;
+    a scheduler position stored as an integral float (e.g. a state that went
+    through JSON) is that integer; anything else is a ValueError naming it
+    (a float used to be truncated: 2.5 -> step 3)."""
+    np = pytest.importorskip("numpy")
+    model = _model()
+    opt = torch.optim.Adam(model.parameters())
+    _train(model, opt, _batches(2))
+    for step in (np.int64(3), np.int32(3), torch.tensor(3)):
+        fused = FusedOneCycleAdam(model.parameters(), **SCHEDULE, backend="reference")
+        assert load_torch_optimizer_state(fused, opt.state_dict(), step=step) == 3
+        assert type(load_torch_optimizer_state(fused, opt.state_dict(), step=step)) is int
+        assert fused.step_counter().item() == 3 and fused.param_groups[0]["lr"] == OneCycle(**SCHEDULE).lr(3)
+    for bad in (3.0, True, -1, "3"):
+        with pytest.raises(ValueError, match="step"):
+            load_torch_optimizer_state(fused, opt.state_dict(), step=bad)
+
+    assert schedule_position({"last_batch_iteration": 4.0}) == 5
+    assert schedule_position({"last_batch_iteration": np.int64(4)}) == 5
+    assert schedule_position({"last_epoch": 7.0}) == 7
+    assert schedule_position({"last_epoch": torch.tensor(7)}) == 7
+    for bad in (2.5, float("nan"), float("inf"), "4", None, True):
+        with pytest.raises(ValueError, match="last_batch_iteration"):
+            schedule_position({"last_batch_iteration": bad})
+    with pytest.raises(ValueError, match="last_epoch"):
+        schedule_position({"last_epoch": 6.5})
+    fused = FusedOneCycleAdam(model.parameters(), **SCHEDULE, backend="reference")
+    with pytest.raises(ValueError, match="last_batch_iteration"):
+        load_torch_optimizer_state(fused, opt.state_dict(), {"last_batch_iteration": 2.5})
+    assert fused.step_counter().item() == 0  # nothing loaded
