@@ -194,6 +194,10 @@ def lr_range_test(
     kwargs = dict(optimizer_kwargs or {})
     if optimizer == "sgd":
         kwargs.setdefault("momentum", 0.9)
+    if plot is not None:
+        from .plotting import image_target
+
+        image_target(plot, "plot")  # a bad path fails now, not after the test
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("model has no parameter that requires grad")
@@ -244,12 +248,16 @@ def _diverging(losses: list[float], beta: float, factor: float) -> bool:
 
 
 def plot_range_test(result: RangeTestResult, path: str) -> str:
-    """Draw loss against lr (log axis) with the suggested bounds, to PNG at ``path``."""
+    """Draw loss against lr (log axis) with the suggested bounds, to an image
+    at ``path`` (PNG, or the format of its extension)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
+    from .plotting import image_target
+
+    path, fmt = image_target(path)
     fig, ax = plt.subplots(figsize=(7, 4))
     n = len(result.smoothed)
     ax.plot(result.lrs, result.losses, color="0.75", linewidth=1, label="loss")
@@ -268,9 +276,9 @@ def plot_range_test(result: RangeTestResult, path: str) -> str:
     ax.set_title(title)
     ax.legend(loc="best", fontsize="small")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, format=fmt)
     plt.close(fig)
-    return str(path)
+    return path
 
 
 def toy_problem(seed: int = 0, batch_size: int = 64, num_batches: int = 16):

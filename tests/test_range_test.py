@@ -171,3 +171,21 @@ def test_bad_step_size_names_it(bad):
     model, loss_fn, data = toy_problem(num_batches=1)
     with pytest.raises(ValueError, match="step_size"):
         lr_range_test(model, loss_fn, data, num_steps=23, staircase=True, step_size=bad)
+
+
+def test_bad_plot_path_fails_before_training(tmp_path):
+    """A plot path that cannot be written is a ValueError before the first
+    step (it used to surface only after the whole test had run)."""
+    model, loss_fn, data = toy_problem(num_batches=1)
+    calls = []
+
+    def counting_loss(m, batch):
+        calls.append(1)
+        return loss_fn(m, batch)
+
+    for bad, match in ((tmp_path / "missing" / "rt.png", "missing"), (tmp_path / "rt.pnx", "pnx"), (tmp_path, "directory")):
+        with pytest.raises(ValueError, match=match):
+            lr_range_test(model, counting_loss, data, num_steps=5, plot=str(bad))
+    assert calls == []
+    result = lr_range_test(model, counting_loss, data, num_steps=5, plot=str(tmp_path / "rt"))
+    assert result.plot_path == str(tmp_path / "rt") and (tmp_path / "rt").read_bytes()[:4] == b"\x89PNG"
