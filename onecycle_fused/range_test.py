@@ -156,8 +156,8 @@ def lr_range_test(
     go to its constructor (default for SGD: ``momentum=0.9``). Every
     ``check_every`` steps the host reads the losses so far and stops when the
     smoothed loss exceeds ``diverge_factor`` times its minimum or a loss is
-    not finite. With ``restore`` (default) the model's parameters and buffers
-    are put back afterwards. ``plot``: a PNG path to draw the curve to.
+    not finite. With ``restore`` (default) the model's parameters, buffers,
+    train/eval mode and grads are put back afterwards. ``plot``: an image path to draw the curve to.
     ``min_lr_divisor`` / ``max_lr_divisor``: see :func:`suggest_lr_bounds`.
     """
     from .optim import FusedOneCycleAdam, FusedOneCycleAdamW, FusedOneCycleSGD
@@ -201,7 +201,12 @@ def lr_range_test(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("model has no parameter that requires grad")
+    if not isinstance(restore, bool):
+        raise ValueError(f"restore must be a bool, got {restore!r}")
     saved = copy.deepcopy(model.state_dict()) if restore else None
+    # what else "as it was" means: each module's train/eval mode and the grads
+    modes = [(m, m.training) for m in model.modules()] if restore else []
+    grads = [(p, p.grad) for p in params] if restore else []
     opt = classes[optimizer](params, schedule=schedule, backend=backend, **kwargs)
     device = params[0].device
 
@@ -228,6 +233,10 @@ def lr_range_test(
     finally:
         if saved is not None:
             model.load_state_dict(saved)
+            for m, training in modes:
+                m.training = training
+            for p, g in grads:
+                p.grad = g
 
     host_losses = losses[:steps].tolist()
     lrs = [schedule.lr(k) for k in range(steps)]

@@ -189,3 +189,22 @@ def test_bad_plot_path_fails_before_training(tmp_path):
     assert calls == []
     result = lr_range_test(model, counting_loss, data, num_steps=5, plot=str(tmp_path / "rt"))
     assert result.plot_path == str(tmp_path / "rt") and (tmp_path / "rt").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_restore_puts_back_modes_and_grads():
+    """restore=True leaves the model as it was: weights and buffers, but also
+    eval mode (the test trains in train mode) and the grads it had."""
+    model, loss_fn, data = toy_problem(num_batches=1)
+    model = torch.nn.Sequential(model, torch.nn.BatchNorm1d(3), torch.nn.Dropout(0.1))
+    model.eval()
+    model[1].train()  # a mixed state comes back as it was, module by module
+    first = next(model.parameters())
+    first.grad = torch.full_like(first, 7.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    lr_range_test(model, loss_fn, data, num_steps=4)
+    assert [m.training for m in model.modules()] == [False, False, False, False, False, True, False]
+    assert torch.equal(first.grad, torch.full_like(first, 7.0))
+    assert all(p.grad is None for p in list(model.parameters())[1:])
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="restore"):
+        lr_range_test(model, loss_fn, data, num_steps=4, restore="yes")
