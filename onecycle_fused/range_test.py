@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import numbers
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
@@ -68,8 +69,12 @@ def smooth_losses(losses: Sequence[float], beta: float = 0.98) -> list[float]:
 
 
 def _is_number(value) -> bool:
-    """A real number, not a bool (``True`` is not a learning rate)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A real number (numpy's too), not a bool (``True`` is not a learning rate)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_integer(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _check_divisor(name: str, value) -> None:
@@ -173,14 +178,17 @@ def lr_range_test(
         raise ValueError(f"max_lr must be a finite number > min_lr ({min_lr}), got {max_lr!r}")
     if not isinstance(staircase, bool):
         raise ValueError(f"staircase must be a bool, got {staircase!r}")
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 2:
+    if not _is_integer(num_steps) or num_steps < 2:
         raise ValueError(f"num_steps must be an integer >= 2, got {num_steps!r}")
-    if isinstance(step_size, bool) or not isinstance(step_size, int) or not 1 <= step_size <= num_steps - 1:
+    if not _is_integer(step_size) or not 1 <= step_size <= num_steps - 1:
         raise ValueError(f"step_size must be an integer in [1, num_steps - 1 = {num_steps - 1}], got {step_size!r}")
-    if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
+    if not _is_integer(check_every) or check_every < 1:
         raise ValueError(f"check_every must be an integer >= 1, got {check_every!r}")
     if not (_is_number(diverge_factor) and diverge_factor > 1):
         raise ValueError(f"diverge_factor must be a number > 1, got {diverge_factor!r}")
+    # numpy scalars too, as plain Python numbers from here on
+    num_steps, step_size, check_every = int(num_steps), int(step_size), int(check_every)
+    min_lr, max_lr = float(min_lr), float(max_lr)
 
     schedule = LRRangeTest(
         lr_range_test_min_lr=min_lr,
@@ -192,6 +200,10 @@ def lr_range_test(
         lr_range_test_staircase=staircase,
     )
     kwargs = dict(optimizer_kwargs or {})
+    reserved = {"schedule", "backend"} & set(kwargs)
+    if reserved:
+        raise ValueError(f"optimizer_kwargs must not set {sorted(reserved)}: the range test sets the schedule, "
+                         "and backend is an argument of lr_range_test")
     if optimizer == "sgd":
         kwargs.setdefault("momentum", 0.9)
     if plot is not None:

@@ -108,6 +108,8 @@ def test_stops_on_divergence_and_writes_png(tmp_path):
     ({"min_lr_divisor": True}, "min_lr_divisor"),
     ({"staircase": 1}, "staircase"),
     ({"optimizer": ["sgd"]}, "optimizer"),
+    ({"optimizer_kwargs": {"backend": "cpu"}}, "optimizer_kwargs"),
+    ({"optimizer_kwargs": {"schedule": {}}}, "optimizer_kwargs"),
 ])
 def test_bad_arguments_name_the_parameter(bad, match):
     model, loss_fn, data = toy_problem(num_batches=1)
@@ -208,3 +210,15 @@ def test_restore_puts_back_modes_and_grads():
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     with pytest.raises(ValueError, match="restore"):
         lr_range_test(model, loss_fn, data, num_steps=4, restore="yes")
+
+
+def test_numpy_scalars_are_numbers():
+    """numpy scalars (a grid from np.logspace, a count from np.int64) are
+    accepted like Python numbers, with the same curve."""
+    np = pytest.importorskip("numpy")
+    model, loss_fn, data = toy_problem(num_batches=1)
+    plain = lr_range_test(model, loss_fn, data, min_lr=1e-3, max_lr=0.5, num_steps=6, step_size=2, staircase=True)
+    numpy = lr_range_test(model, loss_fn, data, min_lr=np.float64(1e-3), max_lr=np.float32(0.5),
+                          num_steps=np.int64(6), step_size=np.int32(2), check_every=np.int64(3), staircase=True)
+    assert numpy.lrs == pytest.approx(plain.lrs, rel=1e-7) and numpy.losses == pytest.approx(plain.losses, rel=1e-5)
+    assert all(type(v) is float for v in numpy.lrs)
