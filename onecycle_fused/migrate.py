@@ -123,6 +123,17 @@ def load_torch_optimizer_state(
             raise ValueError(f"torch_state_dict param_groups[{i}] is an Adam-type group; the optimizer is SGD")
         if not is_sgd and "betas" not in s:
             raise ValueError(f"torch_state_dict param_groups[{i}] has no 'betas': not an Adam / AdamW state")
+        if not is_sgd and copy_hyperparameters and s.get("weight_decay", 0) != 0 and "decoupled_weight_decay" in s:
+            # torch >= 2.5 marks AdamW groups; L2 (Adam) and decoupled (AdamW)
+            # weight decay compute different steps with the same value
+            decoupled = optimizer.algo == "adamw"
+            if bool(s["decoupled_weight_decay"]) != decoupled:
+                want = "FusedOneCycleAdamW" if s["decoupled_weight_decay"] else "FusedOneCycleAdam"
+                raise ValueError(
+                    f"torch_state_dict param_groups[{i}] has decoupled_weight_decay="
+                    f"{bool(s['decoupled_weight_decay'])} (torch.optim.{'AdamW' if s['decoupled_weight_decay'] else 'Adam'}) "
+                    f"and weight_decay={s['weight_decay']}: load it into a {want}, not a {type(optimizer).__name__}"
+                )
 
     if step is not None:
         if isinstance(step, bool) or isinstance(step, float):

@@ -219,3 +219,52 @@ def test_positions_of_any_integer_type():
     with pytest.raises(ValueError, match="last_batch_iteration"):
         load_torch_optimizer_state(fused, opt.state_dict(), {"last_batch_iteration": 2.5})
     assert fused.step_counter().item() == 0  # nothing loaded
+
+
+@pytest.mark.parametrize("torch_kind,fused_cls,ok", [
+    ("adamw", FusedOneCycleAdamW, True),
+    ("adam_decoupled", FusedOneCycleAdamW, True),  # torch.optim.Adam(decoupled_weight_decay=True) is AdamW
+    ("adam", FusedOneCycleAdam, True),
+    ("adamw", FusedOneCycleAdam, False),  # L2 instead of decoupled decay: another trajectory
+    ("adam", FusedOneCycleAdamW, False),
+])
+def test_weight_decay_kind_must_match(torch_kind, fused_cls, ok):
+    """Adam's L2 and AdamW's decoupled weight decay give different steps with
+    the same weight_decay; the state says which (torch's
+    decoupled_weight_decay), so a mismatch is refused instead of silently
+    continuing another trajectory. A matching pair continues exactly (the
+    oracle: torch with DeepSpeed's OneCycle)."""
+    if torch_kind == "adamw":
+        make = lambda ps: torch.optim.AdamW(ps, lr=1.0, weight_decay=0.1)
+    else:
+        try:
+            make = lambda ps: torch.optim.Adam(ps, lr=1.0, weight_decay=0.1,
+                                               decoupled_weight_decay=torch_kind == "adam_decoupled")
+            make([torch.nn.Parameter(torch.zeros(1))])
+        except TypeError:
+            pytest.skip("this torch's Adam has no decoupled_weight_decay")
+    batches = _batches(BEFORE + AFTER)
+    model = _model()
+    opt = make(model.parameters())
+    sched = ds_sched.OneCycle(opt, **SCHEDULE)
+    _train(model, opt, batches[:BEFORE], sched.step)
+    if "decoupled_weight_decay" not in opt.state_dict()["param_groups"][0]:
+        pytest.skip("this torch does not record decoupled_weight_decay")
+    saved_model = copy.deepcopy(model.state_dict())
+    saved_opt, saved_sched = copy.deepcopy(opt.state_dict()), copy.deepcopy(sched.state_dict())
+    _train(model, opt, batches[BEFORE:], sched.step)
+    expected = _params(model)
+
+    resumed = _model()
+    resumed.load_state_dict(saved_model)
+    fused = fused_cls(resumed.parameters(), **SCHEDULE, backend="reference")
+    if not ok:
+        with pytest.raises(ValueError, match="decoupled_weight_decay"):
+            load_torch_optimizer_state(fused, saved_opt, saved_sched)
+        assert fused.step_counter().item() == 0 and len(fused.state) == 0  # nothing loaded
+        # keeping the fused optimizer's own hyper-parameters is the user's call
+        load_torch_optimizer_state(fused, saved_opt, saved_sched, copy_hyperparameters=False)
+        return
+    load_torch_optimizer_state(fused, saved_opt, saved_sched)
+    _train(resumed, fused, batches[BEFORE:])
+    _assert_same(_params(resumed), expected)
