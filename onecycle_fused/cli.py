@@ -36,6 +36,8 @@ def _keyword_args(pairs: Sequence[str]) -> dict:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise ValueError(f"schedule arguments are key=value pairs, got {pair!r}")
+        if key in params:
+            raise ValueError(f"{key} is given twice")
         params[key] = _parse_value(value)
     return params
 

@@ -94,6 +94,7 @@ def test_plot_torch_onecycle_default_steps(capsys):
     (["plot", "cycle_min_lr=1e-3", "cycle_max_lr=1e-2", "lr_wrong=3"], "lr_wrong"),
     (["plot", "cycle_max_lr"], "key=value"),
     (["plot", "--config", SEED_CONFIG, "cycle_min_lr=1"], "not both"),
+    (["plot", "cycle_min_lr=1e-4", "cycle_max_lr=1e-3", "cycle_min_lr=1e-5"], "cycle_min_lr is given twice"),
     (["plot", "--config", "no_such_config.json"], "no_such_config.json"),
     (["plot", "--config", __file__], "not a JSON file"),
     (["plot", "--config", SEED_CONFIG, "--type", "LRRangeTest"], "--type"),
