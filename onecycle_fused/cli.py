@@ -54,14 +54,20 @@ def _steps_list(text: str) -> list[int]:
     return steps
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return value
+
+    return parse
+
+
+_positive_int = _int_at_least(1)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,12 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--at", type=_steps_list, help="comma-separated steps for the table (default: 11 evenly spaced)")
 
     r = sub.add_parser("range-test", help="LR range test on a small built-in problem")
-    r.add_argument("--min-lr", type=float, default=1e-3)
-    r.add_argument("--max-lr", type=float, default=3.0)
-    r.add_argument("--steps", type=_positive_int, default=100)
-    r.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], default="sgd")
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--backend", default="auto")
+    r.add_argument("--min-lr", type=float, default=1e-3, help="lr of the first step (default 1e-3)")
+    r.add_argument("--max-lr", type=float, default=3.0, help="lr of the last step (default 3); linear in between")
+    r.add_argument("--steps", type=_int_at_least(2), default=100, help="number of steps, at least 2 (default 100)")
+    r.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], default="sgd",
+                   help="fused optimizer to run (default sgd, momentum 0.9)")
+    r.add_argument("--seed", type=int, default=0, help="seed of the built-in problem and model (default 0)")
+    r.add_argument("--backend", default="auto", help="auto, reference, cpu, cuda or triton (default auto)")
     r.add_argument("--max-lr-divisor", type=float, default=1.0,
                    help="suggest cycle_max_lr = (lr at the smoothed-loss minimum) / this (default 1: Smith's rule)")
     r.add_argument("--out", help="image path for the loss curve (PNG unless its extension says otherwise)")

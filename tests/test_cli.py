@@ -113,7 +113,7 @@ def test_plot_errors_are_one_line(args, match, capsys, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("args", [["plot", "--at", "1,x"], ["plot", "--at", ""], ["plot", "--at=-1"],
-                                  ["plot", "--steps", "0"], ["range-test", "--steps", "two"],
+                                  ["plot", "--steps", "0"], ["range-test", "--steps", "two"], ["range-test", "--steps", "1"],
                                   ["range-test", "--optimizer", "lamb"], ["plot", "--type", "Linear"], []])
 def test_bad_flags_are_argparse_errors(args, capsys):
     with pytest.raises(SystemExit) as exc:
