@@ -3,12 +3,14 @@
 Values come from the host evaluation in ``schedule.py`` (the specification
 every backend reproduces on the device), so a plot shows exactly what the
 optimizer will use: step ``k`` is the step that runs after ``k`` applied steps.
+Each function takes a schedule object or a DeepSpeed config (a dict or a
+JSON file path, as :func:`~onecycle_fused.schedule_from_config`).
 """
 from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from .schedule import OneCycle, TorchOneCycle, _Schedule
+from .schedule import OneCycle, TorchOneCycle, _Schedule, schedule_from_config
 
 __all__ = ["schedule_values_at", "format_table", "plot_schedule", "default_steps"]
 
@@ -38,10 +40,16 @@ def image_target(path, name: str = "path") -> tuple[str, str]:
     return path, ext or "png"
 
 
+def _as_schedule(schedule) -> _Schedule:
+    """A schedule object as is; a DeepSpeed config (dict or JSON path) built."""
+    return schedule if isinstance(schedule, _Schedule) else schedule_from_config(schedule)
+
+
 def default_steps(schedule: _Schedule) -> int:
     """A step count that shows the whole shape: OneCycle's cycle plus as much
     decay again, TorchOneCycle's whole schedule (at least 1000 steps for a
     range test)."""
+    schedule = _as_schedule(schedule)
     if isinstance(schedule, OneCycle):
         return 2 * schedule.total_size + 1
     if isinstance(schedule, TorchOneCycle):
@@ -56,6 +64,7 @@ def _num_groups(schedule: _Schedule) -> int:
 def schedule_values_at(schedule: _Schedule, steps: Sequence[int]) -> list[dict]:
     """One row per step: ``{"step": k, "lr": [...], "momentum": [...] or None}``
     (one value per parameter group)."""
+    schedule = _as_schedule(schedule)
     rows = []
     for k in steps:
         lrs = [schedule.lr(k, g) for g in range(_num_groups(schedule))]
@@ -96,6 +105,7 @@ def plot_schedule(
     ``steps`` steps (default :func:`default_steps`) to an image at ``path``
     (PNG, or the format of its extension: ``.svg``, ``.pdf``...).
     ``marks``: steps to highlight with a dot on each curve."""
+    schedule = _as_schedule(schedule)
     import matplotlib
 
     matplotlib.use("Agg", force=False)

@@ -144,6 +144,11 @@ def test_plot_schedule_function(tmp_path):
     assert open(path, "rb").read(8) == PNG
     with pytest.raises(ValueError, match="steps"):
         plot_schedule(sched, str(tmp_path / "t.png"), steps=0)
+    # a DeepSpeed config (path or dict) is taken as schedule_from_config takes it
+    assert schedule_values_at(SEED_CONFIG, [0, 1000]) == rows
+    assert schedule_values_at(json.load(open(SEED_CONFIG)), [0, 1000]) == rows
+    path = plot_schedule(SEED_CONFIG, str(tmp_path / "c.png"), steps=300)
+    assert open(path, "rb").read(8) == PNG
 
 
 def test_range_test_command_line(tmp_path):
