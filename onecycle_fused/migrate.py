@@ -156,10 +156,18 @@ def load_torch_optimizer_state(
             if not is_sgd:
                 d["betas"] = (d["betas"][0], s["betas"][1])
         uses_buffer = is_sgd and (optimizer._schedule_of(d).cycles_momentum or d["momentum"] != 0)
-        for src_id, dst_id in zip(s["params"], d["params"]):
+        params = optimizer.param_groups[gi]["params"]
+        for j, (src_id, dst_id) in enumerate(zip(s["params"], d["params"])):
             st = torch_state_dict["state"].get(src_id)
             if not st:
                 continue  # never stepped: the fused optimizer starts it fresh
+            for key in ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+                value = st.get(key)
+                if isinstance(value, torch.Tensor) and value.shape != params[j].shape:
+                    raise ValueError(
+                        f"torch_state_dict's {key} of parameter {j} in group {gi} has shape {tuple(value.shape)}, "
+                        f"the optimizer's parameter {tuple(params[j].shape)}: not the same parameters in the same order"
+                    )
             new_state[dst_id] = _convert(st, is_sgd, uses_buffer, position, gi)
     dst["state"] = new_state
     dst["step_counter"] = torch.tensor(position, dtype=torch.int64)

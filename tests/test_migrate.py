@@ -183,6 +183,16 @@ def test_mismatches_raise():
         load_torch_optimizer_state(fused, sgd.state_dict(), {"nothing": 1})
     with pytest.raises(ValueError, match="load_state_dict"):
         load_torch_optimizer_state(fused, fused.state_dict())
+    # the same number of parameters, in another order: the shapes tell
+    swapped = [list(model.parameters())[i] for i in (1, 0, 2, 3)]
+    for fused in (FusedOneCycleSGD(swapped, **SCHEDULE, backend="reference"),
+                  FusedOneCycleAdam(swapped, **SCHEDULE, backend="reference")):
+        torch_opt = sgd if isinstance(fused, FusedOneCycleSGD) else torch.optim.Adam(model.parameters())
+        if torch_opt is not sgd:
+            _train(model, torch_opt, _batches(1))
+        with pytest.raises(ValueError, match="shape"):
+            load_torch_optimizer_state(fused, torch_opt.state_dict())
+        assert len(fused.state) == 0 and fused.step_counter().item() == 0
     plain = FusedOneCycleSGD(model.parameters(), **{**SCHEDULE, "cycle_momentum": False}, backend="reference")
     with pytest.raises(ValueError, match="no momentum"):
         load_torch_optimizer_state(plain, sgd.state_dict())
