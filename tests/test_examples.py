@@ -90,8 +90,13 @@ def test_hf_trainer_example_script(tmp_path):
 
 def test_deepspeed_client_optimizer_script(tmp_path):
     pytest.importorskip("deepspeed")
-    out = _run([sys.executable, os.path.join(EXAMPLES, "deepspeed_client_optimizer.py"), "--micro-batches", "8"],
-               tmp_path, MASTER_PORT=str(_free_port()))
+    script = os.path.join(EXAMPLES, "deepspeed_client_optimizer.py")
+    # the script as __main__, except that DeepSpeed's CPU accelerator does not
+    # JIT-compile its shared-memory all-reduce (tens of seconds on a fresh
+    # machine; one process never uses it), as in tests/test_trainers.py
+    run = ("import runpy, sys, deepspeed.comm.torch as t; t.build_shm_op = lambda: None; "
+           f"sys.argv = [{script!r}, '--micro-batches', '8']; runpy.run_path({script!r}, run_name='__main__')")
+    out = _run([sys.executable, "-c", run], tmp_path, MASTER_PORT=str(_free_port()))
     (steps, lr), = _rows(r"optimizer steps (\d+), next lr (\S+)", out)
     assert int(steps) == 4  # 8 micro batches, gradient_accumulation_steps=2
     sched = OneCycle(1e-4, 1e-3, cycle_first_step_size=5, cycle_min_mom=0.85, cycle_max_mom=0.95)
