@@ -20,6 +20,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
+    if args.steps < 1:
+        parser.error(f"--steps must be >= 1, got {args.steps}")
     device = torch.device(args.device)
     # float16 needs the scaler; on CPU autocast runs in bfloat16 and the
     # scaler still exercises the same code path
@@ -28,7 +30,7 @@ def main(argv=None):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 10)).to(device)
     opt = FusedOneCycleAdamW(model.parameters(), cycle_min_lr=1e-4, cycle_max_lr=3e-3,
-                             cycle_first_step_size=args.steps // 2, weight_decay=0.01)
+                             cycle_first_step_size=max(1, args.steps // 2), weight_decay=0.01)
     scaler = torch.amp.GradScaler(device.type)
     x = torch.randn(256, 32, device=device)
     y = torch.randint(0, 10, (256,), device=device)

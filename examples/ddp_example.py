@@ -23,6 +23,8 @@ def main(argv=None):
     parser.add_argument("--fsdp2", action="store_true", help="shard with torch.distributed.fsdp.fully_shard")
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args(argv)
+    if args.steps < 1:
+        parser.error(f"--steps must be >= 1, got {args.steps}")
 
     use_cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if use_cuda else "gloo")
@@ -44,7 +46,7 @@ def main(argv=None):
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if use_cuda else None)
 
     opt = FusedOneCycleAdamW(model.parameters(), cycle_min_lr=1e-4, cycle_max_lr=3e-3,
-                             cycle_first_step_size=args.steps // 2, weight_decay=0.01)
+                             cycle_first_step_size=max(1, args.steps // 2), weight_decay=0.01)
 
     gen = torch.Generator().manual_seed(1 + rank)  # each rank its own data
     for i in range(args.steps):

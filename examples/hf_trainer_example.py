@@ -36,6 +36,8 @@ def main(argv=None, output_dir=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args(argv)
+    if args.steps < 1:
+        parser.error(f"--steps must be >= 1, got {args.steps}")
     model = tiny_gpt2()
     opt = FusedOneCycleAdamW(model.parameters(), cycle_min_lr=1e-4, cycle_max_lr=1e-3,
                              cycle_first_step_size=max(1, args.steps // 2), weight_decay=0.01)

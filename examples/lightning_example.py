@@ -56,6 +56,8 @@ def main(argv=None, log_dir="."):
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=40)
     args = parser.parse_args(argv)
+    if args.steps < 1:
+        parser.error(f"--steps must be >= 1, got {args.steps}")
     torch.manual_seed(0)
     model = TinyClassifier(args.steps)
     trainer = L.Trainer(

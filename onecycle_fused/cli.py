@@ -36,6 +36,8 @@ def _keyword_args(pairs: Sequence[str]) -> dict:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise ValueError(f"schedule arguments are key=value pairs, got {pair!r}")
+        if key in params:
+            raise ValueError(f"{key} is given twice")
         params[key] = _parse_value(value)
     return params
 
@@ -45,19 +47,27 @@ def _steps_list(text: str) -> list[int]:
         steps = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"--at takes comma-separated integers, got {text!r}") from None
+    if not steps:
+        raise argparse.ArgumentTypeError(f"--at takes comma-separated integers, got {text!r}")
     if any(s < 0 for s in steps):
         raise argparse.ArgumentTypeError(f"--at steps must be >= 0, got {text!r}")
     return steps
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return value
+
+    return parse
+
+
+_positive_int = _int_at_least(1)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,33 +78,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("params", nargs="*", metavar="key=value",
                    help="schedule parameters (DeepSpeed names; OneCycleLR's with --type TorchOneCycle; JSON values)")
     p.add_argument("--config", help="DeepSpeed JSON config holding a scheduler entry")
-    p.add_argument("--type", default="OneCycle", choices=sorted(_TYPES), help="schedule type for key=value arguments")
+    p.add_argument("--type", choices=sorted(_TYPES),
+                   help="schedule type for key=value arguments (default OneCycle; a --config names its own)")
     p.add_argument("--steps", type=_positive_int, help="number of steps to plot (default: cycle + as much decay)")
-    p.add_argument("--out", help="PNG path (omit to print the table only)")
+    p.add_argument("--out", help="image path, PNG unless its extension says .svg, .pdf... (omit to print the table only)")
     p.add_argument("--at", type=_steps_list, help="comma-separated steps for the table (default: 11 evenly spaced)")
 
     r = sub.add_parser("range-test", help="LR range test on a small built-in problem")
-    r.add_argument("--min-lr", type=float, default=1e-3)
-    r.add_argument("--max-lr", type=float, default=3.0)
-    r.add_argument("--steps", type=_positive_int, default=100)
-    r.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], default="sgd")
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--backend", default="auto")
+    r.add_argument("--min-lr", type=float, default=1e-3, help="lr of the first step (default 1e-3)")
+    r.add_argument("--max-lr", type=float, default=3.0, help="lr of the last step (default 3); linear in between")
+    r.add_argument("--steps", type=_int_at_least(2), default=100, help="number of steps, at least 2 (default 100)")
+    r.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], default="sgd",
+                   help="fused optimizer to run (default sgd, momentum 0.9)")
+    r.add_argument("--seed", type=int, default=0, help="seed of the built-in problem and model (default 0)")
+    r.add_argument("--backend", default="auto", help="auto, reference, cpu, cuda or triton (default auto)")
     r.add_argument("--max-lr-divisor", type=float, default=1.0,
                    help="suggest cycle_max_lr = (lr at the smoothed-loss minimum) / this (default 1: Smith's rule)")
-    r.add_argument("--out", help="PNG path for the loss curve")
+    r.add_argument("--out", help="image path for the loss curve (PNG unless its extension says otherwise)")
     return parser
 
 
 def _plot(args) -> int:
-    from .plotting import default_steps, format_table, plot_schedule, schedule_values_at
+    from .plotting import default_steps, format_table, image_target, plot_schedule, schedule_values_at
 
     if args.config and args.params:
         raise ValueError("give --config or key=value schedule arguments, not both")
+    if args.config and args.type:
+        raise ValueError("--type is for key=value arguments; the --config file's scheduler entry names its type")
+    if args.out:
+        image_target(args.out, "--out")  # before any work
     if args.config:
         schedule = schedule_from_config(args.config)
     elif args.params:
-        schedule = schedule_from_config({"type": args.type, "params": _keyword_args(args.params)})
+        schedule = schedule_from_config({"type": args.type or "OneCycle", "params": _keyword_args(args.params)})
     else:
         raise ValueError("give --config ds.json or key=value schedule arguments (e.g. cycle_min_lr=1e-4 cycle_max_lr=1e-3)")
     steps = args.steps or default_steps(schedule)
@@ -102,14 +118,16 @@ def _plot(args) -> int:
     print(schedule)
     print(format_table(schedule_values_at(schedule, at)))
     if args.out:
-        plot_schedule(schedule, args.out, steps=steps, marks=at)
-        print(f"wrote {args.out}")
+        print(f"wrote {plot_schedule(schedule, args.out, steps=steps, marks=at)}")
     return 0
 
 
 def _range_test(args) -> int:
+    from .plotting import image_target
     from .range_test import lr_range_test, toy_problem
 
+    if args.out:
+        image_target(args.out, "--out")  # before the test, not after it
     model, loss_fn, data = toy_problem(seed=args.seed)
     result = lr_range_test(model, loss_fn, data, min_lr=args.min_lr, max_lr=args.max_lr, num_steps=args.steps,
                            optimizer=args.optimizer, backend=args.backend, plot=args.out,
@@ -120,8 +138,8 @@ def _range_test(args) -> int:
     config = {"scheduler": {"type": "OneCycle", "params": {
         "cycle_min_lr": float(f"{result.cycle_min_lr:.6g}"), "cycle_max_lr": float(f"{result.cycle_max_lr:.6g}")}}}
     print(json.dumps(config))
-    if args.out:
-        print(f"wrote {args.out}")
+    if result.plot_path:
+        print(f"wrote {result.plot_path}")
     return 0
 
 
@@ -131,4 +149,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _plot(args) if args.command == "plot" else _range_test(args)
     except ValueError as e:  # bad schedule parameters: one clear line, no traceback
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a --config that cannot be read, an --out that cannot be written
+        print(f"error: {e.strerror or e}: {e.filename!r}" if e.filename else f"error: {e}", file=sys.stderr)
         return 2

@@ -26,6 +26,7 @@ With another schedule only the position and the optimizer state are taken.
 from __future__ import annotations
 
 import copy
+import operator
 from typing import Any, Mapping, Optional
 
 import torch
@@ -38,6 +39,24 @@ _SGD_KEYS = ("weight_decay", "dampening", "nesterov", "maximize")
 _ADAM_KEYS = ("weight_decay", "eps", "amsgrad", "maximize")
 
 
+def _integer(name: str, value: Any) -> int:
+    """``value`` as an int: any integer (Python, numpy, a one-element integer
+    tensor) or an integral float (a checkpoint written through JSON); a bool,
+    a fractional float or anything else is a ValueError naming ``name``."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_complex:
+        value = value.item()
+    if not isinstance(value, bool):
+        if isinstance(value, float):  # numpy's float64 too
+            if value.is_integer():
+                return int(value)
+        else:
+            try:
+                return operator.index(value)
+            except TypeError:
+                pass
+    raise ValueError(f"{name} must be an integer, got {value!r}")
+
+
 def schedule_position(scheduler: Any) -> int:
     """Optimizer steps taken so far according to a scheduler (object or its ``state_dict()``).
 
@@ -48,9 +67,9 @@ def schedule_position(scheduler: Any) -> int:
     if not isinstance(state, Mapping):
         raise ValueError(f"scheduler must be a scheduler or its state_dict, got {type(scheduler).__name__}")
     if "last_batch_iteration" in state:
-        k = int(state["last_batch_iteration"]) + 1
+        k = _integer("last_batch_iteration", state["last_batch_iteration"]) + 1
     elif "last_epoch" in state:
-        k = int(state["last_epoch"])
+        k = _integer("last_epoch", state["last_epoch"])
     else:
         raise ValueError("scheduler state has neither 'last_batch_iteration' (DeepSpeed) nor 'last_epoch' (torch)")
     if k < 0:
@@ -104,11 +123,24 @@ def load_torch_optimizer_state(
             raise ValueError(f"torch_state_dict param_groups[{i}] is an Adam-type group; the optimizer is SGD")
         if not is_sgd and "betas" not in s:
             raise ValueError(f"torch_state_dict param_groups[{i}] has no 'betas': not an Adam / AdamW state")
+        if not is_sgd and copy_hyperparameters and s.get("weight_decay", 0) != 0 and "decoupled_weight_decay" in s:
+            # torch >= 2.5 marks AdamW groups; L2 (Adam) and decoupled (AdamW)
+            # weight decay compute different steps with the same value
+            decoupled = optimizer.algo == "adamw"
+            if bool(s["decoupled_weight_decay"]) != decoupled:
+                want = "FusedOneCycleAdamW" if s["decoupled_weight_decay"] else "FusedOneCycleAdam"
+                raise ValueError(
+                    f"torch_state_dict param_groups[{i}] has decoupled_weight_decay="
+                    f"{bool(s['decoupled_weight_decay'])} (torch.optim.{'AdamW' if s['decoupled_weight_decay'] else 'Adam'}) "
+                    f"and weight_decay={s['weight_decay']}: load it into a {want}, not a {type(optimizer).__name__}"
+                )
 
     if step is not None:
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        if isinstance(step, bool) or isinstance(step, float):
             raise ValueError(f"step must be an integer >= 0, got {step!r}")
-        position = step
+        position = _integer("step", step)  # numpy / tensor integers too, as set_step takes
+        if position < 0:
+            raise ValueError(f"step must be an integer >= 0, got {step!r}")
     elif scheduler is not None:
         position = schedule_position(scheduler)
     else:
@@ -124,10 +156,18 @@ def load_torch_optimizer_state(
             if not is_sgd:
                 d["betas"] = (d["betas"][0], s["betas"][1])
         uses_buffer = is_sgd and (optimizer._schedule_of(d).cycles_momentum or d["momentum"] != 0)
-        for src_id, dst_id in zip(s["params"], d["params"]):
+        params = optimizer.param_groups[gi]["params"]
+        for j, (src_id, dst_id) in enumerate(zip(s["params"], d["params"])):
             st = torch_state_dict["state"].get(src_id)
             if not st:
                 continue  # never stepped: the fused optimizer starts it fresh
+            for key in ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+                value = st.get(key)
+                if isinstance(value, torch.Tensor) and value.shape != params[j].shape:
+                    raise ValueError(
+                        f"torch_state_dict's {key} of parameter {j} in group {gi} has shape {tuple(value.shape)}, "
+                        f"the optimizer's parameter {tuple(params[j].shape)}: not the same parameters in the same order"
+                    )
             new_state[dst_id] = _convert(st, is_sgd, uses_buffer, position, gi)
     dst["state"] = new_state
     dst["step_counter"] = torch.tensor(position, dtype=torch.int64)

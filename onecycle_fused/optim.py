@@ -724,6 +724,16 @@ def _build_schedule(schedule, cycle_min_lr, cycle_max_lr, **kw) -> _Schedule:
     return OneCycle(cycle_min_lr, cycle_max_lr, **kw)
 
 
+def _lowest_cycled_momentum(sched: _Schedule) -> tuple[str, float]:
+    """(parameter name, value) of the smallest momentum a (one-group) schedule
+    that cycles momentum reaches."""
+    if isinstance(sched, TorchOneCycle):
+        return min(("base_momentum", sched.base_momentum), ("max_momentum", sched.max_momentum), key=lambda t: t[1])
+    if isinstance(sched, OneCycle):
+        return "cycle_min_mom", sched.cycle_min_mom  # the decay phase only divides cycle_max_mom
+    return "momentum", 1.0  # schedules that do not cycle momentum never get here
+
+
 class FusedOneCycleSGD(_FusedOneCycleOptimizer):
     __doc__ = (
         """SGD with (Nesterov) momentum, ``torch.optim.SGD``'s math, with the
@@ -785,9 +795,17 @@ class FusedOneCycleSGD(_FusedOneCycleOptimizer):
         _check_bool("nesterov", group["nesterov"])
         _check_bool("maximize", group["maximize"])
         if group["nesterov"]:
-            cycles = self._schedule_of(group).cycles_momentum
-            if group["dampening"] != 0 or (not cycles and group["momentum"] <= 0):
+            sched = self._schedule_of(group)
+            if group["dampening"] != 0 or (not sched.cycles_momentum and group["momentum"] <= 0):
                 raise ValueError("nesterov momentum requires a momentum and zero dampening")
+            if sched.cycles_momentum:
+                # torch refuses nesterov with momentum 0; a cycled momentum
+                # that reaches 0 is refused alike, naming the bound that is 0
+                name, low = _lowest_cycled_momentum(sched)
+                if low <= 0:
+                    raise ValueError(
+                        f"nesterov momentum requires a momentum: the cycled momentum reaches {name} = {low!r}"
+                    )
 
     def _constant_momentum(self, group):
         return group["momentum"]

@@ -3,20 +3,53 @@
 Values come from the host evaluation in ``schedule.py`` (the specification
 every backend reproduces on the device), so a plot shows exactly what the
 optimizer will use: step ``k`` is the step that runs after ``k`` applied steps.
+Each function takes a schedule object or a DeepSpeed config (a dict or a
+JSON file path, as :func:`~onecycle_fused.schedule_from_config`).
 """
 from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from .schedule import OneCycle, TorchOneCycle, _Schedule
+from .schedule import OneCycle, TorchOneCycle, _Schedule, schedule_from_config
 
 __all__ = ["schedule_values_at", "format_table", "plot_schedule", "default_steps"]
+
+
+def image_target(path, name: str = "path") -> tuple[str, str]:
+    """``(path, format)`` for saving a figure at exactly ``path``: the format
+    from its extension (``.png``, ``.svg``, ``.pdf``...), PNG when it has none
+    (matplotlib would otherwise write ``path + ".png"``). Raises ValueError
+    naming ``name`` for an unknown extension or a directory that does not
+    exist, so that a long run is not lost to a typo at the end."""
+    import os
+
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    path = os.fspath(path)
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"{name} must be a file path, got {path!r}")
+    folder = os.path.dirname(path)
+    if folder and not os.path.isdir(folder):
+        raise ValueError(f"{name}: directory {folder!r} does not exist")
+    if os.path.isdir(path):
+        raise ValueError(f"{name}: {path!r} is a directory, give a file path")
+    ext = os.path.splitext(path)[1][1:].lower()
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if ext and ext not in formats:
+        raise ValueError(f"{name}: unknown image format {ext!r} (use one of {sorted(formats)})")
+    return path, ext or "png"
+
+
+def _as_schedule(schedule) -> _Schedule:
+    """A schedule object as is; a DeepSpeed config (dict or JSON path) built."""
+    return schedule if isinstance(schedule, _Schedule) else schedule_from_config(schedule)
 
 
 def default_steps(schedule: _Schedule) -> int:
     """A step count that shows the whole shape: OneCycle's cycle plus as much
     decay again, TorchOneCycle's whole schedule (at least 1000 steps for a
     range test)."""
+    schedule = _as_schedule(schedule)
     if isinstance(schedule, OneCycle):
         return 2 * schedule.total_size + 1
     if isinstance(schedule, TorchOneCycle):
@@ -31,6 +64,7 @@ def _num_groups(schedule: _Schedule) -> int:
 def schedule_values_at(schedule: _Schedule, steps: Sequence[int]) -> list[dict]:
     """One row per step: ``{"step": k, "lr": [...], "momentum": [...] or None}``
     (one value per parameter group)."""
+    schedule = _as_schedule(schedule)
     rows = []
     for k in steps:
         lrs = [schedule.lr(k, g) for g in range(_num_groups(schedule))]
@@ -68,8 +102,10 @@ def plot_schedule(
     title: Optional[str] = None,
 ) -> str:
     """Draw lr (top) and momentum (bottom, when the schedule sets it) over
-    ``steps`` steps (default :func:`default_steps`) to a PNG at ``path``.
+    ``steps`` steps (default :func:`default_steps`) to an image at ``path``
+    (PNG, or the format of its extension: ``.svg``, ``.pdf``...).
     ``marks``: steps to highlight with a dot on each curve."""
+    schedule = _as_schedule(schedule)
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -78,6 +114,7 @@ def plot_schedule(
     n = default_steps(schedule) if steps is None else steps
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    path, fmt = image_target(path)
     ks = list(range(n))
     rows = schedule_values_at(schedule, ks)
     has_mom = rows[0]["momentum"] is not None
@@ -100,6 +137,6 @@ def plot_schedule(
     axes[-1].set_xlabel("step (optimizer steps applied)")
     axes[0].set_title(title or f"{type(schedule).__name__} schedule")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, format=fmt)
     plt.close(fig)
-    return str(path)
+    return path

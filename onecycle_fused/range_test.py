@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import numbers
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
@@ -67,8 +68,17 @@ def smooth_losses(losses: Sequence[float], beta: float = 0.98) -> list[float]:
     return out
 
 
+def _is_number(value) -> bool:
+    """A real number (numpy's too), not a bool (``True`` is not a learning rate)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_integer(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _check_divisor(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 1 <= value < math.inf:
+    if not _is_number(value) or not 1 <= value < math.inf:
         raise ValueError(f"{name} must be a finite number >= 1, got {value!r}")
 
 
@@ -151,46 +161,64 @@ def lr_range_test(
     go to its constructor (default for SGD: ``momentum=0.9``). Every
     ``check_every`` steps the host reads the losses so far and stops when the
     smoothed loss exceeds ``diverge_factor`` times its minimum or a loss is
-    not finite. With ``restore`` (default) the model's parameters and buffers
-    are put back afterwards. ``plot``: a PNG path to draw the curve to.
+    not finite. With ``restore`` (default) the model's parameters, buffers,
+    train/eval mode and grads are put back afterwards. ``plot``: an image path to draw the curve to.
     ``min_lr_divisor`` / ``max_lr_divisor``: see :func:`suggest_lr_bounds`.
     """
     from .optim import FusedOneCycleAdam, FusedOneCycleAdamW, FusedOneCycleSGD
 
     classes = {"sgd": FusedOneCycleSGD, "adam": FusedOneCycleAdam, "adamw": FusedOneCycleAdamW}
-    if optimizer not in classes:
+    if not isinstance(optimizer, str) or optimizer not in classes:
         raise ValueError(f"optimizer must be one of {sorted(classes)}, got {optimizer!r}")
     _check_divisor("min_lr_divisor", min_lr_divisor)  # before training, not after
     _check_divisor("max_lr_divisor", max_lr_divisor)
-    if not (isinstance(min_lr, (int, float)) and min_lr > 0 and math.isfinite(min_lr)):
+    if not (_is_number(min_lr) and min_lr > 0 and math.isfinite(min_lr)):
         raise ValueError(f"min_lr must be a finite number > 0, got {min_lr!r}")
-    if not (isinstance(max_lr, (int, float)) and max_lr > min_lr and math.isfinite(max_lr)):
+    if not (_is_number(max_lr) and max_lr > min_lr and math.isfinite(max_lr)):
         raise ValueError(f"max_lr must be a finite number > min_lr ({min_lr}), got {max_lr!r}")
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 2:
+    if not isinstance(staircase, bool):
+        raise ValueError(f"staircase must be a bool, got {staircase!r}")
+    if not _is_integer(num_steps) or num_steps < 2:
         raise ValueError(f"num_steps must be an integer >= 2, got {num_steps!r}")
-    if isinstance(step_size, bool) or not isinstance(step_size, int) or not 1 <= step_size <= num_steps - 1:
+    if not _is_integer(step_size) or not 1 <= step_size <= num_steps - 1:
         raise ValueError(f"step_size must be an integer in [1, num_steps - 1 = {num_steps - 1}], got {step_size!r}")
-    if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
+    if not _is_integer(check_every) or check_every < 1:
         raise ValueError(f"check_every must be an integer >= 1, got {check_every!r}")
-    if not (isinstance(diverge_factor, (int, float)) and diverge_factor > 1):
+    if not (_is_number(diverge_factor) and diverge_factor > 1):
         raise ValueError(f"diverge_factor must be a number > 1, got {diverge_factor!r}")
+    # numpy scalars too, as plain Python numbers from here on
+    num_steps, step_size, check_every = int(num_steps), int(step_size), int(check_every)
+    min_lr, max_lr = float(min_lr), float(max_lr)
 
     schedule = LRRangeTest(
         lr_range_test_min_lr=min_lr,
         lr_range_test_step_size=step_size,
         # the interval at the last step, as the schedule computes it
         lr_range_test_step_rate=(max_lr / min_lr - 1) / (
-            (num_steps - 1) // step_size if staircase is True else (num_steps - 1) / step_size
+            (num_steps - 1) // step_size if staircase else (num_steps - 1) / step_size
         ),
         lr_range_test_staircase=staircase,
     )
     kwargs = dict(optimizer_kwargs or {})
+    reserved = {"schedule", "backend"} & set(kwargs)
+    if reserved:
+        raise ValueError(f"optimizer_kwargs must not set {sorted(reserved)}: the range test sets the schedule, "
+                         "and backend is an argument of lr_range_test")
     if optimizer == "sgd":
         kwargs.setdefault("momentum", 0.9)
+    if plot is not None:
+        from .plotting import image_target
+
+        image_target(plot, "plot")  # a bad path fails now, not after the test
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("model has no parameter that requires grad")
+    if not isinstance(restore, bool):
+        raise ValueError(f"restore must be a bool, got {restore!r}")
     saved = copy.deepcopy(model.state_dict()) if restore else None
+    # what else "as it was" means: each module's train/eval mode and the grads
+    modes = [(m, m.training) for m in model.modules()] if restore else []
+    grads = [(p, p.grad) for p in params] if restore else []
     opt = classes[optimizer](params, schedule=schedule, backend=backend, **kwargs)
     device = params[0].device
 
@@ -217,6 +245,10 @@ def lr_range_test(
     finally:
         if saved is not None:
             model.load_state_dict(saved)
+            for m, training in modes:
+                m.training = training
+            for p, g in grads:
+                p.grad = g
 
     host_losses = losses[:steps].tolist()
     lrs = [schedule.lr(k) for k in range(steps)]
@@ -237,12 +269,16 @@ def _diverging(losses: list[float], beta: float, factor: float) -> bool:
 
 
 def plot_range_test(result: RangeTestResult, path: str) -> str:
-    """Draw loss against lr (log axis) with the suggested bounds, to PNG at ``path``."""
+    """Draw loss against lr (log axis) with the suggested bounds, to an image
+    at ``path`` (PNG, or the format of its extension)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
+    from .plotting import image_target
+
+    path, fmt = image_target(path)
     fig, ax = plt.subplots(figsize=(7, 4))
     n = len(result.smoothed)
     ax.plot(result.lrs, result.losses, color="0.75", linewidth=1, label="loss")
@@ -261,9 +297,9 @@ def plot_range_test(result: RangeTestResult, path: str) -> str:
     ax.set_title(title)
     ax.legend(loc="best", fontsize="small")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, format=fmt)
     plt.close(fig)
-    return str(path)
+    return path
 
 
 def toy_problem(seed: int = 0, batch_size: int = 64, num_batches: int = 16):

@@ -638,7 +638,10 @@ def schedule_from_config(config: str | os.PathLike | Mapping[str, Any]) -> OneCy
     """
     if isinstance(config, (str, os.PathLike)):
         with open(config) as f:
-            config = json.load(f)
+            try:
+                config = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{os.fspath(f.name)} is not a JSON file: {e}") from None
     if not isinstance(config, Mapping):
         raise ValueError(f"config must be a dict or a JSON file path, got {type(config).__name__}")
     sched = config.get("scheduler", config)

@@ -94,11 +94,45 @@ def test_plot_torch_onecycle_default_steps(capsys):
     (["plot", "cycle_min_lr=1e-3", "cycle_max_lr=1e-2", "lr_wrong=3"], "lr_wrong"),
     (["plot", "cycle_max_lr"], "key=value"),
     (["plot", "--config", SEED_CONFIG, "cycle_min_lr=1"], "not both"),
+    (["plot", "cycle_min_lr=1e-4", "cycle_max_lr=1e-3", "cycle_min_lr=1e-5"], "cycle_min_lr is given twice"),
+    (["plot", "--config", "no_such_config.json"], "no_such_config.json"),
+    (["plot", "--config", __file__], "not a JSON file"),
+    (["plot", "--config", SEED_CONFIG, "--type", "LRRangeTest"], "--type"),
+    (["plot", "--config", SEED_CONFIG, "--out", "no_such_dir/s.png"], "no_such_dir"),
+    (["plot", "--config", SEED_CONFIG, "--out", "s.pnx"], "pnx"),
+    (["range-test", "--out", "no_such_dir/r.png"], "no_such_dir"),
+    (["range-test", "--min-lr", "0"], "min_lr"),
+    (["range-test", "--max-lr-divisor", "0.5"], "max_lr_divisor"),
 ])
-def test_plot_errors_are_one_line(args, match, capsys):
+def test_plot_errors_are_one_line(args, match, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and match in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+@pytest.mark.parametrize("args", [["plot", "--at", "1,x"], ["plot", "--at", ""], ["plot", "--at=-1"],
+                                  ["plot", "--steps", "0"], ["range-test", "--steps", "two"], ["range-test", "--steps", "1"],
+                                  ["range-test", "--optimizer", "lamb"], ["plot", "--type", "Linear"], []])
+def test_bad_flags_are_argparse_errors(args, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "Traceback" not in err
+
+
+def test_out_is_written_exactly_where_asked(tmp_path, capsys):
+    """--out without an extension is a PNG at that very path (matplotlib alone
+    would write "<path>.png" while the CLI printed "wrote <path>"); an
+    extension picks the format; nothing else is written."""
+    for name, magic in (("schedule", PNG), ("schedule.svg", b"<?xml"), ("schedule.PDF", b"%PDF")):
+        out = tmp_path / name
+        assert main(["plot", "--config", SEED_CONFIG, "--at", "0", "--out", str(out)]) == 0
+        assert out.read_bytes()[:len(magic)] == magic
+        assert capsys.readouterr().out.splitlines()[-1] == f"wrote {out}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["schedule", "schedule.PDF", "schedule.svg"]
 
 
 def test_plot_schedule_function(tmp_path):
@@ -110,6 +144,11 @@ def test_plot_schedule_function(tmp_path):
     assert open(path, "rb").read(8) == PNG
     with pytest.raises(ValueError, match="steps"):
         plot_schedule(sched, str(tmp_path / "t.png"), steps=0)
+    # a DeepSpeed config (path or dict) is taken as schedule_from_config takes it
+    assert schedule_values_at(SEED_CONFIG, [0, 1000]) == rows
+    assert schedule_values_at(json.load(open(SEED_CONFIG)), [0, 1000]) == rows
+    path = plot_schedule(SEED_CONFIG, str(tmp_path / "c.png"), steps=300)
+    assert open(path, "rb").read(8) == PNG
 
 
 def test_range_test_command_line(tmp_path):

@@ -183,6 +183,98 @@ def test_mismatches_raise():
         load_torch_optimizer_state(fused, sgd.state_dict(), {"nothing": 1})
     with pytest.raises(ValueError, match="load_state_dict"):
         load_torch_optimizer_state(fused, fused.state_dict())
+    # the same number of parameters, in another order: the shapes tell
+    swapped = [list(model.parameters())[i] for i in (1, 0, 2, 3)]
+    for fused in (FusedOneCycleSGD(swapped, **SCHEDULE, backend="reference"),
+                  FusedOneCycleAdam(swapped, **SCHEDULE, backend="reference")):
+        torch_opt = sgd if isinstance(fused, FusedOneCycleSGD) else torch.optim.Adam(model.parameters())
+        if torch_opt is not sgd:
+            _train(model, torch_opt, _batches(1))
+        with pytest.raises(ValueError, match="shape"):
+            load_torch_optimizer_state(fused, torch_opt.state_dict())
+        assert len(fused.state) == 0 and fused.step_counter().item() == 0
     plain = FusedOneCycleSGD(model.parameters(), **{**SCHEDULE, "cycle_momentum": False}, backend="reference")
     with pytest.raises(ValueError, match="no momentum"):
         load_torch_optimizer_state(plain, sgd.state_dict())
+
+
+def test_positions_of_any_integer_type():
+    """step= takes any integer (numpy, a one-element tensor), as set_step does;
+    a scheduler position stored as an integral float (e.g. a state that went
+    through JSON) is that integer; anything else is a ValueError naming it
+    (a float used to be truncated: 2.5 -> step 3)."""
+    np = pytest.importorskip("numpy")
+    model = _model()
+    opt = torch.optim.Adam(model.parameters())
+    _train(model, opt, _batches(2))
+    for step in (np.int64(3), np.int32(3), torch.tensor(3)):
+        fused = FusedOneCycleAdam(model.parameters(), **SCHEDULE, backend="reference")
+        assert load_torch_optimizer_state(fused, opt.state_dict(), step=step) == 3
+        assert type(load_torch_optimizer_state(fused, opt.state_dict(), step=step)) is int
+        assert fused.step_counter().item() == 3 and fused.param_groups[0]["lr"] == OneCycle(**SCHEDULE).lr(3)
+    for bad in (3.0, True, -1, "3"):
+        with pytest.raises(ValueError, match="step"):
+            load_torch_optimizer_state(fused, opt.state_dict(), step=bad)
+
+    assert schedule_position({"last_batch_iteration": 4.0}) == 5
+    assert schedule_position({"last_batch_iteration": np.int64(4)}) == 5
+    assert schedule_position({"last_epoch": 7.0}) == 7
+    assert schedule_position({"last_epoch": torch.tensor(7)}) == 7
+    for bad in (2.5, float("nan"), float("inf"), "4", None, True):
+        with pytest.raises(ValueError, match="last_batch_iteration"):
+            schedule_position({"last_batch_iteration": bad})
+    with pytest.raises(ValueError, match="last_epoch"):
+        schedule_position({"last_epoch": 6.5})
+    fused = FusedOneCycleAdam(model.parameters(), **SCHEDULE, backend="reference")
+    with pytest.raises(ValueError, match="last_batch_iteration"):
+        load_torch_optimizer_state(fused, opt.state_dict(), {"last_batch_iteration": 2.5})
+    assert fused.step_counter().item() == 0  # nothing loaded
+
+
+@pytest.mark.parametrize("torch_kind,fused_cls,ok", [
+    ("adamw", FusedOneCycleAdamW, True),
+    ("adam_decoupled", FusedOneCycleAdamW, True),  # torch.optim.Adam(decoupled_weight_decay=True) is AdamW
+    ("adam", FusedOneCycleAdam, True),
+    ("adamw", FusedOneCycleAdam, False),  # L2 instead of decoupled decay: another trajectory
+    ("adam", FusedOneCycleAdamW, False),
+])
+def test_weight_decay_kind_must_match(torch_kind, fused_cls, ok):
+    """Adam's L2 and AdamW's decoupled weight decay give different steps with
+    the same weight_decay; the state says which (torch's
+    decoupled_weight_decay), so a mismatch is refused instead of silently
+    continuing another trajectory. A matching pair continues exactly (the
+    oracle: torch with DeepSpeed's OneCycle)."""
+    if torch_kind == "adamw":
+        make = lambda ps: torch.optim.AdamW(ps, lr=1.0, weight_decay=0.1)
+    else:
+        try:
+            make = lambda ps: torch.optim.Adam(ps, lr=1.0, weight_decay=0.1,
+                                               decoupled_weight_decay=torch_kind == "adam_decoupled")
+            make([torch.nn.Parameter(torch.zeros(1))])
+        except TypeError:
+            pytest.skip("this torch's Adam has no decoupled_weight_decay")
+    batches = _batches(BEFORE + AFTER)
+    model = _model()
+    opt = make(model.parameters())
+    sched = ds_sched.OneCycle(opt, **SCHEDULE)
+    _train(model, opt, batches[:BEFORE], sched.step)
+    if "decoupled_weight_decay" not in opt.state_dict()["param_groups"][0]:
+        pytest.skip("this torch does not record decoupled_weight_decay")
+    saved_model = copy.deepcopy(model.state_dict())
+    saved_opt, saved_sched = copy.deepcopy(opt.state_dict()), copy.deepcopy(sched.state_dict())
+    _train(model, opt, batches[BEFORE:], sched.step)
+    expected = _params(model)
+
+    resumed = _model()
+    resumed.load_state_dict(saved_model)
+    fused = fused_cls(resumed.parameters(), **SCHEDULE, backend="reference")
+    if not ok:
+        with pytest.raises(ValueError, match="decoupled_weight_decay"):
+            load_torch_optimizer_state(fused, saved_opt, saved_sched)
+        assert fused.step_counter().item() == 0 and len(fused.state) == 0  # nothing loaded
+        # keeping the fused optimizer's own hyper-parameters is the user's call
+        load_torch_optimizer_state(fused, saved_opt, saved_sched, copy_hyperparameters=False)
+        return
+    load_torch_optimizer_state(fused, saved_opt, saved_sched)
+    _train(resumed, fused, batches[BEFORE:])
+    _assert_same(_params(resumed), expected)

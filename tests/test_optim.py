@@ -11,7 +11,7 @@ import textwrap
 import pytest
 import torch
 
-from onecycle_fused import FusedOneCycleAdam, FusedOneCycleAdamW, FusedOneCycleSGD, LRRangeTest, OneCycle
+from onecycle_fused import FusedOneCycleAdam, FusedOneCycleAdamW, FusedOneCycleSGD, LRRangeTest, OneCycle, TorchOneCycle
 
 SCHED = dict(cycle_min_lr=0.01, cycle_max_lr=0.1, cycle_first_step_size=30, cycle_second_step_size=40,
              cycle_first_stair_count=6, decay_step_size=5, decay_lr_rate=0.2, cycle_min_mom=0.8, cycle_max_mom=0.95)
@@ -475,6 +475,32 @@ def test_bad_arguments(cls, kw, match):
     p = torch.nn.Parameter(torch.randn(2))
     with pytest.raises(ValueError, match=match):
         cls([p], **{"cycle_min_lr": 0.01, "cycle_max_lr": 0.1, **kw})
+
+
+@pytest.mark.parametrize("kw, group, match", [
+    (dict(cycle_min_mom=0.0), {}, "cycle_min_mom"),
+    (dict(cycle_min_mom=0.0, cycle_max_mom=0.0), {}, "cycle_min_mom"),
+    (dict(), {"cycle_min_mom": 0.0}, "cycle_min_mom"),  # one group's own bound
+    (dict(schedule=TorchOneCycle(max_lr=0.1, total_steps=10, base_momentum=0.0)), {}, "base_momentum"),
+])
+def test_nesterov_refuses_a_cycled_momentum_that_reaches_zero(kw, group, match):
+    """torch refuses nesterov with momentum 0, and so does the fused SGD with a
+    constant momentum 0; a cycled momentum whose lower bound is 0 runs steps
+    with momentum 0 (at the cycle's peak), so it is refused alike, at
+    construction and when set in param_groups (before anything moves)."""
+    p = torch.nn.Parameter(torch.randn(2))
+    bounds = {} if "schedule" in kw else {"cycle_min_lr": 0.01, "cycle_max_lr": 0.1}
+    with pytest.raises(ValueError, match=match):
+        FusedOneCycleSGD([{"params": [p], **group}], nesterov=True, **bounds, **kw)
+    opt = FusedOneCycleSGD([{"params": [p], **group}], **bounds, **kw)  # fine without nesterov
+    opt.param_groups[0]["nesterov"] = True
+    p.grad = torch.ones_like(p)
+    before = p.detach().clone()
+    with pytest.raises(ValueError, match=match):
+        opt.step()
+    assert torch.equal(p.detach(), before) and int(opt.step_counter()) == 0
+    # a lower bound above 0 is fine, as torch's SGD(nesterov=True) + OneCycleLR is
+    FusedOneCycleSGD([p], nesterov=True, cycle_min_lr=0.01, cycle_max_lr=0.1, cycle_min_mom=0.01)
 
 
 def test_schedule_argument_and_keywords_conflict():

@@ -101,6 +101,15 @@ def test_stops_on_divergence_and_writes_png(tmp_path):
     ({"optimizer": "lamb"}, "optimizer"),
     ({"check_every": 0}, "check_every"),
     ({"diverge_factor": 1.0}, "diverge_factor"),
+    # bools are not numbers here (True would silently be 1.0), as elsewhere
+    ({"min_lr": True}, "min_lr"),
+    ({"min_lr": 1e-3, "max_lr": True}, "max_lr"),
+    ({"diverge_factor": True}, "diverge_factor"),
+    ({"min_lr_divisor": True}, "min_lr_divisor"),
+    ({"staircase": 1}, "staircase"),
+    ({"optimizer": ["sgd"]}, "optimizer"),
+    ({"optimizer_kwargs": {"backend": "cpu"}}, "optimizer_kwargs"),
+    ({"optimizer_kwargs": {"schedule": {}}}, "optimizer_kwargs"),
 ])
 def test_bad_arguments_name_the_parameter(bad, match):
     model, loss_fn, data = toy_problem(num_batches=1)
@@ -164,3 +173,52 @@ def test_bad_step_size_names_it(bad):
     model, loss_fn, data = toy_problem(num_batches=1)
     with pytest.raises(ValueError, match="step_size"):
         lr_range_test(model, loss_fn, data, num_steps=23, staircase=True, step_size=bad)
+
+
+def test_bad_plot_path_fails_before_training(tmp_path):
+    """A plot path that cannot be written is a ValueError before the first
+    step (it used to surface only after the whole test had run)."""
+    model, loss_fn, data = toy_problem(num_batches=1)
+    calls = []
+
+    def counting_loss(m, batch):
+        calls.append(1)
+        return loss_fn(m, batch)
+
+    for bad, match in ((tmp_path / "missing" / "rt.png", "missing"), (tmp_path / "rt.pnx", "pnx"), (tmp_path, "directory")):
+        with pytest.raises(ValueError, match=match):
+            lr_range_test(model, counting_loss, data, num_steps=5, plot=str(bad))
+    assert calls == []
+    result = lr_range_test(model, counting_loss, data, num_steps=5, plot=str(tmp_path / "rt"))
+    assert result.plot_path == str(tmp_path / "rt") and (tmp_path / "rt").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_restore_puts_back_modes_and_grads():
+    """restore=True leaves the model as it was: weights and buffers, but also
+    eval mode (the test trains in train mode) and the grads it had."""
+    model, loss_fn, data = toy_problem(num_batches=1)
+    model = torch.nn.Sequential(model, torch.nn.BatchNorm1d(3), torch.nn.Dropout(0.1))
+    model.eval()
+    model[1].train()  # a mixed state comes back as it was, module by module
+    first = next(model.parameters())
+    first.grad = torch.full_like(first, 7.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    lr_range_test(model, loss_fn, data, num_steps=4)
+    assert [m.training for m in model.modules()] == [False, False, False, False, False, True, False]
+    assert torch.equal(first.grad, torch.full_like(first, 7.0))
+    assert all(p.grad is None for p in list(model.parameters())[1:])
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="restore"):
+        lr_range_test(model, loss_fn, data, num_steps=4, restore="yes")
+
+
+def test_numpy_scalars_are_numbers():
+    """numpy scalars (a grid from np.logspace, a count from np.int64) are
+    accepted like Python numbers, with the same curve."""
+    np = pytest.importorskip("numpy")
+    model, loss_fn, data = toy_problem(num_batches=1)
+    plain = lr_range_test(model, loss_fn, data, min_lr=1e-3, max_lr=0.5, num_steps=6, step_size=2, staircase=True)
+    numpy = lr_range_test(model, loss_fn, data, min_lr=np.float64(1e-3), max_lr=np.float32(0.5),
+                          num_steps=np.int64(6), step_size=np.int32(2), check_every=np.int64(3), staircase=True)
+    assert numpy.lrs == pytest.approx(plain.lrs, rel=1e-7) and numpy.losses == pytest.approx(plain.losses, rel=1e-5)
+    assert all(type(v) is float for v in numpy.lrs)
