@@ -73,7 +73,7 @@ def text_table(rows) -> str:
 def targets_text(targets) -> str:
     lines = []
     for t in targets:
-        mark = {True: "MET ", False: "MISS", None: "n/a "}[t["met"]]
+        mark = {True: "MET ", False: "MISS", None: "n/a "}[t["met"]]  # n/a: not measured
         v = "-" if t["value"] is None else f"{t['value']:.3f}"
         lines.append(f"  [{mark}] {t['target']} | {t['case']} | {v} {t['op']} {t['threshold']} | {t['detail']}")
     return "\n".join(lines)
@@ -107,7 +107,7 @@ def markdown(meta, rows, targets, e2e) -> str:
            "bytes / step time; 'x fused+1cyc' = step time / torch fused + OneCycleLR.", ""]
     md += ["## Targets", "", "| | target | case | value | threshold | detail |", "|---|---|---|---|---|---|"]
     for t in targets:
-        mark = {True: "met", False: "**missed**", None: "n/a"}[t["met"]]
+        mark = {True: "met", False: "**missed**", None: "not measured"}[t["met"]]
         v = "-" if t["value"] is None else f"{t['value']:.3f}"
         md.append(f"| {mark} | {t['target']} | {t['case']} | {v} | {t['op']} {t['threshold']} | {t['detail']} |")
     md += ["", "## End-to-end", "", "```", e2e_text(e2e), "```", "", "## Step times", ""]
