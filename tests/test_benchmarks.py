@@ -21,6 +21,7 @@ sys.path.insert(0, ROOT)
 from benchmarks import impls, measure, param_sets, targets  # noqa: E402
 
 import onecycle_fused  # noqa: E402
+import onecycle_fused.ops  # noqa: E402,F401  (onecycle_fused.ops.cpu_library_loaded below; not imported by the package)
 
 
 @pytest.mark.parametrize("name", sorted(param_sets.EXPECTED))
@@ -226,17 +227,27 @@ def test_agreement_probe_tells_right_from_wrong(algo, dtype):
         assert agreement.check(impls.Impl("ours-cpu", "ours", "on-device", impls._ours("cpu"), "cpu"),
                                algo, dtype, cpu)["agrees"] is True
 
-    def no_update(params, algo, device):
+    def no_update(params, algo, device, half_cycle=impls.HALF_CYCLE):
         return lambda: None
 
     r = agreement.check(impls.Impl("noop", "torch-fused", "OneCycleLR", no_update), algo, dtype, cpu)
     assert r["agrees"] is False and r["agreement_error"] > 0.9 and "WRONG" in r["agreement_note"]
 
-    def double_lr(params, algo, device):
+    def double_lr(params, algo, device, half_cycle=impls.HALF_CYCLE):
         opt = impls._torch_optimizer(params, algo, "foreach", lr=2 * impls.MIN_LR)
         return opt.step
 
     assert agreement.check(impls.Impl("2lr", "torch-foreach", "OneCycleLR", double_lr), algo, dtype, cpu)["agrees"] is False
+
+    # the right optimizer whose scheduler is never stepped: the probe's short
+    # cycle moves lr 10x over its steps, so a frozen schedule is caught too
+    def unscheduled(params, algo, device, half_cycle=impls.HALF_CYCLE):
+        opt = impls._torch_optimizer(params, algo, "foreach")
+        sched = impls.onecyclelr(opt, half_cycle)  # built (sets the first lr), never stepped
+        return lambda: (opt.step(), sched)
+
+    r = agreement.check(impls.Impl("frozen", "torch-foreach", "OneCycleLR", unscheduled), algo, dtype, cpu)
+    assert r["agrees"] is False and r["agreement_error"] > 0.5, r
     # compiled / graph rows are not probed, and say so
     r = agreement.check(impls.Impl("c", "torch-compiled", "OneCycleLR", no_update), algo, dtype, cpu)
     assert r["agrees"] is None and "not probed" in r["agreement_note"]
