@@ -26,6 +26,14 @@ def bytes_per_step(algo: str, numel: int, dtype: torch.dtype) -> int:
     return BYTES_PER_PARAM_FP32[algo] * numel * elem // 4
 
 
+def dynamo_graphs() -> int:
+    """Graphs torch.compile (dynamo) has compiled in this process so far: a
+    rise while a compiled step is timed means it recompiled after warm-up."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

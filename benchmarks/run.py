@@ -190,6 +190,14 @@ def _error(e: Exception) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
 
 
+def _recompiles(row: dict, n: int) -> None:
+    """Record how many graphs a compiled row compiled after its warm-up, in the timed stretch (0 expected)."""
+    row["recompiles_after_warmup"] = n
+    if n:
+        row["note"] = (row["note"] + "; " if row["note"] else "") + \
+            f"RECOMPILED {n}x after warm-up (its timings include compile time)"
+
+
 def bench_case(set_name, shapes, dtype_name, algo, params, impl_list, device, cfg, progress) -> list[dict]:
     """Every implementation on one (set, dtype, optimizer) case, plus the copy roofline.
 
@@ -207,7 +215,7 @@ def bench_case(set_name, shapes, dtype_name, algo, params, impl_list, device, cf
     interleave = cfg["interleave"]
     if not interleave:
         base.update(measure.copy_roofline(nbytes, device, cfg["warmup"], cfg["iters"], cfg["budget"]))
-    rows, built = [], {}
+    rows, built, graphs_before = [], {}, {}
     for impl in impl_list:
         progress.set_postfix_str(f"{set_name}/{dtype_name}/{algo}: {impl.name}", refresh=True)
         row = dict(base, impl=impl.name, family=impl.family, scheduler=impl.scheduler, backend=impl.backend,
@@ -231,10 +239,20 @@ def bench_case(set_name, shapes, dtype_name, algo, params, impl_list, device, cf
             step()  # the first step: state allocation, compilation
             measure.sync(device)
             row["first_step_s"] = time.perf_counter() - t0
+            if impl.family == "torch-compiled":
+                # the warm-up steps first (a changed Python float may compile a
+                # second, dynamic graph on step 2), then count graphs: the timed
+                # steps must compile none
+                for _ in range(max(2, cfg["warmup"]) - 1):  # at least the second step, even with --quick
+                    step()
+                measure.sync(device)
+                graphs_before[impl.name] = measure.dynamo_graphs()
             if interleave:
                 built[impl.name] = step
             else:
                 row.update(measure.time_steps(step, device, max(0, cfg["warmup"] - 1), cfg["iters"], cfg["budget"]))
+                if impl.name in graphs_before:
+                    _recompiles(row, measure.dynamo_graphs() - graphs_before[impl.name])
                 row.update(measure.count_launches(step, device))
         except impls_mod.Skip as e:
             row.update(status="skipped", note=str(e))
@@ -264,6 +282,8 @@ def bench_case(set_name, shapes, dtype_name, algo, params, impl_list, device, cf
                 row.update(status="error", note=errors[row["impl"]])
             elif row["impl"] in stats:
                 row.update(stats[row["impl"]])
+                if row["impl"] in graphs_before:  # (only compiled rows compile, so the global count is theirs)
+                    _recompiles(row, measure.dynamo_graphs() - graphs_before[row["impl"]])
                 row.update(measure.count_launches(built[row["impl"]], device))
         del src, dst
         built.clear()

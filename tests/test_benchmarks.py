@@ -303,3 +303,44 @@ def test_gpu_targets_report_unmeasured_cases():
     rows[1].update(status="skipped", note="backend 'cuda' not available")
     t = [x for x in targets.evaluate("cuda", rows, None) if x["case"] == "small / fp32 / sgd"]
     assert [x["met"] for x in t] == [True, True] and "ours-triton" in t[0]["detail"]
+
+
+class _Progress:
+    def set_postfix_str(self, *a, **k):
+        pass
+
+    def update(self, n=1):
+        pass
+
+
+@pytest.mark.parametrize("interleave", [True, False])
+def test_compiled_rows_report_recompiles_while_timed(interleave):
+    """A torch.compile row that recompiles after its warm-up says so
+    (recompiles_after_warmup, note); one that compiled only in warm-up reports 0."""
+    from benchmarks import run
+
+    def build(recompiling):
+        def b(params, algo, device, half_cycle=impls.HALF_CYCLE):
+            k = [0]
+
+            @torch.compile(backend="eager", dynamic=False)
+            def f(x, n):
+                return x * n
+
+            def step():
+                k[0] += 1
+                f(params[0].detach(), k[0] if recompiling else 1)  # a new int: a new graph each call
+            return step
+        return b
+
+    cfg = {"warmup": 2, "iters": 4, "budget": 10.0, "compiled_max_tensors": 10, "interleave": interleave}
+    shapes = [(8,)]
+    params = run.make_params(shapes, torch.float32, torch.device("cpu"))
+    for recompiling, expect in ((False, 0), (True, 1 + 4)):  # the timing's own warm-up step, 4 timed
+        torch._dynamo.reset()
+        impl = impls.Impl("torch-compiled+OneCycleLR", "torch-compiled", "OneCycleLR", build(recompiling))
+        [row] = run.bench_case("tiny", shapes, "fp32", "sgd", params, [impl], torch.device("cpu"), cfg, _Progress())
+        assert row["status"] == "ok", row
+        assert row["recompiles_after_warmup"] == expect, row
+        assert ("RECOMPILED" in row["note"]) == bool(expect), row
+    torch._dynamo.reset()
