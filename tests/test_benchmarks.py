@@ -344,3 +344,66 @@ def test_compiled_rows_report_recompiles_while_timed(interleave):
         assert row["recompiles_after_warmup"] == expect, row
         assert ("RECOMPILED" in row["note"]) == bool(expect), row
     torch._dynamo.reset()
+
+
+def _gpu_session_steps():
+    """{phase: [(name, limit_s, argv)]} of tools/gpu_session.sh's `step` lines
+    (the steps before the phase switch run in both phases)."""
+    import re
+    import shlex
+
+    text = open(os.path.join(ROOT, "tools", "gpu_session.sh")).read().replace("\\\n", " ")
+    head, rest = text.split('if [ "$PHASE" = 1 ]; then', 1)
+    one, two = rest.split("\nelse\n", 1)
+    two = two.split("\nfi\n", 1)[0]
+
+    def steps(part):
+        out = []
+        for line in part.splitlines():
+            line = line.strip()
+            if re.match(r"step [a-z_]+ \d+ ", line):
+                words = shlex.split(line.replace('"$PY"', "PY").replace("$OUT", "/tmp/out"), comments=True)
+                out.append((words[1], int(words[2]), words[3:]))
+        return out
+
+    common = steps(head)
+    return {1: common + steps(one), 2: common + steps(two)}
+
+
+def test_gpu_session_commands_fit_the_cli():
+    """Every command of tools/gpu_session.sh parses with the tool it calls, names
+    existing sets, selects implementations, and each phase fits one 600 s call."""
+    from benchmarks import host_overhead, run, tune_triton
+
+    phases = _gpu_session_steps()
+    assert [n for n, _, _ in phases[1]] == ["build", "pytest_gpu", "bench"]
+    assert [n for n, _, _ in phases[2]] == ["build", "bench", "bench_compiled", "host_overhead", "tune_triton"]
+    names = [i.name for i in impls.all_impls(torch.device("cuda"))]  # the CUDA rows (built lazily: no GPU needed)
+    seen_sets = set()
+    for phase, steps in phases.items():
+        assert sum(limit for _, limit, _ in steps) <= 570, phase  # < 600 s with the start-up around them
+        for name, _, argv in steps:
+            if argv[:3] == ["PY", "-m", "benchmarks.run"]:
+                a = run.parse_args(argv[3:])
+                assert a.out == "/tmp/out/bench" and a.no_plots and a.no_progress
+                sets = run._csv(a.sets)
+                assert sets and all(s in param_sets.SETS for s in sets)
+                seen_sets.update(sets)
+                inc = run._csv(a.impls) if a.impls else None
+                exc = run._csv(a.skip_impls)
+                for sub in (inc or []) + exc:
+                    assert any(sub in n for n in names), sub
+                chosen = [n for n in names if run._selected(impls.Impl(n, "", "", None), inc, exc, None)]
+                assert chosen, (name, argv)
+                if name == "bench":
+                    assert {"ours-cuda", "ours-triton", "ours-cuda+graph", "torch-fused+OneCycleLR"} <= set(chosen)
+                    assert "torch-compiled+OneCycleLR" not in chosen
+                if name == "bench_compiled":
+                    assert chosen == ["torch-compiled+OneCycleLR"]
+            elif argv[:3] == ["PY", "-m", "benchmarks.host_overhead"]:
+                a = host_overhead.parse_args(argv[3:])
+                assert a.device == "cuda"
+            elif argv[:2] == ["PY", "benchmarks/tune_triton.py"]:
+                assert tune_triton.main(argv[2:] + ["--dry-run"]) == 0
+    # together the two phases measure every set the GPU targets need
+    assert set(targets.GPU_SETS) <= seen_sets
