@@ -18,6 +18,24 @@ COLUMNS = [
 ]
 
 
+FUSED_PEER = "torch-fused+OneCycleLR"  # the 'x fused+1cyc' column's denominator
+
+
+def fill_vs_fused(rows) -> None:
+    """Set each measured row's ``vs_fused``: its median over the case's
+    torch-fused+OneCycleLR row, when that row was measured and not caught
+    computing the wrong step (agreement.py). Done over all rows of a results
+    folder, so rows merged from separate runs (e.g. the GPU session's
+    torch.compile rows) get the column too."""
+    peers = {(r["set"], r["dtype"], r["opt"]): r for r in rows
+             if r["impl"] == FUSED_PEER and r.get("status") == "ok" and r.get("agrees") is not False}
+    for r in rows:
+        r.pop("vs_fused", None)
+        f = peers.get((r["set"], r["dtype"], r["opt"]))
+        if r.get("status") == "ok" and f and r.get("median_ms") is not None and f.get("median_ms"):
+            r["vs_fused"] = r["median_ms"] / f["median_ms"]
+
+
 def _fmt(key, row) -> str:
     if row.get("status") != "ok":
         if key == "impl":
@@ -192,6 +210,7 @@ def rewrite(out_dir: str) -> list[str]:
         data = json.load(f)
     meta = data["meta"]
     device_type = meta.get("device", "cuda" if meta.get("gpu") else "cpu")
+    fill_vs_fused(data["rows"])
     targ = targets_mod.evaluate(device_type, data["rows"], data.get("e2e"))
     return write_all(out_dir, meta, data["rows"], targ, data.get("e2e"))
 

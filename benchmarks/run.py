@@ -294,12 +294,7 @@ def bench_case(set_name, shapes, dtype_name, algo, params, impl_list, device, cf
         if row["status"] == "ok":
             row["gbps"] = measure.gbps(nbytes, row["median_ms"])
             row["frac_of_copy"] = row["copy_ms"] / row["median_ms"]
-    # the 'x fused' column's peer: measured and not caught computing the wrong step
-    fused = next((r for r in rows if r["impl"] == "torch-fused+OneCycleLR" and r["status"] == "ok"
-                  and r.get("agrees") is not False), None)
-    for r in rows:
-        if r["status"] == "ok" and fused:
-            r["vs_fused"] = r["median_ms"] / fused["median_ms"]
+    report.fill_vs_fused(rows)  # (again over all rows after a merge, see main)
     return rows
 
 
@@ -384,6 +379,7 @@ def main(argv=None) -> int:
 
     meta["load_avg_end"] = _loadavg()
     meta, rows, e2e = _merge(out_dir, meta, rows, e2e)
+    report.fill_vs_fused(rows)  # rows of earlier runs merged in may hold the peer, or lack the column
     targ = targets.evaluate(device.type, rows, e2e)
     print()
     print(f"{meta['device_name']} | torch {meta['torch']} | triton {meta['triton']} | CUDA {meta['cuda']} | "
