@@ -100,8 +100,13 @@ def targets_text(targets) -> str:
 def e2e_text(e2e: Optional[dict]) -> str:
     if not e2e:
         return "  (not run)"
+    if e2e.get("error"):
+        return f"  FAILED ({e2e.get('steps')} steps): {e2e['error']}"
     lines = [f"  {e2e['model']}, {e2e['steps']} steps (timed {e2e['timed_steps']})"]
     for name, v in e2e["variants"].items():
+        if v.get("error"):
+            lines.append(f"  {name:24s} FAILED: {v['error']}")
+            continue
         lines.append(f"  {name:24s} {v['steps_per_s']:9.1f} steps/s  {v['speedup_vs_torch']:.2f}x torch  "
                      f"max|diff| vs torch {v['max_abs_diff_vs_torch']:.2e}  agrees {v['agrees_with_torch']}  "
                      f"bit-equal to ours eager {v['bitwise_equal_to_ours_eager']}"
@@ -175,9 +180,9 @@ def make_plots(rows, e2e, out_dir) -> list[str]:
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
-    if e2e:
+    if e2e and not e2e.get("error"):
         fig, ax = plt.subplots(figsize=(6, 2.5))
-        names = list(e2e["variants"])
+        names = [n for n, v in e2e.get("variants", {}).items() if not v.get("error")]
         ax.barh(names, [e2e["variants"][n]["steps_per_s"] for n in names],
                 color=["tab:gray" if n.startswith("torch") else "tab:green" for n in names])
         ax.invert_yaxis()

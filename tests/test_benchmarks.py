@@ -427,3 +427,51 @@ def test_gpu_session_commands_fit_the_cli():
                 assert tune_triton.main(argv[2:] + ["--dry-run"]) == 0
     # together the two phases measure every set the GPU targets need
     assert set(targets.GPU_SETS) <= seen_sets
+
+
+def test_run_keeps_its_rows_when_cut_short_or_e2e_fails(tmp_path, monkeypatch):
+    """The GPU session runs each step under a timeout: results are written
+    after every case (marked INCOMPLETE until the end), and an end-to-end run
+    that raises is recorded as failed instead of losing the step-time rows."""
+    from benchmarks import e2e as e2e_mod, run
+
+    real = run.bench_case
+    calls = []
+
+    def cut_after_first(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as if `timeout` stopped the run here
+        return real(*a, **k)
+
+    out = tmp_path / "res"
+    argv = ["--quick", "--device", "cpu", "--sets", "tiny", "--opt", "sgd,adamw", "--dtype", "fp32",
+            "--impls", "torch-fused+OneCycleLR", "--e2e-steps", "8", "--no-progress", "--no-plots", "--out", str(out)]
+    monkeypatch.setattr(run, "bench_case", cut_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        run.main(argv)
+    data = json.loads((out / "results.json").read_text())
+    assert [(r["opt"], r["impl"], r["status"]) for r in data["rows"]] == [("sgd", "torch-fused+OneCycleLR", "ok")]
+    assert any(n.startswith("INCOMPLETE: checkpoint after 1 of 2 cases") for n in data["meta"]["notes"])
+    assert (out / "results.md").exists()
+
+    # run again into the folder, with an end-to-end run that raises
+    monkeypatch.setattr(run, "bench_case", real)
+
+    def broken(device, steps):
+        raise RuntimeError("capture failed")
+
+    monkeypatch.setattr(e2e_mod, "run", broken)
+    assert run.main(argv) == 0
+    data = json.loads((out / "results.json").read_text())
+    assert sorted((r["opt"], r["status"]) for r in data["rows"]) == [("adamw", "ok"), ("sgd", "ok")]
+    assert data["e2e"]["error"] == "RuntimeError: capture failed"
+    assert "FAILED" in (out / "results.md").read_text()
+    # the earlier (interrupted) command's note stays with its command; this one wrote no checkpoint note
+    assert sum(n.startswith("INCOMPLETE") for n in data["meta"]["notes"]) == 1
+    t = [x for x in targets.evaluate("cuda", data["rows"], data["e2e"]) if x["case"] == "e2e"]
+    assert [x["met"] for x in t] == [False] and "capture failed" in t[0]["detail"]
+    # a failed graph variant alone fails the target too
+    e2e = {"variants": {"ours-cudagraph": {"error": "RuntimeError: x"}}}
+    t = [x for x in targets.evaluate("cuda", [], e2e) if x["case"] == "e2e"]
+    assert t[0]["met"] is False and "RuntimeError: x" in t[0]["detail"]
