@@ -142,6 +142,11 @@ def count_launches(step: Callable[[], object], device: torch.device, steps: int 
             launches += 1
         elif api in _COPY_APIS:
             copies += 1
+    if launches == 0 and kernels == 0:
+        # every step launches something: the profiler saw no CUDA activity
+        # (CUPTI unavailable or refused in this container), which is no count
+        return {"launches_per_step": None, "kernels_per_step": None, "copies_per_step": None,
+                "launches_note": "torch.profiler recorded no CUDA activity (CUPTI unavailable?): launches not counted"}
     return {"launches_per_step": launches / steps, "kernels_per_step": kernels / steps,
             "copies_per_step": copies / steps}
 

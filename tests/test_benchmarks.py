@@ -475,3 +475,50 @@ def test_run_keeps_its_rows_when_cut_short_or_e2e_fails(tmp_path, monkeypatch):
     e2e = {"variants": {"ours-cudagraph": {"error": "RuntimeError: x"}}}
     t = [x for x in targets.evaluate("cuda", [], e2e) if x["case"] == "e2e"]
     assert t[0]["met"] is False and "RuntimeError: x" in t[0]["detail"]
+
+
+def test_count_launches_reads_the_profiler_and_never_reports_an_empty_trace_as_zero(monkeypatch):
+    """count_launches on CUDA (its profiler faked here: no GPU): runtime and
+    driver launch APIs (version suffixes too) and graph launches count as
+    launches, device-side events other than memcpy/memset as kernels; a trace
+    with no CUDA activity at all is 'not counted', not 0 launches."""
+    import types
+
+    from torch.autograd import DeviceType
+
+    def ev(name, dev=DeviceType.CPU):
+        return types.SimpleNamespace(name=name, device_type=dev)
+
+    traces = {
+        "full": [ev("aten::add_"), ev("cudaLaunchKernel"), ev("cuLaunchKernelEx"), ev("cudaGraphLaunch_v10000"),
+                 ev("cudaMemcpyAsync"), ev("kernel_a", DeviceType.CUDA), ev("kernel_b", DeviceType.CUDA),
+                 ev("kernel_c", DeviceType.CUDA), ev("Memcpy HtoD (Pinned -> Device)", DeviceType.CUDA)] * 3,
+        "empty": [ev("aten::add_")] * 3,
+    }
+    which = {}
+
+    class FakeProfile:
+        def __init__(self, activities):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            return False
+
+        def events(self):
+            return traces[which["t"]]
+
+    import torch.profiler
+
+    monkeypatch.setattr(torch.profiler, "profile", FakeProfile)
+    monkeypatch.setattr(measure, "sync", lambda device: None)
+    calls = []
+    which["t"] = "full"
+    r = measure.count_launches(lambda: calls.append(1), torch.device("cuda"), steps=3)
+    assert len(calls) == 3
+    assert (r["launches_per_step"], r["kernels_per_step"], r["copies_per_step"]) == (3, 3, 1)
+    which["t"] = "empty"
+    r = measure.count_launches(lambda: None, torch.device("cuda"), steps=3)
+    assert r["launches_per_step"] is None and r["kernels_per_step"] is None and "not counted" in r["launches_note"]
