@@ -522,3 +522,40 @@ def test_count_launches_reads_the_profiler_and_never_reports_an_empty_trace_as_z
     which["t"] = "empty"
     r = measure.count_launches(lambda: None, torch.device("cuda"), steps=3)
     assert r["launches_per_step"] is None and r["kernels_per_step"] is None and "not counted" in r["launches_note"]
+
+
+def test_back_to_back_mode_frees_each_implementation_before_the_next():
+    """On CUDA (interleave off) implementations are built, timed and freed one
+    at a time: the 1B set's states (~9 GB per optimizer in fp32 AdamW) must
+    not pile up. Checked on CPU with the same code path: when an
+    implementation is built for timing, no earlier one's optimizer is alive."""
+    import weakref
+
+    from benchmarks import run
+
+    alive = []  # weakrefs to the optimizers built for timing
+    seen = []
+
+    def optimizer_of(step):
+        cands = [getattr(step, "__self__", None)] + [c.cell_contents for c in (step.__closure__ or ())]
+        return next(o for o in cands if isinstance(o, torch.optim.Optimizer))
+
+    def tracked(impl):
+        def build(params, algo, device, half_cycle=impls.HALF_CYCLE):
+            step = impl.build(params, algo, device, half_cycle)
+            if half_cycle == impls.HALF_CYCLE:  # (not the agreement probe's)
+                seen.append([impl.name, sum(r() is not None for r in alive)])
+                alive.append(weakref.ref(optimizer_of(step)))
+            return step
+        return impls.Impl(impl.name, impl.family, impl.scheduler, build, impl.backend)
+
+    chosen = [tracked(i) for i in impls.all_impls(torch.device("cpu"))
+              if i.family in ("torch-foreach", "torch-fused") or i.name in ("ours-cpu", "ours-reference")]
+    cfg = {"warmup": 2, "iters": 3, "budget": 1.0, "compiled_max_tensors": 10, "interleave": False}
+    shapes = param_sets.tiny()
+    params = run.make_params(shapes, torch.float32, torch.device("cpu"))
+    rows = run.bench_case("tiny", shapes, "fp32", "adamw", params, chosen, torch.device("cpu"), cfg, _Progress())
+    timed = [r["impl"] for r in rows if r["status"] == "ok"]
+    assert "torch-fused+OneCycleLR" in timed and len(seen) == len(timed) >= 3, (seen, rows)
+    assert all(n == 0 for _, n in seen), seen  # nothing earlier still alive at each build
+    assert all(r() is None for r in alive)
