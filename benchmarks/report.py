@@ -91,7 +91,7 @@ def text_table(rows) -> str:
 def targets_text(targets) -> str:
     lines = []
     for t in targets:
-        mark = {True: "MET ", False: "MISS", None: "n/a "}[t["met"]]  # n/a: not measured
+        mark = {True: "MET ", False: "MISS", None: "NOT MEASURED"}[t["met"]]
         v = "-" if t["value"] is None else f"{t['value']:.3f}"
         lines.append(f"  [{mark}] {t['target']} | {t['case']} | {v} {t['op']} {t['threshold']} | {t['detail']}")
     return "\n".join(lines)
@@ -127,7 +127,8 @@ def markdown(meta, rows, targets, e2e) -> str:
         md.append(f"\n> {n}")
     md += ["", "Median step time over back-to-back steps after warm-up (schedule included); host CPU = "
            "process CPU time per step; GB/s from DESIGN.md §5's bytes model; 'of copy' = copy time of the same "
-           "bytes / step time; 'x fused+1cyc' = step time / torch fused + OneCycleLR.", ""]
+           "bytes / step time; 'x fused+1cyc' = step time / torch fused + OneCycleLR; launches = kernel and graph "
+           "launches per step from torch.profiler (CUDA only: '-' on CPU).", ""]
     md += ["## Targets", "", "| | target | case | value | threshold | detail |", "|---|---|---|---|---|---|"]
     for t in targets:
         mark = {True: "met", False: "**missed**", None: "not measured"}[t["met"]]
