@@ -9,6 +9,12 @@ like our schedule; DeepSpeed rows: DeepSpeed's ``OneCycle``, whose documented
 differences, such as Adam's beta2 set to 0.99, are then not counted as
 errors).
 
+The probe runs the schedule with a half cycle of ``PROBE_HALF_CYCLE`` steps
+(the timed runs use ``impls.HALF_CYCLE``, 100,000, where lr and momentum
+hardly move over a few steps): its steps climb from min to max lr and from
+max to min momentum, so a scheduler that is not stepped, or steps the wrong
+value, is caught like a wrong update.
+
 The measure is the error relative to the update: ||p - p_ref|| / ||p_ref - p0||.
 Rounding to the parameter dtype keeps it near the dtype's epsilon over the
 update's relative size (about 0.03 for bf16 here, 1e-6 for fp32); an
@@ -29,6 +35,7 @@ from . import impls as impls_mod
 
 PROBE_SHAPES = [(1000,), (37,), (3, 65)]
 PROBE_STEPS = 3
+PROBE_HALF_CYCLE = 2  # lr 1e-4, 5.5e-4, 1e-3 and momentum 0.95, 0.90, 0.85 over the probe's steps
 MAX_RELATIVE_ERROR = 0.25
 # compile time (torch.compile) or a different step count (graph warm-up): not probed
 NOT_PROBED = {"torch-compiled": "compile time", "ours-graph": "CUDA-graph warm-up steps (graph tested in tests/)"}
@@ -53,7 +60,7 @@ def _reference(start: list[torch.Tensor], algo: str, scheduler: str) -> list[tor
         q.grad = p.grad.detach().to(device="cpu", dtype=torch.float64)
         params.append(q)
     opt = impls_mod._torch_optimizer(params, algo, None, foreach=False)
-    sched = (impls_mod.deepspeed_onecycle if scheduler == "DS-OneCycle" else impls_mod.onecyclelr)(opt)
+    sched = (impls_mod.deepspeed_onecycle if scheduler == "DS-OneCycle" else impls_mod.onecyclelr)(opt, PROBE_HALF_CYCLE)
     for _ in range(PROBE_STEPS):
         opt.step()
         sched.step()
@@ -77,7 +84,7 @@ def check(impl: impls_mod.Impl, algo: str, dtype: torch.dtype, device: torch.dev
     params = probe_params(dtype, device)
     start = [p.detach().to(device="cpu", dtype=torch.float64) for p in params]
     ref = _reference(params, algo, impl.scheduler)
-    step = impl.build(params, algo, device)
+    step = impl.build(params, algo, device, half_cycle=PROBE_HALF_CYCLE)
     for _ in range(PROBE_STEPS):
         step()
     if device.type == "cuda":

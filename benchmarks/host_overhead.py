@@ -87,14 +87,18 @@ def torch_fused(algo, shapes, device):
     return step
 
 
-def main(argv=None):
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--full", action="store_true", help="also ResNet-50's real shapes")
     ap.add_argument("--algos", default="sgd,adamw")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     device = torch.device(args.device)
     backend = "cuda" if device.type == "cuda" else "cpu"
     print(f"torch {torch.__version__}, device {device}"

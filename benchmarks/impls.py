@@ -47,7 +47,9 @@ class Impl:
     name: str
     family: str  # torch-foreach | torch-fused | torch-compiled | ours | ours-graph
     scheduler: str  # OneCycleLR | DS-OneCycle | on-device
-    build: Callable[[list, str, torch.device], Callable[[], object]]
+    # build(params, algo, device, half_cycle=HALF_CYCLE) -> step(); the agreement
+    # probe passes a short half cycle so its few steps see lr and momentum move
+    build: Callable[..., Callable[[], object]]
     backend: Optional[str] = None  # ours: the onecycle_fused backend
 
 
@@ -87,9 +89,9 @@ def deepspeed_onecycle(opt, half_cycle: int = HALF_CYCLE):
 
 
 def _torch_with_scheduler(mode: str, make_sched):
-    def build(params, algo, device):
+    def build(params, algo, device, half_cycle=HALF_CYCLE):
         opt = _torch_optimizer(params, algo, mode)
-        sched = make_sched(opt)
+        sched = make_sched(opt, half_cycle)
 
         def step():
             opt.step()
@@ -100,7 +102,7 @@ def _torch_with_scheduler(mode: str, make_sched):
     return build
 
 
-def _compiled(params, algo, device):
+def _compiled(params, algo, device, half_cycle=HALF_CYCLE):
     """torch.compile(opt.step) with tensor lr (and beta1), OneCycleLR filling them."""
     # foreach left to torch, as in the tutorial (Adam refuses a tensor lr with
     # foreach=True outside of compile)
@@ -113,7 +115,7 @@ def _compiled(params, algo, device):
         beta1 = torch.tensor(opt.param_groups[0]["betas"][0])
         for g in opt.param_groups:
             g["betas"] = (beta1, beta2)
-    sched = onecyclelr(opt)
+    sched = onecyclelr(opt, half_cycle)
     if beta1 is not None:
         for g in opt.param_groups:
             beta1.fill_(g["betas"][0])
@@ -135,10 +137,10 @@ def _compiled(params, algo, device):
 
 
 def _ours(backend: str):
-    def build(params, algo, device):
+    def build(params, algo, device, half_cycle=HALF_CYCLE):
         extra = {"weight_decay": WEIGHT_DECAY[algo]}
         opt = OURS_CLASSES[algo](
-            params, cycle_min_lr=MIN_LR, cycle_max_lr=MAX_LR, cycle_first_step_size=HALF_CYCLE,
+            params, cycle_min_lr=MIN_LR, cycle_max_lr=MAX_LR, cycle_first_step_size=half_cycle,
             cycle_min_mom=MIN_MOM, cycle_max_mom=MAX_MOM, backend=backend, **extra,
         )
         return opt.step
@@ -147,10 +149,10 @@ def _ours(backend: str):
 
 
 def _ours_graph(backend: str, warmup: int = 3):
-    def build(params, algo, device):
+    def build(params, algo, device, half_cycle=HALF_CYCLE):
         if device.type != "cuda":
             raise Skip("CUDA graphs need a CUDA device")
-        eager = _ours(backend)(params, algo, device)
+        eager = _ours(backend)(params, algo, device, half_cycle)
         # state is created by eager steps on a side stream before capture
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())

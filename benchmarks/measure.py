@@ -26,6 +26,14 @@ def bytes_per_step(algo: str, numel: int, dtype: torch.dtype) -> int:
     return BYTES_PER_PARAM_FP32[algo] * numel * elem // 4
 
 
+def dynamo_graphs() -> int:
+    """Graphs torch.compile (dynamo) has compiled in this process so far: a
+    rise while a compiled step is timed means it recompiled after warm-up."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -134,6 +142,11 @@ def count_launches(step: Callable[[], object], device: torch.device, steps: int 
             launches += 1
         elif api in _COPY_APIS:
             copies += 1
+    if launches == 0 and kernels == 0:
+        # every step launches something: the profiler saw no CUDA activity
+        # (CUPTI unavailable or refused in this container), which is no count
+        return {"launches_per_step": None, "kernels_per_step": None, "copies_per_step": None,
+                "launches_note": "torch.profiler recorded no CUDA activity (CUPTI unavailable?): launches not counted"}
     return {"launches_per_step": launches / steps, "kernels_per_step": kernels / steps,
             "copies_per_step": copies / steps}
 

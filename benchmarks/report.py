@@ -18,6 +18,24 @@ COLUMNS = [
 ]
 
 
+FUSED_PEER = "torch-fused+OneCycleLR"  # the 'x fused+1cyc' column's denominator
+
+
+def fill_vs_fused(rows) -> None:
+    """Set each measured row's ``vs_fused``: its median over the case's
+    torch-fused+OneCycleLR row, when that row was measured and not caught
+    computing the wrong step (agreement.py). Done over all rows of a results
+    folder, so rows merged from separate runs (e.g. the GPU session's
+    torch.compile rows) get the column too."""
+    peers = {(r["set"], r["dtype"], r["opt"]): r for r in rows
+             if r["impl"] == FUSED_PEER and r.get("status") == "ok" and r.get("agrees") is not False}
+    for r in rows:
+        r.pop("vs_fused", None)
+        f = peers.get((r["set"], r["dtype"], r["opt"]))
+        if r.get("status") == "ok" and f and r.get("median_ms") is not None and f.get("median_ms"):
+            r["vs_fused"] = r["median_ms"] / f["median_ms"]
+
+
 def _fmt(key, row) -> str:
     if row.get("status") != "ok":
         if key == "impl":
@@ -73,7 +91,7 @@ def text_table(rows) -> str:
 def targets_text(targets) -> str:
     lines = []
     for t in targets:
-        mark = {True: "MET ", False: "MISS", None: "n/a "}[t["met"]]
+        mark = {True: "MET ", False: "MISS", None: "NOT MEASURED"}[t["met"]]
         v = "-" if t["value"] is None else f"{t['value']:.3f}"
         lines.append(f"  [{mark}] {t['target']} | {t['case']} | {v} {t['op']} {t['threshold']} | {t['detail']}")
     return "\n".join(lines)
@@ -82,8 +100,13 @@ def targets_text(targets) -> str:
 def e2e_text(e2e: Optional[dict]) -> str:
     if not e2e:
         return "  (not run)"
+    if e2e.get("error"):
+        return f"  FAILED ({e2e.get('steps')} steps): {e2e['error']}"
     lines = [f"  {e2e['model']}, {e2e['steps']} steps (timed {e2e['timed_steps']})"]
     for name, v in e2e["variants"].items():
+        if v.get("error"):
+            lines.append(f"  {name:24s} FAILED: {v['error']}")
+            continue
         lines.append(f"  {name:24s} {v['steps_per_s']:9.1f} steps/s  {v['speedup_vs_torch']:.2f}x torch  "
                      f"max|diff| vs torch {v['max_abs_diff_vs_torch']:.2e}  agrees {v['agrees_with_torch']}  "
                      f"bit-equal to ours eager {v['bitwise_equal_to_ours_eager']}"
@@ -104,10 +127,11 @@ def markdown(meta, rows, targets, e2e) -> str:
         md.append(f"\n> {n}")
     md += ["", "Median step time over back-to-back steps after warm-up (schedule included); host CPU = "
            "process CPU time per step; GB/s from DESIGN.md §5's bytes model; 'of copy' = copy time of the same "
-           "bytes / step time; 'x fused+1cyc' = step time / torch fused + OneCycleLR.", ""]
+           "bytes / step time; 'x fused+1cyc' = step time / torch fused + OneCycleLR; launches = kernel and graph "
+           "launches per step from torch.profiler (CUDA only: '-' on CPU).", ""]
     md += ["## Targets", "", "| | target | case | value | threshold | detail |", "|---|---|---|---|---|---|"]
     for t in targets:
-        mark = {True: "met", False: "**missed**", None: "n/a"}[t["met"]]
+        mark = {True: "met", False: "**missed**", None: "not measured"}[t["met"]]
         v = "-" if t["value"] is None else f"{t['value']:.3f}"
         md.append(f"| {mark} | {t['target']} | {t['case']} | {v} | {t['op']} {t['threshold']} | {t['detail']} |")
     md += ["", "## End-to-end", "", "```", e2e_text(e2e), "```", "", "## Step times", ""]
@@ -157,9 +181,9 @@ def make_plots(rows, e2e, out_dir) -> list[str]:
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
-    if e2e:
+    if e2e and not e2e.get("error"):
         fig, ax = plt.subplots(figsize=(6, 2.5))
-        names = list(e2e["variants"])
+        names = [n for n, v in e2e.get("variants", {}).items() if not v.get("error")]
         ax.barh(names, [e2e["variants"][n]["steps_per_s"] for n in names],
                 color=["tab:gray" if n.startswith("torch") else "tab:green" for n in names])
         ax.invert_yaxis()
@@ -192,6 +216,7 @@ def rewrite(out_dir: str) -> list[str]:
         data = json.load(f)
     meta = data["meta"]
     device_type = meta.get("device", "cuda" if meta.get("gpu") else "cpu")
+    fill_vs_fused(data["rows"])
     targ = targets_mod.evaluate(device_type, data["rows"], data.get("e2e"))
     return write_all(out_dir, meta, data["rows"], targ, data.get("e2e"))
 

@@ -190,6 +190,14 @@ def _error(e: Exception) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
 
 
+def _recompiles(row: dict, n: int) -> None:
+    """Record how many graphs a compiled row compiled after its warm-up, in the timed stretch (0 expected)."""
+    row["recompiles_after_warmup"] = n
+    if n:
+        row["note"] = (row["note"] + "; " if row["note"] else "") + \
+            f"RECOMPILED {n}x after warm-up (its timings include compile time)"
+
+
 def bench_case(set_name, shapes, dtype_name, algo, params, impl_list, device, cfg, progress) -> list[dict]:
     """Every implementation on one (set, dtype, optimizer) case, plus the copy roofline.
 
@@ -207,7 +215,7 @@ def bench_case(set_name, shapes, dtype_name, algo, params, impl_list, device, cf
     interleave = cfg["interleave"]
     if not interleave:
         base.update(measure.copy_roofline(nbytes, device, cfg["warmup"], cfg["iters"], cfg["budget"]))
-    rows, built = [], {}
+    rows, built, graphs_before = [], {}, {}
     for impl in impl_list:
         progress.set_postfix_str(f"{set_name}/{dtype_name}/{algo}: {impl.name}", refresh=True)
         row = dict(base, impl=impl.name, family=impl.family, scheduler=impl.scheduler, backend=impl.backend,
@@ -231,10 +239,20 @@ def bench_case(set_name, shapes, dtype_name, algo, params, impl_list, device, cf
             step()  # the first step: state allocation, compilation
             measure.sync(device)
             row["first_step_s"] = time.perf_counter() - t0
+            if impl.family == "torch-compiled":
+                # the warm-up steps first (a changed Python float may compile a
+                # second, dynamic graph on step 2), then count graphs: the timed
+                # steps must compile none
+                for _ in range(max(2, cfg["warmup"]) - 1):  # at least the second step, even with --quick
+                    step()
+                measure.sync(device)
+                graphs_before[impl.name] = measure.dynamo_graphs()
             if interleave:
                 built[impl.name] = step
             else:
                 row.update(measure.time_steps(step, device, max(0, cfg["warmup"] - 1), cfg["iters"], cfg["budget"]))
+                if impl.name in graphs_before:
+                    _recompiles(row, measure.dynamo_graphs() - graphs_before[impl.name])
                 row.update(measure.count_launches(step, device))
         except impls_mod.Skip as e:
             row.update(status="skipped", note=str(e))
@@ -264,6 +282,8 @@ def bench_case(set_name, shapes, dtype_name, algo, params, impl_list, device, cf
                 row.update(status="error", note=errors[row["impl"]])
             elif row["impl"] in stats:
                 row.update(stats[row["impl"]])
+                if row["impl"] in graphs_before:  # (only compiled rows compile, so the global count is theirs)
+                    _recompiles(row, measure.dynamo_graphs() - graphs_before[row["impl"]])
                 row.update(measure.count_launches(built[row["impl"]], device))
         del src, dst
         built.clear()
@@ -274,25 +294,55 @@ def bench_case(set_name, shapes, dtype_name, algo, params, impl_list, device, cf
         if row["status"] == "ok":
             row["gbps"] = measure.gbps(nbytes, row["median_ms"])
             row["frac_of_copy"] = row["copy_ms"] / row["median_ms"]
-    fused = next((r for r in rows if r["impl"] == "torch-fused+OneCycleLR" and r["status"] == "ok"), None)
-    for r in rows:
-        if r["status"] == "ok" and fused:
-            r["vs_fused"] = r["median_ms"] / fused["median_ms"]
+    report.fill_vs_fused(rows)  # (again over all rows after a merge, see main)
     return rows
 
 
-def _merge(out_dir, meta, rows, e2e):
+def _load(out_dir):
+    """The results.json already in ``out_dir`` (rows of earlier runs to merge into), or None."""
     path = os.path.join(out_dir, "results.json")
     if not os.path.exists(path):
-        return meta, rows, e2e
+        return None
     with open(path) as f:
-        old = json.load(f)
+        return json.load(f)
+
+
+def _merge(old, meta, rows, e2e):
+    if old is None:
+        return meta, rows, e2e
     keys = {(r["set"], r["dtype"], r["opt"], r["impl"]) for r in rows}
     kept = [r for r in old["rows"] if (r["set"], r["dtype"], r["opt"], r["impl"]) not in keys]
     meta = dict(meta)
     meta["command"] = old["meta"]["command"] + "  &&  " + meta["command"]
     meta["notes"] = list(dict.fromkeys(old["meta"].get("notes", []) + meta["notes"]))
     return meta, kept + rows, e2e if e2e is not None else old.get("e2e")
+
+
+def _write(out_dir, old, meta, rows, e2e, device_type, plots, partial=None):
+    """Merge with the folder's earlier rows and write results.json / .md (and plots).
+
+    ``partial`` (a note) marks a checkpoint written after each case, so a run
+    cut short (the GPU session's per-step timeouts) leaves the cases it
+    finished; the final write replaces it.
+    """
+    meta, rows, e2e = _merge(old, meta, [dict(r) for r in rows], e2e)
+    if partial:
+        meta = dict(meta, notes=meta["notes"] + [partial])
+    report.fill_vs_fused(rows)  # rows of earlier runs merged in may hold the peer, or lack the column
+    targ = targets.evaluate(device_type, rows, e2e)
+    report.write_all(out_dir, meta, rows, targ, e2e, plots=plots)
+    return meta, rows, e2e, targ
+
+
+def _run_e2e(device, steps):
+    """The end-to-end run; an exception is recorded in its place (the step-time rows must still be written)."""
+    try:
+        return e2e_mod.run(device, steps)
+    except Exception as e:
+        import traceback
+
+        traceback.print_exc()
+        return {"steps": steps, "error": _error(e), "variants": {}}
 
 
 def main(argv=None) -> int:
@@ -345,6 +395,13 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     total = len(sets) * len(dtypes) * len(opts) * len(impl_list)
+    n_cases, done = len(sets) * len(dtypes) * len(opts), 0
+    old = _load(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    if args.no_plots:
+        meta["notes"].append("plots skipped (--no-plots)")
+    print(f"{meta['device_name']} | torch {meta['torch']} | triton {meta['triton']} | CUDA {meta['cuda']} | "
+          f"backends {meta['backends']}", flush=True)
     rows = []
     with tqdm(total=total, desc="benchmarks", unit="impl", disable=args.no_progress, file=sys.stderr) as progress:
         for set_name in sets:
@@ -352,30 +409,30 @@ def main(argv=None) -> int:
             for dtype_name in dtypes:
                 params = make_params(shapes, DTYPES[dtype_name], device)
                 for algo in opts:
-                    rows += bench_case(set_name, shapes, dtype_name, algo, params, impl_list, device, cfg, progress)
+                    case_rows = bench_case(set_name, shapes, dtype_name, algo, params, impl_list, device, cfg, progress)
+                    rows += case_rows
+                    done += 1
+                    progress.write(report.text_table(case_rows), file=sys.stdout)
+                    sys.stdout.flush()
+                    # a checkpoint: a run cut short still leaves the cases it finished
+                    _write(out_dir, old, meta, rows, None, device.type, plots=False,
+                           partial=f"INCOMPLETE: checkpoint after {done} of {n_cases} cases (the run did not finish)")
                 del params
                 _free(device)
     e2e = None
     if e2e_steps > 0:
         print("end-to-end run...", file=sys.stderr)
-        e2e = e2e_mod.run(device, e2e_steps)
+        e2e = _run_e2e(device, e2e_steps)
 
     meta["load_avg_end"] = _loadavg()
-    meta, rows, e2e = _merge(out_dir, meta, rows, e2e)
-    targ = targets.evaluate(device.type, rows, e2e)
-    print()
-    print(f"{meta['device_name']} | torch {meta['torch']} | triton {meta['triton']} | CUDA {meta['cuda']} | "
-          f"backends {meta['backends']}")
-    print(report.text_table(rows))
+    meta, all_rows, e2e, targ = _write(out_dir, old, meta, rows, e2e, device.type, plots=not args.no_plots)
+    if len(all_rows) > len(rows):
+        print(f"({len(all_rows) - len(rows)} rows of earlier runs in {out_dir} merged: see results.md)")
     print("End-to-end:")
     print(report.e2e_text(e2e))
     print()
     print("Targets (" + ("issue 5, GPU" if on_gpu else "issue 3, CPU") + "):")
     print(report.targets_text(targ))
-    os.makedirs(out_dir, exist_ok=True)
-    if args.no_plots:
-        meta["notes"].append("plots skipped (--no-plots)")
-    report.write_all(out_dir, meta, rows, targ, e2e, plots=not args.no_plots)
     print(f"\nwrote {out_dir}")
     return 0
 

@@ -9,7 +9,10 @@ Each target compares against the *faster* of the two host schedulers
 (OneCycleLR, DeepSpeed OneCycle) unless it names one, so a pass never leans
 on the slower peer. A row caught computing the wrong step (agreement.py) is
 never a peer; if it is ours, the target fails. A target whose measurements are
-missing is reported with ``met = None``.
+missing is reported with ``met = None`` and "not measured": on CUDA every case
+the issue names (``GPU_REQUIRED``: each set x fp32/bf16 x SGD/AdamW, and the
+end-to-end run) gets its targets whether or not this run measured it, so a
+partial run can never read as all met.
 """
 from __future__ import annotations
 
@@ -19,6 +22,11 @@ from typing import Optional
 from onecycle_fused import backends as ocf_backends
 
 REAL_SETS = ("resnet50", "gpt2", "llama1b")  # >= 10M parameters, real model shapes
+# issue 5: the cases whose targets a GPU run must report (measured or not)
+GPU_SETS = ("resnet50", "gpt2", "llama1b", "small")
+GPU_DTYPES = ("fp32", "bf16")
+GPU_OPTS = ("sgd", "adamw")
+GPU_REQUIRED = [(s, d, o) for s in GPU_SETS for d in GPU_DTYPES for o in GPU_OPTS]
 
 
 def _index(rows):
@@ -83,56 +91,87 @@ def cpu_targets(rows) -> list[dict]:
     return out
 
 
-def _ours_auto(idx, case) -> Optional[str]:
-    """The eager 'ours' row that backend='auto' would use on CUDA."""
+def _ours_auto(by_key, case) -> Optional[str]:
+    """The eager 'ours' row that backend='auto' would use on CUDA.
+
+    ``by_key`` holds rows of every status. A backend whose row was skipped
+    (not built, dtype unsupported) is passed over, as auto passes over it; one
+    that ran and failed (``status`` error) is auto's pick all the same, so its
+    failure fails the targets instead of handing them to the next backend.
+    """
     for b in ocf_backends.AUTO_ORDER.get("cuda", ()):
-        if case + (f"ours-{b}",) in idx:
+        r = by_key.get(case + (f"ours-{b}",))
+        if r is not None and r.get("status") != "skipped":
             return f"ours-{b}"
     return None
 
 
 def gpu_targets(rows, e2e: Optional[dict]) -> list[dict]:
     idx = _index(rows)
+    by_key = {(r["set"], r["dtype"], r["opt"], r["impl"]): r for r in rows}
     out = []
     fused = ("torch-fused+OneCycleLR", "torch-fused+DS-OneCycle")
-    for case in _cases(rows):
+    measured = _cases(rows)
+    for case in GPU_REQUIRED + [c for c in measured if c not in GPU_REQUIRED]:
         set_name, dtype, opt = case
-        ours = _ours_auto(_index_all(rows), case)  # auto's pick, right or wrong
         first = len(out)
-        r = idx.get(case + (ours,)) if ours else None
+        if case not in measured:
+            why = "not measured (no row for this case in the run)"
+            ours = r = None
+        else:
+            ours = _ours_auto(by_key, case)  # auto's pick, right or wrong
+            r = idx.get(case + (ours,)) if ours else None
+            why = (f"not measured (no ours-{'/'.join(ocf_backends.AUTO_ORDER.get('cuda', ()))} row)" if ours is None
+                   else None if r else f"{ours} not measured")
+
+        def said(text):  # the detail, or why the case's figures are missing
+            return why or text
+
         if set_name == "llama1b" and dtype == "fp32" and opt in ("sgd", "adamw"):
             frac = r.get("frac_of_copy") if r else None
-            out.append(_target("1B fp32: >= 0.90 of copy bandwidth", case, frac, 0.90, le=False, detail=str(ours)))
+            out.append(_target("1B fp32: >= 0.90 of copy bandwidth", case, frac, 0.90, le=False, detail=said(str(ours))))
         peer_ms, peer = _best(idx, case, fused)
         ratio = r["median_ms"] / peer_ms if r and peer_ms else None
         out.append(_target("never slower than torch fused + scheduler", case, ratio, 1.0,
-                           detail=f"{ours} vs {peer}"))
+                           detail=said(f"{ours} vs {peer}" if peer else "no valid torch-fused row: not measured")))
         if set_name == "resnet50":
             f = idx.get(case + ("torch-fused+OneCycleLR",))
+            miss = None if f else "no valid torch-fused+OneCycleLR row: not measured"
             ratio = r["median_ms"] / f["median_ms"] if r and f else None
-            out.append(_target("ResNet-50 step time <= 0.7x torch fused + OneCycleLR", case, ratio, 0.7, detail=str(ours)))
+            out.append(_target("ResNet-50 step time <= 0.7x torch fused + OneCycleLR", case, ratio, 0.7,
+                               detail=said(miss or str(ours))))
             ratio = r["host_cpu_ms"] / f["host_cpu_ms"] if r and f and f["host_cpu_ms"] else None
             out.append(_target("ResNet-50 host CPU time <= 0.5x torch fused + OneCycleLR", case, ratio, 0.5,
-                               detail=str(ours)))
+                               detail=said(miss or str(ours))))
         if set_name == "small":
             ratio = r["median_ms"] / peer_ms if r and peer_ms else None
             out.append(_target("5,000 small tensors <= 0.3x torch fused + scheduler", case, ratio, 0.3,
-                               detail=f"{ours} vs {peer}"))
-        if ours and _wrong(rows, case, ours):
+                               detail=said(f"{ours} vs {peer}" if peer else "no valid torch-fused row: not measured")))
+        bad = by_key.get(case + (ours,)) if ours else None
+        if bad is not None and bad.get("status") == "error":
+            for t in out[first:]:
+                t.update(met=False, detail=f"{ours} (backend='auto' pick) failed: {bad.get('note', '')}")
+        elif ours and _wrong(rows, case, ours):
             for t in out[first:]:
                 t.update(met=False, detail=f"{ours} computes the wrong step (agreement probe)")
-    if e2e:
-        v = e2e["variants"]
-        g = v.get("ours-cudagraph")
+    e2e_name = "end-to-end CUDA graph >= 2x eager torch + OneCycleLR (steps/s)"
+    g = (e2e or {}).get("variants", {}).get("ours-cudagraph")
+    failure = (e2e or {}).get("error") or (g or {}).get("error")
+    if failure:  # the run (or its graph variant) raised: failed, not unmeasured
+        out.append(_target(e2e_name, "e2e", None, 2.0, le=False, detail=f"end-to-end run failed: {failure}"))
+        out[-1]["met"] = False
+    elif e2e:
         speed = g["speedup_vs_torch"] if g else None
         ok = bool(g and g["agrees_with_torch"])
-        detail = "final params agree with eager torch" if ok else "final params DIFFER or graph run missing"
+        detail = ("final params agree with eager torch" if ok else "final params DIFFER from eager torch" if g
+                  else "not measured (no CUDA-graph variant in the end-to-end run)")
         if g:
             detail += "; bit-equal to ours eager" if g["bitwise_equal_to_ours_eager"] else "; not bit-equal to ours eager"
-        out.append(_target("end-to-end CUDA graph >= 2x eager torch + OneCycleLR (steps/s)", "e2e", speed, 2.0, le=False,
-                           detail=detail))
+        out.append(_target(e2e_name, "e2e", speed, 2.0, le=False, detail=detail))
         if g and not ok:
             out[-1]["met"] = False
+    else:
+        out.append(_target(e2e_name, "e2e", None, 2.0, le=False, detail="not measured (no end-to-end run)"))
     # backend="auto" should pick the faster of cuda and triton (geometric mean over shared cases)
     logs = [math.log(idx[c + ("ours-cuda",)]["median_ms"] / idx[c + ("ours-triton",)]["median_ms"])
             for c in _cases(rows) if c + ("ours-cuda",) in idx and c + ("ours-triton",) in idx]

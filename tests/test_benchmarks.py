@@ -21,6 +21,7 @@ sys.path.insert(0, ROOT)
 from benchmarks import impls, measure, param_sets, targets  # noqa: E402
 
 import onecycle_fused  # noqa: E402
+import onecycle_fused.ops  # noqa: E402,F401  (onecycle_fused.ops.cpu_library_loaded below; not imported by the package)
 
 
 @pytest.mark.parametrize("name", sorted(param_sets.EXPECTED))
@@ -120,6 +121,16 @@ def test_cli_quick_run_writes_results(tmp_path):
         else:
             assert r["note"], r
 
+    # the 'x fused' column divides by torch-fused+OneCycleLR only where that row computes the right step
+    # (torch 2.13's fused CPU SGD leaves bf16 parameters unchanged: pytorch#191763)
+    for r in rows:
+        fused = next(f for f in rows if f["impl"] == "torch-fused+OneCycleLR"
+                     and (f["dtype"], f["opt"]) == (r["dtype"], r["opt"]))
+        if r["status"] == "ok":
+            assert ("vs_fused" in r) == (fused["status"] == "ok" and fused["agrees"] is not False), (r, fused)
+            if "vs_fused" in r:
+                assert r["vs_fused"] == pytest.approx(r["median_ms"] / fused["median_ms"])
+
     e2e = data["e2e"]["variants"]
     assert set(e2e) == {"torch-eager+OneCycleLR", "ours-eager"}
     assert e2e["ours-eager"]["agrees_with_torch"], e2e
@@ -137,6 +148,26 @@ def test_cli_quick_run_writes_results(tmp_path):
                      "--impls", "torch-fused", "--e2e-steps", "0", "--no-progress", "--no-plots", "--out", str(out)]) == 0
     merged = json.loads((out / "results.json").read_text())
     assert len(merged["rows"]) == len(rows) + 2
+    # the second run's rows of a case the first one measured take the first run's fused row as their peer
+    assert run.main(["--quick", "--device", "cpu", "--sets", "tiny", "--opt", "adamw", "--dtype", "fp32",
+                     "--impls", "ours-reference", "--e2e-steps", "0", "--no-progress", "--no-plots",
+                     "--out", str(out)]) == 0
+    merged = json.loads((out / "results.json").read_text())
+    [ref] = [r for r in merged["rows"] if (r["impl"], r["dtype"], r["opt"]) == ("ours-reference", "fp32", "adamw")]
+    [fused] = [r for r in merged["rows"] if (r["impl"], r["dtype"], r["opt"]) == ("torch-fused+OneCycleLR", "fp32", "adamw")]
+    vs_fused = ref["vs_fused"]
+    assert vs_fused == pytest.approx(ref["median_ms"] / fused["median_ms"])
+    # benchmarks.report re-derives the column from results.json
+    from benchmarks import report
+
+    for r in merged["rows"]:
+        r.pop("vs_fused", None)
+    (out / "results.json").write_text(json.dumps(merged))
+    report.rewrite(str(out))
+    again = json.loads((out / "results.json").read_text())
+    [ref2] = [r for r in again["rows"] if (r["impl"], r["dtype"], r["opt"]) == ("ours-reference", "fp32", "adamw")]
+    assert ref2["vs_fused"] == pytest.approx(vs_fused)
+    assert "## Targets" in (out / "results.md").read_text()
     assert merged["e2e"] == data["e2e"]
     assert "&&" in merged["meta"]["command"]
 
@@ -169,12 +200,14 @@ def test_gpu_targets_arithmetic(monkeypatch):
     by = {}
     for x in t:
         by.setdefault(x["target"], []).append(x)
-    assert all(x["met"] for x in t), [x for x in t if not x["met"]]
-    assert [x["value"] for x in by["ResNet-50 step time <= 0.7x torch fused + OneCycleLR"]] == [0.6, 0.6]
-    assert [x["value"] for x in by["ResNet-50 host CPU time <= 0.5x torch fused + OneCycleLR"]] == [0.25, 0.25]
-    assert [x["value"] for x in by["5,000 small tensors <= 0.3x torch fused + scheduler"]] == [0.2, 0.2]
+    measured = [x for x in t if "bf16" not in x["case"] and "gpt2" not in x["case"]]  # (not in these rows)
+    assert all(x["met"] for x in measured), [x for x in measured if not x["met"]]
+    # fp32 measured, bf16 reported as not measured (None)
+    assert [x["value"] for x in by["ResNet-50 step time <= 0.7x torch fused + OneCycleLR"]] == [0.6, 0.6, None, None]
+    assert [x["value"] for x in by["ResNet-50 host CPU time <= 0.5x torch fused + OneCycleLR"]] == [0.25, 0.25, None, None]
+    assert [x["value"] for x in by["5,000 small tensors <= 0.3x torch fused + scheduler"]] == [0.2, 0.2, None, None]
     assert len(by["1B fp32: >= 0.90 of copy bandwidth"]) == 2
-    assert len(by["never slower than torch fused + scheduler"]) == 6
+    assert len(by["never slower than torch fused + scheduler"]) == 16  # 4 sets x 2 dtypes x 2 optimizers
     # auto must name the faster backend: make triton faster everywhere
     for r in rows:
         if r["impl"] == "ours-triton":
@@ -214,17 +247,27 @@ def test_agreement_probe_tells_right_from_wrong(algo, dtype):
         assert agreement.check(impls.Impl("ours-cpu", "ours", "on-device", impls._ours("cpu"), "cpu"),
                                algo, dtype, cpu)["agrees"] is True
 
-    def no_update(params, algo, device):
+    def no_update(params, algo, device, half_cycle=impls.HALF_CYCLE):
         return lambda: None
 
     r = agreement.check(impls.Impl("noop", "torch-fused", "OneCycleLR", no_update), algo, dtype, cpu)
     assert r["agrees"] is False and r["agreement_error"] > 0.9 and "WRONG" in r["agreement_note"]
 
-    def double_lr(params, algo, device):
+    def double_lr(params, algo, device, half_cycle=impls.HALF_CYCLE):
         opt = impls._torch_optimizer(params, algo, "foreach", lr=2 * impls.MIN_LR)
         return opt.step
 
     assert agreement.check(impls.Impl("2lr", "torch-foreach", "OneCycleLR", double_lr), algo, dtype, cpu)["agrees"] is False
+
+    # the right optimizer whose scheduler is never stepped: the probe's short
+    # cycle moves lr 10x over its steps, so a frozen schedule is caught too
+    def unscheduled(params, algo, device, half_cycle=impls.HALF_CYCLE):
+        opt = impls._torch_optimizer(params, algo, "foreach")
+        sched = impls.onecyclelr(opt, half_cycle)  # built (sets the first lr), never stepped
+        return lambda: (opt.step(), sched)
+
+    r = agreement.check(impls.Impl("frozen", "torch-foreach", "OneCycleLR", unscheduled), algo, dtype, cpu)
+    assert r["agrees"] is False and r["agreement_error"] > 0.5, r
     # compiled / graph rows are not probed, and say so
     r = agreement.check(impls.Impl("c", "torch-compiled", "OneCycleLR", no_update), algo, dtype, cpu)
     assert r["agrees"] is None and "not probed" in r["agreement_note"]
@@ -248,3 +291,271 @@ def test_targets_ignore_wrong_peers_and_fail_wrong_ours():
     g[1]["agrees"] = False
     t = [x for x in targets.evaluate("cuda", g, None) if x["case"] == "small / fp32 / sgd"]
     assert t and all(x["met"] is False for x in t)
+
+
+def test_gpu_targets_report_unmeasured_cases():
+    """Every target of issue 5 is listed for a partial run: a case, an 'ours'
+    row or the end-to-end run that is missing reads "not measured" (met None),
+    never met; and a failed row of auto's pick fails its case instead of
+    passing the targets to the next backend."""
+    rows = [_row("torch-fused+OneCycleLR", 10.0, set_name="small"), _row("ours-cuda", 2.0, set_name="small")]
+    t = targets.evaluate("cuda", rows, None)
+    cases = {x["case"] for x in t}
+    for s in ("resnet50", "gpt2", "llama1b", "small"):
+        for d in ("fp32", "bf16"):
+            for o in ("sgd", "adamw"):
+                assert f"{s} / {d} / {o}" in cases
+    names = {x["target"] for x in t}
+    assert {"1B fp32: >= 0.90 of copy bandwidth", "ResNet-50 step time <= 0.7x torch fused + OneCycleLR",
+            "ResNet-50 host CPU time <= 0.5x torch fused + OneCycleLR",
+            "end-to-end CUDA graph >= 2x eager torch + OneCycleLR (steps/s)"} <= names
+    measured = [x for x in t if x["case"] == "small / fp32 / sgd"]
+    assert [x["met"] for x in measured] == [True, True]
+    rest = [x for x in t if x["case"] != "small / fp32 / sgd" and x["case"] != "all cases"]
+    assert rest and all(x["met"] is None and "not measured" in x["detail"] for x in rest), rest
+    # auto's pick (cuda) failed: the case fails, triton's row does not stand in for it
+    rows = [_row("torch-fused+OneCycleLR", 10.0, set_name="small"),
+            dict(_row("ours-cuda", 2.0, set_name="small"), status="error", note="RuntimeError: boom"),
+            _row("ours-triton", 2.0, set_name="small")]
+    t = [x for x in targets.evaluate("cuda", rows, None) if x["case"] == "small / fp32 / sgd"]
+    assert [x["met"] for x in t] == [False, False] and "boom" in t[0]["detail"]
+    # a skipped cuda row (not built) hands the case to triton, as auto would
+    rows[1].update(status="skipped", note="backend 'cuda' not available")
+    t = [x for x in targets.evaluate("cuda", rows, None) if x["case"] == "small / fp32 / sgd"]
+    assert [x["met"] for x in t] == [True, True] and "ours-triton" in t[0]["detail"]
+
+
+class _Progress:
+    def set_postfix_str(self, *a, **k):
+        pass
+
+    def update(self, n=1):
+        pass
+
+
+@pytest.mark.parametrize("interleave", [True, False])
+def test_compiled_rows_report_recompiles_while_timed(interleave):
+    """A torch.compile row that recompiles after its warm-up says so
+    (recompiles_after_warmup, note); one that compiled only in warm-up reports 0."""
+    from benchmarks import run
+
+    def build(recompiling):
+        def b(params, algo, device, half_cycle=impls.HALF_CYCLE):
+            k = [0]
+
+            @torch.compile(backend="eager", dynamic=False)
+            def f(x, n):
+                return x * n
+
+            def step():
+                k[0] += 1
+                f(params[0].detach(), k[0] if recompiling else 1)  # a new int: a new graph each call
+            return step
+        return b
+
+    cfg = {"warmup": 2, "iters": 4, "budget": 10.0, "compiled_max_tensors": 10, "interleave": interleave}
+    shapes = [(8,)]
+    params = run.make_params(shapes, torch.float32, torch.device("cpu"))
+    for recompiling, expect in ((False, 0), (True, 1 + 4)):  # the timing's own warm-up step, 4 timed
+        torch._dynamo.reset()
+        impl = impls.Impl("torch-compiled+OneCycleLR", "torch-compiled", "OneCycleLR", build(recompiling))
+        [row] = run.bench_case("tiny", shapes, "fp32", "sgd", params, [impl], torch.device("cpu"), cfg, _Progress())
+        assert row["status"] == "ok", row
+        assert row["recompiles_after_warmup"] == expect, row
+        assert ("RECOMPILED" in row["note"]) == bool(expect), row
+    torch._dynamo.reset()
+
+
+def _gpu_session_steps():
+    """{phase: [(name, limit_s, argv)]} of tools/gpu_session.sh's `step` lines
+    (the steps before the phase switch run in both phases)."""
+    import re
+    import shlex
+
+    text = open(os.path.join(ROOT, "tools", "gpu_session.sh")).read().replace("\\\n", " ")
+    head, rest = text.split('if [ "$PHASE" = 1 ]; then', 1)
+    one, two = rest.split("\nelse\n", 1)
+    two = two.split("\nfi\n", 1)[0]
+
+    def steps(part):
+        out = []
+        for line in part.splitlines():
+            line = line.strip()
+            if re.match(r"step [a-z_]+ \d+ ", line):
+                words = shlex.split(line.replace('"$PY"', "PY").replace("$OUT", "/tmp/out"), comments=True)
+                out.append((words[1], int(words[2]), words[3:]))
+        return out
+
+    common = steps(head)
+    return {1: common + steps(one), 2: common + steps(two)}
+
+
+def test_gpu_session_commands_fit_the_cli():
+    """Every command of tools/gpu_session.sh parses with the tool it calls, names
+    existing sets, selects implementations, and each phase fits one 600 s call."""
+    from benchmarks import host_overhead, run, tune_triton
+
+    phases = _gpu_session_steps()
+    assert [n for n, _, _ in phases[1]] == ["build", "pytest_gpu", "bench"]
+    assert [n for n, _, _ in phases[2]] == ["build", "bench", "bench_compiled", "host_overhead", "tune_triton"]
+    names = [i.name for i in impls.all_impls(torch.device("cuda"))]  # the CUDA rows (built lazily: no GPU needed)
+    seen_sets = set()
+    for phase, steps in phases.items():
+        assert sum(limit for _, limit, _ in steps) <= 570, phase  # < 600 s with the start-up around them
+        for name, _, argv in steps:
+            if argv[:3] == ["PY", "-m", "benchmarks.run"]:
+                a = run.parse_args(argv[3:])
+                assert a.out == "/tmp/out/bench" and a.no_plots and a.no_progress
+                sets = run._csv(a.sets)
+                assert sets and all(s in param_sets.SETS for s in sets)
+                seen_sets.update(sets)
+                inc = run._csv(a.impls) if a.impls else None
+                exc = run._csv(a.skip_impls)
+                for sub in (inc or []) + exc:
+                    assert any(sub in n for n in names), sub
+                chosen = [n for n in names if run._selected(impls.Impl(n, "", "", None), inc, exc, None)]
+                assert chosen, (name, argv)
+                if name == "bench":
+                    assert {"ours-cuda", "ours-triton", "ours-cuda+graph", "torch-fused+OneCycleLR"} <= set(chosen)
+                    assert "torch-compiled+OneCycleLR" not in chosen
+                if name == "bench_compiled":
+                    assert chosen == ["torch-compiled+OneCycleLR"]
+            elif argv[:3] == ["PY", "-m", "benchmarks.host_overhead"]:
+                a = host_overhead.parse_args(argv[3:])
+                assert a.device == "cuda"
+            elif argv[:2] == ["PY", "benchmarks/tune_triton.py"]:
+                assert tune_triton.main(argv[2:] + ["--dry-run"]) == 0
+    # together the two phases measure every set the GPU targets need
+    assert set(targets.GPU_SETS) <= seen_sets
+
+
+def test_run_keeps_its_rows_when_cut_short_or_e2e_fails(tmp_path, monkeypatch):
+    """The GPU session runs each step under a timeout: results are written
+    after every case (marked INCOMPLETE until the end), and an end-to-end run
+    that raises is recorded as failed instead of losing the step-time rows."""
+    from benchmarks import e2e as e2e_mod, run
+
+    real = run.bench_case
+    calls = []
+
+    def cut_after_first(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as if `timeout` stopped the run here
+        return real(*a, **k)
+
+    out = tmp_path / "res"
+    argv = ["--quick", "--device", "cpu", "--sets", "tiny", "--opt", "sgd,adamw", "--dtype", "fp32",
+            "--impls", "torch-fused+OneCycleLR", "--e2e-steps", "8", "--no-progress", "--no-plots", "--out", str(out)]
+    monkeypatch.setattr(run, "bench_case", cut_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        run.main(argv)
+    data = json.loads((out / "results.json").read_text())
+    assert [(r["opt"], r["impl"], r["status"]) for r in data["rows"]] == [("sgd", "torch-fused+OneCycleLR", "ok")]
+    assert any(n.startswith("INCOMPLETE: checkpoint after 1 of 2 cases") for n in data["meta"]["notes"])
+    assert (out / "results.md").exists()
+
+    # run again into the folder, with an end-to-end run that raises
+    monkeypatch.setattr(run, "bench_case", real)
+
+    def broken(device, steps):
+        raise RuntimeError("capture failed")
+
+    monkeypatch.setattr(e2e_mod, "run", broken)
+    assert run.main(argv) == 0
+    data = json.loads((out / "results.json").read_text())
+    assert sorted((r["opt"], r["status"]) for r in data["rows"]) == [("adamw", "ok"), ("sgd", "ok")]
+    assert data["e2e"]["error"] == "RuntimeError: capture failed"
+    assert "FAILED" in (out / "results.md").read_text()
+    # the earlier (interrupted) command's note stays with its command; this one wrote no checkpoint note
+    assert sum(n.startswith("INCOMPLETE") for n in data["meta"]["notes"]) == 1
+    t = [x for x in targets.evaluate("cuda", data["rows"], data["e2e"]) if x["case"] == "e2e"]
+    assert [x["met"] for x in t] == [False] and "capture failed" in t[0]["detail"]
+    # a failed graph variant alone fails the target too
+    e2e = {"variants": {"ours-cudagraph": {"error": "RuntimeError: x"}}}
+    t = [x for x in targets.evaluate("cuda", [], e2e) if x["case"] == "e2e"]
+    assert t[0]["met"] is False and "RuntimeError: x" in t[0]["detail"]
+
+
+def test_count_launches_reads_the_profiler_and_never_reports_an_empty_trace_as_zero(monkeypatch):
+    """count_launches on CUDA (its profiler faked here: no GPU): runtime and
+    driver launch APIs (version suffixes too) and graph launches count as
+    launches, device-side events other than memcpy/memset as kernels; a trace
+    with no CUDA activity at all is 'not counted', not 0 launches."""
+    import types
+
+    from torch.autograd import DeviceType
+
+    def ev(name, dev=DeviceType.CPU):
+        return types.SimpleNamespace(name=name, device_type=dev)
+
+    traces = {
+        "full": [ev("aten::add_"), ev("cudaLaunchKernel"), ev("cuLaunchKernelEx"), ev("cudaGraphLaunch_v10000"),
+                 ev("cudaMemcpyAsync"), ev("kernel_a", DeviceType.CUDA), ev("kernel_b", DeviceType.CUDA),
+                 ev("kernel_c", DeviceType.CUDA), ev("Memcpy HtoD (Pinned -> Device)", DeviceType.CUDA)] * 3,
+        "empty": [ev("aten::add_")] * 3,
+    }
+    which = {}
+
+    class FakeProfile:
+        def __init__(self, activities):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            return False
+
+        def events(self):
+            return traces[which["t"]]
+
+    import torch.profiler
+
+    monkeypatch.setattr(torch.profiler, "profile", FakeProfile)
+    monkeypatch.setattr(measure, "sync", lambda device: None)
+    calls = []
+    which["t"] = "full"
+    r = measure.count_launches(lambda: calls.append(1), torch.device("cuda"), steps=3)
+    assert len(calls) == 3
+    assert (r["launches_per_step"], r["kernels_per_step"], r["copies_per_step"]) == (3, 3, 1)
+    which["t"] = "empty"
+    r = measure.count_launches(lambda: None, torch.device("cuda"), steps=3)
+    assert r["launches_per_step"] is None and r["kernels_per_step"] is None and "not counted" in r["launches_note"]
+
+
+def test_back_to_back_mode_frees_each_implementation_before_the_next():
+    """On CUDA (interleave off) implementations are built, timed and freed one
+    at a time: the 1B set's states (~9 GB per optimizer in fp32 AdamW) must
+    not pile up. Checked on CPU with the same code path: when an
+    implementation is built for timing, no earlier one's optimizer is alive."""
+    import weakref
+
+    from benchmarks import run
+
+    alive = []  # weakrefs to the optimizers built for timing
+    seen = []
+
+    def optimizer_of(step):
+        cands = [getattr(step, "__self__", None)] + [c.cell_contents for c in (step.__closure__ or ())]
+        return next(o for o in cands if isinstance(o, torch.optim.Optimizer))
+
+    def tracked(impl):
+        def build(params, algo, device, half_cycle=impls.HALF_CYCLE):
+            step = impl.build(params, algo, device, half_cycle)
+            if half_cycle == impls.HALF_CYCLE:  # (not the agreement probe's)
+                seen.append([impl.name, sum(r() is not None for r in alive)])
+                alive.append(weakref.ref(optimizer_of(step)))
+            return step
+        return impls.Impl(impl.name, impl.family, impl.scheduler, build, impl.backend)
+
+    chosen = [tracked(i) for i in impls.all_impls(torch.device("cpu"))
+              if i.family in ("torch-foreach", "torch-fused") or i.name in ("ours-cpu", "ours-reference")]
+    cfg = {"warmup": 2, "iters": 3, "budget": 1.0, "compiled_max_tensors": 10, "interleave": False}
+    shapes = param_sets.tiny()
+    params = run.make_params(shapes, torch.float32, torch.device("cpu"))
+    rows = run.bench_case("tiny", shapes, "fp32", "adamw", params, chosen, torch.device("cpu"), cfg, _Progress())
+    timed = [r["impl"] for r in rows if r["status"] == "ok"]
+    assert "torch-fused+OneCycleLR" in timed and len(seen) == len(timed) >= 3, (seen, rows)
+    assert all(n == 0 for _, n in seen), seen  # nothing earlier still alive at each build
+    assert all(r() is None for r in alive)
