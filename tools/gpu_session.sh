@@ -4,6 +4,7 @@
 # takes a minute or more to start). Run from the repository root on the GPU
 # machine, whose python3 already has torch, triton, ninja, nvcc and pytest:
 #
+#   bash tools/gpu_wheels.sh        # here, first: DeepSpeed's wheels into .whl/ (carry=[".whl"])
 #   bash tools/gpu_session.sh 1     # build, gpu tests, ResNet-50 + small sets, e2e   (~6-8 min)
 #   MERGE_FROM=benchmarks/results/<phase 1 folder> bash tools/gpu_session.sh 2
 #                                   # GPT-2 + 1B sets, torch.compile rows, host overhead, Triton tuning (~8 min)
@@ -27,6 +28,13 @@ if [ -n "${MERGE_FROM:-}" ]; then cp "$MERGE_FROM/results.json" "$OUT/bench/"; f
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
+# wheels the image lacks, made by tools/gpu_wheels.sh and carried as .whl
+# (DeepSpeed: the DS-OneCycle benchmark rows and its fp16 test); without them
+# those rows and tests are skipped
+if compgen -G ".whl/*.whl" > /dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/onecycle_site .whl/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/onecycle_site"
+fi
 status=0
 step() {  # step NAME TIMEOUT_S COMMAND...: run, log to $OUT/NAME.log, remember the first failure
   local name=$1 limit=$2
@@ -50,7 +58,11 @@ step build 120 "$PY" setup.py build_ext --inplace
   "$PY" -c "import torch, triton, onecycle_fused as oc, onecycle_fused.ops as ops
 print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)
 print('device', torch.cuda.get_device_name(), 'capability', torch.cuda.get_device_capability())
-print('backends', oc.available_backends(), 'cuda lib', ops.cuda_library_loaded(), 'cpu kernels', ops.cpu_capability())" 2>&1
+print('backends', oc.available_backends(), 'cuda lib', ops.cuda_library_loaded(), 'cpu kernels', ops.cpu_capability())
+try:
+    import deepspeed; print('deepspeed', deepspeed.__version__)
+except Exception as e:
+    print('deepspeed: not importable,', repr(e)[:200])" 2>&1
 } > "$OUT/env.txt"
 cat "$OUT/env.txt"
 
