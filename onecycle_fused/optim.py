@@ -424,8 +424,10 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        grad_scale = getattr(self, "grad_scale", None)
-        found_inf = getattr(self, "found_inf", None)
+        self._step(getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
+        return loss
+
+    def _step(self, grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> None:
         self._refresh_tables()
 
         devices = self._counters.keys()
@@ -433,7 +435,7 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
             devices = self._planned_step(grad_scale, found_inf)
             if not devices:
                 self._advance_mirror(found_inf)
-                return loss
+                return
 
         batches = {}
         for device in devices:
@@ -448,14 +450,23 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         # group must not leave the first ones stepped (the reference and triton
         # backends update tensor by tensor) or their state created
         i = 0
+        counters = self._counters
+        moved = False  # a parameter on a device that has no counter
         for group in self.param_groups:
             for p in group["params"]:
                 grad = p.grad
                 if grad is None:
                     without_grad.append(p)
+                    moved = moved or p.device not in counters
                 elif p.device in batches:
                     _check_grad(self, i, p, grad)
+                elif p.device not in counters:
+                    moved = True
                 i += 1
+        if moved and len(batches) == len(counters):  # (nothing was stepped through a plan)
+            self._follow_param_devices()
+            self._step(grad_scale, found_inf)  # again, on the devices the parameters are on now
+            return
         created = []  # params whose state this step created: dropped again if it fails
         stepped = set()
         try:
@@ -492,7 +503,44 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         if not torch.compiler.is_compiling() and len(batches) == len(self._counters):
             self._build_plans(batches, without_grad)
         self._advance_mirror(found_inf)
-        return loss
+
+    def _follow_param_devices(self) -> None:
+        """Counters, backends and tables for the devices the parameters are on now.
+
+        Parameters can change device after the optimizer was built: DeepSpeed's
+        fp16 / ZeRO wrappers put their flat fp32 master partitions (on the
+        GPU) into ``param_groups`` in place of the CPU parameters the client
+        optimizer was given, and code may do the same by hand. Without this,
+        their device has no counter and the step skips them without a word.
+        A new device gets a counter at the current step and a backend; a
+        device that holds no parameter any more is dropped (its counter would
+        go on advancing alone, and ``step_counter()`` would report it). The
+        dicts are changed in place (compiled steps drop or refuse attribute
+        writes on an Optimizer)."""
+        dtypes: dict[torch.device, set] = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                dtypes.setdefault(p.device, set()).add(p.dtype)
+        if not dtypes:
+            return
+        # every backend is resolved (or raises) before anything changes
+        backends = {device: _backends.resolve(self.backend, device, d) for device, d in dtypes.items()}
+        source = next(iter(self._counters.values()))
+        counters = {
+            device: self._counters[device] if device in self._counters else source.to(device, copy=True)
+            for device in dtypes
+        }
+        self._counters.clear()
+        self._counters.update(counters)
+        self._backend_for.clear()
+        self._backend_for.update(backends)
+        for device in [d for d in self._tables if d not in counters]:
+            del self._tables[device]
+        self._table_rows.rows = []  # tables for the new devices at the next step
+        self._plan.drop()
+        has_dtensors = any(isinstance(p, _DTensor) for g in self.param_groups for p in g["params"])
+        if has_dtensors != self._has_dtensors:
+            self._has_dtensors = has_dtensors
 
     # ------------------------------------------------------------------
     # step plans (step_plan.py): the lists of a list-path step, reused

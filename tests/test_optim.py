@@ -751,3 +751,25 @@ def test_duplicate_parameters_are_refused(opt_cls):
     with pytest.raises(ValueError, match="more than once"):
         opt.add_param_group({"params": [q, q]})
     assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_params_swapped_onto_another_device_are_stepped(backend):
+    """DeepSpeed's fp16 / ZeRO wrappers replace ``param_groups[i]['params']``
+    with their flat fp32 partitions, on the GPU when the client optimizer was
+    built on CPU parameters. The step must follow them there (a counter and a
+    backend for the new device), not skip them silently. Here the new device
+    is ``meta``; tests/test_cuda_backend.py checks the values on a GPU."""
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = FusedOneCycleSGD([p], backend=backend, **SCHED)
+    p.grad = torch.ones(4)
+    opt.step()
+    flat = torch.nn.Parameter(torch.ones(4, device="meta"))
+    opt.param_groups[0]["params"] = [flat]
+    flat.grad = torch.ones(4, device="meta")
+    opt.step()
+    assert opt.state[flat]["momentum_buffer"].device.type == "meta"
+    assert opt.state[flat]["step"].device.type == "meta"
+    # the CPU device holds no parameter any more: its counter is gone
+    assert list(opt._counters) == [torch.device("meta")] and opt.step_counter().device.type == "meta"
+    opt.step()  # a second step takes the list path again (or a plan), on meta

@@ -12,7 +12,7 @@ from onecycle_fused.range_test import lr_range_test, smooth_losses, suggest_lr_b
 def _oracle_losses(model, loss_fn, data, min_lr, max_lr, num_steps, opt_cls, **opt_kwargs):
     """torch.optim + deepspeed.runtime.lr_schedules.LRRangeTest, stepped as
     DeepSpeed documents it (optimizer.step(); scheduler.step())."""
-    from deepspeed.runtime.lr_schedules import LRRangeTest
+    LRRangeTest = pytest.importorskip("deepspeed.runtime.lr_schedules").LRRangeTest
 
     opt = opt_cls(model.parameters(), lr=min_lr, **opt_kwargs)
     sched = LRRangeTest(opt, lr_range_test_min_lr=min_lr, lr_range_test_step_size=1,

@@ -41,7 +41,9 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run, log to $OUT/NAME.log, remember 
   shift 2
   echo "== $name (limit ${limit}s): $*"
   local t0=$SECONDS
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  # STEP_SIGNAL=INT: pytest stops on KeyboardInterrupt and still prints the
+  # failures so far; 10 s later anything left is killed
+  timeout -s "${STEP_SIGNAL:-TERM}" -k 10 "$limit" "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
   tail -n 25 "$OUT/$name.log"
   echo "== $name: exit $rc after $((SECONDS - t0)) s"
@@ -67,8 +69,14 @@ except Exception as e:
 cat "$OUT/env.txt"
 
 if [ "$PHASE" = 1 ]; then
-  # every gpu-marked test, in one process (the Triton GPU tests compile real kernels)
-  step pytest_gpu 180 "$PY" -m pytest -q -ra -m gpu -p no:cacheprovider tests/
+  # every gpu-marked test, in one process (the Triton GPU tests compile real
+  # kernels, ~8 variants). The files that hold gpu tests (grep -l "mark.gpu\|^@gpu"
+  # tests/*.py), named so that the DeepSpeed subprocess (test_trainers, the
+  # slowest and most variable, skipped without deepspeed) runs last: cut off
+  # by the limit, it is the one lost. -v and --durations: the log says which
+  # test ran how long, for sizing the next session's limits.
+  STEP_SIGNAL=INT step pytest_gpu 180 "$PY" -m pytest -v -ra --durations=30 -m gpu -p no:cacheprovider \
+    tests/test_cuda_backend.py tests/test_triton_gpu.py tests/test_range_test.py tests/test_trainers.py
   # the step-time suite on the launch-bound and mid-size sets; compile rows in phase 2
   step bench 240 "$PY" -m benchmarks.run --no-progress --sets resnet50,small --skip-impls compiled \
     --iters 50 --budget 1 --no-plots --out "$OUT/bench" --note "tools/gpu_session.sh phase 1"
