@@ -380,7 +380,7 @@ def _gpu_session_steps():
     def steps(part):
         out = []
         for line in part.splitlines():
-            line = line.strip()
+            line = re.sub(r"^[A-Z_]+=\S+ ", "", line.strip())  # e.g. STEP_SIGNAL=INT step ...
             if re.match(r"step [a-z_]+ \d+ ", line):
                 words = shlex.split(line.replace('"$PY"', "PY").replace("$OUT", "/tmp/out"), comments=True)
                 out.append((words[1], int(words[2]), words[3:]))
@@ -420,6 +420,14 @@ def test_gpu_session_commands_fit_the_cli():
                     assert "torch-compiled+OneCycleLR" not in chosen
                 if name == "bench_compiled":
                     assert chosen == ["torch-compiled+OneCycleLR"]
+            elif argv[:3] == ["PY", "-m", "pytest"]:
+                # the test files are named (for their order): every file with a gpu test is one
+                named = {os.path.basename(a) for a in argv if a.startswith("tests/")}
+                needle = "pytest.mark." + "gpu"  # (split: this file is not one)
+                marked = {f for f in os.listdir(os.path.join(ROOT, "tests")) if f.endswith(".py")
+                          and needle in open(os.path.join(ROOT, "tests", f)).read()}
+                assert marked and marked <= named, marked - named
+                assert "-m" in argv and argv[argv.index("-m", 3) + 1] == "gpu"
             elif argv[:3] == ["PY", "-m", "benchmarks.host_overhead"]:
                 a = host_overhead.parse_args(argv[3:])
                 assert a.device == "cuda"

@@ -67,6 +67,8 @@ except Exception as e:
     print('deepspeed: not importable,', repr(e)[:200])" 2>&1
 } > "$OUT/env.txt"
 cat "$OUT/env.txt"
+# without _C_cuda the cuda tests skip rather than fail: make that a failure here
+grep -q "cuda lib True" "$OUT/env.txt" || { echo "gpu_session: _C_cuda did not load (build.log)"; status=1; }
 
 if [ "$PHASE" = 1 ]; then
   # every gpu-marked test, in one process (the Triton GPU tests compile real
