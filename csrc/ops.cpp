@@ -485,6 +485,7 @@ struct StepPlan : torch::CustomClassHolder {
                       " steps and ", group_ids_.size(), " group_ids");
     steps_ = std::move(steps);
     for (const Tensor& t : steps_) TORCH_CHECK_VALUE(t.defined(), "StepPlan: undefined step tensor");
+    if (n > 0) device_ = params_[0].device();
   }
 
   int64_t size() const { return static_cast<int64_t>(params_.size()); }
@@ -574,8 +575,10 @@ struct StepPlan : torch::CustomClassHolder {
     for (const Tensor& p : params_) {
       const Tensor& g = p.grad();
       // anything unusual goes to the list path, which raises the clear error
+      // (a param moved in place, module.cuda(), is on another device than the
+      // plan's counter and states: the list path follows it)
       if (!g.defined() || g.layout() != at::kStrided || g.scalar_type() != p.scalar_type() ||
-          g.device() != p.device() || g.sizes() != p.sizes()) {
+          g.device() != p.device() || p.device() != device_ || g.sizes() != p.sizes()) {
         return false;
       }
       grads.push_back(g);
@@ -610,6 +613,7 @@ struct StepPlan : torch::CustomClassHolder {
   std::vector<Tensor> steps_;
   std::vector<int64_t> group_ids_;
   std::vector<Tensor> watched_;
+  c10::Device device_{c10::kCPU};  // where the params were when the plan was built
 };
 
 bool step_planned(const c10::intrusive_ptr<StepPlan>& plan, const Tensor& table, const Tensor& counter,
