@@ -52,6 +52,19 @@ def _assert_same(a, b):
 BEFORE, AFTER = 8, 12  # the switch is in the cycle; the continuation crosses into decay (T = 10)
 
 
+def _deepspeed_run(make_opt, batches):
+    """A torch optimizer driven by DeepSpeed's OneCycle: BEFORE steps, a
+    checkpoint, AFTER more. Returns ((model, optimizer, scheduler) state
+    dicts at the checkpoint, the final params, the optimizer)."""
+    model = _model()
+    opt = make_opt(model.parameters())
+    sched = ds_sched.OneCycle(opt, **SCHEDULE)
+    _train(model, opt, batches[:BEFORE], sched.step)
+    saved = copy.deepcopy((model.state_dict(), opt.state_dict(), sched.state_dict()))
+    _train(model, opt, batches[BEFORE:], sched.step)
+    return saved, _params(model), opt
+
+
 @pytest.mark.parametrize("algo", ["adam", "adamw", "adamw_amsgrad"])
 def test_deepspeed_onecycle_with_adam_continues_exactly(algo):
     torch_cls = torch.optim.Adam if algo == "adam" else torch.optim.AdamW
@@ -59,14 +72,8 @@ def test_deepspeed_onecycle_with_adam_continues_exactly(algo):
     amsgrad = algo.endswith("amsgrad")
     batches = _batches(BEFORE + AFTER)
 
-    model = _model()
-    opt = torch_cls(model.parameters(), lr=1.0, weight_decay=0.05, amsgrad=amsgrad)
-    sched = ds_sched.OneCycle(opt, **SCHEDULE)
-    _train(model, opt, batches[:BEFORE], sched.step)
-    saved_model = copy.deepcopy(model.state_dict())
-    saved_opt, saved_sched = copy.deepcopy(opt.state_dict()), copy.deepcopy(sched.state_dict())
-    _train(model, opt, batches[BEFORE:], sched.step)
-    expected = _params(model)
+    (saved_model, saved_opt, saved_sched), expected, opt = _deepspeed_run(
+        lambda ps: torch_cls(ps, lr=1.0, weight_decay=0.05, amsgrad=amsgrad), batches)
     assert opt.param_groups[0]["betas"][1] == 0.99  # DeepSpeed overwrote beta2 (difference 3)
 
     resumed = _model()
@@ -88,14 +95,8 @@ def test_deepspeed_onecycle_with_sgd_continues_exactly():
     # DeepSpeed leaves SGD's momentum alone (difference 2): the fused SGD
     # reproduces that pair with cycle_momentum=False and the same momentum
     batches = _batches(BEFORE + AFTER)
-    model = _model()
-    opt = torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.9, nesterov=True, weight_decay=1e-3)
-    sched = ds_sched.OneCycle(opt, **SCHEDULE)
-    _train(model, opt, batches[:BEFORE], sched.step)
-    saved_model = copy.deepcopy(model.state_dict())
-    saved_opt, saved_sched = copy.deepcopy(opt.state_dict()), copy.deepcopy(sched.state_dict())
-    _train(model, opt, batches[BEFORE:], sched.step)
-    expected = _params(model)
+    (saved_model, saved_opt, saved_sched), expected, _ = _deepspeed_run(
+        lambda ps: torch.optim.SGD(ps, lr=1.0, momentum=0.9, nesterov=True, weight_decay=1e-3), batches)
 
     resumed = _model()
     resumed.load_state_dict(saved_model)
@@ -254,16 +255,9 @@ def test_weight_decay_kind_must_match(torch_kind, fused_cls, ok):
         except TypeError:
             pytest.skip("this torch's Adam has no decoupled_weight_decay")
     batches = _batches(BEFORE + AFTER)
-    model = _model()
-    opt = make(model.parameters())
-    sched = ds_sched.OneCycle(opt, **SCHEDULE)
-    _train(model, opt, batches[:BEFORE], sched.step)
-    if "decoupled_weight_decay" not in opt.state_dict()["param_groups"][0]:
+    (saved_model, saved_opt, saved_sched), expected, _ = _deepspeed_run(make, batches)
+    if "decoupled_weight_decay" not in saved_opt["param_groups"][0]:
         pytest.skip("this torch does not record decoupled_weight_decay")
-    saved_model = copy.deepcopy(model.state_dict())
-    saved_opt, saved_sched = copy.deepcopy(opt.state_dict()), copy.deepcopy(sched.state_dict())
-    _train(model, opt, batches[BEFORE:], sched.step)
-    expected = _params(model)
 
     resumed = _model()
     resumed.load_state_dict(saved_model)

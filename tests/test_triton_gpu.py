@@ -159,6 +159,28 @@ def test_no_host_sync():
     assert int(opt.step_counter()) == 3
 
 
+def _captured_step(cls, kw, init, first_grads):
+    """Params cloned from ``init`` with static grads, one warm-up step on a side
+    stream (state, kernels and launch table exist before capture), then one
+    ``step()`` captured: (params, optimizer, static grads, graph)."""
+    params = [torch.nn.Parameter(t.clone()) for t in init]
+    opt = cls(params, backend="triton", **kw)
+    static = [torch.zeros_like(t) for t in init]
+    for p, s in zip(params, static):
+        p.grad = s
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for s, gr in zip(static, first_grads):
+            s.copy_(gr)
+        opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    return params, opt, static, graph
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("cls,kw", [CASES[0], CASES[2]], ids=["sgd", "adam"])
 def test_cuda_graph_replay_equals_eager(cls, kw):
@@ -175,21 +197,7 @@ def test_cuda_graph_replay_equals_eager(cls, kw):
             p.grad = gr.clone()
         opt_e.step()
 
-    graphed = [torch.nn.Parameter(t.clone()) for t in init]
-    opt_g = cls(graphed, backend="triton", **kw)
-    static = [torch.zeros_like(t) for t in init]
-    for p, s in zip(graphed, static):
-        p.grad = s
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up: state, kernels and launch table exist before capture
-        for s, gr in zip(static, grads[0]):
-            s.copy_(gr)
-        opt_g.step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        opt_g.step()
+    graphed, opt_g, static, graph = _captured_step(cls, kw, init, grads[0])
     for step_grads in grads[1:]:
         for s, gr in zip(static, step_grads):
             s.copy_(gr)
@@ -216,21 +224,7 @@ def test_cuda_graph_survives_other_optimizers_launch_tables():
     grads = [[torch.randn_like(t) for t in init] for _ in range(4)]
     eager = [torch.nn.Parameter(t.clone()) for t in init]
     opt_e = FusedOneCycleSGD(eager, backend="triton", **SCHED)
-    graphed = [torch.nn.Parameter(t.clone()) for t in init]
-    opt_g = FusedOneCycleSGD(graphed, backend="triton", **SCHED)
-    static = [torch.zeros_like(t) for t in init]
-    for p, s in zip(graphed, static):
-        p.grad = s
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for s, gr in zip(static, grads[0]):
-            s.copy_(gr)
-        opt_g.step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        opt_g.step()
+    graphed, opt_g, static, graph = _captured_step(FusedOneCycleSGD, SCHED, init, grads[0])
     for i in range(tb._CACHE_ENTRIES + 2):  # other parameter sets evict the captured table from the LRU
         ps = [torch.nn.Parameter(torch.zeros(s, device="cuda")) for s in (3 + i, 9)]
         for p in ps:
