@@ -326,6 +326,16 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         Changed values are validated first, as the constructor does: a
         hyper-parameter edited in ``param_groups`` to something invalid raises
         ValueError naming it, before the step changes anything."""
+        if not torch.compiler.is_compiling():
+            for i, g in enumerate(self.param_groups):
+                if not _SCHEDULE_KEYS.isdisjoint(g):
+                    # read only at construction / add_param_group: written later, it
+                    # would be silently ignored
+                    key = sorted(_SCHEDULE_KEYS.intersection(g))[0]
+                    raise ValueError(
+                        f"param_groups[{i}][{key!r}]: schedule values in a group are read when it is added; "
+                        f"to change one now, set param_groups[{i}]['schedule']['params'][{key!r}]"
+                    )
         try:
             rows = [self._row(g) for g in self.param_groups]
         except (TypeError, ValueError):

@@ -309,6 +309,30 @@ def test_load_state_dict_takes_an_integer_step_counter(good):
     assert opt.get_last_lr() == [OneCycle(**SCHED).lr(7)]
 
 
+@pytest.mark.parametrize("key,value", [("cycle_max_lr", 0.5), ("max_lr", 0.5), ("cycle_first_step_size", 2)])
+def test_a_schedule_key_written_into_a_group_later_is_refused(key, value):
+    """Schedule keys in a group dict are read when the group is added (they
+    become its ``schedule``). Written into the group afterwards they used to
+    be silently ignored; the next step now names the key and where the value
+    goes, and nothing moves. Set there, the new value takes effect (oracle:
+    the host schedule with that value)."""
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = FusedOneCycleSGD([p], cycle_min_lr=0.01, cycle_max_lr=0.1, cycle_first_step_size=4, momentum=0.0,
+                           cycle_momentum=False)
+    p.grad = torch.ones(3)
+    opt.step()
+    opt.param_groups[0][key] = value
+    before = p.detach().clone()
+    with pytest.raises(ValueError, match=rf"param_groups\[0\]\['{key}'\].*\['schedule'\]\['params'\]"):
+        opt.step()
+    assert torch.equal(p.detach(), before) and int(opt.step_counter()) == 1
+    del opt.param_groups[0][key]
+    opt.param_groups[0]["schedule"]["params"]["cycle_max_lr"] = 0.5
+    opt.step()
+    expected = OneCycle(cycle_min_lr=0.01, cycle_max_lr=0.5, cycle_first_step_size=4).lr(1)
+    torch.testing.assert_close(p.detach(), before - expected, rtol=0, atol=1e-7)
+
+
 def test_a_group_schedule_value_must_be_a_scalar():
     """A list gives one value per group at the optimizer level; inside a group
     it has no meaning. It used to be kept: the device row took its first entry
