@@ -332,6 +332,11 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
                     # read only at construction / add_param_group: written later, it
                     # would be silently ignored
                     key = sorted(_SCHEDULE_KEYS.intersection(g))[0]
+                    if "initial_lr" in g:  # torch's OneCycleLR writes max_lr, base_momentum... and this
+                        raise ValueError(
+                            f"param_groups[{i}][{key!r}]: a torch LR scheduler was attached to this optimizer; "
+                            "the 1-Cycle schedule is computed inside step(): drop the scheduler"
+                        )
                     raise ValueError(
                         f"param_groups[{i}][{key!r}]: schedule values in a group are read when it is added; "
                         f"to change one now, set param_groups[{i}]['schedule']['params'][{key!r}]"

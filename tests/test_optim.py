@@ -333,6 +333,18 @@ def test_a_schedule_key_written_into_a_group_later_is_refused(key, value):
     torch.testing.assert_close(p.detach(), before - expected, rtol=0, atol=1e-7)
 
 
+def test_a_torch_onecyclelr_left_attached_is_named():
+    """Migrating from torch.optim + OneCycleLR and keeping the scheduler would
+    schedule twice (its writes to the lr mirror do nothing): the step says so."""
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = FusedOneCycleSGD([p], cycle_min_lr=0.01, cycle_max_lr=0.1, cycle_first_step_size=4)
+    torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=10)
+    p.grad = torch.ones(3)
+    with pytest.raises(ValueError, match="torch LR scheduler was attached"):
+        opt.step()
+    assert torch.equal(p.detach(), torch.ones(3)) and int(opt.step_counter()) == 0
+
+
 def test_a_group_schedule_value_must_be_a_scalar():
     """A list gives one value per group at the optimizer level; inside a group
     it has no meaning. It used to be kept: the device row took its first entry
