@@ -775,14 +775,17 @@ def test_params_swapped_onto_another_device_are_stepped(backend):
     opt.step()  # a second step takes the list path again (or a plan), on meta
 
 
+@pytest.mark.parametrize("skipped", [False, True], ids=["", "then_skipped"])
 @pytest.mark.parametrize("dampening", [0.0, 0.3])
 @pytest.mark.parametrize("plan", [True, False], ids=["plan", "no_plan"])
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
-def test_sgd_momentum_edited_on_later_is_used_like_torch(backend, plan, dampening):
+def test_sgd_momentum_edited_on_later_is_used_like_torch(backend, plan, dampening, skipped):
     """A constant momentum (cycle_momentum=False) of 0 makes no buffer; a
     momentum set in param_groups later must then be used, from torch's
     first-step rule (buf = grad), as torch.optim.SGD does. It used to be
-    ignored for good: the state had no buffer, so the step ran without one."""
+    ignored for good: the state had no buffer, so the step ran without one.
+    ``skipped``: GradScaler skips the step right after the edit (torch.optim
+    does not step at all then)."""
     kw = dict(SCHED, cycle_momentum=False)
     p = torch.nn.Parameter(torch.linspace(-1, 1, 9))
     q = torch.nn.Parameter(p.detach().clone())
@@ -797,6 +800,11 @@ def test_sgd_momentum_edited_on_later_is_used_like_torch(backend, plan, dampenin
         g = torch.randn(9, generator=gen)
         p.grad, q.grad = g.clone(), g.clone()
         theirs.param_groups[0]["lr"] = ours.param_groups[0]["lr"]
+        if skipped and k == 2:
+            ours.grad_scale, ours.found_inf = torch.tensor(1.0), torch.tensor(1.0)
+            ours.step()
+            del ours.grad_scale, ours.found_inf
+            continue
         ours.step()
         theirs.step()
     assert "momentum_buffer" in ours.state[p]
