@@ -895,6 +895,18 @@ class FusedOneCycleSGD(_FusedOneCycleOptimizer):
         return state
 
     def _fill_batch(self, batch, p, state, group):
+        if "momentum_buffer" not in state and self._uses_buffer(group):
+            # momentum switched on after the state was made (a constant
+            # momentum edited from 0, or cycle_momentum set in the schedule):
+            # torch makes the buffer at its first step with a momentum
+            # (buf = grad). The kernels take that rule when the count is 0,
+            # and for SGD the count serves only that rule (as
+            # load_torch_optimizer_state treats it: no buffer, count 0). This
+            # happens on the host, so also on a step GradScaler then skips
+            # (as a first step's state is made): the count stays 0 and the
+            # next applied step takes the rule, as torch's would.
+            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["step"].zero_()
         batch.momentum_buffers.append(state.get("momentum_buffer"))
 
 

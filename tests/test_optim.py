@@ -809,3 +809,40 @@ def test_params_swapped_onto_another_device_are_stepped(backend):
     # the CPU device holds no parameter any more: its counter is gone
     assert list(opt._counters) == [torch.device("meta")] and opt.step_counter().device.type == "meta"
     opt.step()  # a second step takes the list path again (or a plan), on meta
+
+
+@pytest.mark.parametrize("skipped", [False, True], ids=["", "then_skipped"])
+@pytest.mark.parametrize("dampening", [0.0, 0.3])
+@pytest.mark.parametrize("plan", [True, False], ids=["plan", "no_plan"])
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_sgd_momentum_edited_on_later_is_used_like_torch(backend, plan, dampening, skipped):
+    """A constant momentum (cycle_momentum=False) of 0 makes no buffer; a
+    momentum set in param_groups later must then be used, from torch's
+    first-step rule (buf = grad), as torch.optim.SGD does. It used to be
+    ignored for good: the state had no buffer, so the step ran without one.
+    ``skipped``: GradScaler skips the step right after the edit (torch.optim
+    does not step at all then)."""
+    kw = dict(SCHED, cycle_momentum=False)
+    p = torch.nn.Parameter(torch.linspace(-1, 1, 9))
+    q = torch.nn.Parameter(p.detach().clone())
+    ours = FusedOneCycleSGD([p], momentum=0.0, dampening=dampening, backend=backend, **kw)
+    ours._step_plan_enabled = plan
+    theirs = torch.optim.SGD([q], lr=0.1, momentum=0.0, dampening=dampening)
+    gen = torch.Generator().manual_seed(3)
+    for k in range(6):
+        if k == 2:
+            ours.param_groups[0]["momentum"] = 0.9
+            theirs.param_groups[0]["momentum"] = 0.9
+        g = torch.randn(9, generator=gen)
+        p.grad, q.grad = g.clone(), g.clone()
+        theirs.param_groups[0]["lr"] = ours.param_groups[0]["lr"]
+        if skipped and k == 2:
+            ours.grad_scale, ours.found_inf = torch.tensor(1.0), torch.tensor(1.0)
+            ours.step()
+            del ours.grad_scale, ours.found_inf
+            continue
+        ours.step()
+        theirs.step()
+    assert "momentum_buffer" in ours.state[p]
+    assert_close_ulps([p], [q])
+    assert_close_ulps([ours.state[p]["momentum_buffer"]], [theirs.state[q]["momentum_buffer"]])

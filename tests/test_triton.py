@@ -242,12 +242,37 @@ def test_sgd_zero_momentum_keeps_buffer():
 
 
 
-def test_sgd_momentum_switched_on_without_a_buffer():
+def test_sgd_momentum_row_without_a_buffer_steps_with_the_gradient():
+    """The op with a momentum row but no buffer for a tensor: the kernel must go
+    by the tensor (no buffer: step with the gradient, as the reference and the
+    CUDA kernel do); it used to take the row's word and use the placeholder
+    address, the parameter itself, as the buffer. (The optimizer no longer
+    hands the op such a case, see the next test; the op still takes it.)"""
+    tables = {}
+    for momentum in (0.0, 0.9):
+        ref = FusedOneCycleSGD([torch.nn.Parameter(torch.zeros(1, device=DEVICE))], backend="reference",
+                               **dict(SCHED, cycle_momentum=False, momentum=momentum))
+        ref._refresh_tables()
+        tables[momentum] = ref._tables[DEVICE]
+    init = init_params((5, 70))
+    grads = [g.float().to(DEVICE) for g in make_grads(1, (5, 70))[0]]
+    results = {}
+    for momentum, table in tables.items():
+        params = [t.float().to(DEVICE).clone() for t in init]
+        steps = [torch.zeros((), dtype=torch.int64, device=DEVICE) for _ in params]
+        counter = torch.zeros((), dtype=torch.int64, device=DEVICE)
+        for _ in range(3):
+            torch.ops.onecycle_fused_triton.step("sgd", params, grads, [], [], [], [0, 0], steps, [0, 0], table,
+                                                 counter, None, None)
+        results[momentum] = params
+    for x, y in zip(results[0.9], results[0.0]):
+        assert torch.equal(x, y)
+
+
+def test_sgd_momentum_switched_on_later():
     """A group made without momentum (no buffer) whose momentum is set later:
-    the row then asks for a buffer the tensors lack. The kernel must go by the
-    tensor (no buffer: step with the gradient, as the reference and the CUDA
-    kernel do); it used to take the row's word and use the placeholder
-    address, the parameter itself, as the buffer."""
+    the optimizer makes the buffer then, and triton steps like the reference
+    (and like torch.optim.SGD: tests/test_optim.py)."""
     sizes = (5, 70)
     init = init_params(sizes)
     grads = make_grads(4, sizes)
@@ -261,7 +286,7 @@ def test_sgd_momentum_switched_on_without_a_buffer():
             for p, g in zip(params, step_grads):
                 p.grad = g.float().to(DEVICE)
             opt.step()
-        assert all("momentum_buffer" not in opt.state[p] for p in params)
+        assert all("momentum_buffer" in opt.state[p] for p in params)
         out[backend] = params
     assert_ulps(out["triton"], out["reference"], ulps=4)
 
