@@ -20,6 +20,9 @@ class _CompiledBackend:
     name = ""
     device_type = ""
     dtypes: tuple[torch.dtype, ...] = ()
+    # the ops check every tensor of a call before they write any (csrc/ops.cpp
+    # Batch, csrc/cuda/tensor_table.cu): the optimizer need not check grads first
+    checks_before_writing = True
 
     def __init__(self):
         # one shared empty tensor per device stands for "no buffer"
