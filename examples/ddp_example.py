@@ -58,6 +58,7 @@ def main(argv=None):
         opt.step()
         if rank == 0 and (i % 5 == 0 or i == args.steps - 1):
             print(f"step {i:3d}  loss {loss.item():.4f}  next lr {opt.get_last_lr()[0]:.2e}")
+    dist.barrier()  # every rank done before any tears its process group down
     dist.destroy_process_group()
 
 

@@ -19,10 +19,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")
 
 
-def _run(args, cwd, timeout=300, **env):
+def _run(args, cwd, timeout=300, retry_teardown_abort=False, **env):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
         p for p in (ROOT, os.environ.get("PYTHONPATH")) if p), **env)
     proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if (retry_teardown_abort and proc.returncode != 0
+            and "terminate called without an active exception" in proc.stderr):
+        # torch's gloo process group, under torchrun, once aborted at exit in
+        # CI (1 run in ~30) after every step had run and printed: a teardown
+        # race in torch, not in the example; one more run, and only for that
+        proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
 
@@ -66,7 +72,7 @@ def test_ddp_example_with_torchrun(tmp_path, fsdp2):
     steps = 4
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
             os.path.join(EXAMPLES, "ddp_example.py"), "--steps", str(steps)] + (["--fsdp2"] if fsdp2 else [])
-    out = _run(args, tmp_path)
+    out = _run(args, tmp_path, retry_teardown_abort=True)
     sched = OneCycle(1e-4, 3e-3, cycle_first_step_size=steps // 2)
     rows = _rows(r"step +(\d+) +loss +\S+ +next lr +(\S+)", out)
     assert [int(i) for i, _ in rows] == [0, steps - 1]  # rank 0 only
