@@ -85,6 +85,10 @@ def _ptrs(tensors) -> tuple:
         return tuple(0 if t is None else t.data_ptr() for t in tensors)
 
 
+class _LayoutError(ValueError):
+    """A tensor the kernels cannot walk as it is (``conform`` makes one they can)."""
+
+
 def _dense(t: torch.Tensor) -> bool:
     """Non-overlapping and dense: the elements fill [data_ptr, data_ptr + numel)."""
     if t.is_contiguous():
@@ -153,12 +157,12 @@ class _Launcher:
                 if t.device != device or t.dtype != dtype:
                     raise ValueError(f"{what}: grad and states must be {dtype} on {device}, got {t.dtype} on {t.device}")
                 if not _same_layout(t, p):
-                    raise ValueError(
+                    raise _LayoutError(
                         f"{what}: grad and states must have the parameter's shape and memory layout, got "
                         f"strides {t.stride()} for {tuple(p.stride())}"
                     )
                 if not _dense(t):
-                    raise ValueError(f"{what}: the triton backend needs dense (non-overlapping) tensors")
+                    raise _LayoutError(f"{what}: the triton backend needs dense (non-overlapping) tensors")
                 aligned = aligned and t.data_ptr() % 16 == 0
             s = steps[i]
             if s.dtype != torch.int64 or s.numel() != 1 or s.device != device:
@@ -186,8 +190,13 @@ class _Launcher:
         c0 = n * K.T_WIDTH
         return _Launch(table, table[c0:], table[c0 + n_chunks * K.C_WIDTH:], n, n_chunks, aligned)
 
-    def _launch_table(self, algo, dtype, device, params, grads, states, steps, group_ids) -> _Launch:
+    def _launch_table(self, algo, dtype, device, params, grads, states, steps, group_ids, cache=True) -> _Launch:
         chunk = self.config[dtype].chunk
+        if not cache:
+            # tensors that live for one step (conform's copies): a table kept
+            # under their addresses could later be hit by other tensors at the
+            # same addresses without the layout check a build makes
+            return self._build(algo, dtype, device, chunk, params, grads, states, steps, group_ids)
         # the key costs ~0.12 us per address (map over the unbound method is
         # the cheapest way to read them); states are in it because a loaded
         # checkpoint replaces them while params and grads stay put
@@ -209,7 +218,8 @@ class _Launcher:
         return launch
 
     # -- the step ---------------------------------------------------------
-    def run(self, algo, params, grads, state1, state2, state3, steps, group_ids, table, counter, grad_scale, found_inf):
+    def run(self, algo, params, grads, state1, state2, state3, steps, group_ids, table, counter, grad_scale, found_inf,
+            cache=True):
         if algo not in _KERNELS:
             raise ValueError(f"algo must be one of {tuple(_KERNELS)}, got {algo!r}")
         device = counter.device
@@ -237,7 +247,7 @@ class _Launcher:
                 K.advance_kernel[(1,)](counter, found_inf if has_inf else counter, HAS_INF=has_inf)
                 return
             # every bucket's table first: one that raises must not leave others stepped
-            launches = [self._launch_table(algo, dtype, device, ps, gs, states, ss, gids)
+            launches = [self._launch_table(algo, dtype, device, ps, gs, states, ss, gids, cache)
                         for dtype, (ps, gs, states, ss, gids) in buckets.items()]
             last = len(buckets) - 1
             for b, (dtype, (ps, gs, states, ss, gids)) in enumerate(buckets.items()):
@@ -379,14 +389,23 @@ class TritonBackend:
             raise ValueError(f"batch.algo must be one of 'sgd', 'adam', 'adamw', got {batch.algo!r}")
         if any(len(s) != n for s in states) or len(batch.grads) != n or len(batch.steps) != n or len(batch.group_ids) != n:
             raise ValueError("batch lists (params, grads, steps, group_ids, states) must have equal lengths")
-        params, grads, states, writebacks = conform(batch.params, batch.grads, states)
         rest = (batch.steps, list(batch.group_ids), batch.table, batch.counter, batch.grad_scale, batch.found_inf)
         if torch.compiler.is_compiling():
+            params, grads, states, writebacks = conform(batch.params, batch.grads, states)
             present, packed = pack_states(*states)
             torch.ops.onecycle_fused_triton.step(batch.algo, params, grads, *packed, present, *rest)
         else:
-            # eager: skip the dispatcher's per-call cost, same code underneath
-            _launcher.run(batch.algo, params, grads, *states, *rest)
+            # eager: skip the dispatcher's per-call cost, same code underneath.
+            # Layouts are checked where a launch table is built, not every step
+            # (conform costs ~4.7 us a tensor on the host): only a step whose
+            # tensors the kernels cannot walk goes through copies. Nothing has
+            # been launched when the table build raises.
+            params, grads, writebacks = batch.params, batch.grads, ()
+            try:
+                _launcher.run(batch.algo, params, grads, *states, *rest)
+            except _LayoutError:
+                params, grads, states, writebacks = conform(params, grads, states)
+                _launcher.run(batch.algo, params, grads, *states, *rest, cache=False)
         for dst, src in writebacks:  # (a skipped step wrote nothing: this copies the same values back)
             dst.copy_(src)
 
