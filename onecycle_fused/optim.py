@@ -120,7 +120,7 @@ _STRIDED = torch.strided
 def _check_grad(opt, i: int, p: torch.Tensor, grad: torch.Tensor) -> None:
     """Refuse a grad the update cannot use, before the step changes anything
     (``i``: the parameter's position over all groups, as the ops count)."""
-    if grad.layout != torch.strided:
+    if grad.layout != _STRIDED:
         raise RuntimeError(f"{type(opt).__name__} does not support sparse gradients (got layout {grad.layout})")
     if grad.shape != p.shape or grad.dtype != p.dtype or grad.device != p.device:
         raise ValueError(
@@ -477,25 +477,23 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         created = []  # params whose state this step created: dropped again if it fails
         stepped = set()
         try:
-            i = 0
+            i = -1  # the parameter's position over all groups, as the ops count
             for gid, group in enumerate(self.param_groups):
                 for p in group["params"]:
+                    i += 1
                     grad = p.grad
-                    if grad is None:
-                        without_grad.append(p)
-                        moved = moved or p.device not in counters
-                        i += 1
-                        continue
                     batch = batches.get(p.device)
                     if batch is None:  # its device already stepped through its plan, or it moved
                         moved = moved or p.device not in counters
-                        i += 1
+                    if grad is None:
+                        without_grad.append(p)
                         continue
-                    if check:
+                    if batch is None:
+                        continue
+                    # sparse grads are named here for every backend (an op would
+                    # name its dispatch key, not the problem)
+                    if check or grad.layout != _STRIDED:
                         _check_grad(self, i, p, grad)
-                    elif grad.layout != _STRIDED:  # (the op would name its dispatch key, not the problem)
-                        _check_grad(self, i, p, grad)
-                    i += 1
                     state = self.state[p]
                     if len(state) == 0:
                         created.append(p)
