@@ -54,6 +54,10 @@ class Row:
     MAXIMIZE = 17
     BETA2 = 18
     EPS = 19
+    # AMSGRAD and HAS_MOMENTUM_BUFFER are read by no kernel (whether a tensor
+    # has max_exp_avg_sq / a momentum buffer is per tensor): they are in the
+    # row so that switching them changes it, which rebuilds the tables and
+    # drops step plans (whose state lists must then grow)
     AMSGRAD = 20
     DECOUPLED = 21  # AdamW's decoupled weight decay
     HAS_MOMENTUM_BUFFER = 22  # SGD: 0 when the group never uses momentum
