@@ -26,10 +26,11 @@ With another schedule only the position and the optimizer state are taken.
 from __future__ import annotations
 
 import copy
-import operator
 from typing import Any, Mapping, Optional
 
 import torch
+
+from .schedule import _as_int
 
 __all__ = ["load_torch_optimizer_state", "schedule_position"]
 
@@ -39,22 +40,13 @@ _SGD_KEYS = ("weight_decay", "dampening", "nesterov", "maximize")
 _ADAM_KEYS = ("weight_decay", "eps", "amsgrad", "maximize")
 
 
-def _integer(name: str, value: Any) -> int:
-    """``value`` as an int: any integer (Python, numpy, a one-element integer
-    tensor) or an integral float (a checkpoint written through JSON); a bool,
-    a fractional float or anything else is a ValueError naming ``name``."""
+def _integer(name: str, value: Any, minimum: int) -> int:
+    """``value`` as an int >= ``minimum``, by the schedules' rule (any integer,
+    numpy's too, or an integral float: a checkpoint written through JSON),
+    also from a one-element tensor; otherwise a ValueError naming ``name``."""
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_complex:
         value = value.item()
-    if not isinstance(value, bool):
-        if isinstance(value, float):  # numpy's float64 too
-            if value.is_integer():
-                return int(value)
-        else:
-            try:
-                return operator.index(value)
-            except TypeError:
-                pass
-    raise ValueError(f"{name} must be an integer, got {value!r}")
+    return _as_int(name, value, minimum)
 
 
 def schedule_position(scheduler: Any) -> int:
@@ -67,14 +59,10 @@ def schedule_position(scheduler: Any) -> int:
     if not isinstance(state, Mapping):
         raise ValueError(f"scheduler must be a scheduler or its state_dict, got {type(scheduler).__name__}")
     if "last_batch_iteration" in state:
-        k = _integer("last_batch_iteration", state["last_batch_iteration"]) + 1
-    elif "last_epoch" in state:
-        k = _integer("last_epoch", state["last_epoch"])
-    else:
-        raise ValueError("scheduler state has neither 'last_batch_iteration' (DeepSpeed) nor 'last_epoch' (torch)")
-    if k < 0:
-        raise ValueError(f"scheduler position must be >= 0 steps, got {k}")
-    return k
+        return _integer("last_batch_iteration", state["last_batch_iteration"], -1) + 1
+    if "last_epoch" in state:
+        return _integer("last_epoch", state["last_epoch"], 0)
+    raise ValueError("scheduler state has neither 'last_batch_iteration' (DeepSpeed) nor 'last_epoch' (torch)")
 
 
 def load_torch_optimizer_state(
@@ -138,9 +126,7 @@ def load_torch_optimizer_state(
     if step is not None:
         if isinstance(step, bool) or isinstance(step, float):
             raise ValueError(f"step must be an integer >= 0, got {step!r}")
-        position = _integer("step", step)  # numpy / tensor integers too, as set_step takes
-        if position < 0:
-            raise ValueError(f"step must be an integer >= 0, got {step!r}")
+        position = _integer("step", step, 0)  # numpy / tensor integers too, as set_step takes
     elif scheduler is not None:
         position = schedule_position(scheduler)
     else:
