@@ -53,6 +53,13 @@ def _local(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return t.to_local() if isinstance(t, _DTensor) else t
 
 
+def _real(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A complex tensor as its real view (``[..., 2]``: real and imaginary
+    parts), else ``t``. torch.optim steps complex parameters this way: every
+    hyper-parameter is real, so the update acts on each part alone."""
+    return torch.view_as_real(t) if t is not None and t.is_complex() else t
+
+
 _ONECYCLE_KEYS = tuple(OneCycle(0.0, 0.0).params())
 _RANGETEST_KEYS = tuple(LRRangeTest().params())
 _TORCH_ONECYCLE_KEYS = tuple(TorchOneCycle(0.0, total_steps=1).params())
@@ -474,6 +481,7 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         )
         counters = self._counters
         moved = False  # a parameter on a device that has no counter
+        has_complex = False  # then the backends get real views, and no plan is built
         created = []  # params whose state this step created: dropped again if it fails
         stepped = set()
         try:
@@ -492,8 +500,10 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
                         continue
                     # sparse grads are named here for every backend (an op would
                     # name its dispatch key, not the problem)
-                    if check or grad.layout != _STRIDED:
+                    cplx = p.is_complex()
+                    if check or cplx or grad.layout != _STRIDED:
                         _check_grad(self, i, p, grad)
+                    has_complex = has_complex or cplx
                     state = self.state[p]
                     if len(state) == 0:
                         created.append(p)
@@ -516,6 +526,9 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
                     # backends see plain tensors: DTensors are stepped shard by shard
                     for name in _BATCH_TENSOR_LISTS:
                         setattr(batch, name, [_local(t) for t in getattr(batch, name)])
+                if has_complex:
+                    for name in _BATCH_TENSOR_LISTS:
+                        setattr(batch, name, [_real(t) for t in getattr(batch, name)])
                 self._backend_for[device].step(batch)
                 stepped.add(device)
         except BaseException:
@@ -523,7 +536,8 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
                 if p.device not in stepped:
                     self.state.pop(p, None)
             raise
-        if not torch.compiler.is_compiling() and len(batches) == len(self._counters):
+        # (a plan's C++ side reads p.grad of the tensors it holds: not of real views)
+        if not torch.compiler.is_compiling() and len(batches) == len(self._counters) and not has_complex:
             self._build_plans(batches, without_grad)
         self._advance_mirror(found_inf)
 

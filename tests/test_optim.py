@@ -18,17 +18,24 @@ SCHED = dict(cycle_min_lr=0.01, cycle_max_lr=0.1, cycle_first_step_size=30, cycl
 STEPS = 120  # covers rising, falling (stairs) and decay phases
 
 
+def _randn(shape, generator, dtype):
+    """Normal values in float64 (complex128), rounded to ``dtype``."""
+    return torch.randn(shape, generator=generator,
+                       dtype=torch.complex128 if dtype.is_complex else torch.float64).to(dtype)
+
+
 def make_params(shapes=((7, 3), (11,), (1,), (2, 3, 5)), seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(s, generator=g, dtype=torch.float64).to(dtype) for s in shapes]
+    return [_randn(s, g, dtype) for s in shapes]
 
 
-def drive_pair(ours_cls, torch_cls, ours_kw, torch_kw, steps=STEPS, dtype=torch.float32, skip_grad=None):
+def drive_pair(ours_cls, torch_cls, ours_kw, torch_kw, steps=STEPS, dtype=torch.float32, skip_grad=None,
+               backend="reference"):
     """Run ours and torch.optim side by side; torch gets lr / momentum from our schedule."""
     init = make_params(dtype=dtype)
     a = [torch.nn.Parameter(t.clone()) for t in init]
     b = [torch.nn.Parameter(t.clone()) for t in init]
-    ours = ours_cls(a, backend="reference", **ours_kw)
+    ours = ours_cls(a, backend=backend, **ours_kw)
     ref = torch_cls(b, lr=0.1, **torch_kw)
     sched = ours.schedule
     gen = torch.Generator().manual_seed(1)
@@ -37,7 +44,7 @@ def drive_pair(ours_cls, torch_cls, ours_kw, torch_kw, steps=STEPS, dtype=torch.
             if skip_grad is not None and skip_grad(k, i):
                 pa.grad = pb.grad = None
                 continue
-            g = torch.randn(pa.shape, generator=gen, dtype=torch.float64).to(dtype)
+            g = _randn(pa.shape, gen, dtype)
             pa.grad, pb.grad = g.clone(), g.clone()
         for group in ref.param_groups:
             group["lr"] = sched.lr(k)
@@ -94,6 +101,51 @@ def test_adam_matches_torch(pair, opts):
     a, b, _ = drive_pair(*pair, {**SCHED, **opts, "betas": (0.9, 0.99), "eps": 1e-6},
                          dict(betas=(0.9, 0.99), eps=1e-6, **opts))
     assert_close_ulps(a, b)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])
+@pytest.mark.parametrize("ours_cls, torch_cls, kw", [
+    (FusedOneCycleSGD, torch.optim.SGD, dict(weight_decay=0.01, nesterov=True)),
+    (FusedOneCycleSGD, torch.optim.SGD, dict(dampening=0.3, maximize=True)),
+    (FusedOneCycleAdam, torch.optim.Adam, dict(weight_decay=0.05, amsgrad=True)),
+    (FusedOneCycleAdamW, torch.optim.AdamW, dict(weight_decay=0.05, maximize=True)),
+], ids=["sgd-nesterov", "sgd-dampening", "adam-amsgrad", "adamw"])
+def test_complex_parameters_step_like_torch(ours_cls, torch_cls, kw, dtype, backend):
+    """torch.optim steps a complex parameter as its real view: each part on
+    its own (Adam's second moment per part, not |g|^2). So do we, and the
+    state stays complex, as torch's is. Also a real parameter in the same
+    group, so one step holds both."""
+    extra = {} if ours_cls is not FusedOneCycleSGD else dict(momentum=0.9)
+    a, b, ours = drive_pair(ours_cls, torch_cls, {**SCHED, **kw}, dict(kw, **extra), steps=40, dtype=dtype,
+                            backend=backend)
+    moved = [not torch.equal(x, y) for x, y in zip(a, make_params(dtype=dtype))]
+    assert all(moved)
+    assert all(v.dtype == dtype for s in ours.state.values() for k, v in s.items() if k != "step")
+    # (as for real parameters: torch's foreach kernels round a few ulps differently)
+    assert_close_ulps([torch.view_as_real(x) for x in a], [torch.view_as_real(y) for y in b])
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_complex_and_real_parameters_in_one_step(backend):
+    """A complex and a real parameter of the same precision go to one
+    backend call: both step, each as torch.optim.SGD steps it."""
+    init = [_randn((5, 3), torch.Generator().manual_seed(0), torch.complex64),
+            _randn((4,), torch.Generator().manual_seed(1), torch.float32)]
+    a = [torch.nn.Parameter(t.clone()) for t in init]
+    b = [torch.nn.Parameter(t.clone()) for t in init]
+    ours = FusedOneCycleSGD(a, backend=backend, **SCHED)
+    ref = torch.optim.SGD(b, lr=0.1, momentum=0.9)
+    gen = torch.Generator().manual_seed(2)
+    for k in range(6):
+        for pa, pb in zip(a, b):
+            pa.grad = _randn(pa.shape, gen, pa.dtype)
+            pb.grad = pa.grad.clone()
+        ref.param_groups[0].update(lr=ours.schedule.lr(k), momentum=ours.schedule.momentum(k))
+        ours.step()
+        ref.step()
+    assert not torch.equal(a[0], init[0]) and not torch.equal(a[1], init[1])
+    assert_close_ulps([torch.view_as_real(a[0]), a[1]], [torch.view_as_real(b[0]), b[1]])
 
 
 def test_adam_constant_beta1_with_range_test():
@@ -442,6 +494,43 @@ def test_grad_scale_divides_gradients():
         scaler.step(o2)
         scaler.update()
     for a, b in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)  # power-of-two scale: exact up to rounding
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("opt_cls", [FusedOneCycleSGD, FusedOneCycleAdamW])
+def test_unscale_then_clip_then_step(opt_cls, backend):
+    """The gradient-clipping recipe: scaler.unscale_(opt), clip, scaler.step(opt).
+    GradScaler then hands no scale to the step (the grads are unscaled
+    already), only the inf flag: the run equals one without a scaler whose
+    poisoned step is skipped by hand, and the skip does not count."""
+    def train(use_scaler):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(6, 3)
+        opt = opt_cls(model.parameters(), backend=backend, **SCHED)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+        for i in range(8):
+            x = torch.randn(16, 6)
+            opt.zero_grad()
+            loss = model(x).square().mean() * (float("inf") if i == 3 else 1.0)
+            if use_scaler:
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                if i == 3:
+                    continue
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+                opt.step()
+        return [p.detach() for p in model.parameters()], int(opt.step_counter())
+
+    scaled, k_scaled = train(True)
+    plain, k_plain = train(False)
+    assert k_scaled == k_plain == 7
+    for a, b in zip(scaled, plain):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)  # power-of-two scale: exact up to rounding
 
 

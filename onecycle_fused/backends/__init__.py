@@ -125,7 +125,8 @@ def resolve(name: str, device: torch.device, dtypes) -> Backend:
     One backend serves a whole device so that the step counter advances once.
     Raises ValueError if ``name`` cannot serve them.
     """
-    dtypes = set(dtypes)
+    # complex parameters reach the backends as real views (optim.py's _real)
+    dtypes = {d.to_real() for d in dtypes}
 
     def serves(b):
         return b is not None and b.available() and all(b.supports(device, d) for d in dtypes)
