@@ -53,11 +53,19 @@ def _local(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return t.to_local() if isinstance(t, _DTensor) else t
 
 
+_REAL_OF = {torch.complex32: torch.float16, torch.complex64: torch.float32, torch.complex128: torch.float64}
+
+
 def _real(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """A complex tensor as its real view (``[..., 2]``: real and imaginary
+    """A complex tensor as its real view ``[..., 2]`` (real and imaginary
     parts), else ``t``. torch.optim steps complex parameters this way: every
-    hyper-parameter is real, so the update acts on each part alone."""
-    return torch.view_as_real(t) if t is not None and t.is_complex() else t
+    hyper-parameter is real, so the update acts on each part alone. Built as
+    a dtype view of a unit last dim, which is ``view_as_real`` for any
+    strides: inductor fails on ``view_as_real`` of a mutated custom-op input
+    (torch 2.13: "auto_functionalized_v2 was not removed")."""
+    if t is None or not t.is_complex():
+        return t
+    return t.unsqueeze(-1).view(_REAL_OF[t.dtype])
 
 
 _ONECYCLE_KEYS = tuple(OneCycle(0.0, 0.0).params())

@@ -127,3 +127,34 @@ def test_compiled_train_step_with_backward(name):
             assert torch.isfinite(loss)
             lrs.append(opt.get_last_lr())
     _check(model, lrs, opt, expected)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="onecycle_fused._C is not built")
+def test_compiled_step_with_complex_params():
+    """Complex parameters (a transposed one too) compiled: the real views
+    are built inside the graph; results equal torch.optim.AdamW's eager
+    step, which also steps complex parameters as real views."""
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(0)
+    init = [torch.randn(4, 3, generator=gen, dtype=torch.complex64), torch.randn(5, generator=gen)]
+    ours = [torch.nn.Parameter(init[0].t().clone().t()), torch.nn.Parameter(init[1].clone())]  # [0]: strides (1, 4)
+    theirs = [torch.nn.Parameter(t.clone()) for t in init]
+    opt = FusedOneCycleAdamW(ours, **SCHEDULE, backend="cpu")
+    ref = torch.optim.AdamW(theirs, lr=0.1)
+
+    @torch.compile(fullgraph=True)
+    def opt_step():
+        opt.step()
+
+    with _no_recompile_storm():
+        for k in range(STEPS):
+            for p, q in zip(ours, theirs):
+                q.grad = torch.randn(q.shape, generator=gen, dtype=q.dtype)
+                p.grad = q.grad.clone()
+            ref.param_groups[0].update(lr=opt.schedule.lr(k), betas=(opt.schedule.momentum(k), 0.999))
+            opt_step()
+            ref.step()
+    for p, q, start in zip(ours, theirs, init):
+        assert not torch.equal(p.detach(), start)
+        torch.testing.assert_close(p.detach(), q.detach())
+    assert opt.step_counter().item() == STEPS
