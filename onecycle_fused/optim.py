@@ -256,6 +256,12 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
                 "the ordering of tensors in sets will change between runs. Please use a list instead."
             )
         params = [params] if isinstance(params, torch.Tensor) else list(params)
+        named = [isinstance(p, tuple) for p in params]
+        if any(named):  # model.named_parameters(), as torch.optim takes it
+            if not all(named):
+                raise ValueError("all optimizer params should be with/without names. Some param names are missing")
+            group["param_names"] = [name for name, _ in params]
+            params = [p for _, p in params]
         if len(set(map(id, params))) != len(params):
             # torch only warns ("in future, this will cause an error"); a fused
             # step would update the tensor twice, differently per backend
