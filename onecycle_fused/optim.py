@@ -797,7 +797,11 @@ def _is_default(name: str, value) -> bool:
 def _build_schedule(schedule, cycle_min_lr, cycle_max_lr, **kw) -> _Schedule:
     if schedule is not None:
         if cycle_min_lr is not None or cycle_max_lr is not None:
-            raise ValueError("give either schedule= or the OneCycle keyword arguments, not both")
+            given = [n for n, v in (("cycle_min_lr", cycle_min_lr), ("cycle_max_lr", cycle_max_lr)) if v is not None]
+            raise ValueError(
+                f"{', '.join(given)} given together with schedule=: give either schedule= or the "
+                "OneCycle keyword arguments, not both"
+            )
         # the other OneCycle keywords cannot apply either: one set to anything
         # but its default would be silently dropped (e.g. cycle_momentum=False
         # next to schedule=TorchOneCycle(...) would keep cycling momentum)

@@ -632,6 +632,8 @@ def test_schedule_argument_and_keywords_conflict():
     p = torch.nn.Parameter(torch.randn(2))
     with pytest.raises(ValueError, match="schedule"):
         FusedOneCycleSGD([p], cycle_min_lr=0.1, cycle_max_lr=1.0, schedule=LRRangeTest())
+    with pytest.raises(ValueError, match="^cycle_max_lr given together with schedule="):  # names it
+        FusedOneCycleSGD([p], cycle_max_lr=1.0, schedule=LRRangeTest())
     with pytest.raises(ValueError, match="cycle_min_lr"):
         FusedOneCycleSGD([p])
     opt = FusedOneCycleSGD([p], schedule={"type": "LRRangeTest", "params": {"lr_range_test_min_lr": 0.5}})
