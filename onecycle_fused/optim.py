@@ -264,6 +264,12 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
                 "the ordering of tensors in sets will change between runs. Please use a list instead."
             )
         params = [params] if isinstance(params, torch.Tensor) else list(params)
+        named = [isinstance(p, tuple) for p in params]
+        if any(named):  # model.named_parameters(), as torch.optim takes it
+            if not all(named):
+                raise ValueError("all optimizer params should be with/without names. Some param names are missing")
+            group["param_names"] = [name for name, _ in params]
+            params = [p for _, p in params]
         if len(set(map(id, params))) != len(params):
             # torch only warns ("in future, this will cause an error"); a fused
             # step would update the tensor twice, differently per backend
@@ -799,7 +805,11 @@ def _is_default(name: str, value) -> bool:
 def _build_schedule(schedule, cycle_min_lr, cycle_max_lr, **kw) -> _Schedule:
     if schedule is not None:
         if cycle_min_lr is not None or cycle_max_lr is not None:
-            raise ValueError("give either schedule= or the OneCycle keyword arguments, not both")
+            given = [n for n, v in (("cycle_min_lr", cycle_min_lr), ("cycle_max_lr", cycle_max_lr)) if v is not None]
+            raise ValueError(
+                f"{', '.join(given)} given together with schedule=: give either schedule= or the "
+                "OneCycle keyword arguments, not both"
+            )
         # the other OneCycle keywords cannot apply either: one set to anything
         # but its default would be silently dropped (e.g. cycle_momentum=False
         # next to schedule=TorchOneCycle(...) would keep cycling momentum)

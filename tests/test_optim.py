@@ -632,6 +632,8 @@ def test_schedule_argument_and_keywords_conflict():
     p = torch.nn.Parameter(torch.randn(2))
     with pytest.raises(ValueError, match="schedule"):
         FusedOneCycleSGD([p], cycle_min_lr=0.1, cycle_max_lr=1.0, schedule=LRRangeTest())
+    with pytest.raises(ValueError, match="^cycle_max_lr given together with schedule="):  # names it
+        FusedOneCycleSGD([p], cycle_max_lr=1.0, schedule=LRRangeTest())
     with pytest.raises(ValueError, match="cycle_min_lr"):
         FusedOneCycleSGD([p])
     opt = FusedOneCycleSGD([p], schedule={"type": "LRRangeTest", "params": {"lr_range_test_min_lr": 0.5}})
@@ -807,6 +809,40 @@ def test_param_group_given_as_a_set_is_refused_like_torch():
     with pytest.raises(TypeError, match="ordered collections"):
         opt.add_param_group({"params": {q}})
     assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("ours_cls, torch_cls, kw", [
+    (FusedOneCycleSGD, torch.optim.SGD, dict(momentum=0.9, nesterov=True, weight_decay=0.01)),
+    (FusedOneCycleAdamW, torch.optim.AdamW, dict(weight_decay=0.01)),
+], ids=["sgd", "adamw"])
+def test_named_parameters_are_taken_like_torch(ours_cls, torch_cls, kw):
+    """torch.optim takes model.named_parameters() (the names go to
+    'param_names'); a fused optimizer failed on the (name, tensor) tuples."""
+    from torch.optim.lr_scheduler import OneCycleLR
+
+    def model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2))
+
+    m_ref, m = model(), model()
+    ref = torch_cls(m_ref.named_parameters(), lr=0.1, **kw)
+    sched = OneCycleLR(ref, max_lr=0.05, total_steps=8)
+    ours = ours_cls(m.named_parameters(), schedule=TorchOneCycle(max_lr=0.05, total_steps=8), **kw)
+    assert ours.param_groups[0]["param_names"] == ref.param_groups[0]["param_names"]
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(1))
+    for _ in range(6):
+        for net, opt in ((m_ref, ref), (m, ours)):
+            opt.zero_grad()
+            net(x).square().sum().backward()
+            opt.step()
+        sched.step()
+    assert_close_ulps(list(m.parameters()), list(m_ref.parameters()))
+    assert ours.state_dict()["param_groups"][0]["param_names"] == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    with pytest.raises(ValueError, match="names"):
+        ours.add_param_group({"params": [("w", torch.nn.Parameter(torch.zeros(2))), torch.nn.Parameter(torch.zeros(2))]})
+    with pytest.raises(ValueError, match="names"):
+        ours.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))]})
+    assert len(ours.param_groups) == 1
 
 
 # ---- hooks, as torch.optim runs them
