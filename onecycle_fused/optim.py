@@ -275,6 +275,14 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
             # step would update the tensor twice, differently per backend
             raise ValueError("a parameter group holds the same parameter more than once")
         group["params"] = params
+        if "lr" in group and "schedule" not in group:
+            # (a group copied from param_groups carries its schedule and the
+            # lr mirror: that one is taken as it is)
+            raise ValueError(
+                f"param group {len(self.param_groups)}: 'lr' is set by the 1-Cycle schedule at every step and "
+                "would be ignored; give the group its own schedule values instead, e.g. 'cycle_min_lr' and "
+                "'cycle_max_lr' ('max_lr' with TorchOneCycle)"
+            )
         # everything is validated before anything is added
         group["schedule"] = self._group_schedule(group, len(self.param_groups))
         for k, v in self.defaults.items():

@@ -673,6 +673,30 @@ def test_bad_group_leaves_optimizer_unchanged():
         assert len(opt.param_groups) == 1
 
 
+@pytest.mark.parametrize("where", ["constructor", "add_param_group"])
+def test_a_group_lr_is_refused_not_ignored(where):
+    """torch code often gives a group its own 'lr'. Here the schedule sets
+    every group's lr at every step, so such a value would be dropped without
+    a word: refused, naming 'lr'. A group copied from param_groups (which
+    carries its schedule and the lr mirror) is taken, and steps on its own
+    schedule."""
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    if where == "constructor":
+        with pytest.raises(ValueError, match="'lr' is set by the 1-Cycle schedule"):
+            FusedOneCycleSGD([{"params": [a]}, {"params": [b], "lr": 1e-3}], **SCHED)
+        return
+    opt = FusedOneCycleSGD([{"params": [a], "cycle_max_lr": 0.5}], **SCHED)
+    with pytest.raises(ValueError, match="param group 1: 'lr'"):
+        opt.add_param_group({"params": [b], "lr": 1e-3})
+    assert len(opt.param_groups) == 1
+    opt.add_param_group(dict(opt.param_groups[0], params=[b]))  # a copy: its own schedule, cycle_max_lr 0.5
+    a.grad, b.grad = torch.ones(2), torch.ones(2)
+    for _ in range(3):
+        opt.step()
+    assert torch.equal(a, b)
+    assert opt.param_groups[1]["schedule"]["params"]["cycle_max_lr"] == 0.5
+
+
 def test_sparse_gradients_are_refused():
     p = torch.nn.Parameter(torch.randn(4, 2))
     opt = FusedOneCycleSGD([p], cycle_min_lr=0.01, cycle_max_lr=0.1)
