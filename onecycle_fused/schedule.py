@@ -629,6 +629,9 @@ class TorchOneCycle(_Schedule):
 
 
 _TYPES = {cls.type_name: cls for cls in (OneCycle, LRRangeTest, TorchOneCycle)}
+# DeepSpeed's engine falls back to torch.optim.lr_scheduler for a type it
+# does not have, so a DeepSpeed config may name torch's class
+_TORCH_NAMES = {"OneCycleLR": TorchOneCycle.type_name}
 
 
 def schedule_from_config(config: str | os.PathLike | Mapping[str, Any]) -> OneCycle | LRRangeTest | TorchOneCycle:
@@ -638,7 +641,8 @@ def schedule_from_config(config: str | os.PathLike | Mapping[str, Any]) -> OneCy
     ``{"scheduler": {"type": "OneCycle" | "LRRangeTest", "params": {...}}}``;
     the inner ``{"type": ..., "params": ...}`` alone is accepted too. The type
     ``"TorchOneCycle"`` (not DeepSpeed's; what ``TorchOneCycle.config()``
-    writes) is accepted as well.
+    writes) is accepted as well, and so is ``"OneCycleLR"`` with torch's
+    parameters: DeepSpeed takes a ``torch.optim.lr_scheduler`` name there.
     """
     if isinstance(config, (str, os.PathLike)):
         with open(config) as f:
@@ -652,8 +656,8 @@ def schedule_from_config(config: str | os.PathLike | Mapping[str, Any]) -> OneCy
     if not isinstance(sched, Mapping) or "type" not in sched:
         raise ValueError('config has no "scheduler": {"type": ..., "params": ...} entry')
     kind = sched["type"]
-    if not isinstance(kind, str) or kind not in _TYPES:
-        raise ValueError(f"scheduler type must be one of {sorted(_TYPES)}, got {kind!r}")
+    if not isinstance(kind, str) or (kind not in _TYPES and kind not in _TORCH_NAMES):
+        raise ValueError(f"scheduler type must be one of {sorted(_TYPES) + sorted(_TORCH_NAMES)}, got {kind!r}")
     params = sched.get("params")
     if params is None:
         params = {}
@@ -662,14 +666,14 @@ def schedule_from_config(config: str | os.PathLike | Mapping[str, Any]) -> OneCy
     params = dict(params)
     # DeepSpeed's resume position is not part of the schedule's shape; a fresh
     # start (-1) is accepted, anything else must come from a checkpoint.
-    last = params.pop("last_batch_iteration", -1)
+    position = "last_epoch" if kind in _TORCH_NAMES else "last_batch_iteration"
+    last = params.pop(position, -1)
     if last != -1:
         raise ValueError(
-            "last_batch_iteration in a config is not supported: a run resumes from the "
-            "optimizer's state_dict"
+            f"{position} in a config is not supported: a run resumes from the optimizer's state_dict"
         )
     try:
-        return _TYPES[kind](**params)
+        return _TYPES[_TORCH_NAMES.get(kind, kind)](**params)
     except TypeError as e:  # unknown keyword
         raise ValueError(f"bad {kind} params: {e}") from None
 

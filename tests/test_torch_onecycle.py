@@ -494,6 +494,29 @@ def test_config_round_trip_is_json():
                                            anneal_strategy="linear", base_momentum=0.7, three_phase=True)
 
 
+def test_deepspeed_config_naming_torchs_onecyclelr():
+    """DeepSpeed's engine takes a torch.optim.lr_scheduler name as the
+    scheduler type. Such a config, moved to the optimizer, gives torch's
+    curve: the lrs OneCycleLR itself sets, step by step."""
+    params = {"max_lr": 0.3, "total_steps": 12, "pct_start": 0.25, "anneal_strategy": "linear", "last_epoch": -1}
+    ds_config = {"train_batch_size": 8, "scheduler": {"type": "OneCycleLR", "params": params}}
+    sched = schedule_from_config(json.loads(json.dumps(ds_config)))
+    assert isinstance(sched, TorchOneCycle)
+    o = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01, momentum=0.9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scheduler.step() without optimizer.step()
+        torch_sched = OneCycleLR(o, **params)
+        expected = []
+        for _ in range(12):
+            expected.append(o.param_groups[0]["lr"])
+            torch_sched.step()
+    assert [sched.lr(k) for k in range(12)] == expected
+    with pytest.raises(ValueError, match="last_epoch"):
+        schedule_from_config({"type": "OneCycleLR", "params": dict(params, last_epoch=5)})
+    with pytest.raises(ValueError, match="OneCycleLR"):  # named among the types
+        schedule_from_config({"type": "CosineAnnealingLR", "params": {}})
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("algo", ["sgd", "adam"])
 def test_migrate_from_torch_onecycle_lr_mid_run(algo, backend):
