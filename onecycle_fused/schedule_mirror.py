@@ -20,3 +20,10 @@ class ScheduleMirror(torch.optim.lr_scheduler.LRScheduler):
 
     def get_lr(self):
         return self.fused.get_last_lr()
+
+    def state_dict(self):
+        # torch's would hold every attribute but the optimizer, so ours too:
+        # a checkpoint pickling the whole optimizer, which a trainer's
+        # torch.load(weights_only=True) refuses on resume. The schedule's
+        # position is in the optimizer's state_dict.
+        return {k: v for k, v in super().state_dict().items() if k != "fused"}

@@ -199,6 +199,37 @@ def test_hf_trainer_matches_torch_adamw_with_the_schedule(tmp_path):
     assert lrs == pytest.approx(expected_lrs, rel=1e-12)
 
 
+def test_hf_trainer_resumes_from_a_checkpoint_with_the_mirror(tmp_path):
+    """resume_from_checkpoint loads scheduler.pt with weights_only=True: the
+    mirror's state must not pickle the optimizer into it. The resumed run
+    ends where the uninterrupted one does, the schedule continuing at 3."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from transformers import Trainer, TrainingArguments
+
+    example = _example("hf_trainer_example")
+
+    def run(out_dir, resume=None):
+        model = example.tiny_gpt2()
+        opt = FusedOneCycleAdamW(model.parameters(), cycle_min_lr=1e-4, cycle_max_lr=1e-3, cycle_first_step_size=2,
+                                 weight_decay=0.01)
+        args = TrainingArguments(output_dir=str(out_dir), per_device_train_batch_size=8, max_steps=6, logging_steps=1,
+                                 report_to=[], save_strategy="steps", save_steps=3, use_cpu=True, seed=0,
+                                 disable_tqdm=True)
+        trainer = Trainer(model=model, args=args, train_dataset=example.random_tokens(),
+                          optimizers=(opt, onecycle_fused.ScheduleMirror(opt)))
+        trainer.train(resume_from_checkpoint=resume)
+        lrs = {e["step"]: e["learning_rate"] for e in trainer.state.log_history if "learning_rate" in e}
+        return model, opt, lrs
+
+    expected, _, _ = run(tmp_path / "whole")
+    got, opt, lrs = run(tmp_path / "resumed", resume=str(tmp_path / "whole" / "checkpoint-3"))
+    assert int(opt.step_counter()) == 6
+    _assert_params_close(got, expected)
+    sched = opt.schedule
+    assert [lrs[k] for k in (4, 5, 6)] == pytest.approx([sched.lr(k) for k in (3, 4, 5)], rel=1e-12)
+
+
 # --------------------------------------------------------------------------
 # DeepSpeed client optimizer (a subprocess: deepspeed.initialize sets up a
 # process group that must not leak into other tests)
