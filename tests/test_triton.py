@@ -794,3 +794,54 @@ def test_torch_compile_optimizer_step(cls, kw):
         assert int(opt.step_counter()) == 4
         out.append(params + state_tensors(opt, params))
     assert all(torch.equal(x, y) for x, y in zip(*out))
+
+
+def _torch_optim_run(torch_cls, sched, init, grads, kw, mom_key):
+    """torch.optim's single-tensor step driven by the schedule's host values."""
+    params = [t.to(DEVICE).clone() for t in init]
+    opt = torch_cls(params, lr=0.1, foreach=False, **kw)
+    for k, step_grads in enumerate(grads):
+        for p, g in zip(params, step_grads):
+            p.grad = g.to(DEVICE, p.dtype)
+        group = opt.param_groups[0]
+        group["lr"] = sched.lr(k)
+        if mom_key == "momentum":
+            group["momentum"] = sched.momentum(k)
+        else:
+            group["betas"] = (sched.momentum(k), group["betas"][1])
+        opt.step()
+    return params, opt
+
+
+@pytest.mark.skipif(not INTERPRET, reason="torch's CPU kernels are the oracle's rounding")
+@pytest.mark.parametrize("cls,torch_cls,kw", [
+    (FusedOneCycleSGD, torch.optim.SGD, dict(weight_decay=0.5)),
+    (FusedOneCycleSGD, torch.optim.SGD, dict(weight_decay=0.5, nesterov=True, maximize=True)),
+    (FusedOneCycleSGD, torch.optim.SGD, dict(dampening=0.3)),
+    (FusedOneCycleAdam, torch.optim.Adam, dict(weight_decay=0.5)),
+    (FusedOneCycleAdamW, torch.optim.AdamW, dict(weight_decay=0.5, amsgrad=True)),
+], ids=["sgd-wd", "sgd-nesterov", "sgd-dampening", "adam-wd", "adamw-amsgrad"])
+def test_fused_roundings_match_torch_optim(cls, torch_cls, kw):
+    """Where torch's CPU kernels fuse a multiply and an add (``add(x, alpha=a)``,
+    ``lerp``, ``addcmul``) the kernels use an fma too, as csrc/update.h does:
+    fp32 SGD equals torch.optim.SGD bit for bit and Adam stays within its
+    sqrt's rounding. Unfused, a gradient cancelled by weight decay (one
+    element, grad = -wd * param) left SGD's buffer 22 ulps from torch's."""
+    sizes = (1, 33, 130)
+    init = init_params(sizes)
+    grads = make_grads(40, sizes)
+    grads[0][0] = -0.5 * init[0].double() * (1 + 2**-20)  # weight decay cancels the gradient
+    sched = dict(SCHED, cycle_max_lr=0.5)
+    ours, opt = run(cls, "triton", init, grads, torch.float32, **sched, **kw)
+    mom_key = "momentum" if cls is FusedOneCycleSGD else "betas"
+    tkw = dict(kw, momentum=0.9) if cls is FusedOneCycleSGD else kw
+    ref, ropt = _torch_optim_run(torch_cls, opt.schedule, init, grads, tkw, mom_key)
+    state = [k for k in ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq") if k in ropt.state[ref[0]]]
+    ours_state = [opt.state[p][k] for p in ours for k in state]
+    ref_state = [ropt.state[p][k] for p in ref for k in state]
+    if cls is FusedOneCycleSGD:
+        for a, b in zip(ours + ours_state, ref + ref_state):
+            assert torch.equal(a.detach(), b)
+    else:
+        assert_ulps([p.detach() for p in ours], ref, 4)
+        assert_ulps(ours_state, ref_state, 4)

@@ -26,9 +26,13 @@ interpreter (numpy) raises no warnings; the selected values are unchanged.
 The element-wise math mirrors ``backends/reference.py`` (torch.optim's
 single-tensor code) in float32, with IEEE division and square root
 (``div_rn`` / ``sqrt_rn``) where torch uses them: Triton's plain ``/`` and
-``sqrt`` on float32 are the approximate PTX instructions. The host launches
-with ``enable_fp_fusion=False``: no ``a*b+c`` is contracted into an FMA, so
-compiled kernels round exactly like the interpreter (numpy) that CI runs, and
+``sqrt`` on float32 are the approximate PTX instructions, and an explicit
+``tl.fma`` exactly where torch's CPU kernels (and ``csrc/update.h``) fuse:
+``add(x, alpha=a)``, ``lerp`` and ``addcmul``; so fp32 SGD equals
+``torch.optim.SGD`` bit for bit (the interpreter's ``fma`` rounds once too).
+The host launches with ``enable_fp_fusion=False``: no other ``a*b+c`` is
+contracted into an FMA, so compiled kernels round exactly like the
+interpreter (numpy) that CI runs, and
 the float64 schedule equals the reference's bit for bit (checked in the PTX
 for sm_90 with triton 3.9: no ``fma.rn.f64``, v4 loads when aligned). The
 one exception is TorchOneCycle's ``cos``: ``tl.cos`` on float64 compiles to
@@ -345,16 +349,18 @@ def _sgd_block(
     if HAS_SCALE:
         grad = tl.div_rn(grad, scale)
     grad = tl.where(maximize, -grad, grad)
-    grad = tl.where(decays, grad + wd * param, grad)
+    grad = tl.where(decays, tl.fma(param, wd, grad), grad)  # grad.add(param, alpha=wd): fused
     old = tl.load(b_ptr + offs, mask=buf_live, other=0).to(tl.float32)
-    # torch's first step: buf = grad; afterwards mom*buf + (1-dampening)*grad.
-    # A momentum of 0 leaves the buffer alone and steps with the gradient.
-    new_buf = tl.where(first_step, grad, old * mom + keep * grad)
+    # torch's first step: buf = grad; afterwards mom*buf + (1-dampening)*grad
+    # (buf.mul_(mom).add_(grad, alpha=keep): the add fused). A momentum of 0
+    # leaves the buffer alone and steps with the gradient.
+    new_buf = tl.where(first_step, grad, tl.fma(grad, keep, old * mom))
     new_buf = tl.where(moving, new_buf, old)
-    direction = tl.where(nesterov, grad + new_buf * mom, new_buf)
+    direction = tl.where(nesterov, tl.fma(new_buf, mom, grad), new_buf)
     direction = tl.where(moving & has_buf, direction, grad)
     tl.store(b_ptr + offs, _narrow(new_buf, elem_ty, ROUND_BF16), mask=buf_live & ok)
-    tl.store(p_ptr + offs, _narrow(param - direction * lr, elem_ty, ROUND_BF16), mask=write)
+    # param.add_(direction, alpha=-lr): fused
+    tl.store(p_ptr + offs, _narrow(tl.fma(direction, -lr, param), elem_ty, ROUND_BF16), mask=write)
 
 
 @triton.jit(do_not_specialize=["n_tensors", "n_chunks"])
@@ -423,11 +429,13 @@ def _adam_block(
         grad = tl.div_rn(grad, scale)
     grad = tl.where(maximize, -grad, grad)
     param = tl.where(decays_param, param * decay_factor, param)
-    grad = tl.where(decays_grad, grad + wd * param, grad)
-    # torch's lerp: the formula depends on which end the weight is near
+    grad = tl.where(decays_grad, tl.fma(param, wd, grad), grad)  # grad.add(param, alpha=wd): fused
+    # torch's vectorized lerp: the formula depends on which end the weight is
+    # near, one fma either way (weight - 1 is exact in float32 for |weight| >= 0.5)
     diff = grad - exp_avg
-    exp_avg = tl.where(near_start, exp_avg + weight * diff, grad - diff * (1 - weight))
-    exp_avg_sq = exp_avg_sq * beta2 + one_minus_beta2 * grad * grad
+    exp_avg = tl.where(near_start, tl.fma(weight, diff, exp_avg), tl.fma(weight - 1, diff, grad))
+    # mul_(beta2).addcmul_(grad, grad, value=1 - beta2): addcmul fused
+    exp_avg_sq = tl.fma(one_minus_beta2 * grad, grad, exp_avg_sq * beta2)
     old_max = tl.load(vmax_ptr + offs, mask=ams_live, other=0).to(tl.float32)
     second = tl.where(amsgrad, tl.maximum(old_max, exp_avg_sq, propagate_nan=tl.PropagateNan.ALL), exp_avg_sq)
     denom = tl.div_rn(tl.sqrt_rn(second), bias_correction2_sqrt) + eps
