@@ -509,9 +509,15 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
                    if isinstance(st, dict) and "step" in st and known.steps.get(id(st["step"])) is not st["step"]]
         if foreign:
             by_device: dict[torch.device, list[torch.Tensor]] = {}
+            seen: set[int] = set()
             for p, st in foreign:
-                step = torch.as_tensor(st["step"]).to(device=p.device, dtype=torch.int64, copy=True).reshape(())
-                st["step"] = step
+                step = st["step"]
+                fits = (isinstance(step, torch.Tensor) and step.dtype == torch.int64 and step.dim() == 0
+                        and step.device == p.device and id(step) not in seen)
+                if not fits:  # a copy of its own; one that fits is kept (a compiled step made it, say)
+                    step = torch.as_tensor(step).to(device=p.device, dtype=torch.int64, copy=True).reshape(())
+                    st["step"] = step
+                seen.add(id(step))
                 by_device.setdefault(step.device, []).append(step)
             ahead = max(int(torch.stack(steps).max()) for steps in by_device.values())  # one read a device
             if ahead > int(self._counter()):
