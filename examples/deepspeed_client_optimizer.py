@@ -22,9 +22,26 @@ What runs where:
   that step counts, so training starts at schedule step 1. Call
   ``opt.set_step(0)`` after ``deepspeed.initialize`` to start at 0.
 
+Checkpoints (``--save DIR`` / ``--resume DIR``): ``engine.save_checkpoint``
+and, in a new process with the engine built the same way,
+``engine.load_checkpoint`` resume the schedule where it stopped, with no extra
+code: the step counter is part of the optimizer state that every ZeRO stage
+saves and loads (``state_dict()['step_counter']``). DeepSpeed's universal
+checkpoints (``ds_to_universal`` + ``"checkpoint": {"load_universal": true}``)
+restore the per-parameter state without our ``load_state_dict``; the optimizer
+then takes the position from the per-parameter ``step`` counts at the next
+step or ``step_counter()`` / ``get_last_lr()`` call. Tested on CPU for ZeRO
+0-3 in fp32 and bf16 (tests/test_trainers.py). ``load_checkpoint(...,
+load_optimizer_states=False)`` loads the weights only: the optimizer state
+starts afresh, and so does the schedule (at step 0, where DeepSpeed's own
+scheduler would continue). To keep the schedule's position, call
+``opt.set_step(engine.global_steps - engine.skipped_steps)`` after it.
+
 CPU, one process (DeepSpeed picks its CPU accelerator when there is no GPU):
 
     python examples/deepspeed_client_optimizer.py
+    python examples/deepspeed_client_optimizer.py --save ckpt   # 10 optimizer steps
+    python examples/deepspeed_client_optimizer.py --resume ckpt # steps 11-20
 or, several processes:
     deepspeed --num_gpus 2 examples/deepspeed_client_optimizer.py
 """
@@ -73,6 +90,8 @@ def train(engine, data):
 def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--micro-batches", type=int, default=20)
+    parser.add_argument("--save", metavar="DIR", help="engine.save_checkpoint(DIR) after training")
+    parser.add_argument("--resume", metavar="DIR", help="engine.load_checkpoint(DIR) before training")
     parser.add_argument("--local_rank", type=int, default=-1)  # passed by the deepspeed launcher
     args = parser.parse_args(argv)
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
@@ -80,7 +99,11 @@ def main(argv=None):
         os.environ.setdefault(key, value)  # a single process without a launcher
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     engine, opt = build()
+    if args.resume:
+        engine.load_checkpoint(args.resume)  # weights, optimizer state and the schedule's position
     train(engine, batches(args.micro_batches))
+    if args.save:
+        engine.save_checkpoint(args.save)
     print(f"optimizer steps {int(opt.step_counter())}, next lr {opt.get_last_lr()[0]:.3e}")
     return engine, opt
 

@@ -15,7 +15,12 @@ What lives where:
   no effect on the math; the schedule decides.
 * one int64 step counter per device (``step_counter()``), saved in
   ``state_dict()['step_counter']``;
-* per parameter: ``step`` (int64, 0-dim) and the usual torch state.
+* per parameter: ``step`` (int64, 0-dim) and the usual torch state. A
+  ``step`` that code other than ours put into ``state`` (DeepSpeed's universal
+  checkpoint loader restores per-parameter state but not the counter) is
+  taken over at the next step or counter read: made an int64 0-dim tensor of
+  the parameter's device and, when it is ahead of the counter, the counter
+  moves up to it (``_adopt_foreign_steps``).
 * per device: a float64 table with one row per group (layout:
   ``schedule.Row``), rebuilt only when a group's hyper-parameters change.
 """
@@ -174,6 +179,18 @@ class _TableRows:
         self.rows: list = []
 
 
+class _KnownSteps:
+    """The per-parameter ``step`` tensors this optimizer made, loaded or was
+    told about (``set_step``), by id, held strongly so that no other tensor
+    can take one's id; and the ``step_plan.snapshot`` of the groups and state
+    when they were last looked through. A plain object for the reason
+    _HostStep is one."""
+
+    def __init__(self):
+        self.steps: dict[int, torch.Tensor] = {}
+        self.snapshot = None
+
+
 class _FusedOneCycleOptimizer(torch.optim.Optimizer):
     """Shared machinery; subclasses define the algorithm's hyper-parameters."""
 
@@ -210,6 +227,7 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         # the lists of the last list-path step, kept as C++ StepPlans (step_plan.py)
         self._plan = _step_plan.PlanCache()
         self._step_plan_enabled = _step_plan.ENABLED_BY_DEFAULT  # False: always the list path (tests)
+        self._known_steps = _KnownSteps()
 
     # ------------------------------------------------------------------
     # param groups
@@ -400,7 +418,7 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         host = self._host
         if host.stale:
             host.pending = None
-            host.step = int(self.step_counter())  # one read, outside any step
+            host.step = int(self._counter())  # one read, outside any step
             host.stale = False
             return
         if host.pending is None:
@@ -431,6 +449,8 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         After steps run by a compiled function or a CUDA graph replay this reads
         the device counter once to bring the ``param_groups`` mirror up to date.
         """
+        if self._host_code_runs():
+            self._adopt_foreign_steps()
         self._resolve_pending()
         self._update_mirror()
         return [group["lr"] for group in self.param_groups]
@@ -440,9 +460,70 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
 
     def step_counter(self, device: torch.device | str | None = None) -> torch.Tensor:
         """The int64 0-dim tensor counting applied steps (on ``device``, default: the first)."""
+        if self._host_code_runs():
+            self._adopt_foreign_steps()
+        return self._counter(device)
+
+    def _counter(self, device: torch.device | str | None = None) -> torch.Tensor:
         if device is None:
             return next(iter(self._counters.values()))
         return self._counters[torch.device(device)]
+
+    def _host_code_runs(self) -> bool:
+        """False while a step is traced by torch.compile or captured in a CUDA
+        graph: host code then does not re-run with each call / replay."""
+        return not (torch.compiler.is_compiling() or (
+            any(c.is_cuda for c in self._counters.values()) and torch.cuda.is_current_stream_capturing()
+        ))
+
+    def _acknowledge_steps(self) -> None:
+        """Take the per-parameter ``step`` tensors in ``state`` now as known."""
+        known = self._known_steps
+        known.steps = {id(s): s for st in self.state.values()
+                       if isinstance(st, dict) and (s := st.get("step")) is not None}
+        known.snapshot = _step_plan.snapshot(self.param_groups, self.state)
+
+    def _adopt_foreign_steps(self) -> None:
+        """Per-parameter ``step`` entries that someone else put into ``state``.
+
+        Loaders that restore the per-parameter state without calling our
+        ``load_state_dict`` (DeepSpeed's universal checkpoints: ZeRO 1-3 and
+        bf16 write ``optimizer.state[p]['step']`` and the other entries
+        directly) leave the step counter, and with it the schedule, where it
+        was: at 0 in a freshly built optimizer. A parameter's ``step`` never
+        exceeds the counter here (it counts the steps that parameter took),
+        so one that does is the position of the run it was saved from: the
+        counter moves up to the largest such ``step``. The entries are made
+        int64 0-dim tensors on their parameter's device, each its own copy
+        (a loader may share one tensor between parameters). Steps we made
+        are known by identity (``_KnownSteps``); the groups' and state's
+        ``step_plan.snapshot`` (a C-level pass) skips the look when nothing
+        was replaced since the last one. ``set_step`` acknowledges whatever
+        ``state`` holds: a position set by hand is never overridden.
+        """
+        known = self._known_steps
+        snap = _step_plan.snapshot(self.param_groups, self.state)
+        if snap is not None and snap == known.snapshot:
+            return
+        foreign = [(p, st) for p, st in self.state.items()
+                   if isinstance(st, dict) and "step" in st and known.steps.get(id(st["step"])) is not st["step"]]
+        if foreign:
+            by_device: dict[torch.device, list[torch.Tensor]] = {}
+            seen: set[int] = set()
+            for p, st in foreign:
+                step = st["step"]
+                fits = (isinstance(step, torch.Tensor) and step.dtype == torch.int64 and step.dim() == 0
+                        and step.device == p.device and id(step) not in seen)
+                if not fits:  # a copy of its own; one that fits is kept (a compiled step made it, say)
+                    step = torch.as_tensor(step).to(device=p.device, dtype=torch.int64, copy=True).reshape(())
+                    st["step"] = step
+                seen.add(id(step))
+                by_device.setdefault(step.device, []).append(step)
+            ahead = max(int(torch.stack(steps).max()) for steps in by_device.values())  # one read a device
+            if ahead > int(self._counter()):
+                self.set_step(ahead)  # (acknowledges)
+                return
+        self._acknowledge_steps()
 
     def set_step(self, step: int) -> None:
         """Place the schedule at ``step`` applied steps (counters and lr mirror).
@@ -458,6 +539,7 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         self._host = _HostStep()
         self._host.step = step
         self._update_mirror()
+        self._acknowledge_steps()  # the position is the caller's, whatever the state's steps say
 
     def _init_state(self, p: torch.Tensor, group: dict) -> dict:
         raise NotImplementedError
@@ -483,6 +565,8 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
             if not devices:
                 self._advance_mirror(found_inf)
                 return
+            if self._host_code_runs():  # (a valid plan: no state entry was replaced since it was built)
+                self._adopt_foreign_steps()
 
         batches = {}
         for device in devices:
@@ -505,6 +589,7 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         moved = False  # a parameter on a device that has no counter
         has_complex = False  # then the backends get real views, and no plan is built
         created = []  # params whose state this step created: dropped again if it fails
+        compiling = torch.compiler.is_compiling()
         stepped = set()
         try:
             i = -1  # the parameter's position over all groups, as the ops count
@@ -530,6 +615,8 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
                     if len(state) == 0:
                         created.append(p)
                         state.update(self._init_state(p, group))
+                        if not compiling:
+                            self._known_steps.steps[id(state["step"])] = state["step"]
                     batch.params.append(p)
                     batch.grads.append(grad)
                     batch.steps.append(state["step"])
@@ -652,9 +739,7 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         return left
 
     def _advance_mirror(self, found_inf: Optional[torch.Tensor]) -> None:
-        if torch.compiler.is_compiling() or (
-            any(c.is_cuda for c in self._counters.values()) and torch.cuda.is_current_stream_capturing()
-        ):
+        if not self._host_code_runs():
             # host code does not re-run with each call / replay: tracking the
             # step on the host here would bake one value into the graph
             self._host.stale = True
@@ -668,7 +753,7 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
             # optimistic: assume the step ran, then adopt the counter's true
             # value when an asynchronous copy of it lands (no host sync here)
             self._host.step += 1
-            counter = self.step_counter()
+            counter = self._counter()
             value = torch.empty((), dtype=torch.int64, pin_memory=True)
             value.copy_(counter, non_blocking=True)  # on the counter's device's current stream
             event = torch.cuda.Event()
@@ -712,6 +797,7 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
             for device in self._counters
         }
         self._reset_caches()
+        self._acknowledge_steps()
 
     @contextlib.contextmanager
     def _hooks_suspended(self, name: str):
@@ -725,9 +811,11 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
             setattr(self, name, hooks)
 
     def state_dict(self) -> dict[str, Any]:
+        if self._host_code_runs():
+            self._adopt_foreign_steps()
         with self._hooks_suspended("_optimizer_state_dict_post_hooks") as post_hooks:
             sd = super().state_dict()
-        sd["step_counter"] = self.step_counter().detach().clone()
+        sd["step_counter"] = self._counter().detach().clone()
         # post hooks see (and may replace) the whole state dict, as with torch.optim
         for hook in post_hooks.values():
             result = hook(self, sd)
@@ -774,6 +862,7 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         self._table_rows.rows = []
         self._plan.drop()  # new state tensors, maybe new groups
         self._update_mirror()
+        self._acknowledge_steps()
 
 
 _SCHEDULE_DOC = """

@@ -100,13 +100,16 @@ def test_deepspeed_client_optimizer_script(tmp_path):
     # the script as __main__, except that DeepSpeed's CPU accelerator does not
     # JIT-compile its shared-memory all-reduce (tens of seconds on a fresh
     # machine; one process never uses it), as in tests/test_trainers.py
-    run = ("import runpy, sys, deepspeed.comm.torch as t; t.build_shm_op = lambda: None; "
-           f"sys.argv = [{script!r}, '--micro-batches', '8']; runpy.run_path({script!r}, run_name='__main__')")
-    out = _run([sys.executable, "-c", run], tmp_path, MASTER_PORT=str(_free_port()))
-    (steps, lr), = _rows(r"optimizer steps (\d+), next lr (\S+)", out)
-    assert int(steps) == 4  # 8 micro batches, gradient_accumulation_steps=2
     sched = OneCycle(1e-4, 1e-3, cycle_first_step_size=5, cycle_min_mom=0.85, cycle_max_mom=0.95)
-    assert float(lr) == pytest.approx(sched.lr(4), rel=1e-3)
+    # --save, then --resume in a new process: the schedule goes on from step 4
+    for args, expected in ((["--save", "ckpt"], 4), (["--resume", "ckpt"], 8)):
+        run = ("import runpy, sys, deepspeed.comm.torch as t; t.build_shm_op = lambda: None; "
+               f"sys.argv = [{script!r}, '--micro-batches', '8', *{args!r}]; "
+               f"runpy.run_path({script!r}, run_name='__main__')")
+        out = _run([sys.executable, "-c", run], tmp_path, MASTER_PORT=str(_free_port()))
+        (steps, lr), = _rows(r"optimizer steps (\d+), next lr (\S+)", out)
+        assert int(steps) == expected  # 8 micro batches a run, gradient_accumulation_steps=2
+        assert float(lr) == pytest.approx(sched.lr(expected), rel=1e-3)
 
 
 def test_lightning_example_script(tmp_path):

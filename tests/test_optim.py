@@ -333,6 +333,58 @@ def test_load_state_dict_restores_mirror_and_counter():
     assert int(opt2.step_counter()) == 10  # unchanged after the error
 
 
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_per_parameter_steps_written_behind_our_back_move_the_counter(backend):
+    """Loaders that restore optimizer.state directly, without load_state_dict
+    (DeepSpeed's universal checkpoints), left the counter and so the
+    schedule at 0 while each parameter's step said 8. A step ahead of the
+    counter now moves it there, at the next step or counter / lr read; the
+    entries become int64 tensors of their own (one shared tensor, a Python
+    int). "auto": the fresh optimizer has a step plan built from its own
+    state, which the replaced entries must invalidate."""
+    init = make_params()
+    a = [torch.nn.Parameter(t.clone()) for t in init]
+    b = [torch.nn.Parameter(t.clone()) for t in init]
+    full, fresh = FusedOneCycleAdamW(a, backend=backend, **SCHED), FusedOneCycleAdamW(b, backend=backend, **SCHED)
+    g = torch.Generator().manual_seed(1)
+    grads = [[torch.randn(t.shape, generator=g) for t in init] for _ in range(12)]
+
+    def step(opt, params, k):
+        for p, grad in zip(params, grads[k]):
+            p.grad = grad.clone()
+        opt.step()
+
+    for k in range(8):
+        step(full, a, k)
+    for k in range(3):  # (the plan, under "auto")
+        step(fresh, b, k)
+    shared = torch.tensor(8.0)  # a float tensor, as torch.optim.Adam keeps it
+    for p, q in zip(a, b):
+        with torch.no_grad():
+            q.copy_(p)
+        fresh.state[q] = {k: (shared if k == "step" else v.clone()) for k, v in full.state[p].items()}
+    fresh.state[b[0]]["step"] = 8
+    assert int(fresh.step_counter()) == 8 and fresh.get_last_lr() == full.get_last_lr()
+    assert fresh.param_groups[0]["betas"] == full.param_groups[0]["betas"]
+    steps = [fresh.state[q]["step"] for q in b]
+    assert all(s.dtype == torch.int64 and s.shape == () and int(s) == 8 for s in steps)
+    assert len({id(s) for s in steps}) == len(steps)  # each its own
+    for k in range(8, 12):
+        step(full, a, k)
+        step(fresh, b, k)
+    assert int(fresh.step_counter()) == 12
+    for p, q in zip(a, b):
+        assert torch.equal(p, q)
+
+    # behind the counter: left alone; set_step after a write: the caller's position stays
+    fresh.state[b[1]]["step"] = torch.tensor(3)
+    assert int(fresh.step_counter()) == 12
+    fresh.state[b[1]]["step"] = torch.tensor(20)
+    fresh.set_step(2)
+    step(fresh, b, 0)
+    assert int(fresh.step_counter()) == 3 and fresh.get_last_lr()[0] == fresh.schedule.lr(3)
+
+
 @pytest.mark.parametrize("bad", [torch.tensor(-3), -1, torch.tensor(2.5), torch.tensor([1, 2]), "4", 2.0, True])
 def test_load_state_dict_refuses_a_bad_step_counter_before_changing_anything(bad):
     """The position must be an integer >= 0. A negative one used to be loaded

@@ -5,7 +5,7 @@ Each runs a tiny model built in code (no download) and is checked against an
 independent run: torch.optim with the schedule's values set by hand, or the
 fused optimizer in a plain loop where the trainer's own plumbing is under
 test. Lightning, transformers and DeepSpeed are optional: their tests skip
-when the package is missing. About 30-40 s in all on 2 CPU cores.
+when the package is missing. About 40-50 s in all on 2 CPU cores.
 """
 import csv
 import glob
@@ -294,6 +294,115 @@ def test_deepspeed_zero_fp16_gpu(tmp_path):
     _check_zero_results(_run_zero_cases("cuda", ZERO_CASES_GPU, tmp_path))
 
 
+# (ZeRO stage, dtype, how the checkpoint is loaded): "native" is
+# engine.load_checkpoint of what save_checkpoint wrote; "universal" converts it
+# with ds_to_universal first and loads it with checkpoint.load_universal, which
+# restores the per-parameter state without calling our load_state_dict (the
+# step counter was lost there: the schedule restarted at 0); "weights" is
+# load_checkpoint(load_optimizer_states=False)
+RESUME_CASES_CPU = [(0, "fp32", "native"), (1, "fp32", "native"), (2, "fp32", "native"), (3, "fp32", "native"),
+                    (0, "bf16", "native"), (1, "bf16", "native"), (2, "bf16", "native"), (3, "bf16", "native"),
+                    (1, "fp32", "universal"), (2, "fp32", "universal"), (3, "fp32", "universal"),
+                    (2, "bf16", "universal"), (2, "fp32", "weights")]
+
+
+def test_deepspeed_checkpoint_resumes_the_schedule(tmp_path):
+    """save_checkpoint after 8 of 20 micro batches (4 optimizer steps), a new
+    engine and load_checkpoint, the other 12: the counter and the lr mirror
+    continue where they stopped, and the weights equal the uninterrupted run
+    (the oracle, the same config in one go: test_deepspeed_zero_and_bf16
+    checks that one against the plain loop)."""
+    pytest.importorskip("deepspeed")
+    out = tmp_path / "resume.pt"
+    env = dict(os.environ, OMP_NUM_THREADS="1", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    spec = ",".join(":".join(map(str, case)) for case in RESUME_CASES_CPU)
+    proc = subprocess.run([sys.executable, __file__, "deepspeed-resume", str(out), str(tmp_path / "rendezvous"),
+                           str(tmp_path), spec], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = torch.load(out)
+    sched = OneCycle(1e-4, 1e-3, cycle_first_step_size=5, cycle_min_mom=0.85, cycle_max_mom=0.95)
+    for (stage, dtype, load), got in results.items():
+        case = (stage, dtype, load)
+        extra = 1 if stage == 0 and dtype != "fp32" else 0  # DeepSpeed's step at build time (README)
+        assert got["saved"] == 4 + extra, case
+        if load == "weights":
+            # a fresh optimizer state, so a fresh schedule; the engine's own
+            # counts are loaded: set_step(global_steps - skipped_steps) resumes it
+            assert got["loaded"] == (extra, sched.lr(extra), sched.momentum(extra)), case
+            assert got["engine_steps"] == 4, case
+            continue
+        assert got["loaded"] == (4 + extra, sched.lr(4 + extra), sched.momentum(4 + extra)), case
+        assert got["end"] == got["full_end"] == 10 + extra, case
+        for name, (p, q) in got["params"].items():
+            if dtype == "fp32":
+                torch.testing.assert_close(p, q, msg=f"{case} {name}")
+            else:  # the fp32 master weights are saved and loaded: nothing is rounded twice
+                assert torch.equal(p, q), (case, name)
+
+
+def _deepspeed_resume_worker(out, rendezvous, workdir, spec):
+    import argparse
+
+    import deepspeed
+    import deepspeed.comm.torch
+    from deepspeed.checkpoint import ds_to_universal
+
+    deepspeed.comm.torch.build_shm_op = lambda: None
+    torch.distributed.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=0, world_size=1)
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    example = _example("deepspeed_client_optimizer")
+    data = example.batches(20)
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+    def train(engine, batches, dtype):
+        for x, y in batches:
+            engine.backward(torch.nn.functional.mse_loss(engine(x.to(engine.device, dtypes[dtype])).float(), y))
+            engine.step()
+
+    def position(wrapper):
+        ours = getattr(wrapper, "optimizer", wrapper)
+        return int(ours.step_counter()), ours.get_last_lr()[0], ours.param_groups[0]["betas"][0]
+
+    results = {}
+    for case in spec.split(","):
+        stage, dtype, load = int(case.split(":")[0]), *case.split(":")[1:]
+        config = dict(example.DS_CONFIG, zero_optimization={"stage": stage}, zero_allow_untested_optimizer=True)
+        if dtype != "fp32":
+            config[dtype] = {"enabled": True}
+        engine, wrapper = example.build(config)  # the uninterrupted run
+        train(engine, data, dtype)
+        full = [p.detach().clone() for p in engine.module.parameters()]
+        full_end = position(wrapper)[0]
+        engine.destroy()
+
+        ckpt = os.path.join(workdir, case.replace(":", "_"))
+        engine, wrapper = example.build(config)
+        train(engine, data[:8], dtype)
+        saved = position(wrapper)[0]
+        engine.save_checkpoint(ckpt)
+        engine.destroy()
+        if load == "universal":
+            tag = open(os.path.join(ckpt, "latest")).read().strip()
+            ds_to_universal.main(argparse.Namespace(
+                input_folder=os.path.join(ckpt, tag), output_folder=os.path.join(ckpt, tag + "_universal"),
+                num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+                inject_missing_state=True))  # (universal_checkpoint_info, which Megatron-DeepSpeed writes)
+            config = dict(config, checkpoint={"load_universal": True})
+
+        engine, wrapper = example.build(config)  # as a new process would
+        engine.load_checkpoint(ckpt, load_optimizer_states=load != "weights")
+        loaded = position(wrapper)
+        engine_steps = engine.global_steps - engine.skipped_steps
+        train(engine, data[8:], dtype)
+        results[(stage, dtype, load)] = {
+            "full_end": full_end, "saved": saved, "loaded": loaded, "end": position(wrapper)[0],
+            "engine_steps": engine_steps,
+            "params": {name: (p.detach().clone(), q) for (name, p), q in zip(engine.module.named_parameters(), full)},
+        }
+        engine.destroy()
+    torch.save(results, out)
+
+
 def _deepspeed_zero_worker(out, rendezvous, device, spec):
     import deepspeed
     import deepspeed.comm.torch
@@ -377,3 +486,5 @@ if __name__ == "__main__":
         _deepspeed_worker(sys.argv[2], sys.argv[3])
     elif sys.argv[1] == "deepspeed-zero":
         _deepspeed_zero_worker(*sys.argv[2:6])
+    elif sys.argv[1] == "deepspeed-resume":
+        _deepspeed_resume_worker(*sys.argv[2:6])
