@@ -6,6 +6,7 @@ The workers are this file run as a script (``python test_distributed.py RANK
 WORLD RENDEZVOUS_FILE OUT``), so nothing depends on how pytest imports tests. One pair of
 processes runs every configuration (~15-25 s on 2 cores).
 """
+import gc
 import os
 import subprocess
 import sys
@@ -104,6 +105,10 @@ def _worker(rank, world, rendezvous, out):
         if rank == 0:
             torch.save(results, out)
     finally:
+        # the models (DDP / FSDP hold the group) freed now: otherwise the gloo
+        # threads live into interpreter shutdown, where one can abort the
+        # process (examples/ddp_example.py says how)
+        gc.collect()
         dist.destroy_process_group()
 
 
