@@ -29,7 +29,8 @@ single-tensor code) in float32, with IEEE division and square root
 ``sqrt`` on float32 are the approximate PTX instructions, and an explicit
 ``tl.fma`` exactly where torch's CPU kernels (and ``csrc/update.h``) fuse:
 ``add(x, alpha=a)``, ``lerp`` and ``addcmul``; so fp32 SGD equals
-``torch.optim.SGD`` bit for bit (the interpreter's ``fma`` rounds once too).
+``torch.optim.SGD`` bit for bit (triton 3.9's interpreter rounds ``fma``
+once too; 3.6's rounds the product first).
 The host launches with ``enable_fp_fusion=False``: no other ``a*b+c`` is
 contracted into an FMA, so compiled kernels round exactly like the
 interpreter (numpy) that CI runs, and
