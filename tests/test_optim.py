@@ -148,6 +148,35 @@ def test_complex_and_real_parameters_in_one_step(backend):
     assert_close_ulps([torch.view_as_real(a[0]), a[1]], [torch.view_as_real(b[0]), b[1]])
 
 
+def test_complex_param_group_added_to_a_planned_optimizer_and_copied():
+    """A complex group added after real-only steps (the cpu backend has a
+    step plan by then) is stepped as torch.optim.AdamW steps it, and a
+    deepcopy made afterwards goes on like the original."""
+    real = torch.nn.Parameter(torch.randn(6, generator=torch.Generator().manual_seed(0)))
+    cplx = torch.nn.Parameter(_randn((4, 3), torch.Generator().manual_seed(1), torch.complex64))
+    twin = torch.nn.Parameter(cplx.detach().clone())
+    opt = FusedOneCycleAdamW([real], backend="cpu", **SCHED)
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        real.grad = torch.randn(6, generator=gen)
+        opt.step()
+    opt.add_param_group({"params": [cplx]})
+    ref = torch.optim.AdamW([twin], lr=0.1)
+    for k in range(3, 7):
+        if k == 5:
+            opt = copy.deepcopy(opt)
+            real, cplx = opt.param_groups[0]["params"][0], opt.param_groups[1]["params"][0]
+        real.grad = torch.randn(6, generator=gen)
+        cplx.grad = _randn((4, 3), gen, torch.complex64)
+        twin.grad = cplx.grad.clone()
+        ref.param_groups[0].update(lr=opt.schedule.lr(k), betas=(opt.schedule.momentum(k), 0.999))
+        opt.step()
+        ref.step()
+        assert_close_ulps([torch.view_as_real(cplx)], [torch.view_as_real(twin)])
+    assert not torch.equal(cplx.detach(), _randn((4, 3), torch.Generator().manual_seed(1), torch.complex64))
+    assert int(opt.step_counter()) == 7 and opt.state[cplx]["exp_avg"].dtype == torch.complex64
+
+
 def test_adam_constant_beta1_with_range_test():
     sched = LRRangeTest(lr_range_test_min_lr=1e-3, lr_range_test_step_size=10, lr_range_test_step_rate=0.5)
     a, b, ours = drive_pair(FusedOneCycleAdamW, torch.optim.AdamW, dict(schedule=sched, betas=(0.85, 0.98)),
