@@ -32,6 +32,8 @@ import copy
 import inspect
 import math
 import numbers
+from itertools import chain
+from operator import itemgetter
 from typing import Any, Callable, Iterable, Optional
 
 import torch
@@ -39,6 +41,8 @@ import torch
 from . import backends as _backends
 from . import step_plan as _step_plan
 from .schedule import ROW_WIDTH, LRRangeTest, OneCycle, Row, TorchOneCycle, _Schedule, schedule_from_config
+
+_params_of = itemgetter("params")
 
 __all__ = ["FusedOneCycleSGD", "FusedOneCycleAdam", "FusedOneCycleAdamW"]
 
@@ -569,6 +573,8 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
                 return
             if self._host_code_runs():  # (a valid plan: no state entry was replaced since it was built)
                 self._adopt_foreign_steps()
+            # (a valid plan was built from lists that passed this check)
+            self._check_no_duplicate_params()
 
         batches = {}
         for device in devices:
@@ -648,6 +654,26 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         if not torch.compiler.is_compiling() and len(batches) == len(self._counters):
             self._build_plans(batches, without_grad)
         self._advance_mirror(found_inf)
+
+    def _check_no_duplicate_params(self) -> None:
+        """A parameter put into ``param_groups[i]['params']`` twice after the
+        groups were added (torch.optim and add_param_group refuse it there):
+        a fused op would update it twice reading its step count once (cpu,
+        cuda) or twice (reference), so the backends would disagree. Refused
+        before anything changes; one C-level pass over the ids."""
+        params = list(chain.from_iterable(map(_params_of, self.param_groups)))
+        if len(set(map(id, params))) == len(params):
+            return
+        seen: dict[int, tuple[int, int]] = {}
+        for gi, group in enumerate(self.param_groups):
+            for j, p in enumerate(group["params"]):
+                if id(p) in seen:
+                    g0, j0 = seen[id(p)]
+                    raise ValueError(
+                        f"param_groups[{gi}]['params'][{j}] is param_groups[{g0}]['params'][{j0}]: a parameter "
+                        "may appear only once (in one parameter group, as torch.optim requires)"
+                    )
+                seen[id(p)] = (gi, j)
 
     def _follow_param_devices(self) -> None:
         """Counters, backends and tables for the devices the parameters are on now.

@@ -1076,3 +1076,51 @@ def test_sgd_momentum_edited_on_later_is_used_like_torch(backend, plan, dampenin
     assert "momentum_buffer" in ours.state[p]
     assert_close_ulps([p], [q])
     assert_close_ulps([ours.state[p]["momentum_buffer"]], [theirs.state[q]["momentum_buffer"]])
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("ours_cls, torch_cls", [(FusedOneCycleSGD, torch.optim.SGD), (FusedOneCycleAdamW, torch.optim.AdamW)])
+def test_a_parameter_appended_into_a_second_group_mid_run_is_refused(ours_cls, torch_cls, backend):
+    """A parameter appended to another group's ``params`` after steps (torch
+    refuses a parameter in two groups at add_param_group). Stepped, the cpu op
+    updated it twice with its step count read once, so the result matched
+    neither torch.optim's two sequential updates nor the reference backend. It
+    is refused before anything changes (plans included); once removed again,
+    the steps are torch.optim's."""
+    if backend == "cpu":
+        from onecycle_fused import ops
+        if not ops.cpu_library_loaded():
+            pytest.skip("onecycle_fused._C is not built")
+    init = make_params(dtype=torch.float64)
+    a = [torch.nn.Parameter(t.clone()) for t in init]
+    b = [torch.nn.Parameter(t.clone()) for t in init]
+    ours = ours_cls([{"params": a[:2]}, {"params": a[2:], "weight_decay": 0.05}], backend=backend, **SCHED)
+    extra = dict(momentum=0.9) if torch_cls is torch.optim.SGD else {}
+    ref = torch_cls([{"params": b[:2]}, {"params": b[2:], "weight_decay": 0.05}], lr=0.1, foreach=False, **extra)
+    sched = ours.schedule
+    gen = torch.Generator().manual_seed(1)
+    k = 0
+    for n in range(6):
+        grads = [_randn(p.shape, gen, torch.float64) for p in a]
+        for pa, pb, g in zip(a, b, grads):
+            pa.grad, pb.grad = g.clone(), g.clone()
+        if n == 3:
+            ours.param_groups[1]["params"].append(a[0])
+            before = ([p.detach().clone() for p in a], copy.deepcopy(ours.state_dict()))
+            with pytest.raises(ValueError, match=r"param_groups\[1\]\['params'\]\[2\] is param_groups\[0\]"):
+                ours.step()
+            assert all(torch.equal(p, q) for p, q in zip(a, before[0]))
+            assert int(ours.step_counter()) == k
+            for st, st0 in zip(ours.state_dict()["state"].values(), before[1]["state"].values()):
+                assert all(torch.equal(st[key], st0[key]) for key in st)
+            ours.param_groups[1]["params"].pop()
+        for group in ref.param_groups:
+            group["lr"] = sched.lr(k)
+            if "betas" in group:
+                group["betas"] = (sched.momentum(k), group["betas"][1])
+            else:
+                group["momentum"] = sched.momentum(k)
+        ours.step()
+        ref.step()
+        k += 1
+    assert_close_ulps(a, b)
