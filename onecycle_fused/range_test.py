@@ -192,6 +192,8 @@ def lr_range_test(
         raise ValueError(f"check_every must be an integer >= 1, got {check_every!r}")
     if not (_is_number(diverge_factor) and diverge_factor > 1):
         raise ValueError(f"diverge_factor must be a number > 1, got {diverge_factor!r}")
+    if not (_is_number(beta) and 0 <= beta < 1):  # checked at the first check, after training, otherwise
+        raise ValueError(f"beta must be a number in [0, 1), got {beta!r}")
     # numpy scalars too, as plain Python numbers from here on
     num_steps, step_size, check_every = int(num_steps), int(step_size), int(check_every)
     min_lr, max_lr = float(min_lr), float(max_lr)

@@ -105,6 +105,9 @@ def test_stops_on_divergence_and_writes_png(tmp_path):
     ({"min_lr": True}, "min_lr"),
     ({"min_lr": 1e-3, "max_lr": True}, "max_lr"),
     ({"diverge_factor": True}, "diverge_factor"),
+    ({"beta": 1.0}, "beta"),
+    ({"beta": True}, "beta"),
+    ({"beta": -0.5}, "beta"),
     ({"min_lr_divisor": True}, "min_lr_divisor"),
     ({"staircase": 1}, "staircase"),
     ({"optimizer": ["sgd"]}, "optimizer"),
@@ -113,8 +116,15 @@ def test_stops_on_divergence_and_writes_png(tmp_path):
 ])
 def test_bad_arguments_name_the_parameter(bad, match):
     model, loss_fn, data = toy_problem(num_batches=1)
+    calls = []
+
+    def counting_loss(m, batch):
+        calls.append(1)
+        return loss_fn(m, batch)
+
     with pytest.raises(ValueError, match=match):
-        lr_range_test(model, loss_fn, data, **bad)
+        lr_range_test(model, counting_loss, data, **bad)
+    assert calls == []  # refused before the first step (beta used to fail at the first check)
 
 
 def test_max_lr_divisor_scales_both_bounds():
