@@ -45,7 +45,7 @@ class RangeTestResult:
     smoothed: list[float]
     cycle_min_lr: float
     cycle_max_lr: float
-    diverged: bool  # True when the test stopped early on a diverging loss
+    diverged: bool  # True when a divergence check fired (the test stopped there; the last check is at num_steps)
     plot_path: Optional[str] = None
 
     @property
