@@ -45,7 +45,7 @@ class RangeTestResult:
     smoothed: list[float]
     cycle_min_lr: float
     cycle_max_lr: float
-    diverged: bool  # True when the test stopped early on a diverging loss
+    diverged: bool  # True when a divergence check fired (the test stopped there; the last check is at num_steps)
     plot_path: Optional[str] = None
 
     @property
@@ -114,13 +114,18 @@ def suggest_lr_bounds(
 
 def _cycle(data: Iterable):
     """Iterate ``data`` forever, starting it again when exhausted (a DataLoader, a list...)."""
+    total = 0
     while True:
-        empty = True
+        count = 0
         for batch in data:
-            empty = False
+            count += 1
             yield batch
-        if empty:
+        if count == 0 and total == 0:
             raise ValueError("data yielded no batch")
+        if count == 0:  # a one-shot iterator (a generator, iter(loader)) cannot be started again
+            raise ValueError(f"data ran out after {total} batches and yields nothing when started again "
+                             f"(a one-shot iterator?): pass a list or a DataLoader, or num_steps <= {total}")
+        total += count
 
 
 def lr_range_test(
@@ -147,7 +152,8 @@ def lr_range_test(
     """Run DeepSpeed's LR range test through a fused optimizer.
 
     ``loss_fn(model, batch)`` returns the scalar loss of one batch of ``data``
-    (an iterable, started again when exhausted). The lr goes linearly from
+    (an iterable, started again when exhausted; a one-shot iterator that
+    runs out before ``num_steps`` is a ValueError). The lr goes linearly from
     ``min_lr`` at step 0 to ``max_lr`` at step ``num_steps - 1``: the
     ``LRRangeTest`` schedule with ``lr_range_test_step_size=step_size`` and
     ``lr_range_test_step_rate=(max_lr / min_lr - 1) / ((num_steps - 1) / step_size)``.
@@ -160,9 +166,9 @@ def lr_range_test(
     ``optimizer``: ``"sgd"``, ``"adam"`` or ``"adamw"``; ``optimizer_kwargs``
     go to its constructor (default for SGD: ``momentum=0.9``). Every
     ``check_every`` steps the host reads the losses so far and stops when the
-    smoothed loss exceeds ``diverge_factor`` times its minimum or a loss is
-    not finite. With ``restore`` (default) the model's parameters, buffers,
-    train/eval mode and grads are put back afterwards. ``plot``: an image path to draw the curve to.
+    smoothed loss exceeds ``diverge_factor`` times its minimum (when that
+    minimum is positive) or a loss is not finite. With ``restore`` (default) the model's parameters, buffers,
+    train/eval mode and grads are put back afterwards (non-persistent buffers too). ``plot``: an image path to draw the curve to.
     ``min_lr_divisor`` / ``max_lr_divisor``: see :func:`suggest_lr_bounds`.
     """
     from .optim import FusedOneCycleAdam, FusedOneCycleAdamW, FusedOneCycleSGD
@@ -186,6 +192,8 @@ def lr_range_test(
         raise ValueError(f"check_every must be an integer >= 1, got {check_every!r}")
     if not (_is_number(diverge_factor) and diverge_factor > 1):
         raise ValueError(f"diverge_factor must be a number > 1, got {diverge_factor!r}")
+    if not (_is_number(beta) and 0 <= beta < 1):  # checked at the first check, after training, otherwise
+        raise ValueError(f"beta must be a number in [0, 1), got {beta!r}")
     # numpy scalars too, as plain Python numbers from here on
     num_steps, step_size, check_every = int(num_steps), int(step_size), int(check_every)
     min_lr, max_lr = float(min_lr), float(max_lr)
@@ -216,6 +224,10 @@ def lr_range_test(
     if not isinstance(restore, bool):
         raise ValueError(f"restore must be a bool, got {restore!r}")
     saved = copy.deepcopy(model.state_dict()) if restore else None
+    # every buffer, also the non-persistent ones state_dict leaves out, and
+    # the tensor each module held (a forward may replace a buffer)
+    buffers = ([(m, name, b, b.detach().clone()) for m in model.modules()
+                for name, b in m._buffers.items() if b is not None] if restore else [])
     # what else "as it was" means: each module's train/eval mode and the grads
     modes = [(m, m.training) for m in model.modules()] if restore else []
     grads = [(p, p.grad) for p in params] if restore else []
@@ -244,6 +256,10 @@ def lr_range_test(
                     break
     finally:
         if saved is not None:
+            with torch.no_grad():
+                for m, name, b, value in buffers:
+                    m._buffers[name] = b
+                    b.copy_(value)
             model.load_state_dict(saved)
             for m, training in modes:
                 m.training = training
@@ -265,7 +281,11 @@ def _diverging(losses: list[float], beta: float, factor: float) -> bool:
     if not all(math.isfinite(v) for v in losses):
         return True
     smoothed = smooth_losses(losses, beta)
-    return smoothed[-1] > factor * min(smoothed)
+    best = min(smoothed)
+    # a ratio to the minimum means nothing unless the minimum is positive (a
+    # loss that can be 0 or negative, such as a negative log-likelihood): then
+    # only a non-finite loss stops the test
+    return best > 0 and smoothed[-1] > factor * best
 
 
 def plot_range_test(result: RangeTestResult, path: str) -> str:

@@ -105,6 +105,9 @@ def test_stops_on_divergence_and_writes_png(tmp_path):
     ({"min_lr": True}, "min_lr"),
     ({"min_lr": 1e-3, "max_lr": True}, "max_lr"),
     ({"diverge_factor": True}, "diverge_factor"),
+    ({"beta": 1.0}, "beta"),
+    ({"beta": True}, "beta"),
+    ({"beta": -0.5}, "beta"),
     ({"min_lr_divisor": True}, "min_lr_divisor"),
     ({"staircase": 1}, "staircase"),
     ({"optimizer": ["sgd"]}, "optimizer"),
@@ -113,8 +116,15 @@ def test_stops_on_divergence_and_writes_png(tmp_path):
 ])
 def test_bad_arguments_name_the_parameter(bad, match):
     model, loss_fn, data = toy_problem(num_batches=1)
+    calls = []
+
+    def counting_loss(m, batch):
+        calls.append(1)
+        return loss_fn(m, batch)
+
     with pytest.raises(ValueError, match=match):
-        lr_range_test(model, loss_fn, data, **bad)
+        lr_range_test(model, counting_loss, data, **bad)
+    assert calls == []  # refused before the first step (beta used to fail at the first check)
 
 
 def test_max_lr_divisor_scales_both_bounds():
@@ -222,3 +232,61 @@ def test_numpy_scalars_are_numbers():
                           num_steps=np.int64(6), step_size=np.int32(2), check_every=np.int64(3), staircase=True)
     assert numpy.lrs == pytest.approx(plain.lrs, rel=1e-7) and numpy.losses == pytest.approx(plain.losses, rel=1e-5)
     assert all(type(v) is float for v in numpy.lrs)
+
+
+def test_negative_losses_are_not_divergence():
+    """The divergence rule is a ratio to the smoothed minimum: with a loss that
+    goes below 0 (a negative log-likelihood) `smoothed > 4 * min` held for
+    any curve, so the test stopped at the first check on a flat loss."""
+    model = torch.nn.Linear(2, 1)
+    for level in (-1.0, -1e-3):
+        res = lr_range_test(model, lambda m, b: m(b).sum() * 0 + level, [torch.ones(1, 2)],
+                            num_steps=30, check_every=5)
+        assert not res.diverged and res.steps_run == 30
+    # a positive curve that rises past 4x its minimum still stops at the next check
+    vals = iter([1.0] * 10 + [100.0] * 100)
+    res = lr_range_test(model, lambda m, b: m(b).sum() * 0 + next(vals), [torch.ones(1, 2)],
+                        num_steps=60, check_every=5, beta=0.0)
+    assert res.diverged and res.steps_run == 15
+
+
+def test_one_shot_iterator_that_runs_out_names_the_problem():
+    """A generator shorter than num_steps cannot be started again; the error
+    used to say "data yielded no batch" although it had yielded 3."""
+    model, loss_fn, data = toy_problem(num_batches=3)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="ran out after 3 batches"):
+        lr_range_test(model, loss_fn, (b for b in data), num_steps=10)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    res = lr_range_test(model, loss_fn, (b for b in data), num_steps=3)  # exactly enough
+    assert res.steps_run == 3
+    res = lr_range_test(model, loss_fn, data, num_steps=10)  # a list is started again
+    assert res.steps_run == 10
+    with pytest.raises(ValueError, match="no batch"):
+        lr_range_test(model, loss_fn, [], num_steps=10)
+
+
+def test_restore_covers_non_persistent_and_replaced_buffers():
+    """state_dict leaves out non-persistent buffers; a forward that updates
+    one, in place or by replacing it, is put back too."""
+
+    class Counting(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(16, 3)
+            self.register_buffer("seen", torch.zeros(()), persistent=False)
+            self.register_buffer("total", torch.zeros(()), persistent=False)
+
+        def forward(self, x):
+            self.seen += 1  # in place
+            self.total = self.total + x.shape[0]  # a new tensor
+            return self.lin(x)
+
+    _, loss_fn, data = toy_problem(num_batches=2)
+    model = Counting()
+    seen, total = model.seen, model.total
+    lr_range_test(model, loss_fn, data, num_steps=5)
+    assert model.seen is seen and model.total is total
+    assert model.seen.item() == 0 and model.total.item() == 0
+    lr_range_test(model, loss_fn, data, num_steps=5, restore=False)
+    assert model.seen.item() == 5 and model.total.item() == 5 * 64
