@@ -138,9 +138,13 @@ def load_torch_optimizer_state(
         if copy_hyperparameters:
             for key in _SGD_KEYS if is_sgd else _ADAM_KEYS:
                 if key in s:
-                    d[key] = s[key]
+                    d[key] = _plain(s[key])
             if not is_sgd:
-                d["betas"] = (d["betas"][0], s["betas"][1])
+                d["betas"] = (d["betas"][0], _plain(s["betas"][1]))
+            try:  # checked here, as the constructor would: not at the next step, after the load
+                optimizer._validate_group(d, mirrored=True)
+            except ValueError as e:
+                raise ValueError(f"torch_state_dict param_groups[{gi}]: {e}") from None
         uses_buffer = is_sgd and (optimizer._schedule_of(d).cycles_momentum or d["momentum"] != 0)
         params = optimizer.param_groups[gi]["params"]
         for j, (src_id, dst_id) in enumerate(zip(s["params"], d["params"])):
@@ -159,6 +163,14 @@ def load_torch_optimizer_state(
     dst["step_counter"] = torch.tensor(position, dtype=torch.int64)
     optimizer.load_state_dict(dst)
     return position
+
+
+def _plain(value: Any) -> Any:
+    """A one-element real tensor (torch.optim takes tensor betas, e.g. for
+    capturable / compiled steps) as its Python number; anything else as is."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_complex:
+        return value.item()
+    return value
 
 
 def _convert(st: Mapping[str, Any], is_sgd: bool, uses_buffer: bool, position: int, group: int) -> dict:

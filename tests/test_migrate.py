@@ -272,3 +272,46 @@ def test_weight_decay_kind_must_match(torch_kind, fused_cls, ok):
     load_torch_optimizer_state(fused, saved_opt, saved_sched)
     _train(resumed, fused, batches[BEFORE:])
     _assert_same(_params(resumed), expected)
+
+
+def test_tensor_betas_continue_and_bad_hyperparameters_raise_at_load():
+    """torch.optim.Adam takes tensor betas; the loaded beta2 is its number, so
+    the continuation runs (it used to fail at the next step). A copied value
+    the fused optimizer refuses is a ValueError at the load, nothing changed
+    (it used to load and fail at the next step)."""
+    from onecycle_fused import TorchOneCycle
+    torch_one_cycle = dict(max_lr=0.05, total_steps=30, pct_start=0.25)
+    batches = _batches(BEFORE + AFTER)
+    model = _model()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01, betas=(torch.tensor(0.9), torch.tensor(0.99)),
+                           foreach=False)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, **torch_one_cycle)
+    _train(model, opt, batches[:BEFORE], sched.step)
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    saved_sched = sched.state_dict()
+    _train(model, opt, batches[BEFORE:], sched.step)
+
+    resumed = _model()
+    resumed.load_state_dict(saved_model)
+    fused = FusedOneCycleAdam(resumed.parameters(), schedule=TorchOneCycle(**torch_one_cycle), backend="reference")
+    load_torch_optimizer_state(fused, saved_opt, saved_sched)
+    assert fused.param_groups[0]["betas"][1] == pytest.approx(0.99)
+    _train(resumed, fused, batches[BEFORE:])
+    _assert_same(_params(resumed), _params(model))
+
+    for key, bad in (("betas", (0.9, 1.5)), ("weight_decay", -1.0), ("eps", float("nan"))):
+        edited = copy.deepcopy(saved_opt)
+        edited["param_groups"][0][key] = bad
+        fused = FusedOneCycleAdam(resumed.parameters(), schedule=TorchOneCycle(**torch_one_cycle), backend="reference")
+        with pytest.raises(ValueError, match=r"param_groups\[0\].*" + key.split("s[")[0]):
+            load_torch_optimizer_state(fused, edited, saved_sched)
+        assert fused.step_counter().item() == 0 and len(fused.state) == 0
+        assert fused.param_groups[0]["betas"][1] == 0.999 and fused.param_groups[0]["weight_decay"] == 0.0
+    sgd = torch.optim.SGD(resumed.parameters(), lr=0.1, momentum=0.9)
+    _train(resumed, sgd, batches[:1])
+    edited = sgd.state_dict()
+    edited["param_groups"][0].update(nesterov=True, dampening=0.5)  # torch refuses it at construction only
+    fused = FusedOneCycleSGD(resumed.parameters(), **SCHEDULE, backend="reference")
+    with pytest.raises(ValueError, match="nesterov"):
+        load_torch_optimizer_state(fused, edited, step=1)
+    assert fused.step_counter().item() == 0 and len(fused.state) == 0
