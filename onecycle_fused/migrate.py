@@ -8,7 +8,8 @@ What carries over:
   ``max_exp_avg_sq`` and Adam's step counts (as int64);
 * the update hyper-parameters of each group that torch stores
   (``weight_decay``, ``dampening``, ``nesterov``, ``maximize``, ``eps``,
-  ``amsgrad`` and ``betas[1]``), so the continuation computes what the
+  ``amsgrad``, ``betas[1]``, and the momentum / ``betas[0]`` where the
+  fused schedule does not cycle it), so the continuation computes what the
   original pair would have: e.g. DeepSpeed's ``OneCycle`` had overwritten
   beta2 with 0.99 and that value is kept (pass ``copy_hyperparameters=False``
   to keep the fused optimizer's own values);
@@ -34,8 +35,8 @@ from .schedule import _as_int
 
 __all__ = ["load_torch_optimizer_state", "schedule_position"]
 
-# group keys of torch.optim that set the update math (lr and momentum / beta1
-# come from the schedule, so they are not among them)
+# group keys of torch.optim that set the update math (lr, and momentum / beta1
+# where the schedule cycles it, come from the schedule, so they are not among them)
 _SGD_KEYS = ("weight_decay", "dampening", "nesterov", "maximize")
 _ADAM_KEYS = ("weight_decay", "eps", "amsgrad", "maximize")
 
@@ -141,6 +142,12 @@ def load_torch_optimizer_state(
                     d[key] = _plain(s[key])
             if not is_sgd:
                 d["betas"] = (d["betas"][0], _plain(s["betas"][1]))
+            if not optimizer._schedule_of(d).cycles_momentum:
+                # a momentum the schedule does not set is a constant of the update, as beta2
+                if is_sgd and "momentum" in s:
+                    d["momentum"] = _plain(s["momentum"])
+                elif not is_sgd:
+                    d["betas"] = (_plain(s["betas"][0]), d["betas"][1])
             try:  # checked here, as the constructor would: not at the next step, after the load
                 optimizer._validate_group(d, mirrored=True)
             except ValueError as e:

@@ -195,8 +195,11 @@ def test_mismatches_raise():
             load_torch_optimizer_state(fused, torch_opt.state_dict())
         assert len(fused.state) == 0 and fused.step_counter().item() == 0
     plain = FusedOneCycleSGD(model.parameters(), **{**SCHEDULE, "cycle_momentum": False}, backend="reference")
-    with pytest.raises(ValueError, match="no momentum"):
-        load_torch_optimizer_state(plain, sgd.state_dict())
+    with pytest.raises(ValueError, match="no momentum"):  # its own momentum 0 kept
+        load_torch_optimizer_state(plain, sgd.state_dict(), copy_hyperparameters=False)
+    assert len(plain.state) == 0 and plain.param_groups[0]["momentum"] == 0
+    load_torch_optimizer_state(plain, sgd.state_dict())  # torch's momentum 0.9 carried over
+    assert plain.param_groups[0]["momentum"] == 0.9 and len(plain.state) == 4
 
 
 def test_positions_of_any_integer_type():
@@ -315,3 +318,43 @@ def test_tensor_betas_continue_and_bad_hyperparameters_raise_at_load():
     with pytest.raises(ValueError, match="nesterov"):
         load_torch_optimizer_state(fused, edited, step=1)
     assert fused.step_counter().item() == 0 and len(fused.state) == 0
+
+
+@pytest.mark.parametrize("algo", ["sgd", "adam"])
+def test_constant_momentum_is_carried_over_when_the_schedule_does_not_cycle_it(algo):
+    """DeepSpeed's LRRangeTest schedules no momentum: torch's momentum / beta1
+    is a constant hyper-parameter of the update, carried over like beta2
+    (it was not: the fused optimizer's own default continued another run)."""
+    from onecycle_fused import LRRangeTest
+    range_test = dict(lr_range_test_min_lr=1e-3, lr_range_test_step_size=3, lr_range_test_step_rate=0.5,
+                      lr_range_test_staircase=True)
+    batches = _batches(BEFORE + AFTER)
+    if algo == "sgd":
+        make, fused_cls = (lambda ps: torch.optim.SGD(ps, lr=1.0, momentum=0.7)), FusedOneCycleSGD
+    else:
+        make, fused_cls = (lambda ps: torch.optim.Adam(ps, lr=1.0, betas=(0.6, 0.98))), FusedOneCycleAdam
+    model = _model()
+    opt = make(model.parameters())
+    sched = ds_sched.LRRangeTest(opt, **range_test)
+    _train(model, opt, batches[:BEFORE], sched.step)
+    saved_model, saved_opt, saved_sched = copy.deepcopy((model.state_dict(), opt.state_dict(), sched.state_dict()))
+    _train(model, opt, batches[BEFORE:], sched.step)
+
+    resumed = _model()
+    resumed.load_state_dict(saved_model)
+    fused = fused_cls(resumed.parameters(), schedule=LRRangeTest(**range_test), backend="reference")
+    assert load_torch_optimizer_state(fused, saved_opt, saved_sched) == BEFORE
+    _train(resumed, fused, batches[BEFORE:])
+    _assert_same(_params(resumed), _params(model))
+    assert fused.get_last_lr() == sched.get_last_lr()
+    if algo == "sgd":
+        assert fused.param_groups[0]["momentum"] == 0.7
+        assert all(torch.equal(a, b) for a, b in zip(_params(resumed), _params(model)))  # SGD: bit for bit
+    else:
+        assert fused.param_groups[0]["betas"] == (0.6, 0.98)
+    # copy_hyperparameters=False keeps the fused optimizer's own
+    fused = fused_cls(resumed.parameters(), schedule=LRRangeTest(**range_test), backend="reference",
+                      **({"momentum": 0.9} if algo == "sgd" else {"betas": (0.9, 0.999)}))
+    load_torch_optimizer_state(fused, saved_opt, saved_sched, copy_hyperparameters=False)
+    g = fused.param_groups[0]
+    assert (g["momentum"] == 0.9) if algo == "sgd" else (g["betas"] == (0.9, 0.999))
