@@ -108,6 +108,16 @@ def load_torch_optimizer_state(
                 f"parameter group {i} has {len(s['params'])} parameters in torch_state_dict, "
                 f"{len(d['params'])} in the optimizer"
             )
+        src_names, dst_names = s.get("param_names"), d.get("param_names")
+        if src_names is not None and dst_names is not None and list(src_names) != list(dst_names) \
+                and sorted(src_names) == sorted(dst_names):
+            # the same names in another order: other parameters at each position
+            # (other names, e.g. DDP's 'module.' prefix, are not compared)
+            j = next(j for j, (a, b) in enumerate(zip(src_names, dst_names)) if a != b)
+            raise ValueError(
+                f"parameter group {i}: parameter {j} is {src_names[j]!r} in torch_state_dict, "
+                f"{dst_names[j]!r} in the optimizer: not the same parameters in the same order"
+            )
         if is_sgd and "betas" in s:
             raise ValueError(f"torch_state_dict param_groups[{i}] is an Adam-type group; the optimizer is SGD")
         if not is_sgd and "betas" not in s:

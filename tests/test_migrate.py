@@ -358,3 +358,30 @@ def test_constant_momentum_is_carried_over_when_the_schedule_does_not_cycle_it(a
     load_torch_optimizer_state(fused, saved_opt, saved_sched, copy_hyperparameters=False)
     g = fused.param_groups[0]
     assert (g["momentum"] == 0.9) if algo == "sgd" else (g["betas"] == (0.9, 0.999))
+
+
+def test_named_groups_in_another_order_raise():
+    """torch >= 2.6 saves param_names for a group built from named_parameters().
+    The same names in another order are other parameters at each position:
+    a ValueError, even where the shapes agree (they used to load silently,
+    each parameter getting another one's momentum), nothing changed. Other
+    names (e.g. a DDP 'module.' prefix) are not compared."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    sgd = torch.optim.SGD(model.named_parameters(), lr=0.1, momentum=0.9)
+    if "param_names" not in sgd.state_dict()["param_groups"][0]:
+        pytest.skip("this torch does not save param_names")
+    x = torch.randn(3, 4)
+    model(x).sum().backward()
+    sgd.step()
+    named = list(model.named_parameters())
+    swapped = [named[i] for i in (2, 1, 0, 3)]  # 0.weight <-> 1.weight: both 4x4
+    fused = FusedOneCycleSGD(swapped, **SCHEDULE, backend="reference")
+    with pytest.raises(ValueError, match="1.weight"):
+        load_torch_optimizer_state(fused, sgd.state_dict(), step=1)
+    assert len(fused.state) == 0 and fused.step_counter().item() == 0
+    prefixed = [("module." + n, p) for n, p in named]
+    fused = FusedOneCycleSGD(prefixed, **SCHEDULE, backend="reference")
+    load_torch_optimizer_state(fused, sgd.state_dict(), step=1)
+    for (_, p), q in zip(named, model.parameters()):
+        assert torch.equal(fused.state[p]["momentum_buffer"], sgd.state[q]["momentum_buffer"])
