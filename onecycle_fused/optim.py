@@ -200,15 +200,18 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
     """Shared machinery; subclasses define the algorithm's hyper-parameters."""
 
     algo: str = ""
+
     @property
     def _step_supports_amp_scaling(self) -> bool:
-        # True: GradScaler.step hands step() grad_scale / found_inf (no host
-        # sync). Lightning reads it too, and for True refuses
-        # gradient_clip_val under bf16-mixed / 16-mixed and skips its own
-        # unscale_. Our step takes grads unscaled beforehand as well
-        # (GradScaler then passes grad_scale=None), so Lightning is told False.
+        # torch's GradScaler.step reads this; True makes it hand step()
+        # grad_scale / found_inf (unscaled and skipped on the device, no host
+        # sync). Lightning reads it too, and for True refuses gradient_clip_val
+        # under bf16-mixed / 16-mixed (as for torch's fused Adam) and skips its
+        # own unscale_. Our step also takes grads unscaled beforehand
+        # (GradScaler then passes grad_scale=None), so only torch, the reader
+        # the flag is for, is told True; anyone else sees a plain optimizer.
         caller = sys._getframe(1).f_globals.get("__name__", "")
-        return not caller.startswith(("lightning.", "lightning_fabric.", "pytorch_lightning."))
+        return caller == "torch" or caller.startswith("torch.")
 
     def __init__(self, params, schedule: _Schedule, defaults: dict[str, Any], backend: str):
         if backend not in _backends.backend_names():
