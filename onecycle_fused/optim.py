@@ -32,6 +32,7 @@ import copy
 import inspect
 import math
 import numbers
+import sys
 from itertools import chain
 from operator import itemgetter
 from typing import Any, Callable, Iterable, Optional
@@ -199,7 +200,18 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
     """Shared machinery; subclasses define the algorithm's hyper-parameters."""
 
     algo: str = ""
-    _step_supports_amp_scaling = True  # GradScaler hands us grad_scale / found_inf
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        # torch's GradScaler.step reads this; True makes it hand step()
+        # grad_scale / found_inf (unscaled and skipped on the device, no host
+        # sync). Lightning reads it too, and for True refuses gradient_clip_val
+        # under bf16-mixed / 16-mixed (as for torch's fused Adam) and skips its
+        # own unscale_. Our step also takes grads unscaled beforehand
+        # (GradScaler then passes grad_scale=None), so only torch, the reader
+        # the flag is for, is told True; anyone else sees a plain optimizer.
+        caller = sys._getframe(1).f_globals.get("__name__", "")
+        return caller == "torch" or caller.startswith("torch.")
 
     def __init__(self, params, schedule: _Schedule, defaults: dict[str, Any], backend: str):
         if backend not in _backends.backend_names():

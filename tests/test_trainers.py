@@ -153,6 +153,69 @@ def test_lightning_checkpoint_resumes_the_schedule(tmp_path):
         assert lr == pytest.approx(sched.lr(k), rel=1e-12)
 
 
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_lightning_mixed_precision_clipping_and_accumulation(tmp_path, precision):
+    """gradient_clip_val under mixed precision (Lightning refused it for an
+    optimizer saying it unscales in step()), with accumulate_grad_batches=2:
+    equals torch AdamW + LambdaLR on our schedule in a plain autocast loop
+    (unscale_, clip, step), the schedule counting optimizer steps."""
+    pytest.importorskip("lightning")
+    example = _example("lightning_example")
+    L = example.L
+    from lightning.pytorch.plugins import MixedPrecision
+
+    sched = OneCycle(cycle_min_lr=1e-3, cycle_max_lr=1e-2, cycle_first_step_size=2, cycle_momentum=False)
+    dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float16
+    steps, accumulate, clip = 5, 2, 0.05
+
+    def net():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = net()
+
+        def training_step(self, batch, batch_idx):
+            return torch.nn.functional.cross_entropy(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return {"optimizer": FusedOneCycleAdamW(self.parameters(), schedule=sched, weight_decay=0.01)}
+
+    def scaler():  # fp16 on CPU: Lightning needs the plugin given its CPU GradScaler
+        return torch.amp.GradScaler("cpu", init_scale=2.0**10) if dtype == torch.float16 else None
+
+    model = Module()
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=clip,
+                        accumulate_grad_batches=accumulate, plugins=[MixedPrecision(precision, "cpu", scaler())])
+    trainer.fit(model, example.make_data(n=8 * accumulate * steps, batch_size=8))
+    assert int(trainer.optimizers[0].step_counter()) == steps
+
+    twin = net()
+    ref = torch.optim.AdamW(twin.parameters(), lr=sched.lr(0), weight_decay=0.01, foreach=False)
+    lambda_lr = torch.optim.lr_scheduler.LambdaLR(ref, lambda k: sched.lr(k) / sched.lr(0))
+    ref_scaler = scaler()
+    for i, (x, y) in enumerate(example.make_data(n=8 * accumulate * steps, batch_size=8)):
+        with torch.autocast("cpu", dtype=dtype):
+            loss = torch.nn.functional.cross_entropy(twin(x), y) / accumulate
+        (ref_scaler.scale(loss) if ref_scaler else loss).backward()
+        if (i + 1) % accumulate == 0:
+            if ref_scaler:
+                ref_scaler.unscale_(ref)
+            torch.nn.utils.clip_grad_norm_(twin.parameters(), clip)
+            if ref_scaler:
+                ref_scaler.step(ref)
+                ref_scaler.update()
+            else:
+                ref.step()
+            lambda_lr.step()
+            ref.zero_grad()
+    assert trainer.optimizers[0].get_last_lr() == [sched.lr(steps)]
+    _assert_params_close(model.net, twin)
+
+
 # --------------------------------------------------------------------------
 # Hugging Face Trainer
 
