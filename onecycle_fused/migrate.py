@@ -45,9 +45,7 @@ def _integer(name: str, value: Any, minimum: int) -> int:
     """``value`` as an int >= ``minimum``, by the schedules' rule (any integer,
     numpy's too, or an integral float: a checkpoint written through JSON),
     also from a one-element tensor; otherwise a ValueError naming ``name``."""
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_complex:
-        value = value.item()
-    return _as_int(name, value, minimum)
+    return _as_int(name, _plain(value), minimum)
 
 
 def schedule_position(scheduler: Any) -> int:

@@ -33,8 +33,6 @@ import inspect
 import math
 import numbers
 import sys
-from itertools import chain
-from operator import itemgetter
 from typing import Any, Callable, Iterable, Optional
 
 import torch
@@ -42,8 +40,6 @@ import torch
 from . import backends as _backends
 from . import step_plan as _step_plan
 from .schedule import ROW_WIDTH, LRRangeTest, OneCycle, Row, TorchOneCycle, _Schedule, schedule_from_config
-
-_params_of = itemgetter("params")
 
 __all__ = ["FusedOneCycleSGD", "FusedOneCycleAdam", "FusedOneCycleAdamW"]
 
@@ -63,6 +59,7 @@ def _local(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return t.to_local() if isinstance(t, _DTensor) else t
 
 
+# (not dtype.to_real(): dynamo cannot trace it)
 _REAL_OF = {torch.complex32: torch.float16, torch.complex64: torch.float32, torch.complex128: torch.float64}
 
 
@@ -649,13 +646,11 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
                 return
             # every device's counter advances, even where no parameter has a grad
             for device, batch in batches.items():
-                if self._has_dtensors:
-                    # backends see plain tensors: DTensors are stepped shard by shard
+                if self._has_dtensors or has_complex:
+                    # backends see plain real tensors: DTensors are stepped shard
+                    # by shard, complex tensors as their real views
                     for name in _BATCH_TENSOR_LISTS:
-                        setattr(batch, name, [_local(t) for t in getattr(batch, name)])
-                if has_complex:
-                    for name in _BATCH_TENSOR_LISTS:
-                        setattr(batch, name, [_real(t) for t in getattr(batch, name)])
+                        setattr(batch, name, [_real(_local(t)) for t in getattr(batch, name)])
                 self._backend_for[device].step(batch)
                 stepped.add(device)
         except BaseException:
@@ -673,7 +668,7 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         a fused op would update it twice reading its step count once (cpu,
         cuda) or twice (reference), so the backends would disagree. Refused
         before anything changes; one C-level pass over the ids."""
-        params = list(chain.from_iterable(map(_params_of, self.param_groups)))
+        params = _step_plan.all_params(self.param_groups)
         if len(set(map(id, params))) == len(params):
             return
         seen: dict[int, tuple[int, int]] = {}

@@ -86,10 +86,15 @@ def snapshot(groups: list[dict], state: dict):
     return snapshot(groups, state)
 
 
+def all_params(groups: list[dict]) -> list:
+    """Every group's parameters in order, in one list (C-level passes)."""
+    return list(chain.from_iterable(map(_params_of, groups)))
+
+
 def plain_tensors(groups: list[dict]) -> bool:
     """True when every parameter is a plain tensor or nn.Parameter: what a
     subclass's ``.grad`` returns in Python need not be what C++ reads."""
-    return set(map(type, chain.from_iterable(map(_params_of, groups)))) <= _PLAIN_TENSOR_TYPES
+    return set(map(type, all_params(groups))) <= _PLAIN_TENSOR_TYPES
 
 
 class PlanCache:
