@@ -220,15 +220,16 @@ def test_lightning_mixed_precision_clipping_and_accumulation(tmp_path, precision
 # Hugging Face Trainer
 
 
-def _hf_run(example, optimizers_for, out_dir, steps=6):
+def _hf_run(example, optimizers_for, out_dir, steps=6, resume=None, **training_args):
     from transformers import Trainer, TrainingArguments
 
     model = example.tiny_gpt2()
     opt, sched = optimizers_for(model)
-    args = TrainingArguments(output_dir=str(out_dir), per_device_train_batch_size=8, max_steps=steps, logging_steps=1,
-                             report_to=[], save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True)
+    args = TrainingArguments(**{**dict(output_dir=str(out_dir), per_device_train_batch_size=8, max_steps=steps,
+                                       logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, seed=0,
+                                       disable_tqdm=True), **training_args})
     trainer = Trainer(model=model, args=args, train_dataset=example.random_tokens(), optimizers=(opt, sched))
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume)
     lrs = [e["learning_rate"] for e in trainer.state.log_history if "learning_rate" in e]
     return model, opt, lrs
 
@@ -268,29 +269,21 @@ def test_hf_trainer_resumes_from_a_checkpoint_with_the_mirror(tmp_path):
     ends where the uninterrupted one does, the schedule continuing at 3."""
     pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
-    from transformers import Trainer, TrainingArguments
-
     example = _example("hf_trainer_example")
 
-    def run(out_dir, resume=None):
-        model = example.tiny_gpt2()
+    def mirrored(model):
         opt = FusedOneCycleAdamW(model.parameters(), cycle_min_lr=1e-4, cycle_max_lr=1e-3, cycle_first_step_size=2,
                                  weight_decay=0.01)
-        args = TrainingArguments(output_dir=str(out_dir), per_device_train_batch_size=8, max_steps=6, logging_steps=1,
-                                 report_to=[], save_strategy="steps", save_steps=3, use_cpu=True, seed=0,
-                                 disable_tqdm=True)
-        trainer = Trainer(model=model, args=args, train_dataset=example.random_tokens(),
-                          optimizers=(opt, onecycle_fused.ScheduleMirror(opt)))
-        trainer.train(resume_from_checkpoint=resume)
-        lrs = {e["step"]: e["learning_rate"] for e in trainer.state.log_history if "learning_rate" in e}
-        return model, opt, lrs
+        return opt, onecycle_fused.ScheduleMirror(opt)
 
-    expected, _, _ = run(tmp_path / "whole")
-    got, opt, lrs = run(tmp_path / "resumed", resume=str(tmp_path / "whole" / "checkpoint-3"))
+    saving = dict(save_strategy="steps", save_steps=3)
+    expected, _, _ = _hf_run(example, mirrored, tmp_path / "whole", **saving)
+    got, opt, lrs = _hf_run(example, mirrored, tmp_path / "resumed", resume=str(tmp_path / "whole" / "checkpoint-3"),
+                            **saving)
     assert int(opt.step_counter()) == 6
     _assert_params_close(got, expected)
-    sched = opt.schedule
-    assert [lrs[k] for k in (4, 5, 6)] == pytest.approx([sched.lr(k) for k in (3, 4, 5)], rel=1e-12)
+    # the log holds steps 1-3 from the checkpoint, then 4-6 of the resumed run
+    assert lrs[3:] == pytest.approx([opt.schedule.lr(k) for k in (3, 4, 5)], rel=1e-12)
 
 
 # --------------------------------------------------------------------------
@@ -298,14 +291,54 @@ def test_hf_trainer_resumes_from_a_checkpoint_with_the_mirror(tmp_path):
 # process group that must not leak into other tests)
 
 
-def test_deepspeed_client_optimizer(tmp_path):
+def _run_deepspeed_worker(kind, tmp_path, *args, timeout=600):
+    """The worker ``kind`` (the end of this file) as one rank in a
+    subprocess; what it saved."""
     pytest.importorskip("deepspeed")
-    out = tmp_path / "ds.pt"
+    out = tmp_path / f"{kind}.pt"
     env = dict(os.environ, OMP_NUM_THREADS="1", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
-    proc = subprocess.run([sys.executable, __file__, "deepspeed", str(out), str(tmp_path / "rendezvous")], env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, __file__, kind, str(out), str(tmp_path / "rendezvous"), *map(str, args)],
+                          env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    got = torch.load(out)
+    return torch.load(out)
+
+
+def _deepspeed_init(rendezvous, backend="gloo"):
+    """A one-rank process group for DeepSpeed, in a worker."""
+    import deepspeed
+    import deepspeed.comm.torch
+
+    # DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce at
+    # start-up (tens of seconds); one process never uses it
+    deepspeed.comm.torch.build_shm_op = lambda: None
+    # a file rendezvous: no TCP port to race for with other processes
+    torch.distributed.init_process_group(backend, init_method=f"file://{rendezvous}", rank=0, world_size=1)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)  # adopts the group above
+
+
+def _zero_config(example, stage, dtype):
+    config = dict(example.DS_CONFIG, zero_optimization={"stage": stage}, zero_allow_untested_optimizer=True)
+    if dtype != "fp32":
+        config[dtype] = {"enabled": True}
+    return config
+
+
+def _plain_loop(example, data, device="cpu"):
+    """The oracle: the fused optimizer in a plain fp32 loop, 2 micro batches per step."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 4)).to(device)
+    schedule = onecycle_fused.schedule_from_config(example.DS_CONFIG["scheduler"])
+    plain = FusedOneCycleAdamW(model.parameters(), schedule=schedule, weight_decay=0.01)
+    for i, (x, y) in enumerate(data):
+        (torch.nn.functional.mse_loss(model(x.to(device)), y.to(device)) / 2).backward()
+        if i % 2 == 1:
+            plain.step()
+            plain.zero_grad()
+    return model
+
+
+def test_deepspeed_client_optimizer(tmp_path):
+    got = _run_deepspeed_worker("deepspeed", tmp_path, timeout=300)
     assert got["counter"] == 10  # 20 micro batches, 2 per optimizer step
     for name, (p, q) in got["params"].items():
         torch.testing.assert_close(p, q, msg=name)
@@ -317,14 +350,8 @@ ZERO_CASES_GPU = [(0, "fp16"), (2, "fp16"), (3, "bf16")]
 
 
 def _run_zero_cases(device, cases, tmp_path):
-    pytest.importorskip("deepspeed")
-    out = tmp_path / "zero.pt"
-    env = dict(os.environ, OMP_NUM_THREADS="1", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     spec = ",".join(f"{stage}:{dtype}" for stage, dtype in cases)
-    proc = subprocess.run([sys.executable, __file__, "deepspeed-zero", str(out), str(tmp_path / "rendezvous"), device,
-                           spec], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return torch.load(out)
+    return _run_deepspeed_worker("deepspeed-zero", tmp_path, device, spec)
 
 
 def _check_zero_results(results):
@@ -375,14 +402,8 @@ def test_deepspeed_checkpoint_resumes_the_schedule(tmp_path):
     continue where they stopped, and the weights equal the uninterrupted run
     (the oracle, the same config in one go: test_deepspeed_zero_and_bf16
     checks that one against the plain loop)."""
-    pytest.importorskip("deepspeed")
-    out = tmp_path / "resume.pt"
-    env = dict(os.environ, OMP_NUM_THREADS="1", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     spec = ",".join(":".join(map(str, case)) for case in RESUME_CASES_CPU)
-    proc = subprocess.run([sys.executable, __file__, "deepspeed-resume", str(out), str(tmp_path / "rendezvous"),
-                           str(tmp_path), spec], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    results = torch.load(out)
+    results = _run_deepspeed_worker("deepspeed-resume", tmp_path, tmp_path, spec)
     sched = OneCycle(1e-4, 1e-3, cycle_first_step_size=5, cycle_min_mom=0.85, cycle_max_mom=0.95)
     for (stage, dtype, load), got in results.items():
         case = (stage, dtype, load)
@@ -406,13 +427,9 @@ def test_deepspeed_checkpoint_resumes_the_schedule(tmp_path):
 def _deepspeed_resume_worker(out, rendezvous, workdir, spec):
     import argparse
 
-    import deepspeed
-    import deepspeed.comm.torch
     from deepspeed.checkpoint import ds_to_universal
 
-    deepspeed.comm.torch.build_shm_op = lambda: None
-    torch.distributed.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=0, world_size=1)
-    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    _deepspeed_init(rendezvous)
     example = _example("deepspeed_client_optimizer")
     data = example.batches(20)
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -429,9 +446,7 @@ def _deepspeed_resume_worker(out, rendezvous, workdir, spec):
     results = {}
     for case in spec.split(","):
         stage, dtype, load = int(case.split(":")[0]), *case.split(":")[1:]
-        config = dict(example.DS_CONFIG, zero_optimization={"stage": stage}, zero_allow_untested_optimizer=True)
-        if dtype != "fp32":
-            config[dtype] = {"enabled": True}
+        config = _zero_config(example, stage, dtype)
         engine, wrapper = example.build(config)  # the uninterrupted run
         train(engine, data, dtype)
         full = [p.detach().clone() for p in engine.module.parameters()]
@@ -467,40 +482,20 @@ def _deepspeed_resume_worker(out, rendezvous, workdir, spec):
 
 
 def _deepspeed_zero_worker(out, rendezvous, device, spec):
-    import deepspeed
-    import deepspeed.comm.torch
-
-    from onecycle_fused import schedule_from_config
-
-    deepspeed.comm.torch.build_shm_op = lambda: None
-    backend = "nccl" if device == "cuda" else "gloo"
-    torch.distributed.init_process_group(backend, init_method=f"file://{rendezvous}", rank=0, world_size=1)
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    _deepspeed_init(rendezvous, "nccl" if device == "cuda" else "gloo")
     example = _example("deepspeed_client_optimizer")
     data = example.batches(20)
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     results = {}
     for case in spec.split(","):
         stage, dtype = int(case.split(":")[0]), case.split(":")[1]
-        config = dict(example.DS_CONFIG, zero_optimization={"stage": stage}, zero_allow_untested_optimizer=True)
-        if dtype != "fp32":
-            config[dtype] = {"enabled": True}
-        engine, wrapper = example.build(config)
+        engine, wrapper = example.build(_zero_config(example, stage, dtype))
         ours = getattr(wrapper, "optimizer", wrapper)  # DeepSpeed's wrapper holds ours
         for x, y in data:
             x, y = x.to(engine.device, dtypes[dtype]), y.to(engine.device)
             engine.backward(torch.nn.functional.mse_loss(engine(x).float(), y))
             engine.step()
-        # the oracle: the fused optimizer in a plain fp32 loop, 2 micro batches per step
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 4)).to(device)
-        plain = FusedOneCycleAdamW(model.parameters(), schedule=schedule_from_config(example.DS_CONFIG["scheduler"]),
-                                   weight_decay=0.01)
-        for i, (x, y) in enumerate(data):
-            (torch.nn.functional.mse_loss(model(x.to(device)), y.to(device)) / 2).backward()
-            if i % 2 == 1:
-                plain.step()
-                plain.zero_grad()
+        model = _plain_loop(example, data, device)
         results[(stage, dtype)] = {
             "counter": int(ours.step_counter()),
             "last_lr": ours.get_last_lr()[0],
@@ -512,33 +507,12 @@ def _deepspeed_zero_worker(out, rendezvous, device, spec):
 
 
 def _deepspeed_worker(out, rendezvous):
-    import deepspeed
-    import deepspeed.comm.torch
-
-    # DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce at
-    # start-up (tens of seconds); one process never uses it
-    deepspeed.comm.torch.build_shm_op = lambda: None
-    # a file rendezvous: no TCP port to race for with other processes
-    torch.distributed.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=0, world_size=1)
-    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)  # adopts the group above
+    _deepspeed_init(rendezvous)
     example = _example("deepspeed_client_optimizer")
     data = example.batches(20)
     engine, opt = example.build()
     example.train(engine, data)
-
-    # the oracle: the fused optimizer in a plain loop, 2 micro batches per step
-    config = dict(example.DS_CONFIG)
-    from onecycle_fused import schedule_from_config
-
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 4))
-    plain = FusedOneCycleAdamW(model.parameters(), schedule=schedule_from_config(config["scheduler"]),
-                               weight_decay=0.01)
-    for i, (x, y) in enumerate(data):
-        (torch.nn.functional.mse_loss(model(x), y) / 2).backward()
-        if i % 2 == 1:
-            plain.step()
-            plain.zero_grad()
+    model = _plain_loop(example, data)
     params = {name: (p.detach().clone(), q.detach().clone())
               for (name, p), q in zip(engine.module.named_parameters(), model.parameters())}
     torch.save({"counter": int(opt.step_counter()), "params": params}, out)

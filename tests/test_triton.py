@@ -242,18 +242,21 @@ def test_sgd_zero_momentum_keeps_buffer():
 
 
 
+def _table_of(cls, **kw):
+    """The device table of a one-group ``cls`` optimizer built with ``kw``:
+    the row the ops read, made as the optimizer makes it."""
+    opt = cls([torch.nn.Parameter(torch.zeros(1, device=DEVICE))], backend="reference", **kw)
+    opt._refresh_tables()
+    return opt._tables[DEVICE]
+
+
 def test_sgd_momentum_row_without_a_buffer_steps_with_the_gradient():
     """The op with a momentum row but no buffer for a tensor: the kernel must go
     by the tensor (no buffer: step with the gradient, as the reference and the
     CUDA kernel do); it used to take the row's word and use the placeholder
     address, the parameter itself, as the buffer. (The optimizer no longer
     hands the op such a case, see the next test; the op still takes it.)"""
-    tables = {}
-    for momentum in (0.0, 0.9):
-        ref = FusedOneCycleSGD([torch.nn.Parameter(torch.zeros(1, device=DEVICE))], backend="reference",
-                               **dict(SCHED, cycle_momentum=False, momentum=momentum))
-        ref._refresh_tables()
-        tables[momentum] = ref._tables[DEVICE]
+    tables = {m: _table_of(FusedOneCycleSGD, **dict(SCHED, cycle_momentum=False, momentum=m)) for m in (0.0, 0.9)}
     init = init_params((5, 70))
     grads = [g.float().to(DEVICE) for g in make_grads(1, (5, 70))[0]]
     results = {}
@@ -295,12 +298,7 @@ def test_amsgrad_row_without_max_state_leaves_param_alone():
     """The op with an amsgrad row but no max_exp_avg_sq for a tensor: that
     tensor steps without amsgrad (the reference's and the CUDA kernel's rule)
     instead of writing the max into the parameter's address."""
-    cls = FusedOneCycleAdam
-    tables = {}
-    for amsgrad in (False, True):
-        ref = cls([torch.nn.Parameter(torch.zeros(1, device=DEVICE))], backend="reference", amsgrad=amsgrad, **SCHED)
-        ref._refresh_tables()
-        tables[amsgrad] = ref._tables[DEVICE]
+    tables = {a: _table_of(FusedOneCycleAdam, amsgrad=a, **SCHED) for a in (False, True)}
     init = init_params((5, 70))
     grads = [g.float().to(DEVICE) for g in make_grads(1, (5, 70))[0]]
     results = {}
