@@ -673,6 +673,27 @@ def test_dtensor_params_use_their_local_shards(tmp_path):
         dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("relayout", ["transposed", "expanded"])
+def test_grad_at_a_cached_address_in_another_layout(relayout):
+    """A grad that comes back at the address of a cached launch table but in
+    another layout (``p.grad = p.grad.t()``; an expanded grad over one
+    element) is not a cache hit: the kernels would pair its elements with the
+    parameter's by memory order, or read past its storage."""
+    x = torch.randn(6, 6, generator=torch.Generator().manual_seed(4))
+    g = torch.arange(36, dtype=torch.float32).reshape(6, 6).cos()
+    out = {}
+    for backend in ("triton", "reference"):
+        p = torch.nn.Parameter(x.to(DEVICE).clone())
+        opt = FusedOneCycleAdamW([p], backend=backend, **SCHED)
+        for _ in range(2):
+            p.grad = g.to(DEVICE).clone()
+            opt.step()
+        p.grad = p.grad.t() if relayout == "transposed" else p.grad[:1, :1].expand(6, 6)
+        opt.step()
+        out[backend] = [p.detach().clone()] + state_tensors(opt, [p])
+    assert_ulps(out["triton"], out["reference"], ulps=4)
+
+
 def _transposed(x):
     return torch.nn.Parameter(x.t())  # dense, not contiguous
 

@@ -75,6 +75,7 @@ def _capturing(device: torch.device) -> bool:
 
 _DATA_PTR = torch.Tensor.data_ptr
 _NUMEL = torch.Tensor.numel
+_STRIDE = torch.Tensor.stride
 
 
 def _ptrs(tensors) -> tuple:
@@ -199,10 +200,14 @@ class _Launcher:
             return self._build(algo, dtype, device, chunk, params, grads, states, steps, group_ids)
         # the key costs ~0.12 us per address (map over the unbound method is
         # the cheapest way to read them); states are in it because a loaded
-        # checkpoint replaces them while params and grads stay put
+        # checkpoint replaces them while params and grads stay put. Strides
+        # too (~0.09 us a tensor): a grad can come back at the same address
+        # in another layout (``p.grad = p.grad.t()``, an expanded grad), and
+        # a hit skips the layout checks that ``_build`` makes
         key = (
             _ptrs(params), _ptrs(grads), _ptrs(states[0]), _ptrs(states[1]), _ptrs(states[2]), _ptrs(steps),
-            tuple(map(_NUMEL, params)), tuple(group_ids), chunk,
+            tuple(map(_NUMEL, params)), tuple(map(_STRIDE, params)), tuple(map(_STRIDE, grads)),
+            tuple(group_ids), chunk,
         )
         bucket = self._cache.setdefault((algo, dtype, device), collections.OrderedDict())
         launch = bucket.get(key)
