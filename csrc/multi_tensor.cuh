@@ -158,8 +158,9 @@ template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
 // The CPU emulation of this kernel (csrc/cuda/cpu_emulation.cuh) defines
-// this to record any vector access off a 16-byte boundary, which on a GPU
-// would fault; the CUDA build compiles it away.
+// this to count, and skip, any vector access off a 16-byte boundary, which
+// on a GPU would fault; the CUDA build compiles it away. Used as a statement
+// in a void function, before the access.
 #ifndef ONECYCLE_CHECK_VEC_ALIGNED
 #define ONECYCLE_CHECK_VEC_ALIGNED(address) ((void)0)
 #endif

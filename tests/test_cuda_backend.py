@@ -787,3 +787,150 @@ def test_emulated_params_without_grads(emulated):
 @pytest.mark.parametrize("cls", [FusedOneCycleSGD, FusedOneCycleAdam])
 def test_emulated_grad_scaler_with_forced_infs(emulated, cls):
     grad_scaler_case(cls, CPU)
+
+
+# ---------------------------------------------------------------------------
+# emulated edge cases: alignment, chunk boundaries, step counts, skipped steps
+
+
+def _offset_view(value, dtype, offset):
+    """``value`` in a tensor whose data starts ``offset`` elements into its
+    storage (offset 0: a fresh, 16-byte aligned allocation)."""
+    base = torch.empty(value.numel() + offset, dtype=dtype, device=value.device)
+    view = base[offset:].view(value.shape)
+    view.copy_(value)
+    return view
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("cls,kw", [(FusedOneCycleSGD, dict(SCHED, nesterov=True, weight_decay=0.01)),
+                                    (FusedOneCycleAdamW, dict(SCHED, weight_decay=0.1, amsgrad=True))],
+                         ids=["sgd", "adamw"])
+def test_emulated_mixed_alignment_in_one_launch(emulated, cls, kw, dtype):
+    """One launch over tensors whose parameter, grad or state starts 2, 4, 8
+    or 16 bytes off a 16-byte boundary next to aligned ones: the vector path
+    is taken only where all of a tensor's pointers are 16-byte aligned (a
+    misaligned one would raise here, as it would fault on a GPU), and every
+    tensor is updated like the reference does."""
+    emulated.grid = 3
+    sizes = ((1031,), (4, 517), (2053,), (16,), (1,), (9,))
+    # (param offset, grad offset) in elements; 16-bit: 2, 8, 14 bytes; fp32: 4, 16 (aligned), 28
+    offsets = ((1, 0), (0, 1), (4, 4), (7, 0), (0, 0), (1, 1))
+    inits = init_values(sizes, device=CPU)
+    grads = grad_values(4, sizes, device=CPU)
+
+    def go(backend):
+        params = [torch.nn.Parameter(_offset_view(v, dtype, po)) for v, (po, _) in zip(inits, offsets)]
+        opt = cls(params, backend=backend, **kw)
+        for i, step_grads in enumerate(grads):
+            for p, g, (_, go_) in zip(params, step_grads, offsets):
+                p.grad = _offset_view(g.to(dtype), dtype, go_)
+            opt.step()
+            if i == 0:  # state tensors off the boundary too, as a state loaded into views would be
+                for p in params[2:4]:
+                    for key in STATE_KEYS:
+                        if key in opt.state[p]:
+                            opt.state[p][key] = _offset_view(opt.state[p][key], dtype, 3)
+        return params, opt
+
+    ours, opt = go("cuda")
+    ref, ref_opt = go("reference")
+    assert int(opt.step_counter()) == 4
+    for p, q in zip(ours, ref):
+        if dtype == torch.float32:
+            assert_close_fp32(p, q)
+        else:
+            torch.testing.assert_close(p, q, rtol=2 * 2**-8, atol=1e-3)
+        assert int(opt.state[p]["step"]) == 4
+
+
+@pytest.mark.parametrize("grid", [1, 7])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_emulated_chunk_boundaries(emulated, grid, dtype):
+    """Sizes at and around multiples of the chunk (512 fp32 / 1024 16-bit
+    elements in the emulation) and of the vector, with one block or more
+    blocks than some tensors have chunks."""
+    emulated.grid = grid
+    sizes = ((511,), (512,), (513,), (1023,), (1024,), (1025,), (2048,), (3,), (0,), (4,))
+    compare_runs(FusedOneCycleAdam, dict(SCHED, amsgrad=True), dtype, sizes=sizes, steps=3, device=CPU)
+
+
+@pytest.mark.parametrize("cls,kw", [(FusedOneCycleSGD, dict(SCHED, dampening=0.2)),
+                                    (FusedOneCycleAdam, dict(SCHED, weight_decay=0.05))], ids=["sgd", "adam"])
+def test_emulated_step_counts_differ_within_a_block(emulated, cls, kw):
+    """Parameters of one group that got their first grad at different steps
+    have different step counts (SGD's first-step rule, Adam's bias
+    corrections): one block walks all their chunks and must not reuse one
+    tensor's per-chunk coefficients for another."""
+    emulated.grid = 1
+    sizes = ((5,), (600,), (7,), (1100,), (3,))
+    inits = init_values(sizes, device=CPU)
+    grads = grad_values(6, sizes, device=CPU)
+
+    def go(backend):
+        params = [make_param(v, torch.float32) for v in inits]
+        opt = cls(params, backend=backend, **kw)
+        for i, step_grads in enumerate(grads):
+            for j, (p, g) in enumerate(zip(params, step_grads)):
+                p.grad = g.float() if j <= i else None  # param j joins at step j
+            opt.step()
+        return params, opt
+
+    ours, opt = go("cuda")
+    ref, ref_opt = go("reference")
+    for j, (p, q) in enumerate(zip(ours, ref)):
+        assert_close_fp32(p, q)
+        assert int(opt.state[p]["step"]) == int(ref_opt.state[q]["step"]) == 6 - j
+
+
+@pytest.mark.parametrize("grid", [1, 3])
+def test_emulated_skipped_step_with_several_buckets(emulated, grid):
+    """found_inf set: no launch of any dtype bucket changes a parameter, a
+    state, a step count or the counter; the next step runs normally."""
+    emulated.grid = grid
+    sizes = ((700,), (33, 5), (0,), (2100,))
+    dtypes = (torch.float32, torch.bfloat16, torch.float16, torch.float16)
+    inits = init_values(sizes, device=CPU)
+    params = [make_param(v, dt) for v, dt in zip(inits, dtypes)]
+    opt = FusedOneCycleAdamW(params, backend="cuda", **dict(SCHED, amsgrad=True))
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+
+    def snapshot():
+        return [t.clone() for p in params for t in [p.detach(), *opt.state[p].values()]]
+
+    before = snapshot()
+    opt.found_inf = torch.ones(())
+    opt.grad_scale = torch.full((), 4.0)
+    try:
+        opt.step()
+    finally:
+        del opt.found_inf, opt.grad_scale
+    after = snapshot()
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    assert int(opt.step_counter()) == 1
+    opt.step()
+    assert int(opt.step_counter()) == 2 and all(int(opt.state[p]["step"]) == 2 for p in params)
+
+
+def test_emulated_only_empty_tensors(emulated):
+    """Every parameter empty: no chunk at all, one block; the step counts and
+    the counter still advance."""
+    params = [make_param(torch.zeros(s), dt) for s, dt in (((0,), torch.float32), ((0, 3), torch.bfloat16))]
+    opt = FusedOneCycleAdam(params, backend="cuda", **SCHED)
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        opt.step()
+    assert int(opt.step_counter()) == 2 and all(int(opt.state[p]["step"]) == 2 for p in params)
+
+
+def test_emulated_many_small_tensors(emulated):
+    """5,000 tensors of 0-6 elements in one launch: one chunk each, the
+    grid-stride loop over thousands of chunks per block and a binary search
+    over a long chunk table."""
+    emulated.grid = 4
+    g = torch.Generator().manual_seed(11)
+    sizes = [(int(torch.randint(0, 7, (1,), generator=g)),) for _ in range(5000)]
+    compare_runs(FusedOneCycleSGD, dict(SCHED, nesterov=True), torch.float32, sizes=sizes, steps=2, device=CPU)
