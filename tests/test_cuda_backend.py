@@ -680,7 +680,14 @@ def test_clear_errors():
         torch.ops.onecycle_fused.sgd_step_([p], [p.clone()], [torch.zeros_like(p)],
                                            [torch.zeros((), dtype=torch.int64, device=DEV)], [5], table, counter,
                                            None, None)
-    assert int(counter) == 0
+    # a CPU counter with CUDA params (the op dispatches to CUDA): a ValueError,
+    # not the CUDAGuard's RuntimeError
+    cpu_counter = torch.zeros((), dtype=torch.int64)
+    with pytest.raises(ValueError, match=r"counter must be a CUDA tensor"):
+        torch.ops.onecycle_fused.sgd_step_(*_sgd_args([p], [p.clone()], [torch.zeros_like(p)],
+                                                      [torch.zeros((), dtype=torch.int64, device=DEV)], table,
+                                                      cpu_counter))
+    assert int(counter) == 0 and int(cpu_counter) == 0
 
 
 # ---------------------------------------------------------------------------

@@ -9,6 +9,7 @@
 #pragma once
 
 #include <optional>
+#include <string>
 #include <vector>
 
 #include <ATen/core/Tensor.h>
@@ -70,6 +71,11 @@ int grid_size(int64_t total_chunks);
 // block of the earlier (stream-ordered) launches has read it.
 template <typename Op>
 void launch_step(const StepInputs& in) {
+  // before the guard, which would raise a RuntimeError of its own (or crash
+  // on an undefined tensor) for a counter that is not a CUDA tensor, e.g. a
+  // CPU counter with CUDA params (the op dispatches to CUDA by the params)
+  TORCH_CHECK_VALUE(in.counter.defined() && in.counter.is_cuda(), in.op, ": counter must be a CUDA tensor, got ",
+                    in.counter.defined() ? in.counter.device().str() : std::string("an undefined tensor"));
   const c10::cuda::CUDAGuard guard(in.counter.device());
   const c10::cuda::CUDAStream current = c10::cuda::getCurrentCUDAStream();
   const cudaStream_t stream = current.stream();
