@@ -235,6 +235,7 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
     def _reset_caches(self) -> None:
         """What is derived from the groups and rebuilt on use (also after unpickling)."""
         self._tables: dict[torch.device, torch.Tensor] = {}
+        self._retired_tables: list[torch.Tensor] = []  # see _refresh_tables
         self._table_rows = _TableRows()
         self._schedule_cache: dict[tuple, _Schedule] = {}
         self._schedule_seen: dict[int, tuple] = {}  # id(config) -> (config, its deep copy, schedule)
@@ -422,6 +423,11 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
             if table is not None and table.shape == host.shape:
                 table.copy_(host)  # keep the storage: CUDA graphs see the new values
             else:
+                if table is not None and device.type == "cuda":
+                    # a graph captured before the groups changed still reads
+                    # the old table: kept alive (a few hundred bytes), its
+                    # replay reads stale values, never freed memory
+                    self._retired_tables.append(table)
                 self._tables[device] = host.to(device)
         self._table_rows.rows = rows
 

@@ -498,6 +498,35 @@ def test_graph_replay_advances_the_schedule():
     torch.testing.assert_close(p.detach().cpu(), expected, rtol=1e-6, atol=1e-7)
 
 
+@gpu
+def test_graph_captured_before_add_param_group_still_replays():
+    """add_param_group replaces the device's group table (one more row). A
+    graph captured before still reads the old one: it is kept alive, so the
+    replay reads its values, not memory reused by other tensors."""
+    p = make_param(torch.zeros(4, device=DEV), torch.float32)
+    opt = FusedOneCycleSGD([p], backend="cuda", **dict(SCHED, cycle_momentum=False, momentum=0.0))
+    p.grad = torch.ones_like(p)
+    opt.step()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    q = make_param(torch.zeros(4, device=DEV), torch.float32)
+    opt.add_param_group({"params": [q]})
+    q.grad = torch.ones_like(q)
+    opt.step()  # eager: the table now has two rows, in a new tensor
+    junk = [torch.full((2, 24), float("nan"), dtype=torch.float64, device=DEV) for _ in range(512)]
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    del junk
+    sched = OneCycle(**dict(SCHED, cycle_momentum=False))
+    expected = torch.zeros(4, dtype=torch.float32)
+    for k in range(5):
+        expected -= torch.tensor(sched.lr(k), dtype=torch.float32)
+    assert int(opt.step_counter()) == 5
+    torch.testing.assert_close(p.detach().cpu(), expected, rtol=1e-6, atol=1e-7)
+
+
 # ---------------------------------------------------------------------------
 # GradScaler
 
