@@ -895,9 +895,19 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             for k, v in self.defaults.items():
                 group.setdefault(k, v)
+        taken: set[int] = set()
         for p, state in self.state.items():
             if "step" in state:
-                state["step"] = torch.as_tensor(state["step"]).to(device=p.device, dtype=torch.int64)
+                step = torch.as_tensor(state["step"]).to(device=p.device, dtype=torch.int64)
+                if id(step) in taken:
+                    # one count shared by several parameters (torch.load keeps
+                    # sharing; a converted checkpoint may share one): each
+                    # step would advance it once per parameter, and the
+                    # backends read it at different times. Each its own copy,
+                    # as _adopt_foreign_steps does
+                    step = step.clone()
+                taken.add(id(step))
+                state["step"] = step
         for c in self._counters.values():
             c.fill_(counter)
         self._host = _HostStep()

@@ -694,6 +694,37 @@ def test_grad_at_a_cached_address_in_another_layout(relayout):
     assert_ulps(out["triton"], out["reference"], ulps=4)
 
 
+@pytest.mark.parametrize("relayout", ["transposed", "slice"])
+def test_state_at_a_cached_address_in_another_layout(relayout):
+    """A state tensor replaced at its own address by one of another layout
+    (``state['exp_avg'].t()``; a slice of it) is not a cache hit either: the
+    kernels would walk it in the parameter's memory order, or over the
+    parameter's numel past the state's end, where the reference raises."""
+    shape = (6, 6) if relayout == "transposed" else (36,)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(4))
+    g = torch.arange(36, dtype=torch.float32).reshape(shape).cos().to(DEVICE)
+    out = {}
+    for backend in ("triton", "reference"):
+        p = torch.nn.Parameter(x.to(DEVICE).clone())
+        opt = FusedOneCycleAdamW([p], backend=backend, **SCHED)
+        p.grad = g  # kept at its address: the step's launch table is cached
+        for _ in range(2):
+            opt.step()
+        st = opt.state[p]
+        if relayout == "transposed":
+            st["exp_avg"] = st["exp_avg"].t()
+            opt.step()
+            out[backend] = [p.detach().clone()] + state_tensors(opt, [p])
+        else:
+            st["exp_avg_sq"] = st["exp_avg_sq"][:18]
+            before = p.detach().clone()
+            with pytest.raises(RuntimeError):
+                opt.step()
+            assert torch.equal(p.detach(), before)
+    if relayout == "transposed":
+        assert_ulps(out["triton"], out["reference"], ulps=4)
+
+
 def _transposed(x):
     return torch.nn.Parameter(x.t())  # dense, not contiguous
 

@@ -76,6 +76,7 @@ def _capturing(device: torch.device) -> bool:
 _DATA_PTR = torch.Tensor.data_ptr
 _NUMEL = torch.Tensor.numel
 _STRIDE = torch.Tensor.stride
+_SIZE = torch.Tensor.size
 
 
 def _ptrs(tensors) -> tuple:
@@ -84,6 +85,14 @@ def _ptrs(tensors) -> tuple:
         return tuple(map(_DATA_PTR, tensors))
     except TypeError:  # a None in the list
         return tuple(0 if t is None else t.data_ptr() for t in tensors)
+
+
+def _layouts(tensors) -> tuple:
+    """Strides and sizes of a list of tensors (None for None), for the cache key."""
+    try:
+        return tuple(map(_STRIDE, tensors)), tuple(map(_SIZE, tensors))
+    except TypeError:  # a None in the list
+        return tuple(None if t is None else (t.stride(), t.shape) for t in tensors)
 
 
 class _LayoutError(ValueError):
@@ -203,10 +212,14 @@ class _Launcher:
         # checkpoint replaces them while params and grads stay put. Strides
         # too (~0.09 us a tensor): a grad can come back at the same address
         # in another layout (``p.grad = p.grad.t()``, an expanded grad), and
-        # a hit skips the layout checks that ``_build`` makes
+        # a hit skips the layout checks that ``_build`` makes. The states'
+        # strides and sizes likewise (~0.18 us a tensor): a state replaced at
+        # its address by a view of itself (``state['exp_avg'].t()``, a slice)
+        # would be walked in the parameter's order, or past its end
         key = (
             _ptrs(params), _ptrs(grads), _ptrs(states[0]), _ptrs(states[1]), _ptrs(states[2]), _ptrs(steps),
             tuple(map(_NUMEL, params)), tuple(map(_STRIDE, params)), tuple(map(_STRIDE, grads)),
+            _layouts(states[0]), _layouts(states[1]), _layouts(states[2]),
             tuple(group_ids), chunk,
         )
         bucket = self._cache.setdefault((algo, dtype, device), collections.OrderedDict())
