@@ -902,6 +902,26 @@ def test_bad_grad_in_second_group_changes_nothing(opt_cls, backend, warm, kind):
     assert int(opt.step_counter()) == before[2] + 1
 
 
+@pytest.mark.parametrize("kind", ["shape", "dtype"])
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("opt_cls, key", [(FusedOneCycleSGD, "momentum_buffer"), (FusedOneCycleAdamW, "exp_avg_sq")])
+def test_bad_state_in_second_group_changes_nothing(opt_cls, key, backend, kind):
+    """A state tensor that no longer fits its parameter (a checkpoint loaded
+    after the parameters were reordered) raises before anything is stepped.
+    The reference backend used to update the first parameter, then fail."""
+    p, q = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(4))
+    kw = dict(momentum=0.9) if opt_cls is FusedOneCycleSGD else {}
+    opt = opt_cls([{"params": [p]}, {"params": [q]}], backend=backend, **SCHED, **kw)
+    for _ in range(2):
+        p.grad, q.grad = torch.randn(3), torch.randn(4)
+        opt.step()
+    opt.state[q][key] = torch.randn(3) if kind == "shape" else opt.state[q][key].double()
+    before = _snapshot(opt, [p, q])
+    with pytest.raises(ValueError, match=key):
+        opt.step()
+    _assert_unchanged(before, _snapshot(opt, [p, q]))
+
+
 @pytest.mark.parametrize("opt_cls, key, bad, match", [
     (FusedOneCycleSGD, "weight_decay", -0.1, "weight_decay"),
     (FusedOneCycleSGD, "dampening", float("nan"), "dampening"),

@@ -133,7 +133,28 @@ class ReferenceBackend:
     def supports(self, device, dtype) -> bool:
         return dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
+    @staticmethod
+    def _check(batch: StepBatch) -> None:
+        """Every grad and state tensor like its parameter, checked before
+        anything is written (as the compiled ops do): a state that no longer
+        fits (a checkpoint loaded after the parameters were reordered) raises
+        with nothing stepped."""
+        lists = [("grads", batch.grads)]
+        if batch.algo == "sgd":
+            lists.append(("momentum_buffers", batch.momentum_buffers))
+        else:
+            lists += [("exp_avgs", batch.exp_avgs), ("exp_avg_sqs", batch.exp_avg_sqs),
+                      ("max_exp_avg_sqs", batch.max_exp_avg_sqs)]
+        for name, tensors in lists:
+            for i, (p, t) in enumerate(zip(batch.params, tensors)):
+                if t is not None and (t.shape != p.shape or t.dtype != p.dtype or t.device != p.device):
+                    raise ValueError(
+                        f"{name}[{i}] must match params[{i}] ({p.dtype} {tuple(p.shape)} on {p.device}), "
+                        f"got {t.dtype} {tuple(t.shape)} on {t.device}"
+                    )
+
     def step(self, batch: StepBatch) -> None:
+        self._check(batch)
         lrs, moms = schedule_values(batch.table, batch.counter)
         skip = None if batch.found_inf is None else (batch.found_inf != 0)
         one = torch.ones((), dtype=torch.int64, device=batch.device)
