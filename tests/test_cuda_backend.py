@@ -477,10 +477,9 @@ def test_eager_step_after_capture_before_any_replay():
                 assert torch.equal(gopt.state[p][k], eopt.state[q][k]), k
 
 
-@gpu
-def test_graph_replay_advances_the_schedule():
-    """With equal grads each replay, the update sizes follow lr(k): the
-    schedule is read from the counter at replay, not baked in at capture."""
+def _plain_sgd_graph():
+    """A zero parameter, grads of one, plain SGD (no momentum) under SCHED: one
+    eager step, then a captured step. Each step subtracts lr(k)."""
     p = make_param(torch.zeros(4, device=DEV), torch.float32)
     opt = FusedOneCycleSGD([p], backend="cuda", **dict(SCHED, cycle_momentum=False, momentum=0.0))
     p.grad = torch.ones_like(p)
@@ -488,14 +487,27 @@ def test_graph_replay_advances_the_schedule():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         opt.step()
+    return p, opt, graph
+
+
+def _after_plain_sgd_steps(n):
+    """The parameter of _plain_sgd_graph after n steps, rounded as the kernel rounds."""
     sched = OneCycle(**dict(SCHED, cycle_momentum=False))
     expected = torch.zeros(4, dtype=torch.float32)
-    expected -= torch.tensor(sched.lr(0), dtype=torch.float32)
-    for k in range(1, 10):
-        graph.replay()
+    for k in range(n):
         expected -= torch.tensor(sched.lr(k), dtype=torch.float32)
+    return expected
+
+
+@gpu
+def test_graph_replay_advances_the_schedule():
+    """With equal grads each replay, the update sizes follow lr(k): the
+    schedule is read from the counter at replay, not baked in at capture."""
+    p, opt, graph = _plain_sgd_graph()
+    for _ in range(1, 10):
+        graph.replay()
     assert int(opt.step_counter()) == 10
-    torch.testing.assert_close(p.detach().cpu(), expected, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(p.detach().cpu(), _after_plain_sgd_steps(10), rtol=1e-6, atol=1e-7)
 
 
 @gpu
@@ -503,13 +515,7 @@ def test_graph_captured_before_add_param_group_still_replays():
     """add_param_group replaces the device's group table (one more row). A
     graph captured before still reads the old one: it is kept alive, so the
     replay reads its values, not memory reused by other tensors."""
-    p = make_param(torch.zeros(4, device=DEV), torch.float32)
-    opt = FusedOneCycleSGD([p], backend="cuda", **dict(SCHED, cycle_momentum=False, momentum=0.0))
-    p.grad = torch.ones_like(p)
-    opt.step()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        opt.step()
+    p, opt, graph = _plain_sgd_graph()
     q = make_param(torch.zeros(4, device=DEV), torch.float32)
     opt.add_param_group({"params": [q]})
     q.grad = torch.ones_like(q)
@@ -519,12 +525,8 @@ def test_graph_captured_before_add_param_group_still_replays():
         graph.replay()
     torch.cuda.synchronize()
     del junk
-    sched = OneCycle(**dict(SCHED, cycle_momentum=False))
-    expected = torch.zeros(4, dtype=torch.float32)
-    for k in range(5):
-        expected -= torch.tensor(sched.lr(k), dtype=torch.float32)
     assert int(opt.step_counter()) == 5
-    torch.testing.assert_close(p.detach().cpu(), expected, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(p.detach().cpu(), _after_plain_sgd_steps(5), rtol=1e-6, atol=1e-7)
 
 
 # ---------------------------------------------------------------------------
