@@ -166,6 +166,11 @@ class _Launcher:
             for t in tensors:
                 if t.device != device or t.dtype != dtype:
                     raise ValueError(f"{what}: grad and states must be {dtype} on {device}, got {t.dtype} on {t.device}")
+                if t.shape != p.shape:  # no copy can fix this one (conform fixes layouts)
+                    raise ValueError(
+                        f"{what}: grad and states must have the parameter's shape {tuple(p.shape)}, "
+                        f"got {tuple(t.shape)}"
+                    )
                 if not _same_layout(t, p):
                     raise _LayoutError(
                         f"{what}: grad and states must have the parameter's shape and memory layout, got "
