@@ -567,3 +567,61 @@ def test_back_to_back_mode_frees_each_implementation_before_the_next():
     assert "torch-fused+OneCycleLR" in timed and len(seen) == len(timed) >= 3, (seen, rows)
     assert all(n == 0 for _, n in seen), seen  # nothing earlier still alive at each build
     assert all(r() is None for r in alive)
+
+
+class _FakeCudaQueue:
+    """A stand-in for a CUDA device on CPU: ``launch(n)`` queues n kernels;
+    when the queue is full the host spins (burning CPU, as the driver does)
+    until the device has drained enough; ``synchronize`` drains it all."""
+
+    CAPACITY = 1024
+
+    def __init__(self, launches_per_step, drain_s):
+        self.pending = 0
+        self.per_step = launches_per_step
+        self.drain_s = drain_s  # host spin per launch that does not fit
+
+    def step(self):
+        over = self.pending + self.per_step - self.CAPACITY
+        if over > 0:  # the host waits, spinning, for the device to make room
+            end = __import__("time").perf_counter() + over * self.drain_s
+            while __import__("time").perf_counter() < end:
+                pass
+            self.pending = self.CAPACITY
+        else:
+            self.pending += self.per_step
+
+    def synchronize(self, device=None):
+        self.pending = 0
+
+
+def _fake_cuda(monkeypatch, queue):
+    import time
+    import types
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            self.t = None
+
+        def record(self, stream=None):
+            self.t = time.perf_counter()
+
+        def elapsed_time(self, other):
+            return (other.t - self.t) * 1e3
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", queue.synchronize)
+    return types.SimpleNamespace(type="cuda")
+
+
+def test_cuda_host_time_excludes_waiting_for_a_full_launch_queue(monkeypatch):
+    """On CUDA, host CPU time per step must be the host's own work: a step
+    that launches a few hundred kernels (torch foreach on the 1B set: ~50
+    launches per foreach op) must not be measured in a stretch where the
+    launch queue fills and the host spins waiting for the device."""
+    queue = _FakeCudaQueue(launches_per_step=450, drain_s=20e-6)  # 3 steps overflow the queue
+    device = _fake_cuda(monkeypatch, queue)
+    r = measure.time_steps(queue.step, device, warmup=2, iters=10, budget_s=10.0)
+    # the step itself costs ~nothing on the host; a full queue would add
+    # (3 * 450 - 1024) * 20 us = 6.5 ms of spinning to some steps
+    assert r["host_cpu_ms"] < 1.0, r
