@@ -197,12 +197,22 @@ def make_plots(rows, e2e, out_dir) -> list[str]:
     return written
 
 
+def _replace(path: str, text: str) -> None:
+    """Write ``path`` whole or not at all: the GPU session stops a run with a
+    signal at its time limit, which may land while a checkpoint is written; a
+    truncated results.json would lose the folder's rows and break the next
+    run that merges into it."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def write_all(out_dir, meta, rows, targets, e2e, plots: bool = True) -> list[str]:
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows, "targets": targets, "e2e": e2e}, f, indent=1)
-    with open(os.path.join(out_dir, "results.md"), "w") as f:
-        f.write(markdown(meta, rows, targets, e2e))
+    _replace(os.path.join(out_dir, "results.json"),
+             json.dumps({"meta": meta, "rows": rows, "targets": targets, "e2e": e2e}, indent=1))
+    _replace(os.path.join(out_dir, "results.md"), markdown(meta, rows, targets, e2e))
     written = [os.path.join(out_dir, "results.json"), os.path.join(out_dir, "results.md")]
     return written + (make_plots(rows, e2e, out_dir) if plots else [])
 

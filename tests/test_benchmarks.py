@@ -625,3 +625,31 @@ def test_cuda_host_time_excludes_waiting_for_a_full_launch_queue(monkeypatch):
     # the step itself costs ~nothing on the host; a full queue would add
     # (3 * 450 - 1024) * 20 us = 6.5 ms of spinning to some steps
     assert r["host_cpu_ms"] < 1.0, r
+
+
+def test_results_files_are_replaced_whole(tmp_path, monkeypatch):
+    """A run stopped while it writes a checkpoint (the GPU session's step
+    limits send a signal) leaves the previous results.json whole: the file is
+    written aside and renamed over the old one."""
+    from benchmarks import report
+
+    rows = [_row("torch-fused+OneCycleLR", 5.0), _row("ours-cuda", 2.0)]
+    for r in rows:
+        r.update(status="ok", n_tensors=1, n_params=1, bytes_per_step=20, family="ours", p10_ms=1.0, p90_ms=1.0)
+    meta = {"device_name": "x", "command": "c", "date": "d", "cpu": "c", "cpu_count": 1, "torch_threads": 1,
+            "git": "g", "backends": [], "notes": []}
+    report.write_all(str(tmp_path), meta, rows, [], None, plots=False)
+    before = (tmp_path / "results.json").read_text()
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt  # as if the signal came while writing
+
+    monkeypatch.setattr(report, "markdown", killed)
+    with pytest.raises(KeyboardInterrupt):
+        report.write_all(str(tmp_path), dict(meta, notes=["second"]), rows[:1], [], None, plots=False)
+    assert json.loads((tmp_path / "results.json").read_text())["meta"]["notes"] == ["second"]
+    monkeypatch.setattr(report.json, "dumps", killed)
+    with pytest.raises(KeyboardInterrupt):
+        report.write_all(str(tmp_path), meta, rows, [], None, plots=False)
+    json.loads((tmp_path / "results.json").read_text())  # still whole
+    assert before and not [p for p in os.listdir(tmp_path) if ".tmp" in p]
