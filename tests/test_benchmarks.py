@@ -420,6 +420,9 @@ def test_gpu_session_commands_fit_the_cli():
                     assert "torch-compiled+OneCycleLR" not in chosen
                 if name == "bench_compiled":
                     assert chosen == ["torch-compiled+OneCycleLR"]
+                if phase == 2 and name == "bench":
+                    # a cut phase 2 (the session's 15 minutes) must keep the 1B fp32 cases: they come first
+                    assert sets[0] == "llama1b" and run._csv(a.dtype)[0] == "fp32", sets
             elif argv[:3] == ["PY", "-m", "pytest"]:
                 # the test files are named (for their order): every file with a gpu test is one
                 named = {os.path.basename(a) for a in argv if a.startswith("tests/")}
