@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import statistics
 import time
 from typing import Callable, Optional
@@ -114,8 +115,11 @@ def time_steps(
 
 # host-side CUDA API calls that put work on the device
 _LAUNCH_APIS = {"cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx",
-                "cudaLaunchCooperativeKernel", "cudaGraphLaunch"}
-_COPY_APIS = {"cudaMemcpyAsync", "cudaMemcpy", "cudaMemsetAsync", "cudaMemset"}
+                "cudaLaunchCooperativeKernel", "cudaGraphLaunch", "cuGraphLaunch"}
+_COPY_PREFIXES = ("cudaMemcpy", "cudaMemset", "cuMemcpy", "cuMemset")  # any variant (2D, Peer, D8...)
+# CUPTI may suffix a version (cudaLaunchKernel_v7000) or the per-thread
+# default-stream variant (cudaLaunchKernel_ptsz, cudaMemcpy_ptds)
+_API_SUFFIX = re.compile(r"(_v\d+|_ptsz|_ptds)+$")
 
 
 def count_launches(step: Callable[[], object], device: torch.device, steps: int = 3) -> dict:
@@ -141,10 +145,10 @@ def count_launches(step: Callable[[], object], device: torch.device, steps: int 
             if not e.name.startswith(("Memcpy", "Memset")):
                 kernels += 1
             continue
-        api = e.name.split("_v")[0]  # CUPTI may suffix a version: cudaLaunchKernel_v7000
+        api = _API_SUFFIX.sub("", e.name)
         if api in _LAUNCH_APIS:
             launches += 1
-        elif api in _COPY_APIS:
+        elif api.startswith(_COPY_PREFIXES):
             copies += 1
     if launches == 0 and kernels == 0:
         # every step launches something: the profiler saw no CUDA activity

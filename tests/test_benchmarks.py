@@ -502,7 +502,8 @@ def test_count_launches_reads_the_profiler_and_never_reports_an_empty_trace_as_z
 
     traces = {
         "full": [ev("aten::add_"), ev("cudaLaunchKernel"), ev("cuLaunchKernelEx"), ev("cudaGraphLaunch_v10000"),
-                 ev("cudaMemcpyAsync"), ev("kernel_a", DeviceType.CUDA), ev("kernel_b", DeviceType.CUDA),
+                 ev("cudaMemcpyAsync"), ev("cudaLaunchKernel_ptsz"), ev("cudaMemset2DAsync_v3020"),
+                 ev("cudaStreamWaitEvent"), ev("kernel_a", DeviceType.CUDA), ev("kernel_b", DeviceType.CUDA),
                  ev("kernel_c", DeviceType.CUDA), ev("Memcpy HtoD (Pinned -> Device)", DeviceType.CUDA)] * 3,
         "empty": [ev("aten::add_")] * 3,
     }
@@ -529,7 +530,7 @@ def test_count_launches_reads_the_profiler_and_never_reports_an_empty_trace_as_z
     which["t"] = "full"
     r = measure.count_launches(lambda: calls.append(1), torch.device("cuda"), steps=3)
     assert len(calls) == 3
-    assert (r["launches_per_step"], r["kernels_per_step"], r["copies_per_step"]) == (3, 3, 1)
+    assert (r["launches_per_step"], r["kernels_per_step"], r["copies_per_step"]) == (4, 3, 2)
     which["t"] = "empty"
     r = measure.count_launches(lambda: None, torch.device("cuda"), steps=3)
     assert r["launches_per_step"] is None and r["kernels_per_step"] is None and "not counted" in r["launches_note"]
