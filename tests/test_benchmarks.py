@@ -657,3 +657,25 @@ def test_results_files_are_replaced_whole(tmp_path, monkeypatch):
         report.write_all(str(tmp_path), meta, rows, [], None, plots=False)
     json.loads((tmp_path / "results.json").read_text())  # still whole
     assert before and not [p for p in os.listdir(tmp_path) if ".tmp" in p]
+
+
+def test_back_to_back_case_survives_a_failing_copy_roofline(monkeypatch):
+    """On CUDA the copy roofline is measured before the case's rows (back to
+    back, interleave off); if it raises (out of memory next to the 1B set's
+    params) the rows are still measured, with 'of copy' missing, not the run lost."""
+    from benchmarks import run
+
+    def oom(*a, **k):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(measure, "copy_roofline", oom)
+    cfg = {"warmup": 1, "iters": 3, "budget": 1.0, "compiled_max_tensors": 10, "interleave": False}
+    shapes = param_sets.tiny()
+    params = run.make_params(shapes, torch.float32, torch.device("cpu"))
+    chosen = [i for i in impls.all_impls(torch.device("cpu")) if i.name == "torch-fused+OneCycleLR"]
+    [row] = run.bench_case("tiny", shapes, "fp32", "sgd", params, chosen, torch.device("cpu"), cfg, _Progress())
+    assert row["status"] == "ok" and row["median_ms"] > 0 and row["frac_of_copy"] is None, row
+    assert "out of memory" in row["copy_note"]
+    from benchmarks import report
+
+    assert "copy not measured" in report.case_title([row]) and report.text_table([row])
