@@ -679,3 +679,30 @@ def test_back_to_back_case_survives_a_failing_copy_roofline(monkeypatch):
     from benchmarks import report
 
     assert "copy not measured" in report.case_title([row]) and report.text_table([row])
+
+
+def test_report_merges_phase_folders(tmp_path):
+    """`python -m benchmarks.report DIR OTHER`: the GPU phases can come back as
+    separate folders and be merged here (no device time), like run --out would."""
+    from benchmarks import report
+
+    meta = {"device_name": "x", "device": "cuda", "command": "c1", "date": "d", "cpu": "c", "cpu_count": 1,
+            "torch_threads": 1, "git": "g", "backends": [], "notes": ["phase 1"]}
+
+    def row(impl, ms, set_name):
+        return dict(_row(impl, ms, set_name=set_name), n_tensors=1, n_params=1, bytes_per_step=20, family="ours",
+                    p10_ms=ms, p90_ms=ms)
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    e2e = {"steps": 10, "timed_steps": 5, "model": "m", "variants": {}}
+    report.write_all(str(a), meta, [row("ours-cuda", 1.0, "resnet50"), row("ours-cuda", 9.0, "llama1b")], [], e2e,
+                     plots=False)
+    report.write_all(str(b), dict(meta, command="c2", notes=["phase 2"]), [row("ours-cuda", 2.0, "llama1b")], [],
+                     None, plots=False)
+    r = subprocess.run([sys.executable, "-m", "benchmarks.report", str(a), str(b)], cwd=ROOT, capture_output=True,
+                       text=True, env=dict(os.environ, PYTHONPATH=ROOT, MPLBACKEND="Agg"))
+    assert r.returncode == 0, r.stderr
+    data = json.loads((a / "results.json").read_text())
+    assert sorted((x["set"], x["median_ms"]) for x in data["rows"]) == [("llama1b", 2.0), ("resnet50", 1.0)]
+    assert data["e2e"] == e2e and data["meta"]["notes"] == ["phase 1", "phase 2"]
+    assert data["targets"] and "llama1b" in (a / "results.md").read_text()

@@ -23,8 +23,9 @@
 # Budget: the two phases do NOT both fit 15 device-minutes at their limits
 # (540 s + 570 s, plus a machine start of 1-2 min). The machine stays warm only
 # ~30 s after a call: call phase 2 at once after phase 1 returns (no analysis
-# in between) or it starts bare (another start, a rebuild, a cold Triton
-# cache). The device tool cuts a call at the session's remaining time, so
+# in between, no MERGE_FROM: merge afterwards here, at no device time, with
+# `python -m benchmarks.report PHASE1_DIR PHASE2_DIR`) or it starts bare
+# (another start, a rebuild, a cold Triton cache). The device tool cuts a call at the session's remaining time, so
 # phase 2's steps are in order of value: the 1B set first (its fp32 cases carry
 # the copy-bandwidth target), then GPT-2, then the compiled rows, host
 # overhead and Triton tuning; every step's output up to the cut comes back.
