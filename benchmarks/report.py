@@ -197,12 +197,22 @@ def make_plots(rows, e2e, out_dir) -> list[str]:
     return written
 
 
+def _replace(path: str, text: str) -> None:
+    """Write ``path`` whole or not at all: the GPU session stops a run with a
+    signal at its time limit, which may land while a checkpoint is written; a
+    truncated results.json would lose the folder's rows and break the next
+    run that merges into it."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def write_all(out_dir, meta, rows, targets, e2e, plots: bool = True) -> list[str]:
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows, "targets": targets, "e2e": e2e}, f, indent=1)
-    with open(os.path.join(out_dir, "results.md"), "w") as f:
-        f.write(markdown(meta, rows, targets, e2e))
+    _replace(os.path.join(out_dir, "results.json"),
+             json.dumps({"meta": meta, "rows": rows, "targets": targets, "e2e": e2e}, indent=1))
+    _replace(os.path.join(out_dir, "results.md"), markdown(meta, rows, targets, e2e))
     written = [os.path.join(out_dir, "results.json"), os.path.join(out_dir, "results.md")]
     return written + (make_plots(rows, e2e, out_dir) if plots else [])
 
@@ -221,10 +231,33 @@ def rewrite(out_dir: str) -> list[str]:
     return write_all(out_dir, meta, data["rows"], targ, data.get("e2e"))
 
 
+def merge(out_dir: str, others: list[str]) -> None:
+    """Add the rows of other results folders to ``out_dir``'s results.json, as
+    ``benchmarks.run --out out_dir`` would have (a row of a later folder
+    replaces the same set / dtype / optimizer / implementation; the end-to-end
+    run of the last folder that has one). For GPU phases brought back as
+    separate folders: phase 2 need not wait for phase 1's folder (MERGE_FROM)
+    while the machine is warm for only ~30 s."""
+    from .run import _merge
+
+    with open(os.path.join(out_dir, "results.json")) as f:
+        data = json.load(f)
+    for other in others:
+        with open(os.path.join(other, "results.json")) as f:
+            new = json.load(f)
+        meta, rows, e2e = _merge(data, new["meta"], new["rows"], new.get("e2e"))
+        data = {"meta": meta, "rows": rows, "e2e": e2e}
+    _replace(os.path.join(out_dir, "results.json"), json.dumps(dict(data, targets=[]), indent=1))
+
+
 if __name__ == "__main__":
     import sys
 
-    if len(sys.argv) != 2:
-        raise SystemExit("usage: python -m benchmarks.report RESULTS_DIR")
+    if len(sys.argv) < 2:
+        raise SystemExit("usage: python -m benchmarks.report RESULTS_DIR [MORE_RESULTS_DIRS...]\n"
+                         "  rewrites RESULTS_DIR's results.md, targets and plots; rows of the other folders are merged "
+                         "into it first")
+    if len(sys.argv) > 2:
+        merge(sys.argv[1], sys.argv[2:])
     for path in rewrite(sys.argv[1]):
         print("wrote", path)

@@ -420,6 +420,9 @@ def test_gpu_session_commands_fit_the_cli():
                     assert "torch-compiled+OneCycleLR" not in chosen
                 if name == "bench_compiled":
                     assert chosen == ["torch-compiled+OneCycleLR"]
+                if phase == 2 and name == "bench":
+                    # a cut phase 2 (the session's 15 minutes) must keep the 1B fp32 cases: they come first
+                    assert sets[0] == "llama1b" and run._csv(a.dtype)[0] == "fp32", sets
             elif argv[:3] == ["PY", "-m", "pytest"]:
                 # the test files are named (for their order): every file with a gpu test is one
                 named = {os.path.basename(a) for a in argv if a.startswith("tests/")}
@@ -499,7 +502,8 @@ def test_count_launches_reads_the_profiler_and_never_reports_an_empty_trace_as_z
 
     traces = {
         "full": [ev("aten::add_"), ev("cudaLaunchKernel"), ev("cuLaunchKernelEx"), ev("cudaGraphLaunch_v10000"),
-                 ev("cudaMemcpyAsync"), ev("kernel_a", DeviceType.CUDA), ev("kernel_b", DeviceType.CUDA),
+                 ev("cudaMemcpyAsync"), ev("cudaLaunchKernel_ptsz"), ev("cudaMemset2DAsync_v3020"),
+                 ev("cudaStreamWaitEvent"), ev("kernel_a", DeviceType.CUDA), ev("kernel_b", DeviceType.CUDA),
                  ev("kernel_c", DeviceType.CUDA), ev("Memcpy HtoD (Pinned -> Device)", DeviceType.CUDA)] * 3,
         "empty": [ev("aten::add_")] * 3,
     }
@@ -526,7 +530,7 @@ def test_count_launches_reads_the_profiler_and_never_reports_an_empty_trace_as_z
     which["t"] = "full"
     r = measure.count_launches(lambda: calls.append(1), torch.device("cuda"), steps=3)
     assert len(calls) == 3
-    assert (r["launches_per_step"], r["kernels_per_step"], r["copies_per_step"]) == (3, 3, 1)
+    assert (r["launches_per_step"], r["kernels_per_step"], r["copies_per_step"]) == (4, 3, 2)
     which["t"] = "empty"
     r = measure.count_launches(lambda: None, torch.device("cuda"), steps=3)
     assert r["launches_per_step"] is None and r["kernels_per_step"] is None and "not counted" in r["launches_note"]
@@ -567,3 +571,138 @@ def test_back_to_back_mode_frees_each_implementation_before_the_next():
     assert "torch-fused+OneCycleLR" in timed and len(seen) == len(timed) >= 3, (seen, rows)
     assert all(n == 0 for _, n in seen), seen  # nothing earlier still alive at each build
     assert all(r() is None for r in alive)
+
+
+class _FakeCudaQueue:
+    """A stand-in for a CUDA device on CPU: ``launch(n)`` queues n kernels;
+    when the queue is full the host spins (burning CPU, as the driver does)
+    until the device has drained enough; ``synchronize`` drains it all."""
+
+    CAPACITY = 1024
+
+    def __init__(self, launches_per_step, drain_s):
+        self.pending = 0
+        self.per_step = launches_per_step
+        self.drain_s = drain_s  # host spin per launch that does not fit
+
+    def step(self):
+        over = self.pending + self.per_step - self.CAPACITY
+        if over > 0:  # the host waits, spinning, for the device to make room
+            end = __import__("time").perf_counter() + over * self.drain_s
+            while __import__("time").perf_counter() < end:
+                pass
+            self.pending = self.CAPACITY
+        else:
+            self.pending += self.per_step
+
+    def synchronize(self, device=None):
+        self.pending = 0
+
+
+def _fake_cuda(monkeypatch, queue):
+    import time
+    import types
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            self.t = None
+
+        def record(self, stream=None):
+            self.t = time.perf_counter()
+
+        def elapsed_time(self, other):
+            return (other.t - self.t) * 1e3
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", queue.synchronize)
+    return types.SimpleNamespace(type="cuda")
+
+
+def test_cuda_host_time_excludes_waiting_for_a_full_launch_queue(monkeypatch):
+    """On CUDA, host CPU time per step must be the host's own work: a step
+    that launches a few hundred kernels (torch foreach on the 1B set: ~50
+    launches per foreach op) must not be measured in a stretch where the
+    launch queue fills and the host spins waiting for the device."""
+    queue = _FakeCudaQueue(launches_per_step=450, drain_s=20e-6)  # 3 steps overflow the queue
+    device = _fake_cuda(monkeypatch, queue)
+    r = measure.time_steps(queue.step, device, warmup=2, iters=10, budget_s=10.0)
+    # the step itself costs ~nothing on the host; a full queue would add
+    # (3 * 450 - 1024) * 20 us = 6.5 ms of spinning to some steps
+    assert r["host_cpu_ms"] < 1.0, r
+
+
+def test_results_files_are_replaced_whole(tmp_path, monkeypatch):
+    """A run stopped while it writes a checkpoint (the GPU session's step
+    limits send a signal) leaves the previous results.json whole: the file is
+    written aside and renamed over the old one."""
+    from benchmarks import report
+
+    rows = [_row("torch-fused+OneCycleLR", 5.0), _row("ours-cuda", 2.0)]
+    for r in rows:
+        r.update(status="ok", n_tensors=1, n_params=1, bytes_per_step=20, family="ours", p10_ms=1.0, p90_ms=1.0)
+    meta = {"device_name": "x", "command": "c", "date": "d", "cpu": "c", "cpu_count": 1, "torch_threads": 1,
+            "git": "g", "backends": [], "notes": []}
+    report.write_all(str(tmp_path), meta, rows, [], None, plots=False)
+    before = (tmp_path / "results.json").read_text()
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt  # as if the signal came while writing
+
+    monkeypatch.setattr(report, "markdown", killed)
+    with pytest.raises(KeyboardInterrupt):
+        report.write_all(str(tmp_path), dict(meta, notes=["second"]), rows[:1], [], None, plots=False)
+    assert json.loads((tmp_path / "results.json").read_text())["meta"]["notes"] == ["second"]
+    monkeypatch.setattr(report.json, "dumps", killed)
+    with pytest.raises(KeyboardInterrupt):
+        report.write_all(str(tmp_path), meta, rows, [], None, plots=False)
+    json.loads((tmp_path / "results.json").read_text())  # still whole
+    assert before and not [p for p in os.listdir(tmp_path) if ".tmp" in p]
+
+
+def test_back_to_back_case_survives_a_failing_copy_roofline(monkeypatch):
+    """On CUDA the copy roofline is measured before the case's rows (back to
+    back, interleave off); if it raises (out of memory next to the 1B set's
+    params) the rows are still measured, with 'of copy' missing, not the run lost."""
+    from benchmarks import run
+
+    def oom(*a, **k):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(measure, "copy_roofline", oom)
+    cfg = {"warmup": 1, "iters": 3, "budget": 1.0, "compiled_max_tensors": 10, "interleave": False}
+    shapes = param_sets.tiny()
+    params = run.make_params(shapes, torch.float32, torch.device("cpu"))
+    chosen = [i for i in impls.all_impls(torch.device("cpu")) if i.name == "torch-fused+OneCycleLR"]
+    [row] = run.bench_case("tiny", shapes, "fp32", "sgd", params, chosen, torch.device("cpu"), cfg, _Progress())
+    assert row["status"] == "ok" and row["median_ms"] > 0 and row["frac_of_copy"] is None, row
+    assert "out of memory" in row["copy_note"]
+    from benchmarks import report
+
+    assert "copy not measured" in report.case_title([row]) and report.text_table([row])
+
+
+def test_report_merges_phase_folders(tmp_path):
+    """`python -m benchmarks.report DIR OTHER`: the GPU phases can come back as
+    separate folders and be merged here (no device time), like run --out would."""
+    from benchmarks import report
+
+    meta = {"device_name": "x", "device": "cuda", "command": "c1", "date": "d", "cpu": "c", "cpu_count": 1,
+            "torch_threads": 1, "git": "g", "backends": [], "notes": ["phase 1"]}
+
+    def row(impl, ms, set_name):
+        return dict(_row(impl, ms, set_name=set_name), n_tensors=1, n_params=1, bytes_per_step=20, family="ours",
+                    p10_ms=ms, p90_ms=ms)
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    e2e = {"steps": 10, "timed_steps": 5, "model": "m", "variants": {}}
+    report.write_all(str(a), meta, [row("ours-cuda", 1.0, "resnet50"), row("ours-cuda", 9.0, "llama1b")], [], e2e,
+                     plots=False)
+    report.write_all(str(b), dict(meta, command="c2", notes=["phase 2"]), [row("ours-cuda", 2.0, "llama1b")], [],
+                     None, plots=False)
+    r = subprocess.run([sys.executable, "-m", "benchmarks.report", str(a), str(b)], cwd=ROOT, capture_output=True,
+                       text=True, env=dict(os.environ, PYTHONPATH=ROOT, MPLBACKEND="Agg"))
+    assert r.returncode == 0, r.stderr
+    data = json.loads((a / "results.json").read_text())
+    assert sorted((x["set"], x["median_ms"]) for x in data["rows"]) == [("llama1b", 2.0), ("resnet50", 1.0)]
+    assert data["e2e"] == e2e and data["meta"]["notes"] == ["phase 1", "phase 2"]
+    assert data["targets"] and "llama1b" in (a / "results.md").read_text()

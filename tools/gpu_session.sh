@@ -7,7 +7,7 @@
 #   bash tools/gpu_wheels.sh        # here, first: DeepSpeed's wheels into .whl/ (carry=[".whl"])
 #   bash tools/gpu_session.sh 1     # build, gpu tests, ResNet-50 + small sets, e2e   (~6-8 min)
 #   MERGE_FROM=benchmarks/results/<phase 1 folder> bash tools/gpu_session.sh 2
-#                                   # GPT-2 + 1B sets, torch.compile rows, host overhead, Triton tuning (~8 min)
+#                                   # 1B + GPT-2 sets, torch.compile rows (fp32), host overhead, Triton tuning (~8 min)
 #
 # Everything it writes goes under $OUT, at most 8 files, as many as the device
 # tool brings back: env.txt (device and versions), build.log,
@@ -19,6 +19,16 @@
 # folder (in the repository, so it travels) whose rows phase 2 adds to.
 # Each step has its own timeout, so a hang in one still leaves the others'
 # output; the exit status is the first failure's.
+#
+# Budget: the two phases do NOT both fit 15 device-minutes at their limits
+# (540 s + 570 s, plus a machine start of 1-2 min). The machine stays warm only
+# ~30 s after a call: call phase 2 at once after phase 1 returns (no analysis
+# in between, no MERGE_FROM: merge afterwards here, at no device time, with
+# `python -m benchmarks.report PHASE1_DIR PHASE2_DIR`) or it starts bare
+# (another start, a rebuild, a cold Triton cache). The device tool cuts a call at the session's remaining time, so
+# phase 2's steps are in order of value: the 1B set first (its fp32 cases carry
+# the copy-bandwidth target), then GPT-2, then the compiled rows, host
+# overhead and Triton tuning; every step's output up to the cut comes back.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PHASE=${1:-1}
@@ -83,9 +93,13 @@ if [ "$PHASE" = 1 ]; then
   step bench 240 "$PY" -m benchmarks.run --no-progress --sets resnet50,small --skip-impls compiled \
     --iters 50 --budget 1 --no-plots --out "$OUT/bench" --note "tools/gpu_session.sh phase 1"
 else
-  step bench 180 "$PY" -m benchmarks.run --no-progress --sets gpt2,llama1b --skip-impls compiled \
+  # the 1B set first: a cut run keeps the 1B fp32 cases (~25 s each at ~3 TB/s: 8 implementations, ~70 steps
+  # of 7-30 ms each, a profiled stretch), GPT-2's are cheaper
+  step bench 180 "$PY" -m benchmarks.run --no-progress --sets llama1b,gpt2 --skip-impls compiled \
     --iters 50 --budget 1 --e2e-steps 0 --no-plots --out "$OUT/bench" --note "tools/gpu_session.sh phase 2"
-  step bench_compiled 120 "$PY" -m benchmarks.run --no-progress --sets resnet50 --impls compiled \
+  # fp32 only: each case compiles cold (inductor + Triton, ~20-40 s a graph; SGD compiles twice, its
+  # momentum a Python float that becomes dynamic on step 2): bf16 too would not fit the limit
+  step bench_compiled 120 "$PY" -m benchmarks.run --no-progress --sets resnet50 --dtype fp32 --impls compiled \
     --iters 50 --budget 1 --e2e-steps 0 --no-plots --out "$OUT/bench" \
     --note "tools/gpu_session.sh phase 2: torch.compile rows"
   step host_overhead 60 "$PY" -m benchmarks.host_overhead --device cuda --full
