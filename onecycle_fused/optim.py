@@ -82,8 +82,16 @@ _SCHEDULE_KEYS = set(_ONECYCLE_KEYS) | set(_RANGETEST_KEYS) | set(_TORCH_ONECYCL
 
 
 def _on(t: Optional[torch.Tensor], device: torch.device) -> Optional[torch.Tensor]:
-    """GradScaler's grad_scale / found_inf on ``device`` (no sync), or None."""
-    return None if t is None else t.to(device, non_blocking=True)
+    """GradScaler's grad_scale / found_inf on ``device``, or None. No sync,
+    except from a GPU to the CPU: a CPU kernel reads the value as soon as it
+    is called, and a non-blocking device-to-host copy (into pinned memory)
+    may not have landed by then, so that copy waits for it (only an
+    optimizer with parameters on the CPU and a GradScaler on a GPU)."""
+    if t is None:
+        return None
+    if device.type == "cpu" and t.device.type != "cpu":
+        return t.to(device)
+    return t.to(device, non_blocking=True)
 
 
 def _freeze(value):
@@ -160,13 +168,19 @@ class _HostStep:
 
     def __init__(self):
         self.step = 0
-        # (pinned int64, event) of an asynchronous copy of the counter, pending
-        # after a CUDA step whose found_inf the host could not see
-        self.pending: Optional[tuple[torch.Tensor, Any]] = None
+        # (pinned int64, event, base) of an asynchronous copy of the counter,
+        # pending after a CUDA step whose found_inf the host could not see;
+        # base: ``step`` when the copy was made. Steps taken before it lands
+        # keep adding to ``step``, so on landing ``step = value + (step - base)``
+        # (a copy may land several steps later: the GPU runs behind)
+        self.pending: Optional[tuple[torch.Tensor, Any, int]] = None
         # set when steps ran where host code does not re-run per call (a
         # torch.compile'd step, a captured CUDA graph): the next eager
         # occasion re-reads the counter
         self.stale = False
+        # ``step`` is a guess until ``pending`` lands (an eager step after
+        # stale ones copied the counter without waiting): get_last_lr waits
+        self.unknown = False
 
 
 class _TableRows:
@@ -321,7 +335,7 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         for k, v in self.defaults.items():
             group.setdefault(k, v)
         self._validate_group(group)
-        devices = {p.device for p in params}
+        devices = dict.fromkeys(p.device for p in params)  # in order: the first one's counter is step_counter()'s default
         backends = {}
         for device in devices:
             dtypes = {p.dtype for p in params if p.device == device}
@@ -417,40 +431,70 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
             self._validate_group(group, mirrored=True)
         if rows is None:
             rows = [self._row(g) for g in self.param_groups]
+        self._check_not_capturing("upload the parameter groups' table (new, or a hyper-parameter changed)")
         host = torch.tensor(rows, dtype=torch.float64)
+        pinned = None
         for device in self._counters:
+            src = host
+            if device.type == "cuda" and not torch.compiler.is_compiling():
+                # a pageable host-to-device copy synchronises with the host;
+                # from pinned memory it does not (the caching host allocator
+                # keeps the block until the copy is done)
+                if pinned is None:
+                    pinned = host.pin_memory()
+                src = pinned
             table = self._tables.get(device)
             if table is not None and table.shape == host.shape:
-                table.copy_(host)  # keep the storage: CUDA graphs see the new values
+                table.copy_(src, non_blocking=True)  # keep the storage: CUDA graphs see the new values
             else:
                 if table is not None and device.type == "cuda":
                     # a graph captured before the groups changed still reads
                     # the old table: kept alive (a few hundred bytes), its
                     # replay reads stale values, never freed memory
                     self._retired_tables.append(table)
-                self._tables[device] = host.to(device)
+                self._tables[device] = src.to(device, non_blocking=True)
         self._table_rows.rows = rows
 
     # ------------------------------------------------------------------
     # host mirror of lr / momentum
 
-    def _resolve_pending(self, wait: bool = False) -> None:
-        """Adopt the device counter's value once its asynchronous copy landed."""
+    def _resolve_pending(self, wait: Optional[bool] = None) -> None:
+        """Adopt the device counter's value once its asynchronous copy landed.
+        ``wait``: True waits for the copy, False never does (inside a step),
+        None (get_last_lr) waits only when the host has no other value."""
         host = self._host
         if host.stale:
             host.pending = None
-            host.step = int(self._counter())  # one read, outside any step
-            host.stale = False
+            host.step = int(self._mirror_counter())  # one read, outside any step
+            host.stale = host.unknown = False
             return
         if host.pending is None:
             return
-        value, event = host.pending
-        if wait:
+        value, event, base = host.pending
+        if wait or (wait is None and host.unknown):
             event.synchronize()
         elif not event.query():
             return
-        host.step = int(value)
+        host.step = int(value) + (host.step - base)
         host.pending = None
+        host.unknown = False
+
+    def _copy_counter_async(self, counter: torch.Tensor) -> None:
+        """Start a copy of a CUDA ``counter`` to the host; ``_resolve_pending``
+        adopts it once it landed (no sync here)."""
+        value = torch.empty((), dtype=torch.int64, pin_memory=True)
+        value.copy_(counter, non_blocking=True)  # on the counter's device's current stream
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(counter.device))  # that stream, not the current device's
+        self._host.pending = (value, event, self._host.step)
+
+    def _mirror_counter(self) -> torch.Tensor:
+        """The counter the host mirror reads: a CPU one when there is one (its
+        read costs no sync), else the first."""
+        for c in self._counters.values():
+            if c.device.type == "cpu":
+                return c
+        return self._counter()
 
     def _update_mirror(self) -> None:
         k = self._host.step
@@ -470,10 +514,10 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         After steps run by a compiled function or a CUDA graph replay this reads
         the device counter once to bring the ``param_groups`` mirror up to date.
         """
-        if self._host_code_runs():
+        if self._host_code_runs():  # (not while capturing: no event query, no read)
             self._adopt_foreign_steps()
-        self._resolve_pending()
-        self._update_mirror()
+            self._resolve_pending()
+            self._update_mirror()
         return [group["lr"] for group in self.param_groups]
 
     # ------------------------------------------------------------------
@@ -488,7 +532,10 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
     def _counter(self, device: torch.device | str | None = None) -> torch.Tensor:
         if device is None:
             return next(iter(self._counters.values()))
-        return self._counters[torch.device(device)]
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:  # "cuda": the current device, as torch reads it
+            device = torch.device("cuda", torch.cuda.current_device())
+        return self._counters[device]
 
     def _host_code_runs(self) -> bool:
         """False while a step is traced by torch.compile or captured in a CUDA
@@ -496,6 +543,16 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         return not (torch.compiler.is_compiling() or (
             any(c.is_cuda for c in self._counters.values()) and torch.cuda.is_current_stream_capturing()
         ))
+
+    def _check_not_capturing(self, what: str) -> None:
+        """Refuse, before anything changes, what a CUDA graph cannot replay.
+        State made during capture would be made again (zeroed) at every
+        replay, and the group table's host-to-device copy cannot be captured."""
+        if not torch.compiler.is_compiling() and not self._host_code_runs():
+            raise RuntimeError(
+                f"{type(self).__name__}.step() during CUDA graph capture would {what}: run one step eagerly "
+                "(outside the capture) first, with the same parameters having grads and the same hyper-parameters"
+            )
 
     def _acknowledge_steps(self) -> None:
         """Take the per-parameter ``step`` tensors in ``state`` now as known."""
@@ -634,6 +691,7 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
                         _check_grad(self, i, p, grad)
                     state = self.state[p]
                     if len(state) == 0:
+                        self._check_not_capturing("create optimizer state (it would be zeroed at every replay)")
                         created.append(p)
                         state.update(self._init_state(p, group))
                         if not compiling:
@@ -786,21 +844,37 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
             # step on the host here would bake one value into the graph
             self._host.stale = True
             return
-        self._resolve_pending()
+        host = self._host
+        counter = self._mirror_counter()
+        if host.stale:
+            # steps ran that the host did not count: the counter, which
+            # already counts this step, is the truth (no +1 on top of it)
+            host.stale = False
+            host.pending = None
+            if counter.device.type == "cpu":
+                host.step = int(counter)
+            else:
+                host.unknown = True  # a guess until the copy lands
+                self._copy_counter_async(counter)
+            self._update_mirror()
+            return
+        self._resolve_pending(wait=False)
         if found_inf is None:
-            self._host.step += 1
-        elif found_inf.device.type == "cpu":
-            self._host.step += int(found_inf.item() == 0)  # a CPU read costs no sync
+            host.step += 1
+        elif counter.device.type == "cpu":
+            # a CPU read costs no sync: found_inf itself if it is on the CPU,
+            # else the CPU counter, stepped with a (blocking) copy of it (_on)
+            if found_inf.device.type == "cpu":
+                host.step += int(found_inf.item() == 0)
+            else:
+                host.step = int(counter)
+                host.pending = None
+                host.unknown = False
         else:
             # optimistic: assume the step ran, then adopt the counter's true
             # value when an asynchronous copy of it lands (no host sync here)
-            self._host.step += 1
-            counter = self._counter()
-            value = torch.empty((), dtype=torch.int64, pin_memory=True)
-            value.copy_(counter, non_blocking=True)  # on the counter's device's current stream
-            event = torch.cuda.Event()
-            event.record(torch.cuda.current_stream(counter.device))  # that stream, not the current device's
-            self._host.pending = (value, event)
+            host.step += 1
+            self._copy_counter_async(counter)
         self._update_mirror()
 
     # ------------------------------------------------------------------
@@ -829,7 +903,9 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
             return
         self.schedule = ours["schedule"]
         self.backend = ours["backend"]
-        self._counters = ours["counters"]
+        # keyed by where each counter is now: torch.load(map_location=...)
+        # moves the tensors, not the dict's keys
+        self._counters = {c.device: c for c in ours["counters"].values()}
         self._has_dtensors = ours["has_dtensors"]
         self._has_complex = any(p.is_complex() for g in self.param_groups for p in g["params"])
         self._host = _HostStep()
@@ -1095,6 +1171,7 @@ class FusedOneCycleSGD(_FusedOneCycleOptimizer):
             # happens on the host, so also on a step GradScaler then skips
             # (as a first step's state is made): the count stays 0 and the
             # next applied step takes the rule, as torch's would.
+            self._check_not_capturing("create a momentum buffer (it would be zeroed at every replay)")
             state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["step"].zero_()
         batch.momentum_buffers.append(state.get("momentum_buffer"))
@@ -1194,6 +1271,7 @@ class FusedOneCycleAdam(_FusedOneCycleOptimizer):
         batch.exp_avgs.append(state["exp_avg"])
         batch.exp_avg_sqs.append(state["exp_avg_sq"])
         if group["amsgrad"] and "max_exp_avg_sq" not in state:  # amsgrad switched on later
+            self._check_not_capturing("create max_exp_avg_sq (it would be zeroed at every replay)")
             state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         batch.max_exp_avg_sqs.append(state["max_exp_avg_sq"] if group["amsgrad"] else None)
 

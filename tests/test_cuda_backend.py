@@ -27,6 +27,7 @@ import torch
 from onecycle_fused import FusedOneCycleAdam, FusedOneCycleAdamW, FusedOneCycleSGD, LRRangeTest, OneCycle, TorchOneCycle
 from onecycle_fused import backends as _backends
 from onecycle_fused.backends import get_backend
+from onecycle_fused.schedule import Row
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -719,6 +720,183 @@ def test_clear_errors():
                                                       [torch.zeros((), dtype=torch.int64, device=DEV)], table,
                                                       cpu_counter))
     assert int(counter) == 0 and int(cpu_counter) == 0
+
+
+# ---------------------------------------------------------------------------
+# the Python side's CUDA-only paths (host mirror, capture guards, devices);
+# their logic is also checked on the CPU in tests/test_cuda_paths_on_cpu.py
+
+
+def _mirror_matches_counter(opt, sched_kw):
+    """get_last_lr() and the lr mirror equal the schedule at the counter."""
+    k = int(opt.step_counter())
+    expected = OneCycle(**{n: v for n, v in sched_kw.items() if n in OneCycle(0.0, 0.0).params()}).lr(k)
+    assert opt.get_last_lr() == [expected] == [opt.param_groups[0]["lr"]], k
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cls", [FusedOneCycleSGD, FusedOneCycleAdamW])
+def test_cuda_found_inf_with_cpu_and_cuda_params_in_one_optimizer(cls):
+    """Mixed devices with GradScaler's flags on the GPU (set as GradScaler
+    sets them; GradScaler itself has the same race in its own CPU unscale).
+    The CPU kernels read found_inf through a blocking copy: a non-blocking
+    one into pinned memory was read before it landed (here: found_inf is
+    written after a long GPU sleep, so the CPU parameter was stepped). The
+    mirror reads the CPU counter (it used to hand it to
+    torch.cuda.current_stream, a ValueError)."""
+    torch.manual_seed(0)
+    cpu_p = torch.nn.Parameter(torch.randn(64, 8))
+    gpu_p = torch.nn.Parameter(torch.randn(1000, device=DEV))
+    opt = cls([cpu_p, gpu_p], **SCHED)  # auto: a CPU backend and a GPU one
+    for i in range(6):
+        cpu_p.grad, gpu_p.grad = torch.randn_like(cpu_p), torch.randn_like(gpu_p)
+        found_inf = torch.zeros((), device=DEV)
+        torch.cuda._sleep(50_000_000)  # tens of ms: the flag is written long after the step is called
+        found_inf.fill_(1.0 if i in (2, 4) else 0.0)
+        opt.grad_scale, opt.found_inf = torch.full((), 2.0, device=DEV), found_inf
+        before = cpu_p.detach().clone()
+        try:
+            opt.step()
+        finally:
+            del opt.grad_scale, opt.found_inf
+        assert torch.equal(before, cpu_p) == (i in (2, 4)), f"step {i}"
+    torch.cuda.synchronize()
+    assert int(opt.step_counter(DEV)) == int(opt.step_counter("cpu")) == 4
+    assert int(opt.state[cpu_p]["step"]) == int(opt.state[gpu_p]["step"]) == 4
+    _mirror_matches_counter(opt, SCHED)
+
+
+@pytest.mark.gpu
+def test_mirror_after_grad_scaler_steps_then_plain_steps():
+    """The asynchronous copy of the counter made by a CUDA GradScaler step
+    may land steps later; the plain steps taken meanwhile still count."""
+    p = torch.nn.Parameter(torch.randn(1 << 20, device=DEV))
+    opt = FusedOneCycleSGD([p], **SCHED)
+    scaler = torch.amp.GradScaler("cuda", init_scale=1024.0)
+    for i in range(3):
+        opt.zero_grad()
+        scaler.scale((p**2).sum()).backward()
+        if i == 1:
+            p.grad[0] = math.inf
+        scaler.step(opt)
+        scaler.update()
+    for _ in range(4):  # no scaler: found_inf None
+        p.grad = torch.randn_like(p)
+        opt.step()
+    torch.cuda.synchronize()
+    assert int(opt.step_counter()) == 6
+    _mirror_matches_counter(opt, SCHED)
+
+
+@gpu
+def test_eager_steps_after_graph_replays_keep_the_mirror_right():
+    """Replays leave the host count stale; the next eager step copies the
+    counter without a sync and get_last_lr waits for that copy (the mirror
+    used to run one step ahead after such a step)."""
+    p, opt, graph = _plain_sgd_graph()
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opt.step()  # eager, stale host count: no sync
+        opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert int(opt.step_counter()) == 6
+    _mirror_matches_counter(opt, SCHED)
+
+
+@pytest.mark.gpu
+def test_capture_refuses_what_a_replay_would_redo():
+    """State made during capture would be zeroed at every replay, and the
+    group table's upload cannot be captured: a RuntimeError naming the fix,
+    nothing changed, and the capture ends cleanly."""
+    p = torch.nn.Parameter(torch.zeros(4, device=DEV))
+    q = torch.nn.Parameter(torch.zeros(4, device=DEV))
+    opt = FusedOneCycleAdamW([p, q], **SCHED)
+    p.grad = torch.ones_like(p)
+    with pytest.raises(RuntimeError, match="run one step eagerly"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            opt.step()  # no eager step yet
+    opt.step()
+    q.grad = torch.ones_like(q)  # q has no state yet
+    with pytest.raises(RuntimeError, match="create optimizer state"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            opt.step()
+    assert len(opt.state[q]) == 0
+    opt.step()
+    opt.param_groups[0]["weight_decay"] = 0.5
+    with pytest.raises(RuntimeError, match="hyper-parameter changed"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            opt.step()
+    torch.cuda.synchronize()
+    assert int(opt.step_counter()) == 2
+
+
+@gpu
+def test_hyper_parameter_change_uploads_the_table_without_a_sync():
+    params, opt = _steady_optimizer()
+    opt.step()
+    opt.step()
+    torch.cuda.synchronize()
+    opt.param_groups[0]["weight_decay"] = 0.05
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert torch.equal(opt._tables[params[0].device][0, Row.WEIGHT_DECAY].cpu(), torch.tensor(0.05, dtype=torch.float64))
+
+
+@pytest.mark.gpu
+def test_step_counter_of_plain_cuda():
+    p = torch.nn.Parameter(torch.zeros(4, device=DEV))
+    opt = FusedOneCycleSGD([p], **SCHED)
+    assert opt.step_counter("cuda") is opt.step_counter(p.device) is opt.step_counter()
+
+
+@pytest.mark.gpu
+def test_float64_on_the_gpu_goes_to_the_reference_backend_with_one_counter():
+    p32 = torch.nn.Parameter(torch.randn(10, device=DEV))
+    p64 = torch.nn.Parameter(torch.randn(10, device=DEV, dtype=torch.float64))
+    opt = FusedOneCycleAdamW([p32, p64], **SCHED)
+    assert opt._backend_for[p32.device].name == "reference"
+    for _ in range(3):
+        p32.grad, p64.grad = torch.randn_like(p32), torch.randn_like(p64)
+        opt.step()
+    assert int(opt.step_counter()) == 3 and list(opt._counters) == [p32.device]
+    _mirror_matches_counter(opt, SCHED)
+
+
+@pytest.mark.gpu
+def test_cpu_checkpoint_loads_onto_gpu_params():
+    """A checkpoint saved on the CPU, loaded into an optimizer of GPU params:
+    states, per-parameter steps and the counter land on the GPU, and the run
+    continues as the CPU one does."""
+    torch.manual_seed(0)
+    init = torch.randn(33)
+    grads = [torch.randn(33) for _ in range(5)]
+    cpu_p = torch.nn.Parameter(init.clone())
+    cpu_opt = FusedOneCycleAdamW([cpu_p], backend="reference", **SCHED)
+    for g in grads[:3]:
+        cpu_p.grad = g.clone()
+        cpu_opt.step()
+    sd = cpu_opt.state_dict()
+    gpu_p = torch.nn.Parameter(cpu_p.detach().to(DEV))
+    gpu_opt = FusedOneCycleAdamW([gpu_p], backend="reference", **SCHED)
+    gpu_opt.load_state_dict(sd)
+    st = gpu_opt.state[gpu_p]
+    assert all(st[k].device == gpu_p.device for k in ("exp_avg", "exp_avg_sq", "step"))
+    assert st["step"].dtype == torch.int64 and gpu_opt.step_counter().device == gpu_p.device
+    for g in grads[3:]:
+        cpu_p.grad, gpu_p.grad = g.clone(), g.to(DEV)
+        cpu_opt.step()
+        gpu_opt.step()
+    torch.testing.assert_close(gpu_p.detach().cpu(), cpu_p.detach(), rtol=1e-6, atol=1e-7)
+    assert int(gpu_opt.step_counter()) == 5
+    _mirror_matches_counter(gpu_opt, SCHED)
 
 
 # ---------------------------------------------------------------------------

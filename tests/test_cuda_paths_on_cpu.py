@@ -1,0 +1,225 @@
+"""CUDA-only code paths of optim.py / backends, exercised on the CPU.
+
+No GPU runs in CI, so the host-side logic of what only happens with CUDA
+tensors is checked here with stand-ins: a CUDA graph capture is "host code
+runs but ``_host_code_runs()`` says it does not" (what the optimizer asks), an
+asynchronous counter copy is a pending value with an event that lands when
+the test says so. The same behaviours on a real GPU: the ``gpu`` tests at the
+end of tests/test_cuda_backend.py.
+"""
+import pickle
+
+import pytest
+import torch
+
+from onecycle_fused import FusedOneCycleAdam, FusedOneCycleSGD, OneCycle
+
+SCHED = dict(cycle_min_lr=0.01, cycle_max_lr=0.1, cycle_first_step_size=4, cycle_second_step_size=3,
+             decay_step_size=2, decay_lr_rate=0.5)
+
+
+def _sgd(backend="reference", **kw):
+    p = torch.nn.Parameter(torch.zeros(5))
+    opt = FusedOneCycleSGD([p], backend=backend, **SCHED, **kw)
+    p.grad = torch.ones(5)
+    return p, opt
+
+
+def _lr(k):
+    return OneCycle(**SCHED).lr(k)
+
+
+class _Capturing:
+    """While active, the optimizer believes a CUDA graph is being captured."""
+
+    def __init__(self, opt):
+        self.opt = opt
+
+    def __enter__(self):
+        self.opt._host_code_runs = lambda: False
+        return self
+
+    def __exit__(self, *exc):
+        del self.opt._host_code_runs
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_mirror_after_steps_the_host_did_not_see(backend):
+    """Steps run by a captured graph (or a compiled function) leave the host
+    mirror stale; the next eager step re-reads the counter, which already
+    counts that step: no +1 on top (the mirror used to run one step ahead for
+    good after that)."""
+    p, opt = _sgd(backend)
+    opt.step()  # eager: state, table
+    with _Capturing(opt):
+        opt.step()
+        opt.step()
+    assert opt._host.stale
+    opt.step()
+    assert int(opt.step_counter()) == 4
+    assert opt._host.step == 4
+    assert opt.param_groups[0]["lr"] == _lr(4)
+    opt.step()
+    assert opt.get_last_lr() == [_lr(5)] == [opt.param_groups[0]["lr"]]
+
+
+class _FakeEvent:
+    def __init__(self):
+        self.landed = False
+        self.synchronized = False
+
+    def query(self):
+        return self.landed
+
+    def synchronize(self):
+        self.synchronized = True
+        self.landed = True
+
+
+def test_pending_copy_landing_steps_later():
+    """The asynchronous copy of the counter (a CUDA GradScaler step) can land
+    several steps later, the GPU running behind: the steps taken meanwhile
+    still count (it used to fall back to the copy's value, steps behind)."""
+    p, opt = _sgd()
+    for _ in range(3):
+        opt.step()
+    event = _FakeEvent()
+    # as _copy_counter_async leaves it after step 3: counter 3, host 3
+    opt._host.pending = (opt.step_counter().clone(), event, opt._host.step)
+    opt.step()
+    opt.step()  # the copy has not landed: both steps counted optimistically
+    assert opt._host.step == 5 and opt._host.pending is not None
+    event.landed = True
+    assert opt.get_last_lr() == [_lr(5)]
+    assert opt._host.pending is None and opt._host.step == 5 == int(opt.step_counter())
+
+
+def test_pending_copy_with_a_skipped_step_is_adopted():
+    """A skipped step (found_inf on the GPU) is seen when the copy lands."""
+    p, opt = _sgd()
+    opt.step()
+    opt._host.step += 1  # the optimistic count of a step GradScaler skipped: the counter stayed at 1
+    event = _FakeEvent()
+    opt._host.pending = (opt.step_counter().clone(), event, opt._host.step)
+    opt.step()
+    assert opt._host.step == 3
+    event.landed = True
+    assert opt.get_last_lr() == [_lr(2)]
+
+
+def test_get_last_lr_waits_only_when_the_host_count_is_a_guess():
+    p, opt = _sgd()
+    opt.step()
+    event = _FakeEvent()
+    opt._host.pending = (opt.step_counter().clone(), event, opt._host.step)
+    assert opt.get_last_lr() == [_lr(1)] and not event.synchronized  # not landed: the optimistic count
+    # as after an eager step that followed captured ones: the host count is
+    # a guess, the copy made from it the truth
+    opt._host.step = 123
+    opt._host.unknown = True
+    opt._host.pending = (opt.step_counter().clone(), event, opt._host.step)
+    assert opt.get_last_lr() == [_lr(1)] and event.synchronized
+    assert not opt._host.unknown
+
+
+def test_get_last_lr_during_capture_reads_nothing():
+    """No event query and no counter read while capturing (both are illegal
+    then): the mirror's values are returned as they are."""
+    p, opt = _sgd()
+    opt.step()
+
+    class Untouchable:
+        def query(self):
+            raise AssertionError("event queried during capture")
+
+        synchronize = query
+
+    opt._host.pending = (opt.step_counter().clone(), Untouchable(), opt._host.step)
+    with _Capturing(opt):
+        opt.step()
+        assert opt._host.stale
+        assert opt.get_last_lr() == [_lr(1)]  # the mirror as the last eager step left it
+    opt._host.pending = None
+    assert opt.get_last_lr() == [_lr(2)]  # stale: re-read outside the capture
+
+
+@pytest.mark.parametrize("cls,kw", [(FusedOneCycleSGD, {}), (FusedOneCycleAdam, {})])
+def test_state_creation_during_capture_raises_before_anything_changes(cls, kw):
+    p = torch.nn.Parameter(torch.zeros(5))
+    q = torch.nn.Parameter(torch.zeros(3))
+    opt = cls([p, q], backend="reference", **SCHED, **kw)
+    p.grad = torch.ones(5)
+    opt.step()  # eager: p's state; q has no grad yet
+    q.grad = torch.ones(3)
+    before = p.detach().clone()
+    with _Capturing(opt), pytest.raises(RuntimeError, match="create optimizer state.*run one step eagerly"):
+        opt.step()
+    assert len(opt.state[q]) == 0 and torch.equal(p, before) and int(opt.step_counter()) == 1
+
+
+def test_first_step_inside_a_capture_raises():
+    p, opt = _sgd()
+    with _Capturing(opt), pytest.raises(RuntimeError, match="table.*run one step eagerly"):
+        opt.step()
+    assert len(opt.state) == 0 and int(opt.step_counter()) == 0
+
+
+def test_hyper_parameter_changed_before_capture_raises():
+    """The group table's upload cannot be captured (a host-to-device copy)."""
+    p, opt = _sgd()
+    opt.step()
+    opt.param_groups[0]["weight_decay"] = 0.1
+    with _Capturing(opt), pytest.raises(RuntimeError, match="hyper-parameter changed"):
+        opt.step()
+    assert int(opt.step_counter()) == 1
+    opt.step()  # eagerly it is taken
+    assert int(opt.step_counter()) == 2
+
+
+def test_momentum_buffer_or_amsgrad_switched_on_before_capture_raises():
+    p, opt = _sgd(cycle_momentum=False, momentum=0.0)
+    opt.step()
+    # the table changes too, so that check comes first; the state check is
+    # for a table already refreshed (refresh, then capture)
+    opt.param_groups[0]["momentum"] = 0.9
+    opt._refresh_tables()
+    with _Capturing(opt), pytest.raises(RuntimeError, match="momentum buffer"):
+        opt.step()
+    assert "momentum_buffer" not in opt.state[p]
+
+    q = torch.nn.Parameter(torch.zeros(3))
+    adam = FusedOneCycleAdam([q], backend="reference", **SCHED)
+    q.grad = torch.ones(3)
+    adam.step()
+    adam.param_groups[0]["amsgrad"] = True
+    adam._refresh_tables()
+    with _Capturing(adam), pytest.raises(RuntimeError, match="max_exp_avg_sq"):
+        adam.step()
+    assert "max_exp_avg_sq" not in adam.state[q]
+
+
+def test_unpickled_counters_are_keyed_by_their_device():
+    """torch.load(map_location=...) of a whole pickled optimizer moves the
+    counter tensors, not the keys of the dict that holds them: a GPU
+    optimizer loaded onto the CPU had a 'cuda:0' key for a CPU counter."""
+    p, opt = _sgd()
+    opt.step()
+    state = opt.__getstate__()
+    counter = state["_onecycle_fused"]["counters"].pop(torch.device("cpu"))
+    state["_onecycle_fused"]["counters"][torch.device("cuda", 0)] = counter  # as saved on a GPU, mapped to the CPU
+    clone = FusedOneCycleSGD.__new__(FusedOneCycleSGD)
+    clone.__setstate__(pickle.loads(pickle.dumps(state)))
+    assert list(clone._counters) == [torch.device("cpu")]
+    clone.step()
+    assert int(clone.step_counter()) == 2
+
+
+def test_step_counter_of_plain_cuda_means_the_current_device(monkeypatch):
+    p, opt = _sgd()
+    counter = opt.step_counter()
+    opt._counters = {torch.device("cuda", 1): counter}  # stand-in: only the dict lookup is tested
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert opt._counter("cuda") is counter
+    assert opt._counter(torch.device("cuda")) is counter
+    assert opt._counter("cuda:1") is counter
+
