@@ -7,12 +7,14 @@ asynchronous counter copy is a pending value with an event that lands when
 the test says so. The same behaviours on a real GPU: the ``gpu`` tests at the
 end of tests/test_cuda_backend.py.
 """
+import logging
 import pickle
 
 import pytest
 import torch
 
 from onecycle_fused import FusedOneCycleAdam, FusedOneCycleSGD, OneCycle
+from onecycle_fused import backends as _backends
 
 SCHED = dict(cycle_min_lr=0.01, cycle_max_lr=0.1, cycle_first_step_size=4, cycle_second_step_size=3,
              decay_step_size=2, decay_lr_rate=0.5)
@@ -223,3 +225,21 @@ def test_step_counter_of_plain_cuda_means_the_current_device(monkeypatch):
     assert opt._counter(torch.device("cuda")) is counter
     assert opt._counter("cuda:1") is counter
 
+
+def test_auto_falling_back_to_reference_on_a_gpu_warns_once(monkeypatch, caplog):
+    """A GPU without _C_cuda and without a usable triton: 'auto' gives the
+    per-tensor reference backend, with one warning saying why; float64
+    (which no fused GPU backend takes) does not warn."""
+    cuda = _backends.get_backend("cuda")
+    if cuda is not None and cuda.available():
+        pytest.skip("the cuda backend is available here")
+    monkeypatch.setattr(_backends, "_WARNED_FALLBACK", set())
+    dev = torch.device("cuda", 0)
+    with caplog.at_level(logging.WARNING, logger="onecycle_fused"):
+        assert _backends.resolve("auto", dev, {torch.float64}).name == "reference"
+        assert not caplog.records
+        if _backends.resolve("auto", dev, {torch.float32}).name != "reference":
+            pytest.skip("triton serves CUDA tensors here")
+        _backends.resolve("auto", dev, {torch.float32, torch.bfloat16})
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "'reference'" in warnings[0] and "'cuda'" in warnings[0], warnings

@@ -119,6 +119,30 @@ def available_backends() -> list[str]:
     return out
 
 
+_WARNED_FALLBACK: set = set()
+
+
+def _warn_slow_fallback(device: torch.device, dtypes, order) -> None:
+    """``auto`` fell back to the per-tensor reference backend although a fused
+    one would serve these dtypes if it were built or importable (a GPU
+    without ``_C_cuda`` and without triton): say so once per device type,
+    since it runs many kernels per parameter. float64 on a GPU is expected
+    (no fused backend takes it) and not warned about."""
+    fused_dtypes = {torch.float32, torch.bfloat16, torch.float16}
+    if device.type in _WARNED_FALLBACK or not dtypes <= fused_dtypes:
+        return
+    _WARNED_FALLBACK.add(device.type)
+    why = []
+    for candidate in order[:-1]:
+        b = get_backend(candidate)
+        why.append(f"{candidate!r}: " + ("not importable (is it installed?)" if b is None else
+                                         "not available (library not built or failed to load, see the log)"
+                                         if not b.available() else "does not take these parameters"))
+    log.warning("onecycle_fused: backend='auto' uses the slow per-tensor 'reference' backend for %s parameters "
+                "on %s (%s); onecycle_fused.available_backends() = %s",
+                sorted(map(str, dtypes)), device, "; ".join(why), available_backends())
+
+
 def resolve(name: str, device: torch.device, dtypes) -> Backend:
     """The backend to use for parameters of ``dtypes`` on ``device``.
 
@@ -132,9 +156,12 @@ def resolve(name: str, device: torch.device, dtypes) -> Backend:
         return b is not None and b.available() and all(b.supports(device, d) for d in dtypes)
 
     if name == "auto":
-        for candidate in AUTO_ORDER.get(device.type, ("reference",)):
+        order = AUTO_ORDER.get(device.type, ("reference",))
+        for candidate in order:
             b = get_backend(candidate)
             if serves(b):
+                if candidate == "reference" and order[0] != "reference":
+                    _warn_slow_fallback(device, dtypes, order)
                 return b
         raise ValueError(f"no backend supports {sorted(map(str, dtypes))} parameters on {device}")
     b = get_backend(name)
