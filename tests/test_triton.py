@@ -912,3 +912,17 @@ def test_fused_roundings_match_torch_optim(cls, torch_cls, kw):
     else:
         assert_ulps([p.detach() for p in ours], ref, 4)
         assert_ulps(ours_state, ref_state, 4)
+
+
+def test_unsupported_dtype_error_names_only_the_lacking_dtype():
+    # a group of float32 and float64 parameters: the error names float64, not
+    # float32 too (which the backend takes)
+    if get_backend("triton").supports(DEVICE, torch.float64):
+        pytest.skip("this triton backend takes float64")
+    ps = [torch.nn.Parameter(torch.zeros(3, device=DEVICE)),
+          torch.nn.Parameter(torch.zeros(3, device=DEVICE, dtype=torch.float64))]
+    with pytest.raises(ValueError, match=r"does not support \['torch.float64'\] parameters"):
+        opt = FusedOneCycleSGD(ps, **SCHED, backend="triton")
+        for p in ps:
+            p.grad = torch.ones_like(p)
+        opt.step()

@@ -168,5 +168,7 @@ def resolve(name: str, device: torch.device, dtypes) -> Backend:
     if b is None or not b.available():
         raise ValueError(f"backend {name!r} is not available in this build (available: {available_backends()})")
     if not serves(b):
-        raise ValueError(f"backend {name!r} does not support {sorted(map(str, dtypes))} parameters on {device}")
+        # name the dtypes it lacks, not every dtype on the device (the others it takes)
+        lacking = sorted(str(d) for d in dtypes if not b.supports(device, d))
+        raise ValueError(f"backend {name!r} does not support {lacking} parameters on {device}")
     return b
