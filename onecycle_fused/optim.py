@@ -1232,7 +1232,12 @@ class FusedOneCycleAdam(_FusedOneCycleOptimizer):
         betas = group["betas"]
         if not isinstance(betas, (list, tuple)) or len(betas) != 2:
             raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-        group["betas"] = tuple(betas)
+        # torch.optim.Adam takes one-element tensor betas; they are constants
+        # of the update here, so they become Python numbers (as
+        # load_torch_optimizer_state does with a torch state's tensor betas)
+        betas = tuple(b.item() if isinstance(b, torch.Tensor) and b.numel() == 1 and not b.is_complex() else b
+                      for b in betas)
+        group["betas"] = betas
         if not (mirrored and self._schedule_of(group).cycles_momentum):
             _check_beta("betas[0]", betas[0])
         _check_beta("betas[1]", betas[1])

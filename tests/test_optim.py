@@ -1176,3 +1176,27 @@ def test_a_parameter_appended_into_a_second_group_mid_run_is_refused(ours_cls, t
         ref.step()
         k += 1
     assert_close_ulps(a, b)
+
+
+@pytest.mark.parametrize("cls", [FusedOneCycleAdam, FusedOneCycleAdamW])
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_tensor_betas_as_torch_adam_takes_them(cls, backend):
+    # torch.optim.Adam(betas=(tensor, tensor)) is valid torch; a drop-in
+    # replacement keeping those betas steps as with the same Python numbers
+    if backend == "cpu":
+        from onecycle_fused.backends import available_backends
+        if "cpu" not in available_backends():
+            pytest.skip("cpu backend not built")
+    runs = []
+    for betas in [(0.85, 0.99), (torch.tensor(0.85), torch.tensor(0.99))]:
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(5))
+        opt = cls([p], **SCHED, cycle_momentum=False, betas=betas, backend=backend)
+        for _ in range(3):
+            p.grad = torch.ones(5)
+            opt.step()
+        runs.append((p.detach().clone(), opt.param_groups[0]["betas"]))
+    assert torch.equal(runs[0][0], runs[1][0])
+    # the tensors' own (float32) values, as torch.optim.Adam uses them
+    assert runs[1][1] == (torch.tensor(0.85).item(), torch.tensor(0.99).item())
+    assert all(type(b) is float for b in runs[1][1])
