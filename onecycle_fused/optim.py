@@ -934,6 +934,13 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
             self._adopt_foreign_steps()
         with self._hooks_suspended("_optimizer_state_dict_post_hooks") as post_hooks:
             sd = super().state_dict()
+        # torch copies each group dict shallowly; its other values are scalars
+        # and tuples, but the schedule config is a nested dict: shared, an
+        # edit of the state dict would reach the live groups (and later edits
+        # of the live groups a state dict kept in memory)
+        for g in sd["param_groups"]:
+            if "schedule" in g:
+                g["schedule"] = copy.deepcopy(g["schedule"])
         sd["step_counter"] = self._counter().detach().clone()
         # post hooks see (and may replace) the whole state dict, as with torch.optim
         for hook in post_hooks.values():

@@ -1016,6 +1016,26 @@ def test_step_hooks_run_around_the_step():
     assert seen == [("pre", 0), ("post", 1)]
 
 
+def test_state_dict_is_a_snapshot_of_the_schedule():
+    """state_dict()'s groups hold their own copy of the nested 'schedule'
+    config (torch copies a group dict shallowly): editing the state dict, say
+    for another run, does not change the live optimizer's schedule, and a
+    later edit of the live groups does not reach a state dict kept before."""
+    p = torch.nn.Parameter(torch.randn(3))
+    opt = FusedOneCycleSGD([p], **SCHED)
+    for _ in range(3):
+        p.grad = torch.randn(3)
+        opt.step()
+    lr = opt.get_last_lr()
+    sd = opt.state_dict()
+    sd["param_groups"][0]["schedule"]["params"]["cycle_max_lr"] = 0.5
+    assert opt.get_last_lr() == lr
+    assert opt.param_groups[0]["schedule"]["params"]["cycle_max_lr"] == SCHED["cycle_max_lr"]
+    sd = opt.state_dict()
+    opt.param_groups[0]["schedule"]["params"]["cycle_max_lr"] = 0.5
+    assert sd["param_groups"][0]["schedule"]["params"]["cycle_max_lr"] == SCHED["cycle_max_lr"]
+
+
 def test_state_dict_hooks_see_the_whole_state_dict():
     """state_dict post hooks see 'step_counter' (it used to be added after
     them, so a hook that moves or rewrites tensors missed it, and a dict a
