@@ -942,6 +942,11 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
             if "schedule" in g:
                 g["schedule"] = copy.deepcopy(g["schedule"])
         sd["step_counter"] = self._counter().detach().clone()
+        # which update the state and hyper-parameters belong to: loaded into
+        # another fused class, an SGD state would lack exp_avg (a KeyError at
+        # the next step), an Adam one would be dropped for fresh momentum, and
+        # an Adam weight_decay (L2) would become AdamW's decoupled decay
+        sd["algorithm"] = self.algo
         # post hooks see (and may replace) the whole state dict, as with torch.optim
         for hook in post_hooks.values():
             result = hook(self, sd)
@@ -968,6 +973,13 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
             raise ValueError(
                 "state_dict has no 'step_counter': it was not saved by a FusedOneCycle optimizer "
                 "(for a torch.optim one, use onecycle_fused.load_torch_optimizer_state)"
+            )
+        saved_algo = state_dict.get("algorithm")  # absent in checkpoints saved before it was added
+        if saved_algo is not None and saved_algo != self.algo:
+            raise ValueError(
+                f"state_dict was saved by a {_CLASS_OF_ALGO.get(saved_algo, repr(saved_algo))} optimizer, "
+                f"not a {type(self).__name__} ({_CLASS_OF_ALGO.get(self.algo, self.algo)}): its state and "
+                "hyper-parameters belong to another update rule"
             )
         for i, g in enumerate(state_dict["param_groups"]):
             if "schedule" not in g:
@@ -1023,6 +1035,9 @@ _ONECYCLE_DEFAULTS = {
     name: p.default for name, p in inspect.signature(OneCycle.__init__).parameters.items()
     if p.default is not inspect.Parameter.empty
 }
+
+
+_CLASS_OF_ALGO = {"sgd": "FusedOneCycleSGD", "adam": "FusedOneCycleAdam", "adamw": "FusedOneCycleAdamW"}
 
 
 def _is_default(name: str, value) -> bool:

@@ -1056,7 +1056,7 @@ def test_state_dict_hooks_see_the_whole_state_dict():
 
     opt.register_state_dict_post_hook(post)
     sd = opt.state_dict()
-    assert seen["keys"] == {"state", "param_groups", "step_counter"}
+    assert seen["keys"] == {"state", "param_groups", "step_counter", "algorithm"}
     assert int(sd["step_counter"]) == 5
 
     q = torch.nn.Parameter(p.detach().clone())
@@ -1220,3 +1220,31 @@ def test_tensor_betas_as_torch_adam_takes_them(cls, backend):
     # the tensors' own (float32) values, as torch.optim.Adam uses them
     assert runs[1][1] == (torch.tensor(0.85).item(), torch.tensor(0.99).item())
     assert all(type(b) is float for b in runs[1][1])
+
+
+@pytest.mark.parametrize(
+    "src,dst",
+    [
+        (FusedOneCycleSGD, FusedOneCycleAdam),  # would load, then KeyError 'exp_avg' at the step
+        (FusedOneCycleAdam, FusedOneCycleSGD),  # would drop exp_avg for a fresh momentum buffer
+        (FusedOneCycleAdam, FusedOneCycleAdamW),  # would turn L2 weight_decay into decoupled decay
+        (FusedOneCycleAdamW, FusedOneCycleAdam),
+    ],
+)
+def test_load_state_dict_of_another_fused_class_is_a_valueerror(src, dst):
+    p = torch.nn.Parameter(torch.randn(3))
+    a = src([p], weight_decay=0.1, **SCHED)
+    p.grad = torch.randn(3)
+    a.step()
+    sd = a.state_dict()
+    assert sd["algorithm"] == a.algo
+    b = dst([p], **SCHED)
+    before = (copy.deepcopy(b.param_groups[0]), dict(b.state), int(b.step_counter()))
+    with pytest.raises(ValueError, match=f"saved by a {src.__name__}.*not a {dst.__name__}"):
+        b.load_state_dict(sd)
+    after = (b.param_groups[0], dict(b.state), int(b.step_counter()))
+    assert str(after) == str(before)  # nothing loaded
+    # the same class still loads; so does a checkpoint saved before the key existed
+    src([p], weight_decay=0.1, **SCHED).load_state_dict(sd)
+    old = {k: v for k, v in sd.items() if k != "algorithm"}
+    src([p], weight_decay=0.1, **SCHED).load_state_dict(old)
