@@ -33,6 +33,7 @@ import inspect
 import math
 import numbers
 import sys
+import warnings
 from typing import Any, Callable, Iterable, Optional
 
 import torch
@@ -195,6 +196,16 @@ class _TableRows:
         self.rows: list = []
 
 
+class _LrWritten:
+    """The ``"lr"`` values ``_update_mirror`` last wrote into the groups, and
+    whether a write by someone else was warned about. A plain object for the
+    reason _HostStep is one."""
+
+    def __init__(self):
+        self.values: list = []
+        self.warned = False
+
+
 class _KnownSteps:
     """The per-parameter ``step`` tensors this optimizer made, loaded or was
     told about (``set_step``), by id, held strongly so that no other tensor
@@ -257,6 +268,7 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         self._plan = _step_plan.PlanCache()
         self._step_plan_enabled = _step_plan.ENABLED_BY_DEFAULT  # False: always the list path (tests)
         self._known_steps = _KnownSteps()
+        self._lr_written = _LrWritten()
 
     # ------------------------------------------------------------------
     # param groups
@@ -421,6 +433,7 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
                         f"param_groups[{i}][{key!r}]: schedule values in a group are read when it is added; "
                         f"to change one now, set param_groups[{i}]['schedule']['params'][{key!r}]"
                     )
+            self._warn_if_lr_written()  # (after the errors above: they name the scheduler more precisely)
         try:
             rows = [self._row(g) for g in self.param_groups]
         except (TypeError, ValueError):
@@ -504,6 +517,26 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
             mom = sched.momentum(k)
             if mom is not None:
                 self._set_momentum_mirror(group, mom)
+        self._lr_written.values = [group["lr"] for group in self.param_groups]
+
+    def _warn_if_lr_written(self) -> None:
+        """Warn once when a group's ``"lr"`` is not what the mirror wrote: a
+        torch LR scheduler left attached (StepLR, LambdaLR, ReduceLROnPlateau...)
+        writes it and has no effect, which would otherwise go unnoticed."""
+        written = self._lr_written
+        if written.warned:
+            return
+        for i, (group, value) in enumerate(zip(self.param_groups, written.values)):
+            if group.get("lr") != value:
+                written.warned = True
+                warnings.warn(
+                    f"{type(self).__name__}: param_groups[{i}]['lr'] was set to {group.get('lr')!r} from outside "
+                    f"(the schedule gives {value!r}); is a torch LR scheduler attached? It has no effect: the "
+                    "1-Cycle schedule is computed inside step() and 'lr' is only its mirror. Drop the scheduler "
+                    "(for a trainer that needs one, use onecycle_fused.ScheduleMirror)",
+                    UserWarning, stacklevel=4,
+                )
+                return
 
     def _set_momentum_mirror(self, group: dict, mom: float) -> None:
         raise NotImplementedError

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -255,12 +256,39 @@ def test_lr_mirror_and_get_last_lr():
         assert opt.get_last_lr() == [sched.lr(k)]
         p.grad = torch.randn(4)
         opt.step()
-    # writing the mirror changes nothing: the schedule decides
+    # writing the mirror changes nothing: the schedule decides, and says so once
     opt.param_groups[0]["lr"] = 123.0
     p.grad = torch.randn(4)
     before = p.detach().clone()
-    opt.step()
+    with pytest.warns(UserWarning, match=r"param_groups\[0\]\['lr'\] was set to 123.0 from outside"):
+        opt.step()
     assert (p - before).abs().max() < 1.0
+    opt.param_groups[0]["lr"] = 456.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()  # once per optimizer
+
+
+@pytest.mark.parametrize("make_scheduler", [
+    lambda opt: torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.1),
+    lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5),
+    lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10),
+], ids=["StepLR", "LambdaLR", "CosineAnnealingLR"])
+def test_a_torch_scheduler_left_attached_is_warned_about(make_scheduler):
+    """A scheduler that writes only 'lr' (no schedule keys) has no effect: the
+    step warns once instead of letting it go unnoticed; the update is the
+    1-Cycle schedule's."""
+    p, q = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    opt = FusedOneCycleSGD([p], **SCHED)
+    ref = FusedOneCycleSGD([q], **SCHED)
+    sched = make_scheduler(opt)
+    with pytest.warns(UserWarning, match="torch LR scheduler attached"):
+        for _ in range(3):
+            p.grad, q.grad = torch.ones(3), torch.ones(3)
+            opt.step()
+            ref.step()
+            sched.step()
+    assert torch.equal(p, q)
 
 
 def test_counter_is_int64_on_device_and_counts_steps():

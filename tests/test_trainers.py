@@ -255,7 +255,8 @@ def test_hf_trainer_matches_torch_adamw_with_the_schedule(tmp_path):
         return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda k: sched.lr(k) / sched.lr(0))
 
     expected, _, expected_lrs = _hf_run(example, torch_pair, tmp_path)
-    got, opt, _ = _hf_run(example, ours, tmp_path)  # (ours, None): HF adds its own scheduler, the math is ours
+    with pytest.warns(UserWarning, match="torch LR scheduler attached"):  # HF's own scheduler, which does nothing
+        got, opt, _ = _hf_run(example, ours, tmp_path)  # (ours, None): HF adds its own scheduler, the math is ours
     _assert_params_close(got, expected)
     assert int(opt.step_counter()) == 6
     got, opt, lrs = _hf_run(example, ours_mirrored, tmp_path)  # and with the mirror the log is true
