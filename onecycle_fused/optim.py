@@ -691,10 +691,10 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
             )
         without_grad = []  # what a plan must watch for a first grad
         # Every grad is checked before anything changes: a bad one in the last
-        # group must not leave the first ones stepped. The compiled ops check
-        # all their tensors before writing any, so with one such device the
-        # op's own check does it; the reference and triton backends update
-        # tensor by tensor and are checked here (~0.6 us a parameter).
+        # group must not leave the first ones stepped. The compiled ops and the
+        # reference backend check all their tensors before writing any, so
+        # with one such device the backend's own check does it; the triton
+        # backend is checked here (~0.6 us a parameter).
         check = len(batches) > 1 or not all(
             getattr(self._backend_for[d], "checks_before_writing", False) for d in batches
         )

@@ -126,6 +126,7 @@ def _commit(dst: torch.Tensor, new: torch.Tensor, skip: torch.Tensor | None) -> 
 
 class ReferenceBackend:
     name = "reference"
+    checks_before_writing = True  # _check: the optimizer need not check the grads first
 
     def available(self) -> bool:
         return True
