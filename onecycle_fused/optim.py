@@ -160,6 +160,20 @@ def _check_grad(opt, i: int, p: torch.Tensor, grad: torch.Tensor) -> None:
         )
 
 
+def _own_step(step, p: torch.Tensor, taken: set[int]) -> torch.Tensor:
+    """A per-parameter ``step`` as the backends need it: an int64 0-dim
+    tensor on ``p``'s device that no other parameter shares (``taken``: ids
+    of those already given out; the id of the result is added). A count
+    shared by several parameters would advance once per parameter each step,
+    and the backends read it at different times: each gets its own copy."""
+    fits = (isinstance(step, torch.Tensor) and step.dtype == torch.int64 and step.dim() == 0
+            and step.device == p.device and id(step) not in taken)
+    if not fits:
+        step = torch.as_tensor(step).to(device=p.device, dtype=torch.int64, copy=True).reshape(())
+    taken.add(id(step))
+    return step
+
+
 class _HostStep:
     """The host's view of the step counter, which drives the lr mirror.
 
@@ -622,13 +636,8 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
             by_device: dict[torch.device, list[torch.Tensor]] = {}
             seen: set[int] = set()
             for p, st in foreign:
-                step = st["step"]
-                fits = (isinstance(step, torch.Tensor) and step.dtype == torch.int64 and step.dim() == 0
-                        and step.device == p.device and id(step) not in seen)
-                if not fits:  # a copy of its own; one that fits is kept (a compiled step made it, say)
-                    step = torch.as_tensor(step).to(device=p.device, dtype=torch.int64, copy=True).reshape(())
-                    st["step"] = step
-                seen.add(id(step))
+                # one that fits is kept (a compiled step made it, say)
+                st["step"] = step = _own_step(st["step"], p, seen)
                 by_device.setdefault(step.device, []).append(step)
             ahead = max(int(torch.stack(steps).max()) for steps in by_device.values())  # one read a device
             if ahead > int(self._counter()):
@@ -1023,19 +1032,11 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             for k, v in self.defaults.items():
                 group.setdefault(k, v)
+        # each parameter its own int64 step (a checkpoint may share one count between several)
         taken: set[int] = set()
         for p, state in self.state.items():
             if "step" in state:
-                step = torch.as_tensor(state["step"]).to(device=p.device, dtype=torch.int64)
-                if id(step) in taken:
-                    # one count shared by several parameters (torch.load keeps
-                    # sharing; a converted checkpoint may share one): each
-                    # step would advance it once per parameter, and the
-                    # backends read it at different times. Each its own copy,
-                    # as _adopt_foreign_steps does
-                    step = step.clone()
-                taken.add(id(step))
-                state["step"] = step
+                state["step"] = _own_step(state["step"], p, taken)
         for c in self._counters.values():
             c.fill_(counter)
         self._host = _HostStep()
