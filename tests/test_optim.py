@@ -1049,11 +1049,7 @@ def test_state_dict_is_a_snapshot_of_the_schedule():
     config (torch copies a group dict shallowly): editing the state dict, say
     for another run, does not change the live optimizer's schedule, and a
     later edit of the live groups does not reach a state dict kept before."""
-    p = torch.nn.Parameter(torch.randn(3))
-    opt = FusedOneCycleSGD([p], **SCHED)
-    for _ in range(3):
-        p.grad = torch.randn(3)
-        opt.step()
+    opt = _train(FusedOneCycleSGD, [torch.nn.Parameter(torch.randn(3))], 3, torch.Generator().manual_seed(0), **SCHED)
     lr = opt.get_last_lr()
     sd = opt.state_dict()
     sd["param_groups"][0]["schedule"]["params"]["cycle_max_lr"] = 0.5
