@@ -51,7 +51,7 @@ def _steps_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"--at takes comma-separated integers, got {text!r}")
     if any(s < 0 for s in steps):
         raise argparse.ArgumentTypeError(f"--at steps must be >= 0, got {text!r}")
-    return steps
+    return sorted(set(steps))  # one row per step, in order
 
 
 def _int_at_least(minimum: int):
@@ -109,7 +109,8 @@ def _plot(args) -> int:
         image_target(args.out, "--out")  # before any work
     if args.config:
         schedule = schedule_from_config(args.config)
-    elif args.params:
+    elif args.params or args.type:
+        # a --type alone takes its defaults (LRRangeTest has one for every parameter)
         schedule = schedule_from_config({"type": args.type or "OneCycle", "params": _keyword_args(args.params)})
     else:
         raise ValueError("give --config ds.json or key=value schedule arguments (e.g. cycle_min_lr=1e-4 cycle_max_lr=1e-3)")
@@ -132,7 +133,12 @@ def _range_test(args) -> int:
     result = lr_range_test(model, loss_fn, data, min_lr=args.min_lr, max_lr=args.max_lr, num_steps=args.steps,
                            optimizer=args.optimizer, backend=args.backend, plot=args.out,
                            max_lr_divisor=args.max_lr_divisor)
-    state = "diverged, stopped" if result.diverged else "completed"
+    if not result.diverged:
+        state = "completed"
+    elif result.steps_run < args.steps:
+        state = "diverged, stopped"
+    else:  # only the check after the last step fired: nothing was cut short
+        state = "completed (the loss diverged by the end)"
     print(f"range test {state} after {result.steps_run} steps (lr {result.lrs[0]:.3g} .. {result.lrs[-1]:.3g})")
     print(f"suggested cycle_min_lr = {result.cycle_min_lr:.6g}, cycle_max_lr = {result.cycle_max_lr:.6g}")
     config = {"scheduler": {"type": "OneCycle", "params": {

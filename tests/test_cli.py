@@ -77,6 +77,51 @@ def test_plot_range_test_schedule_default_table(capsys):
     assert table[100] == pytest.approx([1e-3 * 11])
 
 
+def test_plot_type_alone_takes_the_schedule_defaults(capsys):
+    """`--type LRRangeTest` with no key=value: DeepSpeed's defaults, as its
+    LRRangeTest constructed with no arguments gives them."""
+    import torch
+    from deepspeed.runtime.lr_schedules import LRRangeTest as DSLRRangeTest
+
+    assert main(["plot", "--type", "LRRangeTest", "--at", "0,1999,2000,5000"]) == 0
+    table = _table(capsys.readouterr().out)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = DSLRRangeTest(opt)
+    expected = {}
+    for k in range(5001):
+        expected[k] = opt.param_groups[0]["lr"]
+        sched.step()
+    assert sorted(table) == [0, 1999, 2000, 5000]
+    for k, values in table.items():
+        assert values[0] == pytest.approx(expected[k], rel=1e-5)
+    assert table[5000][0] != table[0][0]  # the defaults do move the lr
+
+
+def test_plot_at_rows_are_unique_and_in_order(capsys):
+    assert main(["plot", "--config", SEED_CONFIG, "--at", "5,5,0,1000,5"]) == 0
+    steps = [int(line.split()[0]) for line in capsys.readouterr().out.splitlines()
+             if line.split() and line.split()[0].isdigit()]
+    assert steps == [0, 5, 1000]
+
+
+@pytest.mark.parametrize("steps_run,expected", [(20, "diverged, stopped after 20 steps"),
+                                                (60, "completed (the loss diverged by the end) after 60 steps")])
+def test_range_test_reports_a_stop_only_when_it_cut_the_test_short(steps_run, expected, capsys, monkeypatch):
+    """The divergence check also runs after the last step; firing there, it
+    stopped nothing."""
+    from onecycle_fused import range_test
+    from onecycle_fused.range_test import RangeTestResult
+
+    def fake(*args, num_steps, **kwargs):
+        assert num_steps == 60
+        lrs = [1e-3 * (i + 1) for i in range(steps_run)]
+        return RangeTestResult(lrs, [1.0] * steps_run, [1.0] * steps_run, 1e-3, 4e-3, diverged=True)
+
+    monkeypatch.setattr(range_test, "lr_range_test", fake)
+    assert main(["range-test", "--steps", "60"]) == 0
+    assert capsys.readouterr().out.splitlines()[0].startswith(f"range test {expected}")
+
+
 def test_plot_torch_onecycle_default_steps(capsys):
     """--type TorchOneCycle takes OneCycleLR's names; the default table spans
     the whole schedule, 0 .. total_steps."""
