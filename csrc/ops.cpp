@@ -222,6 +222,10 @@ class Batch {
                       " params but ", grads.size(), " grads");
   }
 
+  // Check only (a skipped step): data() validates but neither copies nor
+  // schedules a write-back; its pointer is never dereferenced.
+  void set_check_only(bool on) { check_only_ = on; }
+
   void check_list(TensorList list, const char* name) const {
     TORCH_CHECK_VALUE(list.size() == params_.size(), "onecycle_fused::", op_, ": got ", params_.size(),
                       " params but ", list.size(), " ", name);
@@ -250,6 +254,7 @@ class Batch {
                       "onecycle_fused::", op_, ": ", name, "[", i, "] must match params[", i, "] (",
                       p.scalar_type(), " ", p.sizes(), " on ", p.device(), "), got ", t.scalar_type(), " ",
                       t.sizes(), " on ", t.device());
+    if (check_only_) return t.data_ptr();
     Tensor copy;
     if (dense_) {
       if (t.strides() == p.strides()) return t.data_ptr();
@@ -275,6 +280,7 @@ class Batch {
   TensorList params_;
   TensorList grads_;
   bool dense_ = true;
+  bool check_only_ = false;
   std::vector<std::pair<Tensor, Tensor>> writebacks_;
   std::vector<Tensor> keep_;
 };
@@ -327,10 +333,11 @@ class Step {
                       " params but ", group_ids.size(), " group_ids");
     for (size_t i = 0; i < steps.size(); ++i) step_ptrs_.push_back(int64_scalar(steps[i], op, "steps", i));
     counter_ = int64_scalar(counter, op, "counter", size_t(-1));
-    if (found_inf.has_value() && scalar_value(*found_inf, op, "found_inf") != 0) {
-      skipped_ = true;
-      return;
-    }
+    // A skipped step still checks every argument (and copies nothing, see
+    // Batch::data): a bad state raises on the step that received it, not on
+    // the next unskipped one.
+    skipped_ = found_inf.has_value() && scalar_value(*found_inf, op, "found_inf") != 0;
+    batch.set_check_only(skipped_);
     schedules_ = group_schedules(table, *counter_, op);
     const int64_t groups = table.size(0);
     for (size_t i = 0; i < group_ids.size(); ++i) {
@@ -344,8 +351,6 @@ class Step {
     rows_ = table.contiguous();
   }
 
-  // found_inf said this step does not happen: nothing changes, not even the counters
-  bool skipped() const { return skipped_; }
   // tensor i's row of the table, lr and momentum (beta1), and its step count before this step
   const double* row(size_t i) const { return rows_.data_ptr<double>() + group_ids_[i] * rows_.size(1); }
   double lr(size_t i) const { return schedules_[2 * group_ids_[i]]; }
@@ -353,6 +358,7 @@ class Step {
   int64_t step_before(size_t i) const { return *step_ptrs_[i]; }
 
   void finish(const std::vector<cpu::TensorWork>& works, cpu::ChunkFn fn) {
+    if (skipped_) return;  // found_inf: nothing changes, not even the counters
     run(works, fn);
     batch.finish();
     for (int64_t* s : step_ptrs_) ++*s;
@@ -377,7 +383,6 @@ void sgd_step_cpu(TensorList params, TensorList grads, TensorList momentum_buffe
                   const std::optional<Tensor>& grad_scale, const std::optional<Tensor>& found_inf) {
   Step st("sgd_step_", params, grads, steps, group_ids, table, counter, grad_scale, found_inf);
   st.batch.check_list(momentum_buffers, "momentum_buffers");
-  if (st.skipped()) return;
   std::vector<cpu::TensorWork> works;
   works.reserve(params.size());
   for (size_t i = 0; i < params.size(); ++i) {
@@ -405,7 +410,6 @@ void adam_step_cpu(TensorList params, TensorList grads, TensorList exp_avgs, Ten
   st.batch.check_list(exp_avgs, "exp_avgs");
   st.batch.check_list(exp_avg_sqs, "exp_avg_sqs");
   st.batch.check_list(max_exp_avg_sqs, "max_exp_avg_sqs");
-  if (st.skipped()) return;
   std::vector<cpu::TensorWork> works;
   works.reserve(params.size());
   for (size_t i = 0; i < params.size(); ++i) {

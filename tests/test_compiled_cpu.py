@@ -293,6 +293,26 @@ def test_grad_scale_and_found_inf(cls):
         assert int(opt_a.state[p]["step"]) == 9
 
 
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("cls,key", [(SGD, "momentum_buffer"), (ADAMW, "exp_avg_sq")])
+def test_skipped_step_still_checks_the_states(backend, cls, key):
+    """A state of the wrong shape raises on the step that meets it, also when
+    GradScaler skips that step (found_inf = 1), and nothing changes."""
+    params = [torch.nn.Parameter(torch.randn(10)), torch.nn.Parameter(torch.randn(4, 3))]
+    opt = cls(params, backend=backend, **SCHED)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    opt.state[params[1]][key] = torch.zeros(3, 4)
+    opt.found_inf = torch.tensor(1.0)
+    before = [p.detach().clone() for p in params] + [t.clone() for t in _states(opt)]
+    with pytest.raises(ValueError, match=rf"{key}s\[1\] must match params\[1\]"):
+        opt.step()
+    after = [p.detach() for p in params] + _states(opt)
+    assert all(torch.equal(x, y) for x, y in zip(before, after))
+    assert int(opt.step_counter()) == 1
+
+
 def test_grad_scaler_end_to_end():
     """torch.amp.GradScaler on CPU drives the fused optimizer like torch.optim."""
     scaler_cls = getattr(torch.amp, "GradScaler", None)
