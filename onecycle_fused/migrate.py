@@ -27,6 +27,7 @@ With another schedule only the position and the optimizer state are taken.
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any, Mapping, Optional
 
 import torch
@@ -77,7 +78,9 @@ def load_torch_optimizer_state(
     ``optimizer`` must hold the same parameters in the same groups and order
     as the torch optimizer did. The schedule position comes from ``scheduler``
     (a DeepSpeed or torch scheduler, or its ``state_dict()``) or ``step``; with
-    neither, it is the largest Adam step count (SGD: 0). Returns the position.
+    neither, it is the largest Adam step count (SGD: 0). A scheduler position
+    below that count warns (a scheduler stepped per epoch counts epochs).
+    Returns the position.
     """
     from .optim import FusedOneCycleAdam, FusedOneCycleSGD
 
@@ -136,11 +139,22 @@ def load_torch_optimizer_state(
         if isinstance(step, bool) or isinstance(step, float):
             raise ValueError(f"step must be an integer >= 0, got {step!r}")
         position = _integer("step", step, 0)  # numpy / tensor integers too, as set_step takes
-    elif scheduler is not None:
-        position = schedule_position(scheduler)
     else:
-        steps = [int(st["step"]) for st in torch_state_dict["state"].values() if "step" in st]
-        position = max(steps, default=0)
+        steps = [int(_plain(st["step"])) for st in torch_state_dict["state"].values() if "step" in st]
+        if scheduler is None:
+            position = max(steps, default=0)
+        else:
+            position = schedule_position(scheduler)
+            if position < max(steps, default=0):
+                # Adam counts every optimizer step; a scheduler behind it was
+                # stepped per epoch, or started late: the schedule would restart
+                warnings.warn(
+                    f"the scheduler state says {position} optimizer steps were taken, but the Adam state has "
+                    f"taken {max(steps)}: if the scheduler was stepped per epoch, pass step= (the number of "
+                    "optimizer steps) instead of the scheduler",
+                    UserWarning,
+                    stacklevel=2,
+                )
 
     new_state = {}
     for gi, (s, d) in enumerate(zip(src_groups, dst["param_groups"])):

@@ -167,6 +167,28 @@ def test_fresh_torch_state_and_step_argument():
     assert load_torch_optimizer_state(fused, adam.state_dict()) == 2
 
 
+def test_scheduler_behind_the_adam_steps_warns():
+    """A torch scheduler stepped per epoch counts epochs, not optimizer steps:
+    taking its last_epoch as the position would restart the schedule."""
+    model = _model()
+    adam = torch.optim.Adam(model.parameters(), lr=0.01)
+    sched = torch.optim.lr_scheduler.StepLR(adam, step_size=10)
+    for _ in range(2):  # two epochs of three steps
+        _train(model, adam, _batches(3))
+        sched.step()
+    fused = FusedOneCycleAdam(model.parameters(), **SCHEDULE, backend="reference")
+    with pytest.warns(UserWarning, match="says 2 optimizer steps were taken, but the Adam state has taken 6"):
+        assert load_torch_optimizer_state(fused, adam.state_dict(), sched) == 2
+    # step= is the way out, and a scheduler stepped per batch says nothing
+    fused = FusedOneCycleAdam(model.parameters(), **SCHEDULE, backend="reference")
+    assert load_torch_optimizer_state(fused, adam.state_dict(), step=6) == 6
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fused = FusedOneCycleAdam(model.parameters(), **SCHEDULE, backend="reference")
+        assert load_torch_optimizer_state(fused, adam.state_dict(), {"last_epoch": 6}) == 6
+
+
 def test_mismatches_raise():
     model = _model()
     sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
