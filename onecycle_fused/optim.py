@@ -130,7 +130,9 @@ def _checked_step_counter(value) -> int:
 
 
 def _check_nonneg(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+    # numbers.Real: numpy scalars too (np.float32, np.int64), as torch.optim
+    # and the schedule keywords take them
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 

@@ -1175,6 +1175,29 @@ def test_sgd_momentum_edited_on_later_is_used_like_torch(backend, plan, dampenin
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("ours_cls, torch_cls, kw", [
+    (FusedOneCycleSGD, torch.optim.SGD, dict(momentum="f32:0.9", dampening="f32:0.1", weight_decay="f32:0.01")),
+    (FusedOneCycleSGD, torch.optim.SGD, dict(momentum="i64:0", weight_decay="i64:1")),
+    (FusedOneCycleAdam, torch.optim.Adam, dict(eps="f32:1e-3", weight_decay="f32:0.1")),
+    (FusedOneCycleAdamW, torch.optim.AdamW, dict(eps="i64:1", weight_decay="f32:0.1")),
+])
+def test_numpy_scalar_hyperparameters_step_like_torch(ours_cls, torch_cls, kw, backend):
+    """np.float32 / np.int64 hyper-parameters (a config computed with numpy),
+    which torch.optim takes, were a ValueError claiming the value was not
+    'a finite number >= 0' (np.float64 passed, being a float subclass)."""
+    np = pytest.importorskip("numpy")
+    kw = {k: (np.float32 if v.startswith("f32") else np.int64)(float(v[4:])) for k, v in kw.items()}
+    sched = dict(SCHED, cycle_momentum=False)
+    a, b, ours = drive_pair(ours_cls, torch_cls, dict(sched, **kw), kw, steps=20, backend=backend)
+    assert_close_ulps(a, b)
+    for k, v in kw.items():
+        assert ours.param_groups[0][k] == v
+    ours.param_groups[0]["weight_decay"] = np.float32(-0.5)  # still checked at the next step
+    with pytest.raises(ValueError, match="weight_decay"):
+        ours.step()
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
 @pytest.mark.parametrize("ours_cls, torch_cls", [(FusedOneCycleSGD, torch.optim.SGD), (FusedOneCycleAdamW, torch.optim.AdamW)])
 def test_a_parameter_appended_into_a_second_group_mid_run_is_refused(ours_cls, torch_cls, backend):
     """A parameter appended to another group's ``params`` after steps (torch
