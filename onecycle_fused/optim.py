@@ -162,6 +162,15 @@ def _check_grad(opt, i: int, p: torch.Tensor, grad: torch.Tensor) -> None:
         )
 
 
+def _undo_added(added: list) -> None:
+    """Remove the state entries a step's ``_fill_batch`` made, ``(p, state,
+    key, step before or None)`` each, and restore the step counts it reset."""
+    for _, state, key, old_step in added:
+        state.pop(key, None)
+        if old_step is not None:
+            state["step"].copy_(old_step)
+
+
 def _own_step(step, p: torch.Tensor, taken: set[int]) -> torch.Tensor:
     """A per-parameter ``step`` as the backends need it: an int64 0-dim
     tensor on ``p``'s device that no other parameter shares (``taken``: ids
@@ -666,7 +675,11 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
     def _init_state(self, p: torch.Tensor, group: dict) -> dict:
         raise NotImplementedError
 
-    def _fill_batch(self, batch, p, state, group) -> None:
+    def _fill_batch(self, batch, p, state, group, added: list) -> None:
+        """Append the parameter's state tensors to ``batch``; a state entry
+        made here for existing state is recorded in ``added`` as
+        ``(p, state, key, step before or None)``, so that a step that fails
+        afterwards can undo it."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -713,6 +726,9 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         moved = False  # a parameter on a device that has no counter
         has_complex = self._has_complex  # (a flag: is_complex() per parameter costs ~0.3 ms a step for 5,000)
         created = []  # params whose state this step created: dropped again if it fails
+        # state entries _fill_batch added to existing state (a momentum buffer,
+        # max_exp_avg_sq switched on later): (param, state, key, step before)
+        added = []
         compiling = torch.compiler.is_compiling()
         stepped = set()
         try:
@@ -744,11 +760,13 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
                     batch.grads.append(grad)
                     batch.steps.append(state["step"])
                     batch.group_ids.append(gid)
-                    self._fill_batch(batch, p, state, group)
+                    self._fill_batch(batch, p, state, group, added)
             if moved and len(batches) == len(counters):  # (nothing was stepped through a plan)
                 for p in created:
                     self.state.pop(p, None)
                 created = []
+                _undo_added(added)
+                added = []
                 self._follow_param_devices()
                 self._step(grad_scale, found_inf)  # again, on the devices the parameters are on now
                 return
@@ -765,6 +783,7 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
             for p in created:
                 if p.device not in stepped:
                     self.state.pop(p, None)
+            _undo_added([a for a in added if a[0].device not in stepped])
             raise
         if not torch.compiler.is_compiling() and len(batches) == len(self._counters):
             self._build_plans(batches, without_grad)
@@ -1218,7 +1237,7 @@ class FusedOneCycleSGD(_FusedOneCycleOptimizer):
             state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
 
-    def _fill_batch(self, batch, p, state, group):
+    def _fill_batch(self, batch, p, state, group, added):
         if "momentum_buffer" not in state and self._uses_buffer(group):
             # momentum switched on after the state was made (a constant
             # momentum edited from 0, or cycle_momentum set in the schedule):
@@ -1230,6 +1249,7 @@ class FusedOneCycleSGD(_FusedOneCycleOptimizer):
             # (as a first step's state is made): the count stays 0 and the
             # next applied step takes the rule, as torch's would.
             self._check_not_capturing("create a momentum buffer (it would be zeroed at every replay)")
+            added.append((p, state, "momentum_buffer", state["step"].clone()))
             state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["step"].zero_()
         batch.momentum_buffers.append(state.get("momentum_buffer"))
@@ -1330,11 +1350,12 @@ class FusedOneCycleAdam(_FusedOneCycleOptimizer):
             state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
 
-    def _fill_batch(self, batch, p, state, group):
+    def _fill_batch(self, batch, p, state, group, added):
         batch.exp_avgs.append(state["exp_avg"])
         batch.exp_avg_sqs.append(state["exp_avg_sq"])
         if group["amsgrad"] and "max_exp_avg_sq" not in state:  # amsgrad switched on later
             self._check_not_capturing("create max_exp_avg_sq (it would be zeroed at every replay)")
+            added.append((p, state, "max_exp_avg_sq", None))
             state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         batch.max_exp_avg_sqs.append(state["max_exp_avg_sq"] if group["amsgrad"] else None)
 

@@ -1175,6 +1175,59 @@ def test_sgd_momentum_edited_on_later_is_used_like_torch(backend, plan, dampenin
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_a_failed_step_leaves_no_momentum_buffer_behind(backend):
+    """A step that fails (a bad grad in another group) after a momentum was
+    switched on must not keep the buffer it started to make, nor the step
+    count it reset for torch's first-step rule: it used to, so after the
+    momentum went back to 0 and on again, the next buffer started as
+    ``(1 - dampening) * grad`` instead of torch's ``buf = grad``."""
+    kw = dict(SCHED, cycle_momentum=False)
+    p, r = torch.nn.Parameter(torch.linspace(-1, 1, 5)), torch.nn.Parameter(torch.ones(3))
+    q = torch.nn.Parameter(p.detach().clone())
+    ours = FusedOneCycleSGD([{"params": [p]}, {"params": [r]}], momentum=0.0, dampening=0.3, backend=backend, **kw)
+    theirs = torch.optim.SGD([q], lr=0.1, momentum=0.0, dampening=0.3)
+    gen = torch.Generator().manual_seed(5)
+    for k in range(8):
+        g = torch.randn(5, generator=gen)
+        p.grad, q.grad, r.grad = g.clone(), g.clone(), torch.randn(3, generator=gen)
+        if k == 2:
+            ours.param_groups[0]["momentum"] = 0.9
+            _set_bad_grad(r, "shape")
+            before = _snapshot(ours, [p, r])
+            with pytest.raises(ValueError, match="grad"):
+                ours.step()
+            _assert_unchanged(before, _snapshot(ours, [p, r]))
+            ours.param_groups[0]["momentum"] = 0.0  # changed one's mind
+            r.grad = torch.randn(3, generator=gen)
+        if k == 4:
+            ours.param_groups[0]["momentum"] = theirs.param_groups[0]["momentum"] = 0.9
+        theirs.param_groups[0]["lr"] = ours.param_groups[0]["lr"]
+        ours.step()
+        theirs.step()
+    assert_close_ulps([p], [q])
+    assert_close_ulps([ours.state[p]["momentum_buffer"]], [theirs.state[q]["momentum_buffer"]])
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_a_failed_step_leaves_no_max_exp_avg_sq_behind(backend):
+    """amsgrad switched on, then a step that fails: no max_exp_avg_sq stays
+    in the state (a ValueError changes nothing)."""
+    p, r = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(4))
+    opt = FusedOneCycleAdam([{"params": [p]}, {"params": [r]}], backend=backend, **SCHED)
+    for _ in range(2):
+        p.grad, r.grad = torch.randn(3), torch.randn(4)
+        opt.step()
+    opt.param_groups[0]["amsgrad"] = True
+    p.grad = torch.randn(3)
+    _set_bad_grad(r, "dtype")
+    before = _snapshot(opt, [p, r])
+    with pytest.raises(ValueError, match="grad"):
+        opt.step()
+    _assert_unchanged(before, _snapshot(opt, [p, r]))
+    assert "max_exp_avg_sq" not in opt.state[p]
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
 @pytest.mark.parametrize("ours_cls, torch_cls, kw", [
     (FusedOneCycleSGD, torch.optim.SGD, dict(momentum="f32:0.9", dampening="f32:0.1", weight_decay="f32:0.01")),
     (FusedOneCycleSGD, torch.optim.SGD, dict(momentum="i64:0", weight_decay="i64:1")),
