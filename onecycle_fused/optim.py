@@ -129,6 +129,35 @@ def _checked_step_counter(value) -> int:
     return k
 
 
+def _check_saved_state(state_dict: dict, groups: list) -> None:
+    """Refuse, before load_state_dict changes anything, per-parameter state
+    that the load would fail on half-way (after torch replaced the state and
+    groups): an entry that is no dict or belongs to no saved parameter (torch
+    keeps such entries; here they would break every later step), or a
+    ``step`` that is no count (``_own_step`` makes each an int64 0-dim tensor).
+    Groups that do not match ``groups`` are left to torch, whose message names that."""
+    saved = state_dict["param_groups"]
+    if len(saved) != len(groups) or any(len(s["params"]) != len(g["params"]) for s, g in zip(saved, groups)):
+        return
+    saved_ids = {i for g in saved for i in g["params"]}
+    for k, st in state_dict["state"].items():
+        if k not in saved_ids:
+            raise ValueError(f"state_dict state[{k!r}] belongs to no parameter of its param_groups")
+        if not isinstance(st, dict):
+            raise ValueError(f"state_dict state[{k!r}] must be a dict of the parameter's state, got {st!r}")
+        if "step" in st:
+            step = st["step"]
+            if isinstance(step, torch.Tensor):
+                ok = step.numel() == 1 and not step.is_complex() and step.dtype != torch.bool
+            else:
+                ok = isinstance(step, numbers.Real) and not isinstance(step, bool)
+            if not ok:
+                raise ValueError(
+                    f"state_dict state[{k!r}]['step'] must be a step count (a one-element tensor or a number), "
+                    f"got {step!r}"
+                )
+
+
 def _check_nonneg(name: str, value) -> None:
     # numbers.Real: numpy scalars too (np.float32, np.int64), as torch.optim
     # and the schedule keywords take them
@@ -1049,6 +1078,7 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"state_dict param_groups[{i}] has no 'schedule'")
             _check_scalar_schedule(schedule_from_config(g["schedule"]))  # a bad one raises before anything changes
         counter = _checked_step_counter(state_dict["step_counter"])
+        _check_saved_state(state_dict, self.param_groups)
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             for k, v in self.defaults.items():

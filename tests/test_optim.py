@@ -459,6 +459,57 @@ def test_load_state_dict_refuses_a_bad_step_counter_before_changing_anything(bad
     assert int(opt.step_counter()) == 1 and opt.param_groups[0]["weight_decay"] == 0.0
 
 
+@pytest.mark.parametrize("bad", ["step_shape", "step_str", "step_none", "state_not_dict", "state_of_no_param"])
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_load_state_dict_refuses_bad_parameter_state_before_changing_anything(bad, backend):
+    """A per-parameter ``step`` that is no count (a 2-element tensor, a
+    string, None), a state entry that is no dict, or one for an index no
+    saved group holds: a ValueError before anything changes. They used to
+    fail (RuntimeError, TypeError, AttributeError) after torch had replaced
+    the state and groups, leaving an optimizer whose every step and
+    step_counter() raised. Afterwards the optimizer steps on as
+    torch.optim.Adam does with the same lr and beta1."""
+    init = [torch.linspace(-1, 1, 3), torch.linspace(2, 0, 4)]
+    ps = [torch.nn.Parameter(t.clone()) for t in init]
+    qs = [torch.nn.Parameter(t.clone()) for t in init]
+    opt = FusedOneCycleAdam([{"params": [ps[0]]}, {"params": [ps[1]], "weight_decay": 0.1}], backend=backend, **SCHED)
+    ref = torch.optim.Adam([{"params": [qs[0]]}, {"params": [qs[1]], "weight_decay": 0.1}], lr=0.1)
+    gen = torch.Generator().manual_seed(2)
+
+    def step(k):
+        for p, q in zip(ps, qs):
+            g = torch.randn(p.shape, generator=gen)
+            p.grad, q.grad = g.clone(), g.clone()
+        for group in ref.param_groups:
+            group["lr"], group["betas"] = opt.schedule.lr(k), (opt.schedule.momentum(k), 0.999)
+        opt.step()
+        ref.step()
+
+    for k in range(3):
+        step(k)
+    sd = copy.deepcopy(opt.state_dict())
+    sd["param_groups"][1]["weight_decay"] = 0.5  # would show if the groups were replaced
+    if bad == "step_shape":
+        sd["state"][1]["step"] = torch.tensor([5, 5])
+    elif bad == "step_str":
+        sd["state"][1]["step"] = "5"
+    elif bad == "step_none":
+        sd["state"][1]["step"] = None
+    elif bad == "state_not_dict":
+        sd["state"][1] = None
+    else:
+        sd["state"][7] = {"step": torch.tensor(1)}
+    before = _snapshot(opt, ps)
+    with pytest.raises(ValueError, match=r"state_dict state\[[17]\]"):
+        opt.load_state_dict(sd)
+    _assert_unchanged(before, _snapshot(opt, ps))
+    assert opt.param_groups[1]["weight_decay"] == 0.1
+    for k in range(3, 8):
+        step(k)
+    assert int(opt.step_counter()) == 8
+    assert_close_ulps(ps, qs)
+
+
 @pytest.mark.parametrize("good", [torch.tensor(7), 7, torch.tensor(7, dtype=torch.int32)])
 def test_load_state_dict_takes_an_integer_step_counter(good):
     p = torch.nn.Parameter(torch.zeros(2))
