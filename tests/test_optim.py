@@ -1226,6 +1226,44 @@ def test_sgd_momentum_edited_on_later_is_used_like_torch(backend, plan, dampenin
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_an_integer_tensor_put_into_a_group_later_is_refused(backend):
+    """An int64 tensor appended to a group's params after construction (where
+    backends are chosen) is refused by the step, changing nothing, as by
+    torch.optim.SGD (a RuntimeError there). The reference backend used to
+    step it in float32 and truncate the result into the integers, and
+    step the other parameters with it."""
+    p = torch.nn.Parameter(torch.linspace(-1, 1, 3))
+    q = torch.nn.Parameter(p.detach().clone())
+    ours = FusedOneCycleSGD([p], momentum=0.9, backend=backend, **dict(SCHED, cycle_momentum=False))
+    theirs = torch.optim.SGD([q], lr=0.1, momentum=0.9)
+    gen = torch.Generator().manual_seed(4)
+
+    def step():
+        g = torch.randn(3, generator=gen)
+        p.grad, q.grad = g.clone(), g.clone()
+        theirs.param_groups[0]["lr"] = ours.param_groups[0]["lr"]
+        ours.step()
+        theirs.step()
+
+    step()
+    r = torch.zeros(3, dtype=torch.int64)
+    r.grad = torch.ones(3, dtype=torch.int64)
+    with pytest.raises(RuntimeError):  # torch refuses to step it
+        torch.optim.SGD([r], lr=0.1, momentum=0.9).step()
+    ours.param_groups[0]["params"].append(r)
+    p.grad = torch.randn(3)
+    before = _snapshot(ours, [p])
+    with pytest.raises(ValueError, match="dtype"):
+        ours.step()
+    _assert_unchanged(before, _snapshot(ours, [p]))
+    assert torch.equal(r, torch.zeros(3, dtype=torch.int64)) and r not in ours.state
+    ours.param_groups[0]["params"].pop()
+    for _ in range(3):
+        step()
+    assert_close_ulps([p], [q])
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_a_failed_step_leaves_no_momentum_buffer_behind(backend):
     """A step that fails (a bad grad in another group) after a momentum was
     switched on must not keep the buffer it started to make, nor the step
