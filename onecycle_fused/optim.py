@@ -383,6 +383,9 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
                 raise ValueError("all optimizer params should be with/without names. Some param names are missing")
             group["param_names"] = [name for name, _ in params]
             params = [p for _, p in params]
+        for p in params:  # torch's check, which p.device below would turn into an AttributeError
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"optimizer can only optimize Tensors, but one of the params is {torch.typename(p)}")
         if len(set(map(id, params))) != len(params):
             # torch only warns ("in future, this will cause an error"); a fused
             # step would update the tensor twice, differently per backend

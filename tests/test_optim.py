@@ -1047,6 +1047,21 @@ def test_param_group_given_as_a_set_is_refused_like_torch():
     assert len(opt.param_groups) == 1
 
 
+@pytest.mark.parametrize("bad", [1, "w", None, 0.5])
+def test_a_param_that_is_no_tensor_is_a_typeerror_like_torch(bad):
+    """torch: TypeError 'optimizer can only optimize Tensors'. It used to be an
+    AttributeError ('int' object has no attribute 'device')."""
+    p, q = torch.nn.Parameter(torch.randn(2)), torch.nn.Parameter(torch.randn(2))
+    with pytest.raises(TypeError, match="can only optimize Tensors"):
+        torch.optim.SGD([p, bad], lr=0.1)
+    with pytest.raises(TypeError, match="can only optimize Tensors"):
+        FusedOneCycleSGD([p, bad], cycle_min_lr=0.01, cycle_max_lr=0.1)
+    opt = FusedOneCycleAdam([p], cycle_min_lr=0.01, cycle_max_lr=0.1)
+    with pytest.raises(TypeError, match="can only optimize Tensors"):
+        opt.add_param_group({"params": [q, bad]})
+    assert len(opt.param_groups) == 1
+
+
 @pytest.mark.parametrize("ours_cls, torch_cls, kw", [
     (FusedOneCycleSGD, torch.optim.SGD, dict(momentum=0.9, nesterov=True, weight_decay=0.01)),
     (FusedOneCycleAdamW, torch.optim.AdamW, dict(weight_decay=0.01)),
