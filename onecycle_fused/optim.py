@@ -158,10 +158,21 @@ def _check_saved_state(state_dict: dict, groups: list) -> None:
                 )
 
 
+def _is_number(value) -> bool:
+    """An int or float, or a numpy integer / floating scalar (np.float32,
+    np.int64), as torch.optim and the schedule keywords take them. Not any
+    numbers.Real: torch refuses a Fraction as a Scalar (the reference backend
+    computes with the group's values)."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, (int, float)):
+        return True
+    np = sys.modules.get("numpy")  # a numpy scalar means numpy is imported
+    return np is not None and isinstance(value, (np.integer, np.floating))
+
+
 def _check_nonneg(name: str, value) -> None:
-    # numbers.Real: numpy scalars too (np.float32, np.int64), as torch.optim
-    # and the schedule keywords take them
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
+    if not _is_number(value) or not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 

@@ -2,6 +2,7 @@
 step with the same lr and momentum, plus the torch.optim conventions:
 closures, param groups, state_dict / resume, zero_grad, GradScaler, errors."""
 import copy
+import fractions
 import itertools
 import os
 import subprocess
@@ -1352,6 +1353,13 @@ def test_numpy_scalar_hyperparameters_step_like_torch(ours_cls, torch_cls, kw, b
     ours.param_groups[0]["weight_decay"] = np.float32(-0.5)  # still checked at the next step
     with pytest.raises(ValueError, match="weight_decay"):
         ours.step()
+    # not any numbers.Real: torch takes no Fraction as a scalar (nor does the reference backend)
+    ours.param_groups[0]["weight_decay"] = fractions.Fraction(1, 10)
+    with pytest.raises(ValueError, match="weight_decay"):
+        ours.step()
+    for bad in (fractions.Fraction(1, 10), np.bool_(True), np.float64("nan")):
+        with pytest.raises(ValueError, match="weight_decay"):
+            ours_cls([torch.nn.Parameter(torch.zeros(2))], weight_decay=bad, **SCHED)
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
