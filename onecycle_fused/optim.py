@@ -129,8 +129,50 @@ def _checked_step_counter(value) -> int:
     return k
 
 
+def _check_saved_state(state_dict: dict, groups: list) -> None:
+    """Refuse, before load_state_dict changes anything, per-parameter state
+    that the load would fail on half-way (after torch replaced the state and
+    groups): an entry that is no dict or belongs to no saved parameter (torch
+    keeps such entries; here they would break every later step), or a
+    ``step`` that is no count (``_own_step`` makes each an int64 0-dim tensor).
+    Groups that do not match ``groups`` are left to torch, whose message names that."""
+    saved = state_dict["param_groups"]
+    if len(saved) != len(groups) or any(len(s["params"]) != len(g["params"]) for s, g in zip(saved, groups)):
+        return
+    saved_ids = {i for g in saved for i in g["params"]}
+    for k, st in state_dict["state"].items():
+        if k not in saved_ids:
+            raise ValueError(f"state_dict state[{k!r}] belongs to no parameter of its param_groups")
+        if not isinstance(st, dict):
+            raise ValueError(f"state_dict state[{k!r}] must be a dict of the parameter's state, got {st!r}")
+        if "step" in st:
+            step = st["step"]
+            if isinstance(step, torch.Tensor):
+                ok = step.numel() == 1 and not step.is_complex() and step.dtype != torch.bool
+            else:
+                ok = isinstance(step, numbers.Real) and not isinstance(step, bool)
+            if not ok:
+                raise ValueError(
+                    f"state_dict state[{k!r}]['step'] must be a step count (a one-element tensor or a number), "
+                    f"got {step!r}"
+                )
+
+
+def _is_number(value) -> bool:
+    """An int or float, or a numpy integer / floating scalar (np.float32,
+    np.int64), as torch.optim and the schedule keywords take them. Not any
+    numbers.Real: torch refuses a Fraction as a Scalar (the reference backend
+    computes with the group's values)."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, (int, float)):
+        return True
+    np = sys.modules.get("numpy")  # a numpy scalar means numpy is imported
+    return np is not None and isinstance(value, (np.integer, np.floating))
+
+
 def _check_nonneg(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+    if not _is_number(value) or not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
@@ -158,6 +200,15 @@ def _check_grad(opt, i: int, p: torch.Tensor, grad: torch.Tensor) -> None:
             f"{type(opt).__name__}: grads[{i}] must match params[{i}] ({p.dtype} {tuple(p.shape)} on {p.device}), "
             f"got {grad.dtype} {tuple(grad.shape)} on {grad.device}"
         )
+
+
+def _undo_added(added: list) -> None:
+    """Remove the state entries a step's ``_fill_batch`` made, ``(p, state,
+    key, step before or None)`` each, and restore the step counts it reset."""
+    for _, state, key, old_step in added:
+        state.pop(key, None)
+        if old_step is not None:
+            state["step"].copy_(old_step)
 
 
 def _own_step(step, p: torch.Tensor, taken: set[int]) -> torch.Tensor:
@@ -343,6 +394,9 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
                 raise ValueError("all optimizer params should be with/without names. Some param names are missing")
             group["param_names"] = [name for name, _ in params]
             params = [p for _, p in params]
+        for p in params:  # torch's check, which p.device below would turn into an AttributeError
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"optimizer can only optimize Tensors, but one of the params is {torch.typename(p)}")
         if len(set(map(id, params))) != len(params):
             # torch only warns ("in future, this will cause an error"); a fused
             # step would update the tensor twice, differently per backend
@@ -664,7 +718,11 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
     def _init_state(self, p: torch.Tensor, group: dict) -> dict:
         raise NotImplementedError
 
-    def _fill_batch(self, batch, p, state, group) -> None:
+    def _fill_batch(self, batch, p, state, group, added: list) -> None:
+        """Append the parameter's state tensors to ``batch``; a state entry
+        made here for existing state is recorded in ``added`` as
+        ``(p, state, key, step before or None)``, so that a step that fails
+        afterwards can undo it."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -711,6 +769,9 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         moved = False  # a parameter on a device that has no counter
         has_complex = self._has_complex  # (a flag: is_complex() per parameter costs ~0.3 ms a step for 5,000)
         created = []  # params whose state this step created: dropped again if it fails
+        # state entries _fill_batch added to existing state (a momentum buffer,
+        # max_exp_avg_sq switched on later): (param, state, key, step before)
+        added = []
         compiling = torch.compiler.is_compiling()
         stepped = set()
         try:
@@ -742,11 +803,13 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
                     batch.grads.append(grad)
                     batch.steps.append(state["step"])
                     batch.group_ids.append(gid)
-                    self._fill_batch(batch, p, state, group)
+                    self._fill_batch(batch, p, state, group, added)
             if moved and len(batches) == len(counters):  # (nothing was stepped through a plan)
                 for p in created:
                     self.state.pop(p, None)
                 created = []
+                _undo_added(added)
+                added = []
                 self._follow_param_devices()
                 self._step(grad_scale, found_inf)  # again, on the devices the parameters are on now
                 return
@@ -763,6 +826,7 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
             for p in created:
                 if p.device not in stepped:
                     self.state.pop(p, None)
+            _undo_added([a for a in added if a[0].device not in stepped])
             raise
         if not torch.compiler.is_compiling() and len(batches) == len(self._counters):
             self._build_plans(batches, without_grad)
@@ -1028,6 +1092,7 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"state_dict param_groups[{i}] has no 'schedule'")
             _check_scalar_schedule(schedule_from_config(g["schedule"]))  # a bad one raises before anything changes
         counter = _checked_step_counter(state_dict["step_counter"])
+        _check_saved_state(state_dict, self.param_groups)
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             for k, v in self.defaults.items():
@@ -1216,7 +1281,7 @@ class FusedOneCycleSGD(_FusedOneCycleOptimizer):
             state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
 
-    def _fill_batch(self, batch, p, state, group):
+    def _fill_batch(self, batch, p, state, group, added):
         if "momentum_buffer" not in state and self._uses_buffer(group):
             # momentum switched on after the state was made (a constant
             # momentum edited from 0, or cycle_momentum set in the schedule):
@@ -1228,6 +1293,7 @@ class FusedOneCycleSGD(_FusedOneCycleOptimizer):
             # (as a first step's state is made): the count stays 0 and the
             # next applied step takes the rule, as torch's would.
             self._check_not_capturing("create a momentum buffer (it would be zeroed at every replay)")
+            added.append((p, state, "momentum_buffer", state["step"].clone()))
             state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["step"].zero_()
         batch.momentum_buffers.append(state.get("momentum_buffer"))
@@ -1328,11 +1394,12 @@ class FusedOneCycleAdam(_FusedOneCycleOptimizer):
             state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
 
-    def _fill_batch(self, batch, p, state, group):
+    def _fill_batch(self, batch, p, state, group, added):
         batch.exp_avgs.append(state["exp_avg"])
         batch.exp_avg_sqs.append(state["exp_avg_sq"])
         if group["amsgrad"] and "max_exp_avg_sq" not in state:  # amsgrad switched on later
             self._check_not_capturing("create max_exp_avg_sq (it would be zeroed at every replay)")
+            added.append((p, state, "max_exp_avg_sq", None))
             state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         batch.max_exp_avg_sqs.append(state["max_exp_avg_sq"] if group["amsgrad"] else None)
 

@@ -77,10 +77,13 @@ ANNEAL_LINEAR = 1
 
 
 def _as_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if not isinstance(value, numbers.Integral):  # an integral float, numpy's (np.float32(1000.0)) too
+        as_float = float(value)
+        if not (math.isfinite(as_float) and as_float.is_integer()):
+            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        value = as_float
     value = int(value)
     if value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")

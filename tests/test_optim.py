@@ -2,6 +2,7 @@
 step with the same lr and momentum, plus the torch.optim conventions:
 closures, param groups, state_dict / resume, zero_grad, GradScaler, errors."""
 import copy
+import fractions
 import itertools
 import os
 import subprocess
@@ -457,6 +458,57 @@ def test_load_state_dict_refuses_a_bad_step_counter_before_changing_anything(bad
     with pytest.raises(ValueError, match="step_counter"):
         opt.load_state_dict(sd)
     assert int(opt.step_counter()) == 1 and opt.param_groups[0]["weight_decay"] == 0.0
+
+
+@pytest.mark.parametrize("bad", ["step_shape", "step_str", "step_none", "state_not_dict", "state_of_no_param"])
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_load_state_dict_refuses_bad_parameter_state_before_changing_anything(bad, backend):
+    """A per-parameter ``step`` that is no count (a 2-element tensor, a
+    string, None), a state entry that is no dict, or one for an index no
+    saved group holds: a ValueError before anything changes. They used to
+    fail (RuntimeError, TypeError, AttributeError) after torch had replaced
+    the state and groups, leaving an optimizer whose every step and
+    step_counter() raised. Afterwards the optimizer steps on as
+    torch.optim.Adam does with the same lr and beta1."""
+    init = [torch.linspace(-1, 1, 3), torch.linspace(2, 0, 4)]
+    ps = [torch.nn.Parameter(t.clone()) for t in init]
+    qs = [torch.nn.Parameter(t.clone()) for t in init]
+    opt = FusedOneCycleAdam([{"params": [ps[0]]}, {"params": [ps[1]], "weight_decay": 0.1}], backend=backend, **SCHED)
+    ref = torch.optim.Adam([{"params": [qs[0]]}, {"params": [qs[1]], "weight_decay": 0.1}], lr=0.1)
+    gen = torch.Generator().manual_seed(2)
+
+    def step(k):
+        for p, q in zip(ps, qs):
+            g = torch.randn(p.shape, generator=gen)
+            p.grad, q.grad = g.clone(), g.clone()
+        for group in ref.param_groups:
+            group["lr"], group["betas"] = opt.schedule.lr(k), (opt.schedule.momentum(k), 0.999)
+        opt.step()
+        ref.step()
+
+    for k in range(3):
+        step(k)
+    sd = copy.deepcopy(opt.state_dict())
+    sd["param_groups"][1]["weight_decay"] = 0.5  # would show if the groups were replaced
+    if bad == "step_shape":
+        sd["state"][1]["step"] = torch.tensor([5, 5])
+    elif bad == "step_str":
+        sd["state"][1]["step"] = "5"
+    elif bad == "step_none":
+        sd["state"][1]["step"] = None
+    elif bad == "state_not_dict":
+        sd["state"][1] = None
+    else:
+        sd["state"][7] = {"step": torch.tensor(1)}
+    before = _snapshot(opt, ps)
+    with pytest.raises(ValueError, match=r"state_dict state\[[17]\]"):
+        opt.load_state_dict(sd)
+    _assert_unchanged(before, _snapshot(opt, ps))
+    assert opt.param_groups[1]["weight_decay"] == 0.1
+    for k in range(3, 8):
+        step(k)
+    assert int(opt.step_counter()) == 8
+    assert_close_ulps(ps, qs)
 
 
 @pytest.mark.parametrize("good", [torch.tensor(7), 7, torch.tensor(7, dtype=torch.int32)])
@@ -996,6 +1048,21 @@ def test_param_group_given_as_a_set_is_refused_like_torch():
     assert len(opt.param_groups) == 1
 
 
+@pytest.mark.parametrize("bad", [1, "w", None, 0.5])
+def test_a_param_that_is_no_tensor_is_a_typeerror_like_torch(bad):
+    """torch: TypeError 'optimizer can only optimize Tensors'. It used to be an
+    AttributeError ('int' object has no attribute 'device')."""
+    p, q = torch.nn.Parameter(torch.randn(2)), torch.nn.Parameter(torch.randn(2))
+    with pytest.raises(TypeError, match="can only optimize Tensors"):
+        torch.optim.SGD([p, bad], lr=0.1)
+    with pytest.raises(TypeError, match="can only optimize Tensors"):
+        FusedOneCycleSGD([p, bad], cycle_min_lr=0.01, cycle_max_lr=0.1)
+    opt = FusedOneCycleAdam([p], cycle_min_lr=0.01, cycle_max_lr=0.1)
+    with pytest.raises(TypeError, match="can only optimize Tensors"):
+        opt.add_param_group({"params": [q, bad]})
+    assert len(opt.param_groups) == 1
+
+
 @pytest.mark.parametrize("ours_cls, torch_cls, kw", [
     (FusedOneCycleSGD, torch.optim.SGD, dict(momentum=0.9, nesterov=True, weight_decay=0.01)),
     (FusedOneCycleAdamW, torch.optim.AdamW, dict(weight_decay=0.01)),
@@ -1172,6 +1239,127 @@ def test_sgd_momentum_edited_on_later_is_used_like_torch(backend, plan, dampenin
     assert "momentum_buffer" in ours.state[p]
     assert_close_ulps([p], [q])
     assert_close_ulps([ours.state[p]["momentum_buffer"]], [theirs.state[q]["momentum_buffer"]])
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_an_integer_tensor_put_into_a_group_later_is_refused(backend):
+    """An int64 tensor appended to a group's params after construction (where
+    backends are chosen) is refused by the step, changing nothing, as by
+    torch.optim.SGD (a RuntimeError there). The reference backend used to
+    step it in float32 and truncate the result into the integers, and
+    step the other parameters with it."""
+    p = torch.nn.Parameter(torch.linspace(-1, 1, 3))
+    q = torch.nn.Parameter(p.detach().clone())
+    ours = FusedOneCycleSGD([p], momentum=0.9, backend=backend, **dict(SCHED, cycle_momentum=False))
+    theirs = torch.optim.SGD([q], lr=0.1, momentum=0.9)
+    gen = torch.Generator().manual_seed(4)
+
+    def step():
+        g = torch.randn(3, generator=gen)
+        p.grad, q.grad = g.clone(), g.clone()
+        theirs.param_groups[0]["lr"] = ours.param_groups[0]["lr"]
+        ours.step()
+        theirs.step()
+
+    step()
+    r = torch.zeros(3, dtype=torch.int64)
+    r.grad = torch.ones(3, dtype=torch.int64)
+    with pytest.raises(RuntimeError):  # torch refuses to step it
+        torch.optim.SGD([r], lr=0.1, momentum=0.9).step()
+    ours.param_groups[0]["params"].append(r)
+    p.grad = torch.randn(3)
+    before = _snapshot(ours, [p])
+    with pytest.raises(ValueError, match="dtype"):
+        ours.step()
+    _assert_unchanged(before, _snapshot(ours, [p]))
+    assert torch.equal(r, torch.zeros(3, dtype=torch.int64)) and r not in ours.state
+    ours.param_groups[0]["params"].pop()
+    for _ in range(3):
+        step()
+    assert_close_ulps([p], [q])
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_a_failed_step_leaves_no_momentum_buffer_behind(backend):
+    """A step that fails (a bad grad in another group) after a momentum was
+    switched on must not keep the buffer it started to make, nor the step
+    count it reset for torch's first-step rule: it used to, so after the
+    momentum went back to 0 and on again, the next buffer started as
+    ``(1 - dampening) * grad`` instead of torch's ``buf = grad``."""
+    kw = dict(SCHED, cycle_momentum=False)
+    p, r = torch.nn.Parameter(torch.linspace(-1, 1, 5)), torch.nn.Parameter(torch.ones(3))
+    q = torch.nn.Parameter(p.detach().clone())
+    ours = FusedOneCycleSGD([{"params": [p]}, {"params": [r]}], momentum=0.0, dampening=0.3, backend=backend, **kw)
+    theirs = torch.optim.SGD([q], lr=0.1, momentum=0.0, dampening=0.3)
+    gen = torch.Generator().manual_seed(5)
+    for k in range(8):
+        g = torch.randn(5, generator=gen)
+        p.grad, q.grad, r.grad = g.clone(), g.clone(), torch.randn(3, generator=gen)
+        if k == 2:
+            ours.param_groups[0]["momentum"] = 0.9
+            _set_bad_grad(r, "shape")
+            before = _snapshot(ours, [p, r])
+            with pytest.raises(ValueError, match="grad"):
+                ours.step()
+            _assert_unchanged(before, _snapshot(ours, [p, r]))
+            ours.param_groups[0]["momentum"] = 0.0  # changed one's mind
+            r.grad = torch.randn(3, generator=gen)
+        if k == 4:
+            ours.param_groups[0]["momentum"] = theirs.param_groups[0]["momentum"] = 0.9
+        theirs.param_groups[0]["lr"] = ours.param_groups[0]["lr"]
+        ours.step()
+        theirs.step()
+    assert_close_ulps([p], [q])
+    assert_close_ulps([ours.state[p]["momentum_buffer"]], [theirs.state[q]["momentum_buffer"]])
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_a_failed_step_leaves_no_max_exp_avg_sq_behind(backend):
+    """amsgrad switched on, then a step that fails: no max_exp_avg_sq stays
+    in the state (a ValueError changes nothing)."""
+    p, r = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(4))
+    opt = FusedOneCycleAdam([{"params": [p]}, {"params": [r]}], backend=backend, **SCHED)
+    for _ in range(2):
+        p.grad, r.grad = torch.randn(3), torch.randn(4)
+        opt.step()
+    opt.param_groups[0]["amsgrad"] = True
+    p.grad = torch.randn(3)
+    _set_bad_grad(r, "dtype")
+    before = _snapshot(opt, [p, r])
+    with pytest.raises(ValueError, match="grad"):
+        opt.step()
+    _assert_unchanged(before, _snapshot(opt, [p, r]))
+    assert "max_exp_avg_sq" not in opt.state[p]
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("ours_cls, torch_cls, kw", [
+    (FusedOneCycleSGD, torch.optim.SGD, dict(momentum="f32:0.9", dampening="f32:0.1", weight_decay="f32:0.01")),
+    (FusedOneCycleSGD, torch.optim.SGD, dict(momentum="i64:0", weight_decay="i64:1")),
+    (FusedOneCycleAdam, torch.optim.Adam, dict(eps="f32:1e-3", weight_decay="f32:0.1")),
+    (FusedOneCycleAdamW, torch.optim.AdamW, dict(eps="i64:1", weight_decay="f32:0.1")),
+])
+def test_numpy_scalar_hyperparameters_step_like_torch(ours_cls, torch_cls, kw, backend):
+    """np.float32 / np.int64 hyper-parameters (a config computed with numpy),
+    which torch.optim takes, were a ValueError claiming the value was not
+    'a finite number >= 0' (np.float64 passed, being a float subclass)."""
+    np = pytest.importorskip("numpy")
+    kw = {k: (np.float32 if v.startswith("f32") else np.int64)(float(v[4:])) for k, v in kw.items()}
+    sched = dict(SCHED, cycle_momentum=False)
+    a, b, ours = drive_pair(ours_cls, torch_cls, dict(sched, **kw), kw, steps=20, backend=backend)
+    assert_close_ulps(a, b)
+    for k, v in kw.items():
+        assert ours.param_groups[0][k] == v
+    ours.param_groups[0]["weight_decay"] = np.float32(-0.5)  # still checked at the next step
+    with pytest.raises(ValueError, match="weight_decay"):
+        ours.step()
+    # not any numbers.Real: torch takes no Fraction as a scalar (nor does the reference backend)
+    ours.param_groups[0]["weight_decay"] = fractions.Fraction(1, 10)
+    with pytest.raises(ValueError, match="weight_decay"):
+        ours.step()
+    for bad in (fractions.Fraction(1, 10), np.bool_(True), np.float64("nan")):
+        with pytest.raises(ValueError, match="weight_decay"):
+            ours_cls([torch.nn.Parameter(torch.zeros(2))], weight_decay=bad, **SCHED)
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])

@@ -304,6 +304,29 @@ def test_integral_floats_are_accepted():
     assert sched.cycle_first_step_size == 1000 and isinstance(sched.cycle_first_step_size, int)
 
 
+def test_numpy_integral_step_sizes_are_accepted_like_python_floats():
+    """A config computed with numpy gives np.float32(1000.0) / np.int64 step
+    sizes: accepted as 1000.0 is (was a ValueError for np.float32 only, saying
+    it was not an integer), with DeepSpeed's values; a non-integral one is
+    still refused."""
+    np = pytest.importorskip("numpy")
+    cfg = dict(cycle_min_lr=0.01, cycle_max_lr=0.1, cycle_first_step_size=np.float32(6.0),
+               cycle_second_step_size=np.float64(4.0), cycle_first_stair_count=np.int64(3),
+               decay_step_size=np.float32(2.0), decay_lr_rate=0.5)
+    sched = OneCycle(**cfg)
+    assert (sched.cycle_first_step_size, sched.cycle_second_step_size, sched.decay_step_size) == (6, 4, 2)
+    assert all(type(v) is int for v in (sched.cycle_first_step_size, sched.cycle_second_step_size,
+                                         sched.cycle_first_stair_count, sched.decay_step_size))
+    steps = 2 * sched.total_size + 4
+    lrs, _ = deepspeed_trajectory(ds.OneCycle, {k: (float(v) if k.endswith("size") else int(v) if k.endswith("count")
+                                                    else v) for k, v in cfg.items()}, steps)
+    assert [sched.lr(k) for k in range(steps + 1)] == [lr[0] for lr in lrs]
+    assert LRRangeTest(lr_range_test_step_size=np.float32(5.0)).lr_range_test_step_size == 5
+    for bad in (np.float32(5.5), np.float64("nan"), np.float32("inf"), np.bool_(True)):
+        with pytest.raises(ValueError, match="cycle_first_step_size"):
+            OneCycle(cycle_min_lr=0.01, cycle_max_lr=0.1, cycle_first_step_size=bad)
+
+
 def test_group_index_is_checked():
     """lr(k, group=g) names a group: one the lists do not have is a ValueError
     (was an IndexError, and -1 silently read the last group)."""

@@ -117,6 +117,9 @@ def _torch_onecycle_values(table: torch.Tensor, k: torch.Tensor) -> tuple[torch.
     return anneal(lr_from, lr_to), anneal(mom_from, mom_to)
 
 
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
 def _commit(dst: torch.Tensor, new: torch.Tensor, skip: torch.Tensor | None) -> None:
     """Write ``new`` into ``dst`` unless the step is skipped (device-side choice)."""
     if skip is not None:
@@ -132,7 +135,7 @@ class ReferenceBackend:
         return True
 
     def supports(self, device, dtype) -> bool:
-        return dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+        return dtype in _DTYPES
 
     @staticmethod
     def _check(batch: StepBatch) -> None:
@@ -140,6 +143,14 @@ class ReferenceBackend:
         anything is written (as the compiled ops do): a state that no longer
         fits (a checkpoint loaded after the parameters were reordered) raises
         with nothing stepped."""
+        for i, p in enumerate(batch.params):
+            # (the optimizer picks backends by the dtypes of the groups it was
+            # given; a parameter put into a group's list later is seen here
+            # first, and would be stepped in float32 and truncated on writing)
+            if p.dtype not in _DTYPES:
+                raise ValueError(
+                    f"the reference backend supports {_DTYPES} parameters; params[{i}] has dtype {p.dtype}"
+                )
         lists = [("grads", batch.grads)]
         if batch.algo == "sgd":
             lists.append(("momentum_buffers", batch.momentum_buffers))
