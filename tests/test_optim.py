@@ -590,6 +590,39 @@ def test_a_torch_onecyclelr_left_attached_is_named():
     assert torch.equal(p.detach(), torch.ones(3)) and int(opt.step_counter()) == 0
 
 
+def test_a_torch_cycliclr_left_attached_raises_or_warns_as_the_readme_says():
+    """README: CyclicLR with its default cycle_momentum=True is a ValueError
+    (it writes base_momentum / max_momentum into the group); with
+    cycle_momentum=False it writes only 'lr', which cannot be told from a
+    StepLR: a warning, and the update stays the 1-Cycle schedule's, checked
+    against torch.optim.SGD driven by DeepSpeed's own OneCycle."""
+    ds = pytest.importorskip("deepspeed.runtime.lr_schedules")
+    kw = dict(cycle_min_lr=0.01, cycle_max_lr=0.1, cycle_first_step_size=4)
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = FusedOneCycleSGD([p], **kw, momentum=0.9)
+    torch.optim.lr_scheduler.CyclicLR(opt, base_lr=0.01, max_lr=0.1)
+    p.grad = torch.ones(3)
+    with pytest.raises(ValueError, match="torch LR scheduler was attached"):
+        opt.step()
+    assert torch.equal(p.detach(), torch.ones(3)) and int(opt.step_counter()) == 0
+
+    p, q = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    opt = FusedOneCycleSGD([p], **kw, cycle_momentum=False, momentum=0.9)
+    cyclic = torch.optim.lr_scheduler.CyclicLR(opt, base_lr=0.5, max_lr=5.0, cycle_momentum=False)
+    ref = torch.optim.SGD([q], lr=0.1, momentum=0.9)
+    ds_sched = ds.OneCycle(ref, **kw, cycle_momentum=False)
+    gen = torch.Generator().manual_seed(0)
+    with pytest.warns(UserWarning, match="torch LR scheduler attached"):
+        for _ in range(10):
+            g = torch.randn(3, generator=gen)
+            p.grad, q.grad = g.clone(), g.clone()
+            opt.step()
+            cyclic.step()
+            ref.step()
+            ds_sched.step()
+    assert torch.equal(p.detach(), q.detach())
+
+
 def test_a_group_schedule_value_must_be_a_scalar():
     """A list gives one value per group at the optimizer level; inside a group
     it has no meaning. It used to be kept: the device row took its first entry
