@@ -250,14 +250,25 @@ def merge(out_dir: str, others: list[str]) -> None:
     _replace(os.path.join(out_dir, "results.json"), json.dumps(dict(data, targets=[]), indent=1))
 
 
-if __name__ == "__main__":
-    import sys
+def main(argv=None) -> int:
+    import argparse
 
-    if len(sys.argv) < 2:
-        raise SystemExit("usage: python -m benchmarks.report RESULTS_DIR [MORE_RESULTS_DIRS...]\n"
-                         "  rewrites RESULTS_DIR's results.md, targets and plots; rows of the other folders are merged "
-                         "into it first")
-    if len(sys.argv) > 2:
-        merge(sys.argv[1], sys.argv[2:])
-    for path in rewrite(sys.argv[1]):
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.report",
+        description="Rewrite a results folder's results.md, targets and plots from its results.json; "
+                    "the rows of the other folders are merged into it first (e.g. the two GPU phases).")
+    parser.add_argument("results_dir", help="folder holding results.json (written back)")
+    parser.add_argument("more", nargs="*", metavar="more_dirs", help="folders whose rows are merged in, in order")
+    args = parser.parse_args(argv)
+    for folder in [args.results_dir] + args.more:
+        if not os.path.isfile(os.path.join(folder, "results.json")):
+            parser.error(f"{folder!r} holds no results.json")
+    if args.more:
+        merge(args.results_dir, args.more)
+    for path in rewrite(args.results_dir):
         print("wrote", path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -181,6 +181,20 @@ def test_cli_rejects_bad_options():
         run.main(["--sets", "vgg", "--no-progress"])
 
 
+def test_report_command_line_help_and_errors(tmp_path, capsys):
+    """`python -m benchmarks.report --help` prints its usage (it used to take
+    '--help' for a folder and end in a traceback); a folder without
+    results.json is a one-line usage error."""
+    from benchmarks import report
+
+    with pytest.raises(SystemExit) as exc:
+        report.main(["--help"])
+    assert exc.value.code == 0 and "results_dir" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        report.main([str(tmp_path)])
+    assert exc.value.code == 2 and "holds no results.json" in capsys.readouterr().err
+
+
 def test_gpu_targets_arithmetic(monkeypatch):
     """The GPU targets' ratios from synthetic rows (the code runs without a GPU)."""
     from onecycle_fused import backends
