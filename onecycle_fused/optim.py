@@ -172,7 +172,10 @@ def _is_number(value) -> bool:
 
 
 def _check_nonneg(name: str, value) -> None:
-    if not _is_number(value) or not math.isfinite(value) or value < 0:
+    # comparisons, not math.isfinite: under torch.compile a value edited
+    # between steps is a symbolic float, which comparisons guard on and
+    # math.isfinite cannot take (NaN fails both comparisons)
+    if not _is_number(value) or not (-math.inf < value < math.inf) or value < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
@@ -477,7 +480,11 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         if not sched.cycles_momentum:
             row[Row.MOMENTUM] = float(self._constant_momentum(group))
         for col, value in self._update_columns(group).items():
-            row[col] = float(value)
+            # a flag as 1.0 / 0.0 through a branch: under torch.compile a
+            # hyper-parameter edited between steps becomes a symbolic float,
+            # and float() of a comparison of it (momentum != 0) is a
+            # ToFloat(bool) that torch's symbolic shapes cannot evaluate
+            row[col] = (1.0 if value else 0.0) if isinstance(value, (bool, torch.SymBool)) else float(value)
         return row
 
     def _refresh_tables(self) -> None:

@@ -158,3 +158,46 @@ def test_compiled_step_with_complex_params():
         assert not torch.equal(p.detach(), start)
         torch.testing.assert_close(p.detach(), q.detach())
     assert opt.step_counter().item() == STEPS
+
+
+EDITS = {  # hyper-parameters edited between compiled steps: step index -> (key, value)
+    "sgd_constant_momentum": (FusedOneCycleSGD, dict(cycle_momentum=False, momentum=0.5),
+                              {2: ("momentum", 0.9), 3: ("weight_decay", 0.01), 4: ("momentum", 0.0)}),
+    "adamw": (FusedOneCycleAdamW, dict(),
+              {2: ("eps", 1e-3), 3: ("betas", "beta2=0.99"), 4: ("weight_decay", 0.05)}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EDITS))
+def test_hyperparameter_edits_between_compiled_steps_equal_eager(name):
+    """A value edited between compiled steps recompiles, and dynamo then
+    treats it as a symbolic float: the group-table refresh must trace it
+    (a momentum edited on and off took float() of a symbolic comparison,
+    math.isfinite a symbolic float: both failed to compile)."""
+    if "cpu" not in BACKENDS:
+        pytest.skip("backend 'cpu' is not built")
+    cls, kwargs, edits = EDITS[name]
+
+    def run(compiled):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
+        opt = cls(params, **SCHEDULE, **kwargs, backend="cpu")
+        step = torch.compile(opt.step, fullgraph=True) if compiled else opt.step
+        gen = torch.Generator().manual_seed(1)
+        for i in range(STEPS):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            if i in edits:
+                key, value = edits[i]
+                group = opt.param_groups[0]
+                group[key] = (group["betas"][0], 0.99) if key == "betas" else value
+            step()
+        return [p.detach().clone() for p in params], opt
+
+    torch._dynamo.reset()
+    expected, eager_opt = run(False)
+    with torch._dynamo.config.patch(recompile_limit=8, fail_on_recompile_limit_hit=True):
+        got, opt = run(True)
+    for p, q in zip(got, expected):
+        torch.testing.assert_close(p, q)
+    assert opt._tables[torch.device("cpu")].tolist() == eager_opt._tables[torch.device("cpu")].tolist()
