@@ -462,6 +462,11 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
             seen = self._schedule_seen.get(id(config))
             if seen is not None and seen[0] is config and seen[1] == config:
                 return seen[2]
+        if not eager:
+            # traced: the parse costs trace time only. No cache: a value
+            # edited between compiled steps is a symbolic float or int,
+            # which _freeze cannot sort nor a dict key hash
+            return _check_scalar_schedule(schedule_from_config(config))
         key = _freeze(config)
         sched = self._schedule_cache.get(key)
         if sched is None:

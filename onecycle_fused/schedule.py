@@ -94,7 +94,9 @@ def _as_float(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{name} must be a real number, got {value!r}")
     value = float(value)
-    if not math.isfinite(value):
+    # comparisons, not math.isfinite: under torch.compile a schedule value
+    # edited between steps is a symbolic float (NaN fails both comparisons)
+    if not -math.inf < value < math.inf:
         raise ValueError(f"{name} must be finite, got {value!r}")
     return value
 

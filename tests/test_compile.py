@@ -201,3 +201,45 @@ def test_hyperparameter_edits_between_compiled_steps_equal_eager(name):
     for p, q in zip(got, expected):
         torch.testing.assert_close(p, q)
     assert opt._tables[torch.device("cpu")].tolist() == eager_opt._tables[torch.device("cpu")].tolist()
+
+
+SCHEDULE_EDITS = {  # schedule values edited between compiled steps: step index -> (key, value)
+    2: ("cycle_max_lr", 0.1),  # a float: symbolic at its next edit
+    3: ("cycle_max_lr", 0.2),
+    4: ("cycle_first_step_size", 3),  # an int
+}
+
+
+def test_schedule_edits_between_compiled_steps_equal_eager():
+    """``param_groups[i]['schedule']['params']`` edited between compiled
+    steps (README: edit it to change a schedule). An edited value becomes
+    symbolic in dynamo: the schedule cache's key (a sorted, frozen config)
+    could not be built from it, and the schedule's validation called
+    math.isfinite on it; both failed to compile under fullgraph."""
+    if "cpu" not in BACKENDS:
+        pytest.skip("backend 'cpu' is not built")
+
+    def run(compiled):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
+        opt = FusedOneCycleSGD(params, **SCHEDULE, backend="cpu")
+        step = torch.compile(opt.step, fullgraph=True) if compiled else opt.step
+        gen = torch.Generator().manual_seed(1)
+        lrs = []
+        for i in range(STEPS):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            if i in SCHEDULE_EDITS:
+                key, value = SCHEDULE_EDITS[i]
+                opt.param_groups[0]["schedule"]["params"][key] = value
+            step()
+            lrs.append(opt.get_last_lr())
+        return [p.detach().clone() for p in params], lrs
+
+    torch._dynamo.reset()
+    expected, expected_lrs = run(False)
+    with torch._dynamo.config.patch(recompile_limit=8, fail_on_recompile_limit_hit=True):
+        got, lrs = run(True)
+    for p, q in zip(got, expected):
+        torch.testing.assert_close(p, q)
+    assert lrs == expected_lrs
