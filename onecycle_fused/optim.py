@@ -621,11 +621,18 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
     def _set_momentum_mirror(self, group: dict, mom: float) -> None:
         raise NotImplementedError
 
+    # A host read: traced into a compiled function it would return the values
+    # of the trace, constants baked into the graph (the mirror is not updated
+    # by compiled steps), stale at every later call. Disabled for dynamo: a
+    # graph break that runs it eagerly, an error under fullgraph=True.
+    @torch.compiler.disable
     def get_last_lr(self) -> list[float]:
         """The lr of each group for the next step, as a torch scheduler's ``get_last_lr()``.
 
         After steps run by a compiled function or a CUDA graph replay this reads
         the device counter once to bring the ``param_groups`` mirror up to date.
+        Inside a ``torch.compile``'d function it is a graph break (an error
+        under ``fullgraph=True``): call it outside.
         """
         if self._host_code_runs():  # (not while capturing: no event query, no read)
             self._adopt_foreign_steps()

@@ -243,3 +243,31 @@ def test_schedule_edits_between_compiled_steps_equal_eager():
     for p, q in zip(got, expected):
         torch.testing.assert_close(p, q)
     assert lrs == expected_lrs
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="onecycle_fused._C is not built")
+def test_get_last_lr_inside_compiled_function_is_not_stale():
+    """get_last_lr() called inside a compiled function (a train step that
+    logs its lr) was traced: the lr mirror of the trace became a constant of
+    the graph, returned unchanged at every later call. It is a graph break
+    now (read eagerly, after the compiled step), an error under fullgraph."""
+    torch._dynamo.reset()
+    params = [torch.nn.Parameter(torch.randn(5, 3))]
+    opt = FusedOneCycleSGD(params, **SCHEDULE, backend="cpu")
+
+    def step_and_lr():
+        opt.step()
+        return opt.get_last_lr()
+
+    compiled = torch.compile(step_and_lr)
+    for k in range(STEPS):
+        params[0].grad = torch.ones_like(params[0])
+        assert compiled() == [opt.schedule.lr(k + 1)]
+
+    def step_and_lr_fullgraph():  # (another code object: dynamo caches by code)
+        opt.step()
+        return opt.get_last_lr()
+
+    params[0].grad = torch.ones_like(params[0])
+    with pytest.raises(Exception, match="disable"):
+        torch.compile(step_and_lr_fullgraph, fullgraph=True)()
