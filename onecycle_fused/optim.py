@@ -757,7 +757,9 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         self._refresh_tables()
 
         devices = self._counters.keys()
-        if not torch.compiler.is_compiling():  # (first: dynamo never traces the plan code)
+        if torch.compiler.is_compiling():
+            self._check_no_duplicate_params()
+        else:  # (first: dynamo never traces the plan code)
             devices = self._planned_step(grad_scale, found_inf)
             if not devices:
                 self._advance_mirror(found_inf)
@@ -856,8 +858,14 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         groups were added (torch.optim and add_param_group refuse it there):
         a fused op would update it twice reading its step count once (cpu,
         cuda) or twice (reference), so the backends would disagree. Refused
-        before anything changes; one C-level pass over the ids."""
-        params = _step_plan.all_params(self.param_groups)
+        before anything changes; one C-level pass over the ids. Traced too
+        (dynamo cannot trace that pass: a Python one, at trace time; the
+        parameters' identities are guarded): compiled, a duplicate was
+        stepped without a word, the step counter advancing twice a step."""
+        if torch.compiler.is_compiling():
+            params = [p for group in self.param_groups for p in group["params"]]
+        else:
+            params = _step_plan.all_params(self.param_groups)
         if len(set(map(id, params))) == len(params):
             return
         seen: dict[int, tuple[int, int]] = {}

@@ -271,3 +271,23 @@ def test_get_last_lr_inside_compiled_function_is_not_stale():
     params[0].grad = torch.ones_like(params[0])
     with pytest.raises(Exception, match="disable"):
         torch.compile(step_and_lr_fullgraph, fullgraph=True)()
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="onecycle_fused._C is not built")
+def test_duplicate_parameter_is_refused_by_a_compiled_step():
+    """A parameter appended to a group's list a second time is refused by
+    the eager step (ValueError, nothing changes). The compiled step skipped
+    the check and stepped it, the step counter advancing twice a step."""
+    torch._dynamo.reset()
+    params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
+    opt = FusedOneCycleSGD(params, **SCHEDULE, backend="cpu")
+    step = torch.compile(opt.step)  # not fullgraph: the ValueError itself comes out
+    for p in params:
+        p.grad = torch.ones_like(p)
+    step()
+    opt.param_groups[0]["params"].append(params[0])
+    before = params[0].detach().clone()
+    with pytest.raises(ValueError, match="may appear only once"):
+        step()
+    assert torch.equal(params[0].detach(), before)
+    assert opt.step_counter().item() == 1 and opt.state[params[0]]["step"].item() == 1
