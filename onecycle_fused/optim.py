@@ -498,21 +498,24 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         Changed values are validated first, as the constructor does: a
         hyper-parameter edited in ``param_groups`` to something invalid raises
         ValueError naming it, before the step changes anything."""
-        if not torch.compiler.is_compiling():
-            for i, g in enumerate(self.param_groups):
-                if not _SCHEDULE_KEYS.isdisjoint(g):
-                    # read only at construction / add_param_group: written later, it
-                    # would be silently ignored
-                    key = sorted(_SCHEDULE_KEYS.intersection(g))[0]
-                    if "initial_lr" in g:  # torch's OneCycleLR writes max_lr, base_momentum... and this
-                        raise ValueError(
-                            f"param_groups[{i}][{key!r}]: a torch LR scheduler was attached to this optimizer; "
-                            "the 1-Cycle schedule is computed inside step(): drop the scheduler"
-                        )
+        compiling = torch.compiler.is_compiling()
+        for i, g in enumerate(self.param_groups):
+            # (traced too, with a loop dynamo can trace: compiled, such a key
+            # was silently ignored where eager refuses it)
+            if any(k in _SCHEDULE_KEYS for k in g) if compiling else not _SCHEDULE_KEYS.isdisjoint(g):
+                # read only at construction / add_param_group: written later, it
+                # would be silently ignored
+                key = sorted(k for k in g if k in _SCHEDULE_KEYS)[0]
+                if "initial_lr" in g:  # torch's OneCycleLR writes max_lr, base_momentum... and this
                     raise ValueError(
-                        f"param_groups[{i}][{key!r}]: schedule values in a group are read when it is added; "
-                        f"to change one now, set param_groups[{i}]['schedule']['params'][{key!r}]"
+                        f"param_groups[{i}][{key!r}]: a torch LR scheduler was attached to this optimizer; "
+                        "the 1-Cycle schedule is computed inside step(): drop the scheduler"
                     )
+                raise ValueError(
+                    f"param_groups[{i}][{key!r}]: schedule values in a group are read when it is added; "
+                    f"to change one now, set param_groups[{i}]['schedule']['params'][{key!r}]"
+                )
+        if not compiling:
             self._warn_if_lr_written()  # (after the errors above: they name the scheduler more precisely)
         try:
             rows = [self._row(g) for g in self.param_groups]

@@ -291,3 +291,21 @@ def test_duplicate_parameter_is_refused_by_a_compiled_step():
         step()
     assert torch.equal(params[0].detach(), before)
     assert opt.step_counter().item() == 1 and opt.state[params[0]]["step"].item() == 1
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="onecycle_fused._C is not built")
+def test_schedule_key_written_into_a_group_is_refused_by_a_compiled_step():
+    """``param_groups[0]['cycle_max_lr'] = ...`` (or a torch OneCycleLR
+    attached, which writes max_lr, base_momentum...) has no effect: eager
+    refuses it with a ValueError naming where to write instead. The check
+    was eager-only, so the compiled step ignored the value silently."""
+    torch._dynamo.reset()
+    params = [torch.nn.Parameter(torch.randn(5, 3))]
+    opt = FusedOneCycleSGD(params, **SCHEDULE, backend="cpu")
+    step = torch.compile(opt.step)  # not fullgraph: the ValueError itself comes out
+    params[0].grad = torch.ones_like(params[0])
+    step()
+    opt.param_groups[0]["cycle_max_lr"] = 0.3
+    with pytest.raises(ValueError, match=r"\['schedule'\]\['params'\]\['cycle_max_lr'\]"):
+        step()
+    assert opt.step_counter().item() == 1
