@@ -40,7 +40,9 @@ import torch
 
 from . import backends as _backends
 from . import step_plan as _step_plan
-from .schedule import ROW_WIDTH, LRRangeTest, OneCycle, Row, TorchOneCycle, _Schedule, schedule_from_config
+from .schedule import (
+    KIND_LRRANGETEST, ROW_WIDTH, LRRangeTest, OneCycle, Row, TorchOneCycle, _Schedule, schedule_from_config,
+)
 
 __all__ = ["FusedOneCycleSGD", "FusedOneCycleAdam", "FusedOneCycleAdamW"]
 
@@ -523,6 +525,8 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
             rows = None  # e.g. maximize="yes": validation below names it
         if rows is not None and rows == self._table_rows.rows:
             return
+        if rows is not None:
+            rows = self._keep_mirrored_momentum(rows)
         for group in self.param_groups:
             self._validate_group(group, mirrored=True)
         if rows is None:
@@ -550,6 +554,46 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
                     self._retired_tables.append(table)
                 self._tables[device] = src.to(device, non_blocking=True)
         self._table_rows.rows = rows
+
+    def _keep_mirrored_momentum(self, rows: list) -> list:
+        """``rows`` once a group whose momentum stops being scheduled now
+        (``cycle_momentum`` switched off, a schedule that sets none) keeps
+        the momentum / beta1 its group holds: the mirror of the value the
+        next step would have used. After steps the host did not count (a
+        compiled step) that mirror is stale, and was used as it was: it is
+        recomputed first (``_remirror_momentum``)."""
+        old = self._table_rows.rows
+        if len(old) != len(rows):
+            return rows
+
+        def scheduled(row):
+            return row[Row.KIND] != KIND_LRRANGETEST and row[Row.CYCLE_MOMENTUM] != 0
+
+        switching = [i for i, (new, was) in enumerate(zip(rows, old)) if scheduled(was) and not scheduled(new)]
+        if not switching or not self._host.stale:
+            return rows
+        return self._remirror_momentum(switching)
+
+    # Reads the counter on the host: dynamo-disabled, so a compiled step
+    # breaks its graph here (an error under fullgraph=True: call
+    # get_last_lr() before such a compiled step) and everything this calls
+    # runs eagerly, torch.compiler.is_compiling() False throughout.
+    @torch.compiler.disable
+    def _remirror_momentum(self, switching: list[int]) -> list:
+        """The momentum mirror of the ``switching`` groups recomputed from
+        their previous table rows at the counter (one read), and the rows
+        made again with it."""
+        if not self._host_code_runs():
+            return [self._row(g) for g in self.param_groups]  # (captured: _check_not_capturing refuses the upload)
+        from .backends.reference import schedule_values
+
+        old = self._table_rows.rows
+        self._resolve_pending()  # (stale: reads the counter once)
+        _, moms = schedule_values(torch.tensor([old[i] for i in switching], dtype=torch.float64),
+                                  torch.tensor(self._host.step))
+        for i, mom in zip(switching, moms.tolist()):
+            self._set_momentum_mirror(self.param_groups[i], mom)
+        return [self._row(g) for g in self.param_groups]
 
     # ------------------------------------------------------------------
     # host mirror of lr / momentum

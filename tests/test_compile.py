@@ -309,3 +309,32 @@ def test_schedule_key_written_into_a_group_is_refused_by_a_compiled_step():
     with pytest.raises(ValueError, match=r"\['schedule'\]\['params'\]\['cycle_max_lr'\]"):
         step()
     assert opt.step_counter().item() == 1
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="onecycle_fused._C is not built")
+def test_momentum_cycling_switched_off_after_compiled_steps_keeps_the_current_momentum():
+    """cycle_momentum switched off keeps the momentum the group holds, the
+    mirror of the next step's scheduled value. Compiled steps do not update
+    the mirror: the step after the switch used the momentum of the last
+    eager update (0.9 at step 0 here, 0.85 eager). The mirror is now
+    recomputed from the counter first; a graph break (error under fullgraph)."""
+    def run(step_fn):
+        torch._dynamo.reset()
+        params = [torch.nn.Parameter(torch.randn(5, 3, generator=torch.Generator().manual_seed(0)))]
+        opt = FusedOneCycleSGD(params, **SCHEDULE, backend="cpu")
+        step = step_fn(opt)
+        gen = torch.Generator().manual_seed(1)
+        for i in range(5):
+            params[0].grad = torch.randn(5, 3, generator=gen)
+            if i == 3:
+                opt.param_groups[0]["schedule"]["params"]["cycle_momentum"] = False
+            step()
+        return params[0].detach().clone(), opt.param_groups[0]["momentum"]
+
+    expected, momentum = run(lambda opt: opt.step)
+    assert momentum == pytest.approx(0.85)
+    got, got_momentum = run(lambda opt: torch.compile(opt.step))
+    torch.testing.assert_close(got, expected)
+    assert got_momentum == momentum
+    with pytest.raises(Exception, match="disable"):
+        run(lambda opt: torch.compile(opt.step, fullgraph=True))
