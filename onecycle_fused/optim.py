@@ -268,12 +268,15 @@ class _TableRows:
 
 class _LrWritten:
     """The ``"lr"`` values ``_update_mirror`` last wrote into the groups, and
-    whether a write by someone else was warned about. A plain object for the
-    reason _HostStep is one."""
+    whether a write by someone else was warned about; also the momentum /
+    beta1 it last wrote (None where the schedule sets none), which tells a
+    stale mirror from a value the user set (``_keep_mirrored_momentum``).
+    A plain object for the reason _HostStep is one."""
 
     def __init__(self):
         self.values: list = []
         self.warned = False
+        self.momenta: list = []
 
 
 class _KnownSteps:
@@ -561,7 +564,8 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         the momentum / beta1 its group holds: the mirror of the value the
         next step would have used. After steps the host did not count (a
         compiled step) that mirror is stale, and was used as it was: it is
-        recomputed first (``_remirror_momentum``)."""
+        recomputed first (``_remirror_momentum``). A value the user set with
+        the switch (not the one the mirror last wrote) is kept, as eager does."""
         old = self._table_rows.rows
         if len(old) != len(rows):
             return rows
@@ -570,6 +574,11 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
             return row[Row.KIND] != KIND_LRRANGETEST and row[Row.CYCLE_MOMENTUM] != 0
 
         switching = [i for i, (new, was) in enumerate(zip(rows, old)) if scheduled(was) and not scheduled(new)]
+        # a momentum / beta1 the user set with the switch (no longer the value
+        # the mirror last wrote) is the user's constant, as in eager: kept
+        written = self._lr_written.momenta
+        switching = [i for i in switching if i >= len(written) or written[i] is None
+                     or self._constant_momentum(self.param_groups[i]) == written[i]]
         if not switching or not self._host.stale:
             return rows
         return self._remirror_momentum(switching)
@@ -593,6 +602,7 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
                                   torch.tensor(self._host.step))
         for i, mom in zip(switching, moms.tolist()):
             self._set_momentum_mirror(self.param_groups[i], mom)
+            self._lr_written.momenta[i] = mom
         return [self._row(g) for g in self.param_groups]
 
     # ------------------------------------------------------------------
@@ -638,13 +648,16 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
 
     def _update_mirror(self) -> None:
         k = self._host.step
+        momenta = []
         for group in self.param_groups:
             sched = self._schedule_of(group)
             group["lr"] = sched.lr(k)
             mom = sched.momentum(k)
             if mom is not None:
                 self._set_momentum_mirror(group, mom)
+            momenta.append(mom)
         self._lr_written.values = [group["lr"] for group in self.param_groups]
+        self._lr_written.momenta = momenta
 
     def _warn_if_lr_written(self) -> None:
         """Warn once when a group's ``"lr"`` is not what the mirror wrote: a

@@ -10,7 +10,7 @@ import contextlib
 import pytest
 import torch
 
-from onecycle_fused import FusedOneCycleAdamW, FusedOneCycleSGD, available_backends
+from onecycle_fused import FusedOneCycleAdam, FusedOneCycleAdamW, FusedOneCycleSGD, available_backends
 
 BACKENDS = [b for b in ("reference", "cpu") if b in available_backends()]
 SCHEDULE = dict(cycle_min_lr=1e-2, cycle_max_lr=5e-2, cycle_first_step_size=2, decay_step_size=1, decay_lr_rate=0.5)
@@ -338,3 +338,39 @@ def test_momentum_cycling_switched_off_after_compiled_steps_keeps_the_current_mo
     assert got_momentum == momentum
     with pytest.raises(Exception, match="disable"):
         run(lambda opt: torch.compile(opt.step, fullgraph=True))
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="onecycle_fused._C is not built")
+@pytest.mark.parametrize("cls", [FusedOneCycleSGD, FusedOneCycleAdam])
+def test_momentum_set_with_the_switch_off_after_compiled_steps_is_kept(cls):
+    """cycle_momentum switched off together with a momentum / beta1 set by
+    the user: eager steps with the user's value. After compiled steps the
+    stale-mirror repair overwrote it with the schedule's value at the
+    counter instead of 0.5. Only a value still equal to the
+    mirror's last write is recomputed; a set one needs no counter read,
+    so fullgraph compiles too."""
+    def run(step_fn):
+        torch._dynamo.reset()
+        params = [torch.nn.Parameter(torch.randn(5, 3, generator=torch.Generator().manual_seed(0)))]
+        opt = cls(params, **SCHEDULE, backend="cpu")
+        step = step_fn(opt)
+        gen = torch.Generator().manual_seed(1)
+        for i in range(5):
+            params[0].grad = torch.randn(5, 3, generator=gen)
+            if i == 3:
+                group = opt.param_groups[0]
+                group["schedule"]["params"]["cycle_momentum"] = False
+                if cls is FusedOneCycleSGD:
+                    group["momentum"] = 0.5
+                else:
+                    group["betas"] = (0.5, group["betas"][1])
+            step()
+        group = opt.param_groups[0]
+        return params[0].detach().clone(), group["momentum"] if cls is FusedOneCycleSGD else group["betas"][0]
+
+    expected, momentum = run(lambda opt: opt.step)
+    assert momentum == 0.5
+    for fullgraph in (False, True):
+        got, got_momentum = run(lambda opt: torch.compile(opt.step, fullgraph=fullgraph))
+        torch.testing.assert_close(got, expected)
+        assert got_momentum == 0.5
