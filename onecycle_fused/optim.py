@@ -602,7 +602,8 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
                                   torch.tensor(self._host.step))
         for i, mom in zip(switching, moms.tolist()):
             self._set_momentum_mirror(self.param_groups[i], mom)
-            self._lr_written.momenta[i] = mom
+            if i < len(self._lr_written.momenta):  # (every path that adds a group writes the mirror)
+                self._lr_written.momenta[i] = mom
         return [self._row(g) for g in self.param_groups]
 
     # ------------------------------------------------------------------

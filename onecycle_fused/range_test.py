@@ -313,7 +313,9 @@ def plot_range_test(result: RangeTestResult, path: str) -> str:
         ax.set_ylim(lo - 0.1 * (hi - lo + 1e-12), hi + 0.5 * (hi - lo + 1e-12))
     ax.set_xlabel("learning rate")
     ax.set_ylabel("loss")
-    title = "LR range test" + (" (stopped: loss diverged)" if result.diverged else "")
+    # "by step n", not "stopped": the check also runs after the last step,
+    # where firing cut nothing short
+    title = "LR range test" + (f" (loss diverged by step {result.steps_run})" if result.diverged else "")
     ax.set_title(title)
     ax.legend(loc="best", fontsize="small")
     fig.tight_layout()
