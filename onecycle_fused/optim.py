@@ -458,28 +458,25 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
     def _schedule_of(self, group: dict) -> _Schedule:
         """The group's schedule object (parsed once per distinct config)."""
         config = group["schedule"]
-        eager = not torch.compiler.is_compiling()
-        if eager:
-            # _freeze sorts and rebuilds the config: ~5 us, three times a step
-            # per group (table rows, lr mirror), a third of a planned step's
-            # host time for ResNet-50. The same dict object, still equal to a
-            # deep copy of what it held, is the same schedule.
-            seen = self._schedule_seen.get(id(config))
-            if seen is not None and seen[0] is config and seen[1] == config:
-                return seen[2]
-        if not eager:
+        if torch.compiler.is_compiling():
             # traced: the parse costs trace time only. No cache: a value
             # edited between compiled steps is a symbolic float or int,
             # which _freeze cannot sort nor a dict key hash
             return _check_scalar_schedule(schedule_from_config(config))
+        # _freeze sorts and rebuilds the config: ~5 us, three times a step
+        # per group (table rows, lr mirror), a third of a planned step's
+        # host time for ResNet-50. The same dict object, still equal to a
+        # deep copy of what it held, is the same schedule.
+        seen = self._schedule_seen.get(id(config))
+        if seen is not None and seen[0] is config and seen[1] == config:
+            return seen[2]
         key = _freeze(config)
         sched = self._schedule_cache.get(key)
         if sched is None:
             sched = self._schedule_cache[key] = _check_scalar_schedule(schedule_from_config(config))
-        if eager:
-            if len(self._schedule_seen) > 4 * len(self.param_groups) + 4:
-                self._schedule_seen.clear()  # configs replaced by new dicts: keep the map small
-            self._schedule_seen[id(config)] = (config, copy.deepcopy(config), sched)
+        if len(self._schedule_seen) > 4 * len(self.param_groups) + 4:
+            self._schedule_seen.clear()  # configs replaced by new dicts: keep the map small
+        self._schedule_seen[id(config)] = (config, copy.deepcopy(config), sched)
         return sched
 
     def _row(self, group: dict) -> list[float]:
