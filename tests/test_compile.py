@@ -311,6 +311,30 @@ def test_schedule_key_written_into_a_group_is_refused_by_a_compiled_step():
     assert opt.step_counter().item() == 1
 
 
+def _switch_momentum_cycling_off(cls, step_fn, momentum=None):
+    """Five steps through ``step_fn(opt)``; before the fourth, cycle_momentum
+    is switched off (and the momentum / beta1 set to ``momentum``, if given).
+    Returns the parameter and the group's momentum / beta1 at the end."""
+    torch._dynamo.reset()
+    params = [torch.nn.Parameter(torch.randn(5, 3, generator=torch.Generator().manual_seed(0)))]
+    opt = cls(params, **SCHEDULE, backend="cpu")
+    step = step_fn(opt)
+    gen = torch.Generator().manual_seed(1)
+    sgd = cls is FusedOneCycleSGD
+    for i in range(5):
+        params[0].grad = torch.randn(5, 3, generator=gen)
+        if i == 3:
+            group = opt.param_groups[0]
+            group["schedule"]["params"]["cycle_momentum"] = False
+            if momentum is not None and sgd:
+                group["momentum"] = momentum
+            elif momentum is not None:
+                group["betas"] = (momentum, group["betas"][1])
+        step()
+    group = opt.param_groups[0]
+    return params[0].detach().clone(), group["momentum"] if sgd else group["betas"][0]
+
+
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="onecycle_fused._C is not built")
 def test_momentum_cycling_switched_off_after_compiled_steps_keeps_the_current_momentum():
     """cycle_momentum switched off keeps the momentum the group holds, the
@@ -318,26 +342,13 @@ def test_momentum_cycling_switched_off_after_compiled_steps_keeps_the_current_mo
     the mirror: the step after the switch used the momentum of the last
     eager update (0.9 at step 0 here, 0.85 eager). The mirror is now
     recomputed from the counter first; a graph break (error under fullgraph)."""
-    def run(step_fn):
-        torch._dynamo.reset()
-        params = [torch.nn.Parameter(torch.randn(5, 3, generator=torch.Generator().manual_seed(0)))]
-        opt = FusedOneCycleSGD(params, **SCHEDULE, backend="cpu")
-        step = step_fn(opt)
-        gen = torch.Generator().manual_seed(1)
-        for i in range(5):
-            params[0].grad = torch.randn(5, 3, generator=gen)
-            if i == 3:
-                opt.param_groups[0]["schedule"]["params"]["cycle_momentum"] = False
-            step()
-        return params[0].detach().clone(), opt.param_groups[0]["momentum"]
-
-    expected, momentum = run(lambda opt: opt.step)
+    expected, momentum = _switch_momentum_cycling_off(FusedOneCycleSGD, lambda opt: opt.step)
     assert momentum == pytest.approx(0.85)
-    got, got_momentum = run(lambda opt: torch.compile(opt.step))
+    got, got_momentum = _switch_momentum_cycling_off(FusedOneCycleSGD, lambda opt: torch.compile(opt.step))
     torch.testing.assert_close(got, expected)
     assert got_momentum == momentum
     with pytest.raises(Exception, match="disable"):
-        run(lambda opt: torch.compile(opt.step, fullgraph=True))
+        _switch_momentum_cycling_off(FusedOneCycleSGD, lambda opt: torch.compile(opt.step, fullgraph=True))
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="onecycle_fused._C is not built")
@@ -349,28 +360,10 @@ def test_momentum_set_with_the_switch_off_after_compiled_steps_is_kept(cls):
     counter instead of 0.5. Only a value still equal to the
     mirror's last write is recomputed; a set one needs no counter read,
     so fullgraph compiles too."""
-    def run(step_fn):
-        torch._dynamo.reset()
-        params = [torch.nn.Parameter(torch.randn(5, 3, generator=torch.Generator().manual_seed(0)))]
-        opt = cls(params, **SCHEDULE, backend="cpu")
-        step = step_fn(opt)
-        gen = torch.Generator().manual_seed(1)
-        for i in range(5):
-            params[0].grad = torch.randn(5, 3, generator=gen)
-            if i == 3:
-                group = opt.param_groups[0]
-                group["schedule"]["params"]["cycle_momentum"] = False
-                if cls is FusedOneCycleSGD:
-                    group["momentum"] = 0.5
-                else:
-                    group["betas"] = (0.5, group["betas"][1])
-            step()
-        group = opt.param_groups[0]
-        return params[0].detach().clone(), group["momentum"] if cls is FusedOneCycleSGD else group["betas"][0]
-
-    expected, momentum = run(lambda opt: opt.step)
+    expected, momentum = _switch_momentum_cycling_off(cls, lambda opt: opt.step, momentum=0.5)
     assert momentum == 0.5
     for fullgraph in (False, True):
-        got, got_momentum = run(lambda opt: torch.compile(opt.step, fullgraph=fullgraph))
+        got, got_momentum = _switch_momentum_cycling_off(
+            cls, lambda opt: torch.compile(opt.step, fullgraph=fullgraph), momentum=0.5)
         torch.testing.assert_close(got, expected)
         assert got_momentum == 0.5
