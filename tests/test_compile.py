@@ -160,6 +160,37 @@ def test_compiled_step_with_complex_params():
     assert opt.step_counter().item() == STEPS
 
 
+def _steps_with_edits(cls, kwargs, edit, compiled):
+    """STEPS steps on the cpu backend, ``edit(opt, i)`` before step i; the
+    step compiled with fullgraph (recompiles allowed, never a silent eager
+    fallback) or eager. Returns the parameters, the lrs after each step and
+    the optimizer."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
+    opt = cls(params, **SCHEDULE, **kwargs, backend="cpu")
+    step = torch.compile(opt.step, fullgraph=True) if compiled else opt.step
+    gen = torch.Generator().manual_seed(1)
+    lrs = []
+    with torch._dynamo.config.patch(recompile_limit=8, fail_on_recompile_limit_hit=True):
+        for i in range(STEPS):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            edit(opt, i)
+            step()
+            lrs.append(opt.get_last_lr())
+    return [p.detach().clone() for p in params], lrs, opt
+
+
+def _compiled_equals_eager(cls, kwargs, edit):
+    torch._dynamo.reset()
+    expected, expected_lrs, eager_opt = _steps_with_edits(cls, kwargs, edit, compiled=False)
+    got, lrs, opt = _steps_with_edits(cls, kwargs, edit, compiled=True)
+    for p, q in zip(got, expected):
+        torch.testing.assert_close(p, q)
+    assert lrs == expected_lrs
+    assert opt._tables[torch.device("cpu")].tolist() == eager_opt._tables[torch.device("cpu")].tolist()
+
+
 EDITS = {  # hyper-parameters edited between compiled steps: step index -> (key, value)
     "sgd_constant_momentum": (FusedOneCycleSGD, dict(cycle_momentum=False, momentum=0.5),
                               {2: ("momentum", 0.9), 3: ("weight_decay", 0.01), 4: ("momentum", 0.0)}),
@@ -178,29 +209,13 @@ def test_hyperparameter_edits_between_compiled_steps_equal_eager(name):
         pytest.skip("backend 'cpu' is not built")
     cls, kwargs, edits = EDITS[name]
 
-    def run(compiled):
-        torch.manual_seed(0)
-        params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
-        opt = cls(params, **SCHEDULE, **kwargs, backend="cpu")
-        step = torch.compile(opt.step, fullgraph=True) if compiled else opt.step
-        gen = torch.Generator().manual_seed(1)
-        for i in range(STEPS):
-            for p in params:
-                p.grad = torch.randn(p.shape, generator=gen)
-            if i in edits:
-                key, value = edits[i]
-                group = opt.param_groups[0]
-                group[key] = (group["betas"][0], 0.99) if key == "betas" else value
-            step()
-        return [p.detach().clone() for p in params], opt
+    def edit(opt, i):
+        if i in edits:
+            key, value = edits[i]
+            group = opt.param_groups[0]
+            group[key] = (group["betas"][0], 0.99) if key == "betas" else value
 
-    torch._dynamo.reset()
-    expected, eager_opt = run(False)
-    with torch._dynamo.config.patch(recompile_limit=8, fail_on_recompile_limit_hit=True):
-        got, opt = run(True)
-    for p, q in zip(got, expected):
-        torch.testing.assert_close(p, q)
-    assert opt._tables[torch.device("cpu")].tolist() == eager_opt._tables[torch.device("cpu")].tolist()
+    _compiled_equals_eager(cls, kwargs, edit)
 
 
 SCHEDULE_EDITS = {  # schedule values edited between compiled steps: step index -> (key, value)
@@ -219,30 +234,12 @@ def test_schedule_edits_between_compiled_steps_equal_eager():
     if "cpu" not in BACKENDS:
         pytest.skip("backend 'cpu' is not built")
 
-    def run(compiled):
-        torch.manual_seed(0)
-        params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
-        opt = FusedOneCycleSGD(params, **SCHEDULE, backend="cpu")
-        step = torch.compile(opt.step, fullgraph=True) if compiled else opt.step
-        gen = torch.Generator().manual_seed(1)
-        lrs = []
-        for i in range(STEPS):
-            for p in params:
-                p.grad = torch.randn(p.shape, generator=gen)
-            if i in SCHEDULE_EDITS:
-                key, value = SCHEDULE_EDITS[i]
-                opt.param_groups[0]["schedule"]["params"][key] = value
-            step()
-            lrs.append(opt.get_last_lr())
-        return [p.detach().clone() for p in params], lrs
+    def edit(opt, i):
+        if i in SCHEDULE_EDITS:
+            key, value = SCHEDULE_EDITS[i]
+            opt.param_groups[0]["schedule"]["params"][key] = value
 
-    torch._dynamo.reset()
-    expected, expected_lrs = run(False)
-    with torch._dynamo.config.patch(recompile_limit=8, fail_on_recompile_limit_hit=True):
-        got, lrs = run(True)
-    for p, q in zip(got, expected):
-        torch.testing.assert_close(p, q)
-    assert lrs == expected_lrs
+    _compiled_equals_eager(FusedOneCycleSGD, {}, edit)
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="onecycle_fused._C is not built")
