@@ -32,6 +32,7 @@ from typing import Any, Mapping, Optional
 
 import torch
 
+from .optim import _plain
 from .schedule import _as_int
 
 __all__ = ["load_torch_optimizer_state", "schedule_position"]
@@ -192,14 +193,6 @@ def load_torch_optimizer_state(
     dst["step_counter"] = torch.tensor(position, dtype=torch.int64)
     optimizer.load_state_dict(dst)
     return position
-
-
-def _plain(value: Any) -> Any:
-    """A one-element real tensor (torch.optim takes tensor betas, e.g. for
-    capturable / compiled steps) as its Python number; anything else as is."""
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_complex:
-        return value.item()
-    return value
 
 
 def _convert(st: Mapping[str, Any], is_sgd: bool, uses_buffer: bool, position: int, group: int) -> dict:

@@ -131,6 +131,14 @@ def _checked_step_counter(value) -> int:
     return k
 
 
+def _plain(value: Any) -> Any:
+    """A one-element real tensor (torch.optim takes tensor betas, e.g. for
+    capturable / compiled steps) as its Python number; anything else as is."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_complex:
+        return value.item()
+    return value
+
+
 def _check_saved_state(state_dict: dict, groups: list) -> None:
     """Refuse, before load_state_dict changes anything, per-parameter state
     that the load would fail on half-way (after torch replaced the state and
@@ -564,7 +572,7 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         recomputed first (``_remirror_momentum``). A value the user set with
         the switch (not the one the mirror last wrote) is kept, as eager does."""
         old = self._table_rows.rows
-        if len(old) != len(rows):
+        if not self._host.stale or len(old) != len(rows):  # (eager steps keep the mirror current)
             return rows
 
         def scheduled(row):
@@ -576,9 +584,7 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         written = self._lr_written.momenta
         switching = [i for i in switching if i >= len(written) or written[i] is None
                      or self._constant_momentum(self.param_groups[i]) == written[i]]
-        if not switching or not self._host.stale:
-            return rows
-        return self._remirror_momentum(switching)
+        return self._remirror_momentum(switching) if switching else rows
 
     # Reads the counter on the host: dynamo-disabled, so a compiled step
     # breaks its graph here (an error under fullgraph=True: call
@@ -1442,9 +1448,7 @@ class FusedOneCycleAdam(_FusedOneCycleOptimizer):
         # torch.optim.Adam takes one-element tensor betas; they are constants
         # of the update here, so they become Python numbers (as
         # load_torch_optimizer_state does with a torch state's tensor betas)
-        betas = tuple(b.item() if isinstance(b, torch.Tensor) and b.numel() == 1 and not b.is_complex() else b
-                      for b in betas)
-        group["betas"] = betas
+        group["betas"] = betas = tuple(map(_plain, betas))
         if not (mirrored and self._schedule_of(group).cycles_momentum):
             _check_beta("betas[0]", betas[0])
         _check_beta("betas[1]", betas[1])
