@@ -68,7 +68,7 @@ def smooth_losses(losses: Sequence[float], beta: float = 0.98) -> list[float]:
     return out
 
 
-def _is_number(value) -> bool:
+def _is_real(value) -> bool:
     """A real number (numpy's too), not a bool (``True`` is not a learning rate)."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
@@ -78,7 +78,7 @@ def _is_integer(value) -> bool:
 
 
 def _check_divisor(name: str, value) -> None:
-    if not _is_number(value) or not 1 <= value < math.inf:
+    if not _is_real(value) or not 1 <= value < math.inf:
         raise ValueError(f"{name} must be a finite number >= 1, got {value!r}")
 
 
@@ -178,9 +178,9 @@ def lr_range_test(
         raise ValueError(f"optimizer must be one of {sorted(classes)}, got {optimizer!r}")
     _check_divisor("min_lr_divisor", min_lr_divisor)  # before training, not after
     _check_divisor("max_lr_divisor", max_lr_divisor)
-    if not (_is_number(min_lr) and min_lr > 0 and math.isfinite(min_lr)):
+    if not (_is_real(min_lr) and min_lr > 0 and math.isfinite(min_lr)):
         raise ValueError(f"min_lr must be a finite number > 0, got {min_lr!r}")
-    if not (_is_number(max_lr) and max_lr > min_lr and math.isfinite(max_lr)):
+    if not (_is_real(max_lr) and max_lr > min_lr and math.isfinite(max_lr)):
         raise ValueError(f"max_lr must be a finite number > min_lr ({min_lr}), got {max_lr!r}")
     if not isinstance(staircase, bool):
         raise ValueError(f"staircase must be a bool, got {staircase!r}")
@@ -190,9 +190,9 @@ def lr_range_test(
         raise ValueError(f"step_size must be an integer in [1, num_steps - 1 = {num_steps - 1}], got {step_size!r}")
     if not _is_integer(check_every) or check_every < 1:
         raise ValueError(f"check_every must be an integer >= 1, got {check_every!r}")
-    if not (_is_number(diverge_factor) and diverge_factor > 1):
+    if not (_is_real(diverge_factor) and diverge_factor > 1):
         raise ValueError(f"diverge_factor must be a number > 1, got {diverge_factor!r}")
-    if not (_is_number(beta) and 0 <= beta < 1):  # checked at the first check, after training, otherwise
+    if not (_is_real(beta) and 0 <= beta < 1):  # checked at the first check, after training, otherwise
         raise ValueError(f"beta must be a number in [0, 1), got {beta!r}")
     # numpy scalars too, as plain Python numbers from here on
     num_steps, step_size, check_every = int(num_steps), int(step_size), int(check_every)
