@@ -1182,6 +1182,12 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
             if "schedule" not in g:
                 raise ValueError(f"state_dict param_groups[{i}] has no 'schedule'")
             _check_scalar_schedule(schedule_from_config(g["schedule"]))  # a bad one raises before anything changes
+            # the update hyper-parameters too, as the constructor checks them
+            # (loaded unchecked, a bad one failed only at the next step)
+            try:
+                self._validate_group({**self.defaults, **g}, mirrored=True)
+            except ValueError as e:
+                raise ValueError(f"state_dict param_groups[{i}]: {e}") from None
         counter = _checked_step_counter(state_dict["step_counter"])
         _check_saved_state(state_dict, self.param_groups)
         super().load_state_dict(state_dict)

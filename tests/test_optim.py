@@ -5,6 +5,7 @@ import copy
 import fractions
 import itertools
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -1493,3 +1494,35 @@ def test_load_state_dict_of_another_fused_class_is_a_valueerror(src, dst):
     src([p], weight_decay=0.1, **SCHED).load_state_dict(sd)
     old = {k: v for k, v in sd.items() if k != "algorithm"}
     src([p], weight_decay=0.1, **SCHED).load_state_dict(old)
+
+
+@pytest.mark.parametrize(
+    "cls,key,bad",
+    [
+        (FusedOneCycleAdam, "eps", -1.0),
+        (FusedOneCycleAdam, "betas", (0.9, 1.5)),
+        (FusedOneCycleSGD, "weight_decay", float("nan")),
+        (FusedOneCycleSGD, "nesterov", "yes"),
+    ],
+)
+def test_load_state_dict_refuses_a_bad_hyperparameter_before_changing_anything(cls, key, bad):
+    """A saved group's update hyper-parameter is checked at the load, as the
+    constructor checks it (and as the saved schedule already was): it used
+    to be loaded (state, counter and groups replaced) and fail only at the
+    next step, leaving an optimizer that no step could use."""
+    ps = [torch.nn.Parameter(t) for t in make_params()]
+    opt = cls(ps, **SCHED)
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    for _ in range(3):
+        opt.step()
+    sd = copy.deepcopy(opt.state_dict())
+    sd["step_counter"] = torch.tensor(50)
+    sd["param_groups"][0][key] = bad
+    before = _snapshot(opt, ps)
+    with pytest.raises(ValueError, match=rf"param_groups\[0\]: {re.escape(key)}"):
+        opt.load_state_dict(sd)
+    _assert_unchanged(before, _snapshot(opt, ps))
+    assert opt.param_groups[0][key] != bad
+    opt.step()  # still usable
+    assert int(opt.step_counter()) == 4
