@@ -1095,7 +1095,15 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         # load_state_dict calls this too, with state and param_groups only:
         # then everything of ours stays as it is
         ours = state.pop("_onecycle_fused", None)
+        defaults = state.get("defaults", getattr(self, "defaults", None))
+        had_differentiable = defaults is not None and "differentiable" in defaults
         super().__setstate__(state)
+        if not had_differentiable:
+            # torch's __setstate__ adds defaults["differentiable"] (its own
+            # optimizers' step reads it); ours has no such option, and the
+            # key would reach every group: load_state_dict fills the groups
+            # from the defaults, add_param_group after unpickling too
+            self.defaults.pop("differentiable", None)
         if ours is None:
             return
         self.schedule = ours["schedule"]

@@ -1526,3 +1526,33 @@ def test_load_state_dict_refuses_a_bad_hyperparameter_before_changing_anything(c
     assert opt.param_groups[0][key] != bad
     opt.step()  # still usable
     assert int(opt.step_counter()) == 4
+
+
+@pytest.mark.parametrize("how", ["load_state_dict", "deepcopy", "migrate"])
+def test_loading_adds_no_differentiable_key_to_the_groups(how):
+    """torch's Optimizer.__setstate__ (run by load_state_dict, pickle and
+    deepcopy) adds defaults['differentiable'] for its own optimizers; our
+    load_state_dict fills groups from the defaults, so every group (and the
+    next state_dict, and repr) grew a 'differentiable': False that the saved
+    one did not have; after deepcopy, add_param_group added it too."""
+    from onecycle_fused import load_torch_optimizer_state
+
+    ps = [torch.nn.Parameter(t) for t in make_params()]
+    opt = FusedOneCycleAdam(ps[:2], **SCHED)
+    keys = set(opt.param_groups[0])
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    if how == "load_state_dict":
+        opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    elif how == "deepcopy":
+        opt = copy.deepcopy(opt)
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))]})
+    else:
+        ref = torch.optim.Adam(ps[:2], lr=0.1)
+        ref.step()
+        load_torch_optimizer_state(opt, ref.state_dict(), step=1)
+    assert "differentiable" not in opt.defaults
+    for group in opt.param_groups:
+        assert set(group) == keys
+    assert all("differentiable" not in g for g in opt.state_dict()["param_groups"])
