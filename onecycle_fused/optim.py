@@ -478,6 +478,15 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         seen = self._schedule_seen.get(id(config))
         if seen is not None and seen[0] is config and seen[1] == config:
             return seen[2]
+        if isinstance(config, _Schedule):
+            # (add_param_group takes a schedule object, but the group then
+            # holds its config; assigned later, _freeze below would fail
+            # with "unhashable type")
+            where = next((f"param_groups[{i}]" for i, g in enumerate(self.param_groups) if g is group), "a group")
+            raise ValueError(
+                f"{where}['schedule'] must be a schedule config dict, got a {type(config).__name__} object: "
+                f"assign its .config() instead (or edit {where}['schedule']['params'])"
+            )
         key = _freeze(config)
         sched = self._schedule_cache.get(key)
         if sched is None:

@@ -1556,3 +1556,24 @@ def test_loading_adds_no_differentiable_key_to_the_groups(how):
     for group in opt.param_groups:
         assert set(group) == keys
     assert all("differentiable" not in g for g in opt.state_dict()["param_groups"])
+
+
+def test_a_schedule_object_assigned_to_a_group_is_a_clear_valueerror():
+    """``param_groups[i]['schedule']`` holds a config dict; a schedule object
+    assigned there used to fail in the step with "TypeError: unhashable type:
+    'OneCycle'". Now a ValueError naming the group and what to assign,
+    before anything changes; assigning its .config() works."""
+    ps = [torch.nn.Parameter(t) for t in make_params()]
+    opt = FusedOneCycleSGD([{"params": ps[:2]}, {"params": ps[2:]}], **SCHED)
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    new = OneCycle(cycle_min_lr=0.001, cycle_max_lr=0.5, cycle_first_step_size=10)
+    opt.param_groups[1]["schedule"] = new
+    before = [p.detach().clone() for p in ps], int(opt.step_counter())
+    with pytest.raises(ValueError, match=r"param_groups\[1\]\['schedule'\].*\.config\(\)"):
+        opt.step()
+    assert all(torch.equal(a, p) for a, p in zip(before[0], ps)) and int(opt.step_counter()) == before[1]
+    opt.param_groups[1]["schedule"] = new.config()
+    opt.step()
+    assert opt.get_last_lr() == [OneCycle(**SCHED).lr(2), new.lr(2)]
