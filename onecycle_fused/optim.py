@@ -1198,6 +1198,14 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         for i, g in enumerate(state_dict["param_groups"]):
             if "schedule" not in g:
                 raise ValueError(f"state_dict param_groups[{i}] has no 'schedule'")
+            if saved_algo is None and ("betas" in g) == (self.algo == "sgd"):
+                # no "algorithm" to compare: an Adam group holds betas, an SGD one
+                # none (loaded across, SGD state failed at the next step with
+                # KeyError 'exp_avg'; Adam state was dropped for a fresh buffer)
+                raise ValueError(
+                    f"state_dict param_groups[{i}] is {'an Adam' if 'betas' in g else 'an SGD'} group, "
+                    f"not a {type(self).__name__} one: its state belongs to another update rule"
+                )
             _check_scalar_schedule(schedule_from_config(g["schedule"]))  # a bad one raises before anything changes
             # the update hyper-parameters too, as the constructor checks them
             # (loaded unchecked, a bad one failed only at the next step)

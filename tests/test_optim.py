@@ -1577,3 +1577,24 @@ def test_a_schedule_object_assigned_to_a_group_is_a_clear_valueerror():
     opt.param_groups[1]["schedule"] = new.config()
     opt.step()
     assert opt.get_last_lr() == [OneCycle(**SCHED).lr(2), new.lr(2)]
+
+
+@pytest.mark.parametrize("src,dst", [(FusedOneCycleSGD, FusedOneCycleAdam), (FusedOneCycleAdam, FusedOneCycleSGD)])
+def test_load_state_dict_without_algorithm_of_the_other_family_is_a_valueerror(src, dst):
+    """A checkpoint saved before state_dict()['algorithm'] existed is still
+    told SGD from Adam by its groups (betas or none): an SGD one loaded into
+    FusedOneCycleAdam used to load and fail at the next step with KeyError
+    'exp_avg', leaving the optimizer unusable."""
+    p = torch.nn.Parameter(torch.randn(3))
+    a = src([p], **SCHED)
+    p.grad = torch.randn(3)
+    a.step()
+    old = {k: v for k, v in copy.deepcopy(a.state_dict()).items() if k != "algorithm"}
+    q = torch.nn.Parameter(torch.randn(3))
+    b = dst([q], **SCHED)
+    before = _snapshot(b, [q])
+    with pytest.raises(ValueError, match=r"param_groups\[0\] is an? (Adam|SGD) group"):
+        b.load_state_dict(old)
+    _assert_unchanged(before, _snapshot(b, [q]))
+    q.grad = torch.randn(3)
+    b.step()
