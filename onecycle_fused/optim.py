@@ -478,6 +478,15 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         seen = self._schedule_seen.get(id(config))
         if seen is not None and seen[0] is config and seen[1] == config:
             return seen[2]
+        if isinstance(config, _Schedule):
+            # (add_param_group takes a schedule object, but the group then
+            # holds its config; assigned later, _freeze below would fail
+            # with "unhashable type")
+            where = next((f"param_groups[{i}]" for i, g in enumerate(self.param_groups) if g is group), "a group")
+            raise ValueError(
+                f"{where}['schedule'] must be a schedule config dict, got a {type(config).__name__} object: "
+                f"assign its .config() instead (or edit {where}['schedule']['params'])"
+            )
         key = _freeze(config)
         sched = self._schedule_cache.get(key)
         if sched is None:
@@ -1095,7 +1104,15 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         # load_state_dict calls this too, with state and param_groups only:
         # then everything of ours stays as it is
         ours = state.pop("_onecycle_fused", None)
+        defaults = state.get("defaults", getattr(self, "defaults", None))
+        had_differentiable = defaults is not None and "differentiable" in defaults
         super().__setstate__(state)
+        if not had_differentiable:
+            # torch's __setstate__ adds defaults["differentiable"] (its own
+            # optimizers' step reads it); ours has no such option, and the
+            # key would reach every group: load_state_dict fills the groups
+            # from the defaults, add_param_group after unpickling too
+            self.defaults.pop("differentiable", None)
         if ours is None:
             return
         self.schedule = ours["schedule"]
@@ -1181,7 +1198,21 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         for i, g in enumerate(state_dict["param_groups"]):
             if "schedule" not in g:
                 raise ValueError(f"state_dict param_groups[{i}] has no 'schedule'")
+            if saved_algo is None and ("betas" in g) == (self.algo == "sgd"):
+                # no "algorithm" to compare: an Adam group holds betas, an SGD one
+                # none (loaded across, SGD state failed at the next step with
+                # KeyError 'exp_avg'; Adam state was dropped for a fresh buffer)
+                raise ValueError(
+                    f"state_dict param_groups[{i}] is {'an Adam' if 'betas' in g else 'an SGD'} group, "
+                    f"not a {type(self).__name__} one: its state belongs to another update rule"
+                )
             _check_scalar_schedule(schedule_from_config(g["schedule"]))  # a bad one raises before anything changes
+            # the update hyper-parameters too, as the constructor checks them
+            # (loaded unchecked, a bad one failed only at the next step)
+            try:
+                self._validate_group({**self.defaults, **g}, mirrored=True)
+            except ValueError as e:
+                raise ValueError(f"state_dict param_groups[{i}]: {e}") from None
         counter = _checked_step_counter(state_dict["step_counter"])
         _check_saved_state(state_dict, self.param_groups)
         super().load_state_dict(state_dict)

@@ -5,6 +5,7 @@ import copy
 import fractions
 import itertools
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -1493,3 +1494,107 @@ def test_load_state_dict_of_another_fused_class_is_a_valueerror(src, dst):
     src([p], weight_decay=0.1, **SCHED).load_state_dict(sd)
     old = {k: v for k, v in sd.items() if k != "algorithm"}
     src([p], weight_decay=0.1, **SCHED).load_state_dict(old)
+
+
+@pytest.mark.parametrize(
+    "cls,key,bad",
+    [
+        (FusedOneCycleAdam, "eps", -1.0),
+        (FusedOneCycleAdam, "betas", (0.9, 1.5)),
+        (FusedOneCycleSGD, "weight_decay", float("nan")),
+        (FusedOneCycleSGD, "nesterov", "yes"),
+    ],
+)
+def test_load_state_dict_refuses_a_bad_hyperparameter_before_changing_anything(cls, key, bad):
+    """A saved group's update hyper-parameter is checked at the load, as the
+    constructor checks it (and as the saved schedule already was): it used
+    to be loaded (state, counter and groups replaced) and fail only at the
+    next step, leaving an optimizer that no step could use."""
+    ps = [torch.nn.Parameter(t) for t in make_params()]
+    opt = cls(ps, **SCHED)
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    for _ in range(3):
+        opt.step()
+    sd = copy.deepcopy(opt.state_dict())
+    sd["step_counter"] = torch.tensor(50)
+    sd["param_groups"][0][key] = bad
+    before = _snapshot(opt, ps)
+    with pytest.raises(ValueError, match=rf"param_groups\[0\]: {re.escape(key)}"):
+        opt.load_state_dict(sd)
+    _assert_unchanged(before, _snapshot(opt, ps))
+    assert opt.param_groups[0][key] != bad
+    opt.step()  # still usable
+    assert int(opt.step_counter()) == 4
+
+
+@pytest.mark.parametrize("how", ["load_state_dict", "deepcopy", "migrate"])
+def test_loading_adds_no_differentiable_key_to_the_groups(how):
+    """torch's Optimizer.__setstate__ (run by load_state_dict, pickle and
+    deepcopy) adds defaults['differentiable'] for its own optimizers; our
+    load_state_dict fills groups from the defaults, so every group (and the
+    next state_dict, and repr) grew a 'differentiable': False that the saved
+    one did not have; after deepcopy, add_param_group added it too."""
+    from onecycle_fused import load_torch_optimizer_state
+
+    ps = [torch.nn.Parameter(t) for t in make_params()]
+    opt = FusedOneCycleAdam(ps[:2], **SCHED)
+    keys = set(opt.param_groups[0])
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    if how == "load_state_dict":
+        opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    elif how == "deepcopy":
+        opt = copy.deepcopy(opt)
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))]})
+    else:
+        ref = torch.optim.Adam(ps[:2], lr=0.1)
+        ref.step()
+        load_torch_optimizer_state(opt, ref.state_dict(), step=1)
+    assert "differentiable" not in opt.defaults
+    for group in opt.param_groups:
+        assert set(group) == keys
+    assert all("differentiable" not in g for g in opt.state_dict()["param_groups"])
+
+
+def test_a_schedule_object_assigned_to_a_group_is_a_clear_valueerror():
+    """``param_groups[i]['schedule']`` holds a config dict; a schedule object
+    assigned there used to fail in the step with "TypeError: unhashable type:
+    'OneCycle'". Now a ValueError naming the group and what to assign,
+    before anything changes; assigning its .config() works."""
+    ps = [torch.nn.Parameter(t) for t in make_params()]
+    opt = FusedOneCycleSGD([{"params": ps[:2]}, {"params": ps[2:]}], **SCHED)
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    new = OneCycle(cycle_min_lr=0.001, cycle_max_lr=0.5, cycle_first_step_size=10)
+    opt.param_groups[1]["schedule"] = new
+    before = [p.detach().clone() for p in ps], int(opt.step_counter())
+    with pytest.raises(ValueError, match=r"param_groups\[1\]\['schedule'\].*\.config\(\)"):
+        opt.step()
+    assert all(torch.equal(a, p) for a, p in zip(before[0], ps)) and int(opt.step_counter()) == before[1]
+    opt.param_groups[1]["schedule"] = new.config()
+    opt.step()
+    assert opt.get_last_lr() == [OneCycle(**SCHED).lr(2), new.lr(2)]
+
+
+@pytest.mark.parametrize("src,dst", [(FusedOneCycleSGD, FusedOneCycleAdam), (FusedOneCycleAdam, FusedOneCycleSGD)])
+def test_load_state_dict_without_algorithm_of_the_other_family_is_a_valueerror(src, dst):
+    """A checkpoint saved before state_dict()['algorithm'] existed is still
+    told SGD from Adam by its groups (betas or none): an SGD one loaded into
+    FusedOneCycleAdam used to load and fail at the next step with KeyError
+    'exp_avg', leaving the optimizer unusable."""
+    p = torch.nn.Parameter(torch.randn(3))
+    a = src([p], **SCHED)
+    p.grad = torch.randn(3)
+    a.step()
+    old = {k: v for k, v in copy.deepcopy(a.state_dict()).items() if k != "algorithm"}
+    q = torch.nn.Parameter(torch.randn(3))
+    b = dst([q], **SCHED)
+    before = _snapshot(b, [q])
+    with pytest.raises(ValueError, match=r"param_groups\[0\] is an? (Adam|SGD) group"):
+        b.load_state_dict(old)
+    _assert_unchanged(before, _snapshot(b, [q]))
+    q.grad = torch.randn(3)
+    b.step()
