@@ -544,8 +544,11 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
             return
         if rows is not None:
             rows = self._keep_mirrored_momentum(rows)
-        for group in self.param_groups:
-            self._validate_group(group, mirrored=True)
+        for i, group in enumerate(self.param_groups):
+            try:
+                self._validate_group(group, mirrored=True)
+            except ValueError as e:  # an edit of one group among several: say which
+                raise ValueError(f"param_groups[{i}]: {e}") from None
         if rows is None:
             rows = [self._row(g) for g in self.param_groups]
         self._check_not_capturing("upload the parameter groups' table (new, or a hyper-parameter changed)")

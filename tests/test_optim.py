@@ -1049,7 +1049,7 @@ def test_bad_state_in_second_group_changes_nothing(opt_cls, key, backend, kind):
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_bad_hyperparameter_edited_after_construction(opt_cls, key, bad, match, backend):
     """param_groups[i][key] set to an invalid value between steps: the next
-    step raises ValueError naming it (as the constructor does) and changes
+    step raises ValueError naming it and its group (as the constructor names it) and changes
     nothing; it used to step with the bad value (e.g. a negative weight decay)."""
     p, q = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(4))
     opt = opt_cls([{"params": [p]}, {"params": [q]}], backend=backend, **SCHED)
@@ -1060,7 +1060,7 @@ def test_bad_hyperparameter_edited_after_construction(opt_cls, key, bad, match, 
     opt.param_groups[1][key] = bad
     before = _snapshot(opt, [p, q])
     p.grad, q.grad = torch.randn(3), torch.randn(4)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match=r"^param_groups\[1\]: .*" + match):  # which group, and which key
         opt.step()
     _assert_unchanged(before, _snapshot(opt, [p, q]))
     opt.param_groups[1][key] = good
