@@ -463,6 +463,10 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
     def _update_columns(self, group: dict) -> dict[int, float]:
         raise NotImplementedError
 
+    def _group_name(self, group: dict) -> str:
+        """``param_groups[i]`` for error messages (a group being added has no index yet)."""
+        return next((f"param_groups[{i}]" for i, g in enumerate(self.param_groups) if g is group), "the group")
+
     def _schedule_of(self, group: dict) -> _Schedule:
         """The group's schedule object (parsed once per distinct config)."""
         config = group["schedule"]
@@ -482,7 +486,7 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
             # (add_param_group takes a schedule object, but the group then
             # holds its config; assigned later, _freeze below would fail
             # with "unhashable type")
-            where = next((f"param_groups[{i}]" for i, g in enumerate(self.param_groups) if g is group), "a group")
+            where = self._group_name(group)
             raise ValueError(
                 f"{where}['schedule'] must be a schedule config dict, got a {type(config).__name__} object: "
                 f"assign its .config() instead (or edit {where}['schedule']['params'])"
@@ -490,7 +494,11 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         key = _freeze(config)
         sched = self._schedule_cache.get(key)
         if sched is None:
-            sched = self._schedule_cache[key] = _check_scalar_schedule(schedule_from_config(config))
+            try:
+                sched = _check_scalar_schedule(schedule_from_config(config))
+            except ValueError as e:  # an edit of one group's schedule among several: say which
+                raise ValueError(f"{self._group_name(group)}['schedule']: {e}") from None
+            self._schedule_cache[key] = sched
         if len(self._schedule_seen) > 4 * len(self.param_groups) + 4:
             self._schedule_seen.clear()  # configs replaced by new dicts: keep the map small
         self._schedule_seen[id(config)] = (config, copy.deepcopy(config), sched)
@@ -545,6 +553,7 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         if rows is not None:
             rows = self._keep_mirrored_momentum(rows)
         for i, group in enumerate(self.param_groups):
+            self._schedule_of(group)  # (a bad schedule names its group itself)
             try:
                 self._validate_group(group, mirrored=True)
             except ValueError as e:  # an edit of one group among several: say which
@@ -1209,10 +1218,10 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
                     f"state_dict param_groups[{i}] is {'an Adam' if 'betas' in g else 'an SGD'} group, "
                     f"not a {type(self).__name__} one: its state belongs to another update rule"
                 )
-            _check_scalar_schedule(schedule_from_config(g["schedule"]))  # a bad one raises before anything changes
-            # the update hyper-parameters too, as the constructor checks them
-            # (loaded unchecked, a bad one failed only at the next step)
             try:
+                _check_scalar_schedule(schedule_from_config(g["schedule"]))  # a bad one raises before anything changes
+                # the update hyper-parameters too, as the constructor checks them
+                # (loaded unchecked, a bad one failed only at the next step)
                 self._validate_group({**self.defaults, **g}, mirrored=True)
             except ValueError as e:
                 raise ValueError(f"state_dict param_groups[{i}]: {e}") from None
