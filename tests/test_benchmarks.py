@@ -695,6 +695,28 @@ def test_back_to_back_case_survives_a_failing_copy_roofline(monkeypatch):
     assert "copy not measured" in report.case_title([row]) and report.text_table([row])
 
 
+def test_a_failing_profiler_costs_the_launch_counts_not_the_timings(monkeypatch):
+    """On CUDA the launches are counted with torch.profiler after a row is
+    timed (back to back). If the profiler raises (CUPTI refused, a session
+    left open), the row keeps its timings and stays usable by the targets:
+    an error row for ours would fail every GPU target of the only GPU run."""
+    from benchmarks import run
+
+    def refused(*a, **k):
+        raise RuntimeError("CUPTI_ERROR_INSUFFICIENT_PRIVILEGES")
+
+    monkeypatch.setattr(measure, "count_launches", refused)
+    cfg = {"warmup": 1, "iters": 3, "budget": 1.0, "compiled_max_tensors": 10, "interleave": False}
+    shapes = param_sets.tiny()
+    params = run.make_params(shapes, torch.float32, torch.device("cpu"))
+    chosen = [i for i in impls.all_impls(torch.device("cpu")) if i.name in ("torch-fused+OneCycleLR", "ours-cpu")]
+    rows = run.bench_case("tiny", shapes, "fp32", "sgd", params, chosen, torch.device("cpu"), cfg, _Progress())
+    assert [r["status"] for r in rows] == ["ok", "ok"], rows
+    for r in rows:
+        assert r["median_ms"] > 0 and r["launches_per_step"] is None, r
+        assert "launches not counted" in r["note"] and "INSUFFICIENT_PRIVILEGES" in r["note"], r
+
+
 def test_report_merges_phase_folders(tmp_path):
     """`python -m benchmarks.report DIR OTHER`: the GPU phases can come back as
     separate folders and be merged here (no device time), like run --out would."""
