@@ -454,6 +454,25 @@ def test_gpu_session_commands_fit_the_cli():
     assert set(targets.GPU_SETS) <= seen_sets
 
 
+def test_gpu_session_step_cut_leaves_no_temporary_results_file(tmp_path):
+    """A step of tools/gpu_session.sh cut by its time limit while the run
+    rewrote results.json leaves report._replace's temporary file; phase 2
+    already writes the 8 files the device tool brings back (logs, env.txt,
+    bench/results.{json,md}), so the step function removes it."""
+    import re
+
+    text = open(os.path.join(ROOT, "tools", "gpu_session.sh")).read()
+    func = re.search(r"^step\(\) \{.*?^\}\n", text, re.S | re.M).group(0)
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "results.json").write_text("{}")
+    script = ("status=0\n" + func
+              + """step bench 1 bash -c 'touch "$OUT/bench/results.json.tmp4242"; exec sleep 30'\n""")
+    r = subprocess.run(["bash", "-c", script], env=dict(os.environ, OUT=str(tmp_path)), capture_output=True,
+                       text=True, timeout=60)
+    assert "exit 124" in r.stdout, (r.stdout, r.stderr)
+    assert sorted(os.listdir(tmp_path / "bench")) == ["results.json"]
+
+
 def test_run_keeps_its_rows_when_cut_short_or_e2e_fails(tmp_path, monkeypatch):
     """The GPU session runs each step under a timeout: results are written
     after every case (marked INCOMPLETE until the end), and an end-to-end run
