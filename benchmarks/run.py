@@ -334,6 +334,12 @@ def _merge(old, meta, rows, e2e):
     meta = dict(meta)
     meta["command"] = old["meta"]["command"] + "  &&  " + meta["command"]
     meta["notes"] = list(dict.fromkeys(old["meta"].get("notes", []) + meta["notes"]))
+    before, now = old["meta"].get("device_name"), meta.get("device_name")
+    if before and now and before != now:
+        # (a GPU phase that found its machine gone may start on another kind):
+        # the header names the last device only, so say that rows differ
+        meta["notes"].append(f"rows from runs on different devices: {before} (earlier) and {now} (merged in); "
+                             "compare rows within a case only")
     return meta, kept + rows, e2e if e2e is not None else old.get("e2e")
 
 

@@ -761,3 +761,10 @@ def test_report_merges_phase_folders(tmp_path):
     assert sorted((x["set"], x["median_ms"]) for x in data["rows"]) == [("llama1b", 2.0), ("resnet50", 1.0)]
     assert data["e2e"] == e2e and data["meta"]["notes"] == ["phase 1", "phase 2"]
     assert data["targets"] and "llama1b" in (a / "results.md").read_text()
+    # a phase that ran on another card (the machine went back, the next start got another kind) says so
+    c = tmp_path / "c"
+    report.write_all(str(c), dict(meta, device_name="NVIDIA H200", notes=[]), [row("ours-cuda", 3.0, "gpt2")], [],
+                     None, plots=False)
+    report.merge(str(a), [str(c)])
+    notes = json.loads((a / "results.json").read_text())["meta"]["notes"]
+    assert any("different devices: x (earlier) and NVIDIA H200" in n for n in notes), notes
