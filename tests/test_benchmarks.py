@@ -768,3 +768,14 @@ def test_report_merges_phase_folders(tmp_path):
     report.merge(str(a), [str(c)])
     notes = json.loads((a / "results.json").read_text())["meta"]["notes"]
     assert any("different devices: x (earlier) and NVIDIA H200" in n for n in notes), notes
+
+
+def test_plots_mark_rows_that_compute_the_wrong_step():
+    """A row the agreement probe caught (torch 2.13's fused CPU SGD in bf16)
+    is labelled in the plots as in the tables, not drawn as a valid peer."""
+    from benchmarks import report
+
+    assert report.bar_label({"impl": "torch-fused+OneCycleLR", "agrees": False}) == \
+        "torch-fused+OneCycleLR (WRONG RESULTS)"
+    assert report.bar_label({"impl": "ours-cpu", "agrees": True}) == "ours-cpu"
+    assert report.bar_label({"impl": "ours-cuda+graph", "agrees": None}) == "ours-cuda+graph"
