@@ -144,6 +144,13 @@ def markdown(meta, rows, targets, e2e) -> str:
     return "\n".join(md)
 
 
+def bar_label(row) -> str:
+    """A plot's label for a row: a row caught computing the wrong step
+    (agreement.py) is drawn hollow and says so, as the tables do, so that its
+    bar does not read as a valid peer."""
+    return row["impl"] + (" (WRONG RESULTS)" if row.get("agrees") is False else "")
+
+
 def make_plots(rows, e2e, out_dir) -> list[str]:
     """One PNG per parameter set (a panel per dtype x optimizer), plus the end-to-end run."""
     import matplotlib
@@ -162,10 +169,12 @@ def make_plots(rows, e2e, out_dir) -> list[str]:
                                  squeeze=False)
         for ax, case in zip(axes.flat, cases):
             ok = [r for r in case if r.get("status") == "ok"]
-            names = [r["impl"] for r in ok]
+            names = [bar_label(r) for r in ok]
             vals = [r["median_ms"] for r in ok]
-            colors = ["tab:green" if r["family"].startswith("ours") else "tab:gray" for r in ok]
-            ax.barh(range(len(ok)), vals, color=colors)
+            colors = ["white" if r.get("agrees") is False else "tab:green" if r["family"].startswith("ours")
+                      else "tab:gray" for r in ok]
+            ax.barh(range(len(ok)), vals, color=colors,
+                    edgecolor=["tab:red" if r.get("agrees") is False else "none" for r in ok])
             ax.set_yticks(range(len(ok)), names, fontsize=7)
             ax.invert_yaxis()
             if case[0].get("copy_ms"):

@@ -198,6 +198,21 @@ def _recompiles(row: dict, n: int) -> None:
             f"RECOMPILED {n}x after warm-up (its timings include compile time)"
 
 
+def _count_launches(row: dict, step, device) -> None:
+    """Add the launch counts (torch.profiler, CUDA) to a timed row. A profiler
+    that fails (CUPTI refused, a session left open) costs the launch columns,
+    never the row's timings: raised out of the timing ``try`` it would mark a
+    measured row as an error, and an error in ours fails every target."""
+    try:
+        counts = measure.count_launches(step, device)
+    except Exception as e:
+        counts = {"launches_per_step": None, "kernels_per_step": None, "copies_per_step": None,
+                  "launches_note": f"launches not counted: torch.profiler failed: {_error(e)}"}
+    row.update(counts)
+    if counts.get("launches_note"):
+        row["note"] = (row["note"] + "; " if row["note"] else "") + counts["launches_note"]
+
+
 def bench_case(set_name, shapes, dtype_name, algo, params, impl_list, device, cfg, progress) -> list[dict]:
     """Every implementation on one (set, dtype, optimizer) case, plus the copy roofline.
 
@@ -257,7 +272,7 @@ def bench_case(set_name, shapes, dtype_name, algo, params, impl_list, device, cf
                 row.update(measure.time_steps(step, device, max(0, cfg["warmup"] - 1), cfg["iters"], cfg["budget"]))
                 if impl.name in graphs_before:
                     _recompiles(row, measure.dynamo_graphs() - graphs_before[impl.name])
-                row.update(measure.count_launches(step, device))
+                _count_launches(row, step, device)
         except impls_mod.Skip as e:
             row.update(status="skipped", note=str(e))
         except Exception as e:  # one failing implementation must not sink the run
@@ -288,7 +303,7 @@ def bench_case(set_name, shapes, dtype_name, algo, params, impl_list, device, cf
                 row.update(stats[row["impl"]])
                 if row["impl"] in graphs_before:  # (only compiled rows compile, so the global count is theirs)
                     _recompiles(row, measure.dynamo_graphs() - graphs_before[row["impl"]])
-                row.update(measure.count_launches(built[row["impl"]], device))
+                _count_launches(row, built[row["impl"]], device)
         del src, dst
         built.clear()
         torch._dynamo.reset()
@@ -319,6 +334,12 @@ def _merge(old, meta, rows, e2e):
     meta = dict(meta)
     meta["command"] = old["meta"]["command"] + "  &&  " + meta["command"]
     meta["notes"] = list(dict.fromkeys(old["meta"].get("notes", []) + meta["notes"]))
+    before, now = old["meta"].get("device_name"), meta.get("device_name")
+    if before and now and before != now:
+        # (a GPU phase that found its machine gone may start on another kind):
+        # the header names the last device only, so say that rows differ
+        meta["notes"].append(f"rows from runs on different devices: {before} (earlier) and {now} (merged in); "
+                             "compare rows within a case only")
     return meta, kept + rows, e2e if e2e is not None else old.get("e2e")
 
 

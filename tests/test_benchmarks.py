@@ -454,6 +454,25 @@ def test_gpu_session_commands_fit_the_cli():
     assert set(targets.GPU_SETS) <= seen_sets
 
 
+def test_gpu_session_step_cut_leaves_no_temporary_results_file(tmp_path):
+    """A step of tools/gpu_session.sh cut by its time limit while the run
+    rewrote results.json leaves report._replace's temporary file; phase 2
+    already writes the 8 files the device tool brings back (logs, env.txt,
+    bench/results.{json,md}), so the step function removes it."""
+    import re
+
+    text = open(os.path.join(ROOT, "tools", "gpu_session.sh")).read()
+    func = re.search(r"^step\(\) \{.*?^\}\n", text, re.S | re.M).group(0)
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "results.json").write_text("{}")
+    script = ("status=0\n" + func
+              + """step bench 1 bash -c 'touch "$OUT/bench/results.json.tmp4242"; exec sleep 30'\n""")
+    r = subprocess.run(["bash", "-c", script], env=dict(os.environ, OUT=str(tmp_path)), capture_output=True,
+                       text=True, timeout=60)
+    assert "exit 124" in r.stdout, (r.stdout, r.stderr)
+    assert sorted(os.listdir(tmp_path / "bench")) == ["results.json"]
+
+
 def test_run_keeps_its_rows_when_cut_short_or_e2e_fails(tmp_path, monkeypatch):
     """The GPU session runs each step under a timeout: results are written
     after every case (marked INCOMPLETE until the end), and an end-to-end run
@@ -695,6 +714,28 @@ def test_back_to_back_case_survives_a_failing_copy_roofline(monkeypatch):
     assert "copy not measured" in report.case_title([row]) and report.text_table([row])
 
 
+def test_a_failing_profiler_costs_the_launch_counts_not_the_timings(monkeypatch):
+    """On CUDA the launches are counted with torch.profiler after a row is
+    timed (back to back). If the profiler raises (CUPTI refused, a session
+    left open), the row keeps its timings and stays usable by the targets:
+    an error row for ours would fail every GPU target of the only GPU run."""
+    from benchmarks import run
+
+    def refused(*a, **k):
+        raise RuntimeError("CUPTI_ERROR_INSUFFICIENT_PRIVILEGES")
+
+    monkeypatch.setattr(measure, "count_launches", refused)
+    cfg = {"warmup": 1, "iters": 3, "budget": 1.0, "compiled_max_tensors": 10, "interleave": False}
+    shapes = param_sets.tiny()
+    params = run.make_params(shapes, torch.float32, torch.device("cpu"))
+    chosen = [i for i in impls.all_impls(torch.device("cpu")) if i.name in ("torch-fused+OneCycleLR", "ours-cpu")]
+    rows = run.bench_case("tiny", shapes, "fp32", "sgd", params, chosen, torch.device("cpu"), cfg, _Progress())
+    assert [r["status"] for r in rows] == ["ok", "ok"], rows
+    for r in rows:
+        assert r["median_ms"] > 0 and r["launches_per_step"] is None, r
+        assert "launches not counted" in r["note"] and "INSUFFICIENT_PRIVILEGES" in r["note"], r
+
+
 def test_report_merges_phase_folders(tmp_path):
     """`python -m benchmarks.report DIR OTHER`: the GPU phases can come back as
     separate folders and be merged here (no device time), like run --out would."""
@@ -720,3 +761,21 @@ def test_report_merges_phase_folders(tmp_path):
     assert sorted((x["set"], x["median_ms"]) for x in data["rows"]) == [("llama1b", 2.0), ("resnet50", 1.0)]
     assert data["e2e"] == e2e and data["meta"]["notes"] == ["phase 1", "phase 2"]
     assert data["targets"] and "llama1b" in (a / "results.md").read_text()
+    # a phase that ran on another card (the machine went back, the next start got another kind) says so
+    c = tmp_path / "c"
+    report.write_all(str(c), dict(meta, device_name="NVIDIA H200", notes=[]), [row("ours-cuda", 3.0, "gpt2")], [],
+                     None, plots=False)
+    report.merge(str(a), [str(c)])
+    notes = json.loads((a / "results.json").read_text())["meta"]["notes"]
+    assert any("different devices: x (earlier) and NVIDIA H200" in n for n in notes), notes
+
+
+def test_plots_mark_rows_that_compute_the_wrong_step():
+    """A row the agreement probe caught (torch 2.13's fused CPU SGD in bf16)
+    is labelled in the plots as in the tables, not drawn as a valid peer."""
+    from benchmarks import report
+
+    assert report.bar_label({"impl": "torch-fused+OneCycleLR", "agrees": False}) == \
+        "torch-fused+OneCycleLR (WRONG RESULTS)"
+    assert report.bar_label({"impl": "ours-cpu", "agrees": True}) == "ours-cpu"
+    assert report.bar_label({"impl": "ours-cuda+graph", "agrees": None}) == "ours-cuda+graph"

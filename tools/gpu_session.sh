@@ -55,6 +55,10 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run, log to $OUT/NAME.log, remember 
   # failures so far; 10 s later anything left is killed
   timeout -s "${STEP_SIGNAL:-TERM}" -k 10 "$limit" "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
+  # a step cut while it rewrote results.{json,md} leaves its temporary file
+  # (benchmarks/report.py's _replace): phase 2 already writes the 8 files the
+  # device tool brings back, a ninth would cost one of them
+  rm -f "$OUT"/bench/*.tmp[0-9]*
   tail -n 25 "$OUT/$name.log"
   echo "== $name: exit $rc after $((SECONDS - t0)) s"
   [ $rc -ne 0 ] && [ $status -eq 0 ] && status=$rc
