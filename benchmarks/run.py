@@ -47,8 +47,8 @@ def _csv(s: str) -> list[str]:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto", help="auto (cuda when present) | cpu | cuda")
-    p.add_argument("--sets", default=None, help=f"comma list of {sorted(param_sets.SETS)} "
-                   "(default: resnet50,small on CPU; resnet50,gpt2,llama1b,small on CUDA)")
+    p.add_argument("--sets", default=None, help=f"comma list of {sorted(param_sets.SETS)}, or none (the "
+                   "end-to-end run only) (default: resnet50,small on CPU; resnet50,gpt2,llama1b,small on CUDA)")
     p.add_argument("--opt", default=None, help="comma list of sgd,adam,adamw (default: sgd,adam,adamw on CPU; sgd,adamw on CUDA)")
     p.add_argument("--dtype", default="fp32,bf16", help="comma list of fp32,bf16,fp16 (default fp32,bf16)")
     p.add_argument("--impls", default=None, help="only implementations whose name contains one of these comma-separated "
@@ -384,7 +384,7 @@ def main(argv=None) -> int:
         if args.threads < 1:
             raise SystemExit(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    sets = _csv(args.sets) if args.sets else (["tiny"] if args.quick else
+    sets = [] if args.sets == "none" else _csv(args.sets) if args.sets else (["tiny"] if args.quick else
                                               ["resnet50", "gpt2", "llama1b", "small"] if on_gpu else ["resnet50", "small"])
     opts = _csv(args.opt) if args.opt else (["sgd", "adamw"] if on_gpu else ["sgd", "adam", "adamw"])
     dtypes = _csv(args.dtype)

@@ -171,6 +171,13 @@ def test_cli_quick_run_writes_results(tmp_path):
     assert merged["e2e"] == data["e2e"]
     assert "&&" in merged["meta"]["command"]
 
+    # --sets none: the end-to-end run alone (a GPU session runs it in a process
+    # of its own, before any profiler), merged in with the rows kept
+    assert run.main(["--quick", "--device", "cpu", "--sets", "none", "--e2e-steps", "12", "--no-progress",
+                     "--no-plots", "--out", str(out)]) == 0
+    alone = json.loads((out / "results.json").read_text())
+    assert alone["rows"] == again["rows"] and alone["e2e"]["steps"] == 12 != data["e2e"]["steps"]
+
 
 def test_cli_rejects_bad_options():
     from benchmarks import run
@@ -395,7 +402,7 @@ def _gpu_session_steps():
         out = []
         for line in part.splitlines():
             line = re.sub(r"^[A-Z_]+=\S+ ", "", line.strip())  # e.g. STEP_SIGNAL=INT step ...
-            if re.match(r"step [a-z_]+ \d+ ", line):
+            if re.match(r"step [a-z0-9_]+ \d+ ", line):
                 words = shlex.split(line.replace('"$PY"', "PY").replace("$OUT", "/tmp/out"), comments=True)
                 out.append((words[1], int(words[2]), words[3:]))
         return out
@@ -410,7 +417,7 @@ def test_gpu_session_commands_fit_the_cli():
     from benchmarks import host_overhead, run, tune_triton
 
     phases = _gpu_session_steps()
-    assert [n for n, _, _ in phases[1]] == ["build", "pytest_gpu", "bench"]
+    assert [n for n, _, _ in phases[1]] == ["build", "pytest_gpu", "e2e", "bench"]
     assert [n for n, _, _ in phases[2]] == ["build", "bench", "bench_compiled", "host_overhead", "tune_triton"]
     names = [i.name for i in impls.all_impls(torch.device("cuda"))]  # the CUDA rows (built lazily: no GPU needed)
     seen_sets = set()
@@ -420,6 +427,12 @@ def test_gpu_session_commands_fit_the_cli():
             if argv[:3] == ["PY", "-m", "benchmarks.run"]:
                 a = run.parse_args(argv[3:])
                 assert a.out == "/tmp/out/bench" and a.no_plots and a.no_progress
+                if name == "e2e":
+                    # the end-to-end run alone, before any profiler session (benchmarks/README.md)
+                    assert a.sets == "none" and a.e2e_steps is None
+                    continue
+                # the cases' processes leave the end-to-end run to its own step
+                assert a.e2e_steps == 0
                 sets = run._csv(a.sets)
                 assert sets and all(s in param_sets.SETS for s in sets)
                 seen_sets.update(sets)

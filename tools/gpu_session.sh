@@ -11,8 +11,8 @@
 #
 # Everything it writes goes under $OUT, at most 8 files, as many as the device
 # tool brings back: env.txt (device and versions), build.log,
-# pytest_gpu.log, bench.log (phase 2: bench_compiled.log, host_overhead.log
-# and tune_triton.log instead of pytest_gpu.log) and bench/results.{json,md}. Plots are skipped there; make
+# pytest_gpu.log, e2e.log, bench.log (phase 2: bench_compiled.log, host_overhead.log
+# and tune_triton.log instead of pytest_gpu.log and e2e.log) and bench/results.{json,md}. Plots are skipped there; make
 # them here with `python -m benchmarks.report DIR`. Commit what comes back
 # under benchmarks/results/<device>_<date>/ (pytest's log included): that is
 # how the README's GPU status gets updated. MERGE_FROM: an earlier results
@@ -21,7 +21,7 @@
 # output; the exit status is the first failure's.
 #
 # Budget: the two phases do NOT both fit 15 device-minutes at their limits
-# (540 s + 570 s, plus a machine start of 1-2 min). The machine stays warm only
+# (560 s + 570 s, plus a machine start of 1-2 min). The machine stays warm only
 # ~30 s after a call: call phase 2 at once after phase 1 returns (no analysis
 # in between, no MERGE_FROM: merge afterwards here, at no device time, with
 # `python -m benchmarks.report PHASE1_DIR PHASE2_DIR`) or it starts bare
@@ -93,9 +93,15 @@ if [ "$PHASE" = 1 ]; then
   # test ran how long, for sizing the next session's limits.
   STEP_SIGNAL=INT step pytest_gpu 180 "$PY" -m pytest -v -ra --durations=30 -m gpu -p no:cacheprovider \
     tests/test_cuda_backend.py tests/test_triton_gpu.py tests/test_range_test.py tests/test_trainers.py
+  # the end-to-end run in a process of its own, before any torch.profiler
+  # session: the profiler's hooks outlive a session (pytorch#144455, reported
+  # 10-20% slower launches), which would slow the eager rows and flatter the
+  # graph's ratio; the cases then merge into its folder
+  step e2e 40 "$PY" -m benchmarks.run --no-progress --sets none --no-plots --out "$OUT/bench" \
+    --note "tools/gpu_session.sh phase 1: the end-to-end run, in its own process"
   # the step-time suite on the launch-bound and mid-size sets; compile rows in phase 2
-  step bench 240 "$PY" -m benchmarks.run --no-progress --sets resnet50,small --skip-impls compiled \
-    --iters 50 --budget 1 --no-plots --out "$OUT/bench" --note "tools/gpu_session.sh phase 1"
+  step bench 220 "$PY" -m benchmarks.run --no-progress --sets resnet50,small --skip-impls compiled \
+    --iters 50 --budget 1 --e2e-steps 0 --no-plots --out "$OUT/bench" --note "tools/gpu_session.sh phase 1"
 else
   # the 1B set first: a cut run keeps the 1B fp32 cases (~25 s each at ~3 TB/s: 8 implementations, ~70 steps
   # of 7-30 ms each, a profiled stretch), GPT-2's are cheaper
