@@ -118,6 +118,22 @@ def _check_scalar_schedule(sched: _Schedule) -> _Schedule:
     return sched
 
 
+def _called_by_dcp_init() -> bool:
+    """Whether step() was called by torch.distributed.checkpoint's
+    ``_init_optim_state`` (a few frames up: torch's no_grad and step-hook
+    wrappers sit between). Asked only while the state is empty."""
+    f = sys._getframe(2)
+    for _ in range(6):
+        if f is None:
+            return False
+        if f.f_code.co_name == "_init_optim_state" and f.f_globals.get("__name__", "").startswith(
+            "torch.distributed.checkpoint"
+        ):
+            return True
+        f = f.f_back
+    return False
+
+
 def _checked_step_counter(value) -> int:
     """A state_dict's ``step_counter`` (an int64 0-dim tensor, or an integer) as an int >= 0."""
     k = None
@@ -788,6 +804,10 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         snap = _step_plan.snapshot(self.param_groups, self.state)
         if snap is not None and snap == known.snapshot:
             return
+        for g in self.param_groups:
+            # state_dict's copy of the counter in each saved group, which such
+            # a loader copies into the live groups with the other saved keys
+            g.pop("step_counter", None)
         foreign = [(p, st) for p, st in self.state.items()
                    if isinstance(st, dict) and "step" in st and known.steps.get(id(st["step"])) is not st["step"]]
         if foreign:
@@ -835,8 +855,29 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if not torch.compiler.is_compiling() and not self.state and _called_by_dcp_init():
+            self._make_state_only()
+            return loss
         self._step(getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
         return loss
+
+    def _make_state_only(self) -> None:
+        """The state a first step makes, and nothing else: for
+        torch.distributed.checkpoint's ``get_state_dict`` / ``set_state_dict``
+        (``_init_optim_state``), which give a fresh optimizer zero grads, set
+        every ``"lr"`` to 0 and call ``step()`` to make the state it loads
+        into. Here ``"lr"`` is only a mirror, so that step would apply the
+        lr of step 0 (weight decay moved the weights just loaded) and count
+        (the schedule one step ahead). Stepped as one GradScaler skips
+        (found_inf set): state made, parameters and counter unchanged."""
+        lrs = [g.get("lr") for g in self.param_groups]
+        for g, value in zip(self.param_groups, self._lr_written.values):
+            g["lr"] = value  # (its 0 is no edit of ours to warn about)
+        try:
+            self._step(None, torch.ones(()))  # (0-dim, as GradScaler passes it)
+        finally:
+            for g, value in zip(self.param_groups, lrs):
+                g["lr"] = value
 
     def _step(self, grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> None:
         self._refresh_tables()
@@ -1168,6 +1209,12 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
             if "schedule" in g:
                 g["schedule"] = copy.deepcopy(g["schedule"])
         sd["step_counter"] = self._counter().detach().clone()
+        # and in each group (torch copied the dicts): state_dict consumers
+        # that keep only "state" and "param_groups", as
+        # torch.distributed.checkpoint's get_state_dict (FSDP2), carry it there
+        counter = int(sd["step_counter"])
+        for g in sd["param_groups"]:
+            g["step_counter"] = counter
         # which update the state and hyper-parameters belong to: loaded into
         # another fused class, an SGD state would lack exp_avg (a KeyError at
         # the next step), an Adam one would be dropped for fresh momentum, and
@@ -1195,6 +1242,35 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
             hook(self)
 
     def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # the groups' copies of the counter (see state_dict) never reach the
+        # live groups; the top-level one wins, the groups' serve where it was
+        # dropped (torch.distributed.checkpoint's set_state_dict)
+        groups = state_dict.get("param_groups")
+        if isinstance(groups, list) and any(isinstance(g, dict) and "step_counter" in g for g in groups):
+            groups = [dict(g) for g in groups]
+            in_groups = [g.pop("step_counter", None) for g in groups]
+            state_dict = {**state_dict, "param_groups": groups}
+            if "step_counter" not in state_dict:
+                if any(c is None or c != in_groups[0] for c in in_groups):
+                    raise ValueError(
+                        f"state_dict has no 'step_counter' and its param_groups' ones differ: {in_groups}"
+                    )
+                state_dict["step_counter"] = in_groups[0]
+        if ("step_counter" not in state_dict and isinstance(groups, list) and groups
+                and all(isinstance(g, dict) and "schedule" in g for g in groups)
+                and isinstance(state_dict.get("state"), dict)):
+            # our groups, with the counter dropped everywhere: get_state_dict's
+            # flatten_optimizer_state_dict=True (torchtitan's default) rebuilds
+            # the groups from the live groups' keys. The position is then the
+            # largest per-parameter step, as for DeepSpeed's universal
+            # checkpoints (_adopt_foreign_steps): exact unless steps ran in
+            # which no parameter had a grad, or set_step moved the counter
+            # away from the parameters' counts
+            steps = [int(_plain(s)) for st in state_dict["state"].values() if isinstance(st, dict)
+                     for s in [st.get("step")]  # (a bad one: _check_saved_state below names it)
+                     if (isinstance(s, torch.Tensor) and s.numel() == 1 and not s.is_complex())
+                     or (isinstance(s, numbers.Real) and not isinstance(s, bool) and math.isfinite(s))]
+            state_dict = {**state_dict, "step_counter": max(max(steps, default=0), 0)}
         if "step_counter" not in state_dict:
             raise ValueError(
                 "state_dict has no 'step_counter': it was not saved by a FusedOneCycle optimizer "
