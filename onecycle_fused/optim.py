@@ -1212,9 +1212,11 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         # and in each group (torch copied the dicts): state_dict consumers
         # that keep only "state" and "param_groups", as
         # torch.distributed.checkpoint's get_state_dict (FSDP2), carry it there
-        counter = int(sd["step_counter"])
-        for g in sd["param_groups"]:
-            g["step_counter"] = counter
+        # (a meta counter, parameters not yet materialised, has no value to copy)
+        if sd["step_counter"].device.type != "meta":
+            counter = int(sd["step_counter"])
+            for g in sd["param_groups"]:
+                g["step_counter"] = counter
         # which update the state and hyper-parameters belong to: loaded into
         # another fused class, an SGD state would lack exp_avg (a KeyError at
         # the next step), an Adam one would be dropped for fresh momentum, and

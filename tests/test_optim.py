@@ -1236,6 +1236,9 @@ def test_params_swapped_onto_another_device_are_stepped(backend):
     # the CPU device holds no parameter any more: its counter is gone
     assert list(opt._counters) == [torch.device("meta")] and opt.step_counter().device.type == "meta"
     opt.step()  # a second step takes the list path again (or a plan), on meta
+    # and it saves (the counter has no value there to copy into the groups)
+    sd = opt.state_dict()
+    assert sd["step_counter"].device.type == "meta" and "step_counter" not in sd["param_groups"][0]
 
 
 @pytest.mark.parametrize("skipped", [False, True], ids=["", "then_skipped"])
