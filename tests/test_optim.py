@@ -1236,9 +1236,19 @@ def test_params_swapped_onto_another_device_are_stepped(backend):
     # the CPU device holds no parameter any more: its counter is gone
     assert list(opt._counters) == [torch.device("meta")] and opt.step_counter().device.type == "meta"
     opt.step()  # a second step takes the list path again (or a plan), on meta
-    # and it saves (the counter has no value there to copy into the groups)
+
+
+def test_state_dict_of_parameters_on_meta():
+    """An optimizer over parameters not yet materialised saves: its counter
+    has no value to copy into the groups (state_dict's copy for
+    torch.distributed.checkpoint), so the groups go without one."""
+    p = torch.nn.Parameter(torch.empty(4, device="meta"))
+    opt = FusedOneCycleAdamW([p], **SCHED)
     sd = opt.state_dict()
     assert sd["step_counter"].device.type == "meta" and "step_counter" not in sd["param_groups"][0]
+    q = torch.nn.Parameter(torch.empty(4))
+    sd = FusedOneCycleAdamW([q], **SCHED).state_dict()
+    assert sd["param_groups"][0]["step_counter"] == 0 == int(sd["step_counter"])
 
 
 @pytest.mark.parametrize("skipped", [False, True], ids=["", "then_skipped"])
