@@ -871,10 +871,17 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         (the schedule one step ahead). Stepped as one GradScaler skips
         (found_inf set): state made, parameters and counter unchanged."""
         lrs = [g.get("lr") for g in self.param_groups]
+        host = copy.copy(self._host)
         for g, value in zip(self.param_groups, self._lr_written.values):
             g["lr"] = value  # (its 0 is no edit of ours to warn about)
         try:
             self._step(None, torch.ones(()))  # (0-dim, as GradScaler passes it)
+            # known skipped: the host's count stays as it was. With a CUDA
+            # counter _advance_mirror counts a skipped step optimistically
+            # until a copy lands, so the mirror (and what it last wrote, which
+            # the next step compares with the lr DCP puts back) ran one ahead
+            self._host = host
+            self._update_mirror()
         finally:
             for g, value in zip(self.param_groups, lrs):
                 g["lr"] = value

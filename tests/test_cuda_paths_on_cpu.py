@@ -109,6 +109,35 @@ def test_pending_copy_with_a_skipped_step_is_adopted():
     assert opt.get_last_lr() == [_lr(2)]
 
 
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_dcp_state_only_step_keeps_the_mirror_with_a_cuda_counter(backend):
+    """torch.distributed.checkpoint's get_state_dict on a fresh optimizer runs
+    a step that only makes the state (as one GradScaler skips). With a CUDA
+    counter _advance_mirror counted it optimistically (the copy that would
+    correct it lands later): the lr mirror showed step 1's lr, and the next
+    step warned that a scheduler had written 'lr' (DCP puts back step 0's)."""
+    import warnings
+
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model = torch.nn.Linear(3, 2)
+    opt = FusedOneCycleSGD(model.parameters(), backend=backend, **SCHED)
+
+    class _CudaCounter:  # what _advance_mirror reads of a CUDA counter: its device
+        device = torch.device("cuda")
+
+    opt._mirror_counter = lambda: _CudaCounter()
+    opt._copy_counter_async = lambda counter: None  # a copy that has not landed
+    get_state_dict(model, opt)
+    assert int(opt.step_counter()) == 0 and len(opt.state) == 2
+    assert opt._host.step == 0 and opt.param_groups[0]["lr"] == _lr(0) == opt._lr_written.values[0]
+    model(torch.randn(4, 3)).sum().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "'lr' was set from outside"
+        opt.step()
+
+
 def test_get_last_lr_waits_only_when_the_host_count_is_a_guess():
     p, opt = _sgd()
     opt.step()
