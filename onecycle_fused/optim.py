@@ -871,22 +871,21 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         (the schedule one step ahead). Stepped as one GradScaler skips
         (found_inf set): state made, parameters and counter unchanged."""
         lrs = [g.get("lr") for g in self.param_groups]
-        host = copy.copy(self._host)
         for g, value in zip(self.param_groups, self._lr_written.values):
             g["lr"] = value  # (its 0 is no edit of ours to warn about)
         try:
-            self._step(None, torch.ones(()))  # (0-dim, as GradScaler passes it)
-            # known skipped: the host's count stays as it was. With a CUDA
-            # counter _advance_mirror counts a skipped step optimistically
-            # until a copy lands, so the mirror (and what it last wrote, which
-            # the next step compares with the lr DCP puts back) ran one ahead
-            self._host = host
-            self._update_mirror()
+            # known skipped, so the host's count and the lr mirror stay as they
+            # are (mirror=False): _advance_mirror would count it optimistically
+            # on a CUDA counter (the mirror one step ahead until a copy lands,
+            # and the next step warning that DCP's restored 'lr' was written)
+            # and copy a meta or other non-CPU counter the CUDA way, which fails
+            self._step(None, torch.ones(()), mirror=False)  # (0-dim, as GradScaler passes it)
         finally:
             for g, value in zip(self.param_groups, lrs):
                 g["lr"] = value
 
-    def _step(self, grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> None:
+    def _step(self, grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor],
+              mirror: bool = True) -> None:
         self._refresh_tables()
 
         devices = self._counters.keys()
@@ -895,7 +894,8 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         else:  # (first: dynamo never traces the plan code)
             devices = self._planned_step(grad_scale, found_inf)
             if not devices:
-                self._advance_mirror(found_inf)
+                if mirror:
+                    self._advance_mirror(found_inf)
                 return
             if self._host_code_runs():  # (a valid plan: no state entry was replaced since it was built)
                 self._adopt_foreign_steps()
@@ -965,7 +965,7 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
                 _undo_added(added)
                 added = []
                 self._follow_param_devices()
-                self._step(grad_scale, found_inf)  # again, on the devices the parameters are on now
+                self._step(grad_scale, found_inf, mirror)  # again, on the devices the parameters are on now
                 return
             # every device's counter advances, even where no parameter has a grad
             for device, batch in batches.items():
@@ -984,7 +984,8 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
             raise
         if not torch.compiler.is_compiling() and len(batches) == len(self._counters):
             self._build_plans(batches, without_grad)
-        self._advance_mirror(found_inf)
+        if mirror:
+            self._advance_mirror(found_inf)
 
     def _check_no_duplicate_params(self) -> None:
         """A parameter put into ``param_groups[i]['params']`` twice after the

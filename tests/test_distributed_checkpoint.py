@@ -121,3 +121,19 @@ def test_plain_state_dict_keeps_the_counter_out_of_the_live_groups():
     opt.load_state_dict(sd)
     assert all("step_counter" not in g for g in opt.param_groups)
     assert int(opt.step_counter()) == 3
+
+
+@pytest.mark.parametrize("cls", [FusedOneCycleSGD, FusedOneCycleAdamW])
+def test_get_state_dict_of_an_optimizer_on_meta(cls):
+    """Parameters not yet materialised (a model built on the meta device):
+    DCP's state-making step counts nothing, so nothing reads or copies the
+    meta counter (the skipped step's mirror update copied it the CUDA way:
+    RuntimeError, where the plain step DCP used to get worked)."""
+    with torch.device("meta"):
+        model = _model()
+    opt = _opt(cls, model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, osd = get_state_dict(model, opt)
+    assert len(osd["state"]) == 4 and all(st["step"].device.type == "meta" for st in osd["state"].values())
+    assert opt._host.step == 0 and opt.param_groups[0]["lr"] == 1e-2
