@@ -407,3 +407,19 @@ def test_named_groups_in_another_order_raise():
     load_torch_optimizer_state(fused, sgd.state_dict(), step=1)
     for (_, p), q in zip(named, model.parameters()):
         assert torch.equal(fused.state[p]["momentum_buffer"], sgd.state[q]["momentum_buffer"])
+
+
+@pytest.mark.parametrize("copy_hyperparameters", [True, False])
+def test_a_bad_schedule_edited_into_the_group_names_the_group(copy_hyperparameters):
+    """load_torch_optimizer_state asks the schedule of each group: a bad one
+    edited into param_groups[i]['schedule'] is refused naming that group, as
+    step() names it, not "the group" (the state_dict copy it was asked of)."""
+    model = _model()
+    ref = torch.optim.Adam(model.parameters(), lr=0.1)
+    opt = FusedOneCycleAdam(model.parameters(), **SCHEDULE)
+    opt.param_groups[0]["schedule"]["params"]["cycle_min_lr"] = -1.0
+    with pytest.raises(ValueError, match=r"^param_groups\[0\]\['schedule'\]: cycle_min_lr"):
+        load_torch_optimizer_state(opt, ref.state_dict(), step=0, copy_hyperparameters=copy_hyperparameters)
+    opt.param_groups[0]["schedule"] = OneCycle(**SCHEDULE)  # an object, not its config
+    with pytest.raises(ValueError, match=r"^param_groups\[0\]\['schedule'\] must be .* edit param_groups\[0\]"):
+        load_torch_optimizer_state(opt, ref.state_dict(), step=0, copy_hyperparameters=copy_hyperparameters)
