@@ -724,6 +724,29 @@ def test_grad_scale_divides_gradients():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)  # power-of-two scale: exact up to rounding
 
 
+@pytest.mark.parametrize("opt_cls", [FusedOneCycleSGD, FusedOneCycleAdamW])
+def test_one_element_grad_scale_and_found_inf_in_the_reference_backend(opt_cls):
+    """A (1,)-shaped grad_scale / found_inf (GradScaler's are 0-dim) steps
+    and skips in the reference backend as in the cpu one: it used to
+    broadcast a 0-dim parameter's step count to (1,) and raise after the
+    first parameters were written."""
+    out = {}
+    for backend in ("reference", "cpu"):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(()))]
+        opt = opt_cls(params, backend=backend, **SCHED)
+        for skip in (0.0, 1.0, 0.0):
+            for p in params:
+                p.grad = torch.full_like(p, 4.0)
+            opt.grad_scale, opt.found_inf = torch.full((1,), 2.0), torch.full((1,), skip)
+            opt.step()
+        assert int(opt.step_counter()) == 2 and all(int(opt.state[p]["step"]) == 2 for p in params)
+        out[backend] = [p.detach().clone() for p in params]
+    for a, b in zip(out["reference"], out["cpu"]):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 @pytest.mark.parametrize("opt_cls", [FusedOneCycleSGD, FusedOneCycleAdamW])
 def test_unscale_then_clip_then_step(opt_cls, backend):

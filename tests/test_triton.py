@@ -725,6 +725,26 @@ def test_state_at_a_cached_address_in_another_layout(relayout):
         assert_ulps(out["triton"], out["reference"], ulps=4)
 
 
+@pytest.mark.parametrize("bad_state", [torch.zeros(7), torch.zeros(2, 7)], ids=["broadcastable", "other"])
+def test_state_of_another_shape_next_to_a_relaid_grad_changes_nothing(bad_state):
+    """A state of another shape than its parameter is a ValueError with
+    nothing stepped, also when the step goes through copies for a grad laid
+    out unlike its parameter: the state used to be copied into the
+    parameter's shape too (broadcast, or a RuntimeError), the kernels ran, and
+    writing the copy back failed after the parameter and counter had moved."""
+    p = torch.nn.Parameter(torch.randn(3, 7, generator=torch.Generator().manual_seed(2)).to(DEVICE))
+    opt = FusedOneCycleAdamW([p], backend="triton", **SCHED)
+    p.grad = torch.ones(3, 7, device=DEVICE)
+    opt.step()
+    opt.state[p]["exp_avg"] = bad_state.to(DEVICE)
+    p.grad = torch.ones(7, 3, device=DEVICE).t()  # the parameter's shape, other strides
+    before = [p.detach().clone(), opt.state[p]["exp_avg_sq"].clone()]
+    with pytest.raises(ValueError, match="shape"):
+        opt.step()
+    assert torch.equal(p.detach(), before[0]) and torch.equal(opt.state[p]["exp_avg_sq"], before[1])
+    assert int(opt.step_counter()) == 1 and int(opt.state[p]["step"]) == 1
+
+
 def _transposed(x):
     return torch.nn.Parameter(x.t())  # dense, not contiguous
 

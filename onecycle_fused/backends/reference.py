@@ -168,7 +168,12 @@ class ReferenceBackend:
     def step(self, batch: StepBatch) -> None:
         self._check(batch)
         lrs, moms = schedule_values(batch.table, batch.counter)
-        skip = None if batch.found_inf is None else (batch.found_inf != 0)
+        # GradScaler's tensors are 0-dim; a one-element (1,) one, which the
+        # compiled ops and triton take too, is made 0-dim here (before
+        # anything is written): it would broadcast the 0-dim step counts
+        # and parameters to (1,) and fail after the first were written
+        skip = None if batch.found_inf is None else (batch.found_inf != 0).reshape(())
+        scale = None if batch.grad_scale is None else batch.grad_scale.reshape(())
         one = torch.ones((), dtype=torch.int64, device=batch.device)
         increment = one if skip is None else (~skip).to(torch.int64)
         update = self._sgd if batch.algo == "sgd" else self._adam
@@ -178,8 +183,8 @@ class ReferenceBackend:
             # float32 "opmath" for low precision, float64 stays float64
             compute = torch.float64 if p.dtype == torch.float64 else torch.float32
             grad = g.to(compute)
-            if batch.grad_scale is not None:
-                grad = grad / batch.grad_scale.to(compute)
+            if scale is not None:
+                grad = grad / scale.to(compute)
             update(batch, i, group, p, grad, lrs[gid], moms[gid], step, compute, skip)
             step.add_(increment)
         batch.counter.add_(increment)

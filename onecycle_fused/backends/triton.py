@@ -332,7 +332,10 @@ def conform(params, grads, states):
     that do (a non-dense parameter and its states: contiguous ones); returns
     the lists to launch with and the (original, copy) pairs to write back
     after the launch. The usual layouts (states made by ``zeros_like(p)``,
-    autograd's grads) copy nothing."""
+    autograd's grads) copy nothing. A tensor of another shape than its
+    parameter is left as it is, for the launch to refuse (ValueError, nothing
+    written): a copy into the parameter's shape would broadcast it, step, and
+    fail only when writing it back."""
     writebacks = []
     grads, states = list(grads), [list(st) for st in states]
     params_out = None
@@ -354,11 +357,11 @@ def conform(params, grads, states):
 
             def like_p(t):
                 return t.contiguous()
-        if not fits(grads[i]):
+        if grads[i].shape == p.shape and not fits(grads[i]):
             grads[i] = like_p(grads[i])  # read only
         for st in states:
             t = st[i]
-            if t is not None and not fits(t):
+            if t is not None and t.shape == p.shape and not fits(t):
                 st[i] = like_p(t)
                 writebacks.append((t, st[i]))
     return (params if params_out is None else params_out), grads, states, writebacks
