@@ -166,6 +166,7 @@ def _check_saved_state(state_dict: dict, groups: list) -> None:
     if len(saved) != len(groups) or any(len(s["params"]) != len(g["params"]) for s, g in zip(saved, groups)):
         return
     saved_ids = {i for g in saved for i in g["params"]}
+    counts: dict[torch.device, list] = {}  # tensor steps by device, their values read once per device
     for k, st in state_dict["state"].items():
         if k not in saved_ids:
             raise ValueError(f"state_dict state[{k!r}] belongs to no parameter of its param_groups")
@@ -177,11 +178,22 @@ def _check_saved_state(state_dict: dict, groups: list) -> None:
                 ok = step.numel() == 1 and not step.is_complex() and step.dtype != torch.bool
             else:
                 ok = isinstance(step, numbers.Real) and not isinstance(step, bool)
+            if ok and not isinstance(step, torch.Tensor):
+                ok = 0 <= step < math.inf
             if not ok:
                 raise ValueError(
-                    f"state_dict state[{k!r}]['step'] must be a step count (a one-element tensor or a number), "
-                    f"got {step!r}"
+                    f"state_dict state[{k!r}]['step'] must be a step count (a one-element tensor or a number "
+                    f">= 0), got {step!r}"
                 )
+            if isinstance(step, torch.Tensor):
+                counts.setdefault(step.device, []).append((k, step))
+    for device, items in counts.items():
+        if device.type == "meta":
+            continue  # (no values)
+        values = torch.stack([s.detach().reshape(()).to(torch.float64) for _, s in items]).tolist()
+        for (k, step), v in zip(items, values):
+            if not 0 <= v < math.inf:  # (int64 steps past 2^53 round, but stay finite)
+                raise ValueError(f"state_dict state[{k!r}]['step'] must be a step count >= 0, got {step!r}")
 
 
 def _is_number(value) -> bool:
@@ -562,8 +574,8 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
             self._warn_if_lr_written()  # (after the errors above: they name the scheduler more precisely)
         try:
             rows = [self._row(g) for g in self.param_groups]
-        except (TypeError, ValueError):
-            rows = None  # e.g. maximize="yes": validation below names it
+        except (TypeError, ValueError, IndexError):
+            rows = None  # e.g. maximize="yes", betas=(0.9,): validation below names it
         if rows is not None and rows == self._table_rows.rows:
             return
         if rows is not None:
@@ -1276,10 +1288,10 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
             # checkpoints (_adopt_foreign_steps): exact unless steps ran in
             # which no parameter had a grad, or set_step moved the counter
             # away from the parameters' counts
-            steps = [int(_plain(s)) for st in state_dict["state"].values() if isinstance(st, dict)
-                     for s in [st.get("step")]  # (a bad one: _check_saved_state below names it)
-                     if (isinstance(s, torch.Tensor) and s.numel() == 1 and not s.is_complex())
-                     or (isinstance(s, numbers.Real) and not isinstance(s, bool) and math.isfinite(s))]
+            values = [_plain(st.get("step")) for st in state_dict["state"].values() if isinstance(st, dict)]
+            # (a bad one, also a non-finite one: _check_saved_state below names it)
+            steps = [int(v) for v in values
+                     if isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)]
             state_dict = {**state_dict, "step_counter": max(max(steps, default=0), 0)}
         if "step_counter" not in state_dict:
             raise ValueError(
@@ -1600,7 +1612,10 @@ class FusedOneCycleAdam(_FusedOneCycleOptimizer):
         }
 
     def _set_momentum_mirror(self, group, mom):
-        group["betas"] = (mom, group["betas"][1])
+        betas = group["betas"]
+        if isinstance(betas, (list, tuple)) and len(betas) == 2:
+            group["betas"] = (mom, betas[1])
+        # (not a pair, edited so: left for the next step's check to name)
 
     def _init_state(self, p, group):
         state = {

@@ -6,6 +6,7 @@ It keeps only ``"state"`` and ``"param_groups"`` of the optimizer's state_dict
 ``step()`` with zero grads and every ``"lr"`` set to 0 to make the state it
 loads into. The API works without a process group, so one process checks it.
 """
+import copy
 import warnings
 
 import pytest
@@ -137,3 +138,21 @@ def test_get_state_dict_of_an_optimizer_on_meta(cls):
         _, osd = get_state_dict(model, opt)
     assert len(osd["state"]) == 4 and all(st["step"].device.type == "meta" for st in osd["state"].values())
     assert opt._host.step == 0 and opt.param_groups[0]["lr"] == 1e-2
+
+
+def test_position_from_parameter_steps_refuses_a_non_finite_one():
+    """Without any saved counter (flattened DCP), the position is the largest
+    per-parameter step: an infinite one is named as a bad step, not an
+    OverflowError from int()."""
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = FusedOneCycleAdamW([p], cycle_min_lr=0.01, cycle_max_lr=0.1)
+    p.grad = torch.ones(3)
+    opt.step()
+    sd = copy.deepcopy(opt.state_dict())
+    del sd["step_counter"]
+    for g in sd["param_groups"]:
+        del g["step_counter"]
+    sd["state"][0]["step"] = torch.tensor(float("inf"))
+    with pytest.raises(ValueError, match=r"state\[0\]\['step'\]"):
+        opt.load_state_dict(sd)
+    assert int(opt.step_counter()) == 1

@@ -461,11 +461,13 @@ def test_load_state_dict_refuses_a_bad_step_counter_before_changing_anything(bad
     assert int(opt.step_counter()) == 1 and opt.param_groups[0]["weight_decay"] == 0.0
 
 
-@pytest.mark.parametrize("bad", ["step_shape", "step_str", "step_none", "state_not_dict", "state_of_no_param"])
+@pytest.mark.parametrize("bad", ["step_shape", "step_str", "step_none", "step_inf", "step_negative", "step_nan",
+                                 "state_not_dict", "state_of_no_param"])
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_load_state_dict_refuses_bad_parameter_state_before_changing_anything(bad, backend):
     """A per-parameter ``step`` that is no count (a 2-element tensor, a
-    string, None), a state entry that is no dict, or one for an index no
+    string, None, inf, a negative one, NaN: these three were loaded as int64's
+    minimum), a state entry that is no dict, or one for an index no
     saved group holds: a ValueError before anything changes. They used to
     fail (RuntimeError, TypeError, AttributeError) after torch had replaced
     the state and groups, leaving an optimizer whose every step and
@@ -497,6 +499,12 @@ def test_load_state_dict_refuses_bad_parameter_state_before_changing_anything(ba
         sd["state"][1]["step"] = "5"
     elif bad == "step_none":
         sd["state"][1]["step"] = None
+    elif bad == "step_inf":
+        sd["state"][1]["step"] = torch.tensor(float("inf"))
+    elif bad == "step_negative":
+        sd["state"][1]["step"] = torch.tensor(-3)
+    elif bad == "step_nan":
+        sd["state"][1]["step"] = float("nan")
     elif bad == "state_not_dict":
         sd["state"][1] = None
     else:
@@ -1066,6 +1074,7 @@ def test_bad_state_in_second_group_changes_nothing(opt_cls, key, backend, kind):
     (FusedOneCycleSGD, "nesterov", 1, "nesterov"),
     (FusedOneCycleAdam, "eps", -1e-8, "eps"),
     (FusedOneCycleAdam, "betas", (0.9, 1.5), r"betas\[1\]"),
+    (FusedOneCycleAdam, "betas", (0.9,), "betas must be a pair"),
     (FusedOneCycleAdamW, "weight_decay", float("inf"), "weight_decay"),
     (FusedOneCycleAdamW, "amsgrad", None, "amsgrad"),
 ])
