@@ -225,9 +225,11 @@ def lr_range_test(
         raise ValueError(f"restore must be a bool, got {restore!r}")
     saved = copy.deepcopy(model.state_dict()) if restore else None
     # every buffer, also the non-persistent ones state_dict leaves out, and
-    # the tensor each module held (a forward may replace a buffer)
-    buffers = ([(m, name, b, b.detach().clone()) for m in model.modules()
-                for name, b in m._buffers.items() if b is not None] if restore else [])
+    # the tensor each module held (a forward may replace a buffer); also the
+    # buffer slots themselves: a forward may fill one registered as None or
+    # register a new one, which load_state_dict would refuse as a missing key
+    buffers = ([(m, dict(m._buffers), {name: b.detach().clone() for name, b in m._buffers.items() if b is not None})
+                for m in model.modules()] if restore else [])
     # what else "as it was" means: each module's train/eval mode and the grads
     modes = [(m, m.training) for m in model.modules()] if restore else []
     grads = [(p, p.grad) for p in params] if restore else []
@@ -257,9 +259,14 @@ def lr_range_test(
     finally:
         if saved is not None:
             with torch.no_grad():
-                for m, name, b, value in buffers:
-                    m._buffers[name] = b
-                    b.copy_(value)
+                for m, held, values in buffers:
+                    for name in [n for n in m._buffers if n not in held]:  # registered during the test
+                        del m._buffers[name]
+                        m._non_persistent_buffers_set.discard(name)
+                    for name, b in held.items():
+                        m._buffers[name] = b
+                        if b is not None:
+                            b.copy_(values[name])
             model.load_state_dict(saved)
             for m, training in modes:
                 m.training = training

@@ -290,3 +290,32 @@ def test_restore_covers_non_persistent_and_replaced_buffers():
     assert model.seen.item() == 0 and model.total.item() == 0
     lr_range_test(model, loss_fn, data, num_steps=5, restore=False)
     assert model.seen.item() == 5 and model.total.item() == 5 * 64
+
+
+def test_restore_puts_back_buffer_slots_a_forward_filled_or_added():
+    """A buffer registered as None (a lazily built cache) that the forward
+    fills, or one the forward registers, is put back as it was: the restore
+    used to end in load_state_dict's "Missing key(s)" RuntimeError, losing
+    the result."""
+
+    class Caching(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(16, 3)
+            self.register_buffer("cache", None)
+
+        def forward(self, x):
+            self.cache = x.detach().mean(0)
+            if not hasattr(self, "added"):
+                self.register_buffer("added", torch.ones(1))
+                self.register_buffer("added_np", torch.ones(1), persistent=False)
+            return self.lin(x)
+
+    _, loss_fn, data = toy_problem(num_batches=2)
+    model = Caching()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    res = lr_range_test(model, loss_fn, data, num_steps=4)
+    assert res.steps_run == 4
+    assert model.cache is None and not hasattr(model, "added") and not hasattr(model, "added_np")
+    assert set(model.state_dict()) == set(before)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
