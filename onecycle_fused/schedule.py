@@ -128,6 +128,12 @@ def _at(value: float | list[float], group: int) -> float:
     return value[group] if isinstance(value, list) else value
 
 
+def _copied(params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` with each per-group list copied: what ``params()`` /
+    ``config()`` return must not alias the schedule's own (validated) lists."""
+    return {k: list(v) if isinstance(v, list) else v for k, v in params.items()}
+
+
 class _Schedule:
     """Shared machinery: per-group lists, host evaluation, device rows."""
 
@@ -318,7 +324,7 @@ class OneCycle(_Schedule):
         return self.cycle_momentum
 
     def params(self) -> dict[str, Any]:
-        return {
+        return _copied({
             "cycle_min_lr": self.cycle_min_lr,
             "cycle_max_lr": self.cycle_max_lr,
             "decay_lr_rate": self.decay_lr_rate,
@@ -331,7 +337,7 @@ class OneCycle(_Schedule):
             "cycle_min_mom": self.cycle_min_mom,
             "cycle_max_mom": self.cycle_max_mom,
             "decay_mom_rate": self.decay_mom_rate,
-        }
+        })
 
     def scale(self, step: int) -> float:
         """Position in the cycle, 0 at cycle_min_lr and 1 at cycle_max_lr (k <= T).
@@ -424,12 +430,12 @@ class LRRangeTest(_Schedule):
         self.lr_range_test_staircase = lr_range_test_staircase
 
     def params(self) -> dict[str, Any]:
-        return {
+        return _copied({
             "lr_range_test_min_lr": self.lr_range_test_min_lr,
             "lr_range_test_step_size": self.lr_range_test_step_size,
             "lr_range_test_step_rate": self.lr_range_test_step_rate,
             "lr_range_test_staircase": self.lr_range_test_staircase,
-        }
+        })
 
     def _eval(self, step, group):
         interval = float(step) / self.lr_range_test_step_size
@@ -558,7 +564,7 @@ class TorchOneCycle(_Schedule):
         return self.cycle_momentum
 
     def params(self) -> dict[str, Any]:
-        return {
+        return _copied({
             "max_lr": self.max_lr,
             "total_steps": self.total_steps,
             "epochs": self.epochs,
@@ -571,7 +577,7 @@ class TorchOneCycle(_Schedule):
             "div_factor": self.div_factor,
             "final_div_factor": self.final_div_factor,
             "three_phase": self.three_phase,
-        }
+        })
 
     def group_lrs(self, group: int = 0) -> tuple[float, float, float]:
         """(initial_lr, max_lr, min_lr) of a group, computed as torch does."""

@@ -348,3 +348,22 @@ def test_check_num_groups():
     sched.check_num_groups(2)
     with pytest.raises(ValueError, match="cycle_min_lr"):
         sched.check_num_groups(3)
+
+
+def test_config_and_params_do_not_alias_the_schedules_lists():
+    """Editing the per-group lists of a config() (to build a variant) left the
+    schedule itself edited, unvalidated: config() and params() returned its
+    own lists."""
+    from onecycle_fused import LRRangeTest, OneCycle, TorchOneCycle, schedule_from_config
+
+    for sched in (OneCycle([1e-4, 2e-4], [1e-3, 2e-3], cycle_min_mom=[0.8, 0.7]),
+                  LRRangeTest([1e-4, 1e-3]),
+                  TorchOneCycle([0.1, 0.2], total_steps=10, base_momentum=[0.8, 0.85])):
+        want = (sched.lr(3), sched.momentum(3), repr(sched))
+        for d in (sched.config()["params"], sched.params()):
+            for v in d.values():
+                if isinstance(v, list):
+                    v[0] = 123.0
+                    v.append(5.0)
+        assert (sched.lr(3), sched.momentum(3), repr(sched)) == want
+        assert schedule_from_config(sched.config()) == sched
