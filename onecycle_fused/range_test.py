@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import math
 import numbers
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
 
@@ -54,6 +55,9 @@ class RangeTestResult:
 
     def one_cycle(self, **kwargs) -> OneCycle:
         """A :class:`OneCycle` with the suggested bounds (other parameters from ``kwargs``)."""
+        given = sorted({"cycle_min_lr", "cycle_max_lr"} & set(kwargs))
+        if given:  # a ValueError naming them, not Python's "got multiple values" TypeError
+            raise ValueError(f"one_cycle() sets {given} to the suggested bounds; for other bounds build a OneCycle")
         return OneCycle(cycle_min_lr=self.cycle_min_lr, cycle_max_lr=self.cycle_max_lr, **kwargs)
 
 
@@ -207,11 +211,18 @@ def lr_range_test(
         ),
         lr_range_test_staircase=staircase,
     )
+    cls = classes[optimizer]
+    if optimizer_kwargs is not None and not isinstance(optimizer_kwargs, Mapping):
+        raise ValueError(f"optimizer_kwargs must be a dict of {cls.__name__} arguments, got {optimizer_kwargs!r}")
     kwargs = dict(optimizer_kwargs or {})
-    reserved = {"schedule", "backend"} & set(kwargs)
+    reserved = {"schedule", "backend", "lr", "params"} & set(kwargs)
     if reserved:
-        raise ValueError(f"optimizer_kwargs must not set {sorted(reserved)}: the range test sets the schedule, "
-                         "and backend is an argument of lr_range_test")
+        raise ValueError(f"optimizer_kwargs must not set {sorted(reserved)}: the range test sets the schedule "
+                         "(and with it every lr) and the parameters, and backend is an argument of lr_range_test")
+    # before training, and as ValueError (the constructor's TypeError otherwise)
+    unknown = set(kwargs) - set(inspect.signature(cls).parameters)
+    if unknown:
+        raise ValueError(f"optimizer_kwargs: {sorted(unknown, key=str)} are not arguments of {cls.__name__}")
     if optimizer == "sgd":
         kwargs.setdefault("momentum", 0.9)
     if plot is not None:
@@ -233,7 +244,7 @@ def lr_range_test(
     # what else "as it was" means: each module's train/eval mode and the grads
     modes = [(m, m.training) for m in model.modules()] if restore else []
     grads = [(p, p.grad) for p in params] if restore else []
-    opt = classes[optimizer](params, schedule=schedule, backend=backend, **kwargs)
+    opt = cls(params, schedule=schedule, backend=backend, **kwargs)
     device = params[0].device
 
     # losses stay on the device; the host reads them only at checks

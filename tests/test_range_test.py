@@ -319,3 +319,29 @@ def test_restore_puts_back_buffer_slots_a_forward_filled_or_added():
     assert model.cache is None and not hasattr(model, "added") and not hasattr(model, "added_np")
     assert set(model.state_dict()) == set(before)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_bad_optimizer_kwargs_and_one_cycle_bounds_are_value_errors():
+    """optimizer_kwargs that is not a dict, sets lr, or names no argument of
+    the optimizer, and a bound passed to one_cycle(), were TypeErrors (from
+    dict(), the constructor, Python's duplicate keyword); now ValueErrors
+    naming them, before any step."""
+    model, loss_fn, data = toy_problem(num_batches=1)
+    calls = []
+
+    def counting_loss(m, batch):
+        calls.append(1)
+        return loss_fn(m, batch)
+
+    for kwargs, match in (([("momentum", 0.9)], "optimizer_kwargs"), ({"lr": 0.1}, "lr"),
+                          ({"params": []}, "params"), ({"betas": (0.9, 0.99)}, "betas")):
+        with pytest.raises(ValueError, match=match):
+            lr_range_test(model, counting_loss, data, num_steps=4, optimizer_kwargs=kwargs)
+    assert calls == []
+    res = lr_range_test(model, loss_fn, data, num_steps=4, optimizer="adam",
+                        optimizer_kwargs={"betas": (0.9, 0.99), "amsgrad": True})
+    assert res.steps_run == 4
+    for bound in ("cycle_min_lr", "cycle_max_lr"):
+        with pytest.raises(ValueError, match=bound):
+            res.one_cycle(**{bound: 1e-3})
+    assert res.one_cycle(cycle_first_step_size=10).cycle_max_lr == res.cycle_max_lr
