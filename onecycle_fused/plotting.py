@@ -8,6 +8,7 @@ JSON file path, as :func:`~onecycle_fused.schedule_from_config`).
 """
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Sequence
 
 from .schedule import OneCycle, TorchOneCycle, _Schedule, schedule_from_config
@@ -112,8 +113,10 @@ def plot_schedule(
     import matplotlib.pyplot as plt
 
     n = default_steps(schedule) if steps is None else steps
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    # numpy's integers too (np.int64 from a computed count), as lr(k) takes them
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    n = int(n)
     path, fmt = image_target(path)
     ks = list(range(n))
     rows = schedule_values_at(schedule, ks)

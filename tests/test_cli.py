@@ -208,3 +208,14 @@ def test_range_test_command_line(tmp_path):
     lo, hi = config["params"]["cycle_min_lr"], config["params"]["cycle_max_lr"]
     assert 1e-3 <= lo < hi <= 3.0 and hi / lo == pytest.approx(4, rel=1e-4)
     assert out.read_bytes()[:8] == PNG
+
+
+def test_plot_schedule_takes_numpy_integer_steps(tmp_path):
+    """steps=np.int64(300) was refused as "steps must be an integer >= 1, got
+    np.int64(300)"; numpy integers are integers (lr(k) and lr_range_test take them)."""
+    np = pytest.importorskip("numpy")
+    sched = schedule_from_config(SEED_CONFIG)
+    path = plot_schedule(sched, str(tmp_path / "s.png"), steps=np.int64(300), marks=[np.int64(0)])
+    assert open(path, "rb").read(8) == PNG
+    with pytest.raises(ValueError, match="steps"):
+        plot_schedule(sched, str(tmp_path / "t.png"), steps=np.int64(0))
