@@ -656,11 +656,13 @@ def schedule_from_config(config: str | os.PathLike | Mapping[str, Any]) -> OneCy
     parameters: DeepSpeed takes a ``torch.optim.lr_scheduler`` name there.
     """
     if isinstance(config, (str, os.PathLike)):
-        with open(config) as f:
+        # bytes: json detects UTF-8 (with or without a BOM, as Windows editors
+        # write it), -16 and -32 itself, whatever the locale's encoding
+        with open(config, "rb") as f:
             try:
-                config = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{os.fspath(f.name)} is not a JSON file: {e}") from None
+                config = json.loads(f.read())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{os.fspath(config)} is not a JSON file: {e}") from None
     if not isinstance(config, Mapping):
         raise ValueError(f"config must be a dict or a JSON file path, got {type(config).__name__}")
     sched = config.get("scheduler", config)

@@ -367,3 +367,22 @@ def test_config_and_params_do_not_alias_the_schedules_lists():
                     v.append(5.0)
         assert (sched.lr(3), sched.momentum(3), repr(sched)) == want
         assert schedule_from_config(sched.config()) == sched
+
+
+def test_config_file_read_as_json_bytes(tmp_path):
+    """A JSON file is read as bytes: a UTF-8 BOM (Windows editors) was "not a
+    JSON file", and non-ASCII text depended on the locale (UnicodeDecodeError
+    under LC_ALL=C); an undecodable file is the usual "not a JSON file" error
+    naming it."""
+    import json as _json
+
+    from onecycle_fused import OneCycle, schedule_from_config
+
+    body = _json.dumps({"scheduler": {"type": "OneCycle", "params": {"cycle_min_lr": 1e-4, "cycle_max_lr": 1e-3}},
+                        "comment": "lr \u2265 0"}, ensure_ascii=False).encode("utf-8")
+    for name, data in (("bom.json", b"\xef\xbb\xbf" + body), ("utf8.json", body)):
+        (tmp_path / name).write_bytes(data)
+        assert schedule_from_config(tmp_path / name) == OneCycle(1e-4, 1e-3)
+    (tmp_path / "bin.json").write_bytes(b"\xff\xfe\x00\x01garbage")
+    with pytest.raises(ValueError, match="bin.json is not a JSON file"):
+        schedule_from_config(str(tmp_path / "bin.json"))
