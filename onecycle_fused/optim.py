@@ -230,6 +230,21 @@ def _check_beta(name: str, value) -> None:
 
 _STRIDED = torch.strided
 
+# the table columns that hold a flag: the user's (a bool), or one the
+# optimizer derives (a truth value: np.bool_ from a numpy momentum != 0, a
+# SymBool when compiled); the others hold a number
+_FLAG_COLUMNS = frozenset((Row.NESTEROV, Row.MAXIMIZE, Row.AMSGRAD))
+_DERIVED_FLAG_COLUMNS = frozenset((Row.DECOUPLED, Row.HAS_MOMENTUM_BUFFER))
+_ROW_NUMBER_TYPES = (int, float, torch.SymInt, torch.SymFloat)  # (symbolic: edited between compiled steps)
+
+
+def _row_number(value) -> float:
+    """A table row's number: TypeError for a value that float() would take
+    but validation refuses (a bool, a string, a tensor)."""
+    if isinstance(value, bool) or not (isinstance(value, _ROW_NUMBER_TYPES) or _is_number(value)):
+        raise TypeError(f"not a number: {value!r}")
+    return float(value)
+
 
 def _check_grad(opt, i: int, p: torch.Tensor, grad: torch.Tensor) -> None:
     """Refuse a grad the update cannot use, before the step changes anything
@@ -533,18 +548,28 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         return sched
 
     def _row(self, group: dict) -> list[float]:
+        """The group's table row. A value of a type validation refuses raises
+        TypeError (``_refresh_tables`` then validates, naming it): the rows
+        decide whether the groups are validated again, and such a value can
+        give the row of a valid one (``nesterov=0`` that of ``False``,
+        ``weight_decay="0.1"`` that of ``0.1``)."""
         sched = self._schedule_of(group)
         row = sched.row() + [0.0] * (ROW_WIDTH - Row.MOMENTUM - 1)
         # the constant momentum only matters when the schedule does not set it;
         # otherwise the mirrored value would change the row every step
         if not sched.cycles_momentum:
-            row[Row.MOMENTUM] = float(self._constant_momentum(group))
+            row[Row.MOMENTUM] = _row_number(self._constant_momentum(group))
         for col, value in self._update_columns(group).items():
-            # a flag as 1.0 / 0.0 through a branch: under torch.compile a
-            # hyper-parameter edited between steps becomes a symbolic float,
-            # and float() of a comparison of it (momentum != 0) is a
-            # ToFloat(bool) that torch's symbolic shapes cannot evaluate
-            row[col] = (1.0 if value else 0.0) if isinstance(value, (bool, torch.SymBool)) else float(value)
+            if col in _FLAG_COLUMNS or col in _DERIVED_FLAG_COLUMNS:
+                # a flag as 1.0 / 0.0 through a branch: under torch.compile a
+                # hyper-parameter edited between steps becomes a symbolic float,
+                # and float() of a comparison of it (momentum != 0) is a
+                # ToFloat(bool) that torch's symbolic shapes cannot evaluate
+                if col in _FLAG_COLUMNS and not isinstance(value, (bool, torch.SymBool)):
+                    raise TypeError(f"not a bool: {value!r}")
+                row[col] = 1.0 if value else 0.0
+            else:
+                row[col] = _row_number(value)
         return row
 
     def _refresh_tables(self) -> None:
@@ -1602,10 +1627,13 @@ class FusedOneCycleAdam(_FusedOneCycleOptimizer):
         return group["betas"][0]
 
     def _update_columns(self, group):
+        betas = group["betas"]
+        if len(betas) != 2:  # (a triple's betas[1] gives a valid row)
+            raise TypeError(f"betas not a pair: {betas!r}")
         return {
             Row.WEIGHT_DECAY: group["weight_decay"],
             Row.MAXIMIZE: group["maximize"],
-            Row.BETA2: group["betas"][1],
+            Row.BETA2: betas[1],
             Row.EPS: group["eps"],
             Row.AMSGRAD: group["amsgrad"],
             Row.DECOUPLED: self.algo == "adamw",

@@ -1077,6 +1077,17 @@ def test_bad_state_in_second_group_changes_nothing(opt_cls, key, backend, kind):
     (FusedOneCycleAdam, "betas", (0.9,), "betas must be a pair"),
     (FusedOneCycleAdamW, "weight_decay", float("inf"), "weight_decay"),
     (FusedOneCycleAdamW, "amsgrad", None, "amsgrad"),
+    # values whose table row is that of the valid value they replace (the
+    # defaults False, 0.0, 1e-2, betas[1] 0.999): the step skipped validation
+    # and ran with them, the reference backend failing half-way on the
+    # string (first group stepped), and a checkpoint saved then did not load
+    (FusedOneCycleSGD, "nesterov", 0, "nesterov"),
+    (FusedOneCycleSGD, "maximize", 0, "maximize"),
+    (FusedOneCycleSGD, "weight_decay", False, "weight_decay"),
+    (FusedOneCycleAdam, "amsgrad", 0, "amsgrad"),
+    (FusedOneCycleAdam, "eps", torch.tensor(1e-8, dtype=torch.float64), "eps"),
+    (FusedOneCycleAdam, "betas", (0.9, 0.999, 0.5), "betas must be a pair"),
+    (FusedOneCycleAdamW, "weight_decay", "0.01", "weight_decay"),
 ])
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_bad_hyperparameter_edited_after_construction(opt_cls, key, bad, match, backend):
