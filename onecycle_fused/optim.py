@@ -98,12 +98,45 @@ def _on(t: Optional[torch.Tensor], device: torch.device) -> Optional[torch.Tenso
 
 
 def _freeze(value):
-    """A hashable snapshot of a (nested) config value."""
+    """A hashable snapshot of a (nested) config value. A bool is told from
+    the number it equals (``True == 1``, ``hash(True) == hash(1)``): one is
+    valid where the other is not (``cycle_momentum``, a step size)."""
     if isinstance(value, dict):
         return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
     if isinstance(value, (list, tuple)):
         return tuple(_freeze(v) for v in value)
+    if isinstance(value, bool):
+        return (bool, value)
     return value
+
+
+class _Exact:
+    """In ``_strict_copy``: equal only to a value of the same type (the C-level
+    dict comparison calls this ``__eq__`` first, the copy being on the left)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+    def __eq__(self, other):
+        return type(other) is type(self.value) and other == self.value
+
+    __hash__ = None
+
+
+def _strict_copy(value):
+    """A deep copy of a config that compares equal (``copy == config``) only
+    while the config holds the same values with, where a bool could stand in
+    (bools, and numbers equal to 0 or 1), the same types. Only those are
+    wrapped: each costs a Python-level comparison, the rest compare in C."""
+    if isinstance(value, dict):
+        return {k: _strict_copy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_strict_copy(v) for v in value)
+    if isinstance(value, (bool, int, float)) and (value == 0 or value == 1):
+        return _Exact(value)
+    return copy.deepcopy(value)
 
 
 def _check_scalar_schedule(sched: _Schedule) -> _Schedule:
@@ -387,7 +420,7 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         self._retired_tables: list[torch.Tensor] = []  # see _refresh_tables
         self._table_rows = _TableRows()
         self._schedule_cache: dict[tuple, _Schedule] = {}
-        self._schedule_seen: dict[int, tuple] = {}  # id(config) -> (config, its deep copy, schedule)
+        self._schedule_seen: dict[int, tuple] = {}  # id(config) -> (config, its _strict_copy, schedule)
         # the lists of the last list-path step, kept as C++ StepPlans (step_plan.py)
         self._plan = _step_plan.PlanCache()
         self._step_plan_enabled = _step_plan.ENABLED_BY_DEFAULT  # False: always the list path (tests)
@@ -503,7 +536,8 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
     def _constant_momentum(self, group: dict) -> float:
         raise NotImplementedError
 
-    def _update_columns(self, group: dict) -> dict[int, float]:
+    def _update_columns(self, group: dict, sched: _Schedule) -> dict[int, float]:
+        """The update hyper-parameters' row columns (``sched``: the group's schedule)."""
         raise NotImplementedError
 
     def _group_name(self, group: dict) -> str:
@@ -521,7 +555,8 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         # _freeze sorts and rebuilds the config: ~5 us, three times a step
         # per group (table rows, lr mirror), a third of a planned step's
         # host time for ResNet-50. The same dict object, still equal to a
-        # deep copy of what it held, is the same schedule.
+        # copy of what it held, is the same schedule (_strict_copy: a bool
+        # written over the 1 or 0 it equals, or the other way, is a change).
         seen = self._schedule_seen.get(id(config))
         if seen is not None and seen[0] is config and seen[1] == config:
             return seen[2]
@@ -544,22 +579,23 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
             self._schedule_cache[key] = sched
         if len(self._schedule_seen) > 4 * len(self.param_groups) + 4:
             self._schedule_seen.clear()  # configs replaced by new dicts: keep the map small
-        self._schedule_seen[id(config)] = (config, copy.deepcopy(config), sched)
+        self._schedule_seen[id(config)] = (config, _strict_copy(config), sched)
         return sched
 
-    def _row(self, group: dict) -> list[float]:
+    def _row(self, group: dict, sched: Optional[_Schedule] = None) -> list[float]:
         """The group's table row. A value of a type validation refuses raises
         TypeError (``_refresh_tables`` then validates, naming it): the rows
         decide whether the groups are validated again, and such a value can
         give the row of a valid one (``nesterov=0`` that of ``False``,
-        ``weight_decay="0.1"`` that of ``0.1``)."""
-        sched = self._schedule_of(group)
+        ``weight_decay="0.1"`` that of ``0.1``). ``sched``: the group's schedule, if known."""
+        if sched is None:
+            sched = self._schedule_of(group)
         row = sched.row() + [0.0] * (ROW_WIDTH - Row.MOMENTUM - 1)
         # the constant momentum only matters when the schedule does not set it;
         # otherwise the mirrored value would change the row every step
         if not sched.cycles_momentum:
             row[Row.MOMENTUM] = _row_number(self._constant_momentum(group))
-        for col, value in self._update_columns(group).items():
+        for col, value in self._update_columns(group, sched).items():
             if col in _FLAG_COLUMNS or col in _DERIVED_FLAG_COLUMNS:
                 # a flag as 1.0 / 0.0 through a branch: under torch.compile a
                 # hyper-parameter edited between steps becomes a symbolic float,
@@ -569,15 +605,17 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
                     raise TypeError(f"not a bool: {value!r}")
                 row[col] = 1.0 if value else 0.0
             else:
-                row[col] = _row_number(value)
+                row[col] = value if type(value) is float else _row_number(value)
         return row
 
-    def _refresh_tables(self) -> None:
+    def _refresh_tables(self) -> Optional[list[_Schedule]]:
         """Rebuild the per-device group tables when any group's values changed.
 
         Changed values are validated first, as the constructor does: a
         hyper-parameter edited in ``param_groups`` to something invalid raises
-        ValueError naming it, before the step changes anything."""
+        ValueError naming it, before the step changes anything. Returns the
+        groups' schedules when nothing changed (the step's lr mirror reuses
+        them: a schedule looked up costs a comparison of its config), else None."""
         compiling = torch.compiler.is_compiling()
         for i, g in enumerate(self.param_groups):
             # (traced too, with a loop dynamo can trace: compiled, such a key
@@ -598,11 +636,12 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         if not compiling:
             self._warn_if_lr_written()  # (after the errors above: they name the scheduler more precisely)
         try:
-            rows = [self._row(g) for g in self.param_groups]
+            schedules = [self._schedule_of(g) for g in self.param_groups]
+            rows = [self._row(g, sched) for g, sched in zip(self.param_groups, schedules)]
         except (TypeError, ValueError, IndexError):
             rows = None  # e.g. maximize="yes", betas=(0.9,): validation below names it
         if rows is not None and rows == self._table_rows.rows:
-            return
+            return schedules
         if rows is not None:
             rows = self._keep_mirrored_momentum(rows)
         for i, group in enumerate(self.param_groups):
@@ -724,11 +763,13 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
                 return c
         return self._counter()
 
-    def _update_mirror(self) -> None:
+    def _update_mirror(self, schedules: Optional[list[_Schedule]] = None) -> None:
+        """Write the lr / momentum the next step uses into the groups
+        (``schedules``: the groups' schedules, if known)."""
         k = self._host.step
         momenta = []
-        for group in self.param_groups:
-            sched = self._schedule_of(group)
+        groups = self.param_groups
+        for group, sched in zip(groups, schedules or map(self._schedule_of, groups)):
             group["lr"] = sched.lr(k)
             mom = sched.momentum(k)
             if mom is not None:
@@ -923,7 +964,7 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
 
     def _step(self, grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor],
               mirror: bool = True) -> None:
-        self._refresh_tables()
+        schedules = self._refresh_tables()  # (configs cannot change before _advance_mirror below)
 
         devices = self._counters.keys()
         if torch.compiler.is_compiling():
@@ -932,7 +973,7 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
             devices = self._planned_step(grad_scale, found_inf)
             if not devices:
                 if mirror:
-                    self._advance_mirror(found_inf)
+                    self._advance_mirror(found_inf, schedules)
                 return
             if self._host_code_runs():  # (a valid plan: no state entry was replaced since it was built)
                 self._adopt_foreign_steps()
@@ -1022,7 +1063,7 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         if not torch.compiler.is_compiling() and len(batches) == len(self._counters):
             self._build_plans(batches, without_grad)
         if mirror:
-            self._advance_mirror(found_inf)
+            self._advance_mirror(found_inf, schedules)
 
     def _check_no_duplicate_params(self) -> None:
         """A parameter put into ``param_groups[i]['params']`` twice after the
@@ -1142,7 +1183,7 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         cache.used()
         return left
 
-    def _advance_mirror(self, found_inf: Optional[torch.Tensor]) -> None:
+    def _advance_mirror(self, found_inf: Optional[torch.Tensor], schedules: Optional[list] = None) -> None:
         if not self._host_code_runs():
             # host code does not re-run with each call / replay: tracking the
             # step on the host here would bake one value into the graph
@@ -1160,7 +1201,7 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
             else:
                 host.unknown = True  # a guess until the copy lands
                 self._copy_counter_async(counter)
-            self._update_mirror()
+            self._update_mirror(schedules)
             return
         self._resolve_pending(wait=False)
         if found_inf is None:
@@ -1179,7 +1220,7 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
             # value when an asynchronous copy of it lands (no host sync here)
             host.step += 1
             self._copy_counter_async(counter)
-        self._update_mirror()
+        self._update_mirror(schedules)
 
     # ------------------------------------------------------------------
     # checkpoints, copy.deepcopy and pickle
@@ -1520,13 +1561,13 @@ class FusedOneCycleSGD(_FusedOneCycleOptimizer):
     def _uses_buffer(self, group) -> bool:
         return self._schedule_of(group).cycles_momentum or group["momentum"] != 0
 
-    def _update_columns(self, group):
+    def _update_columns(self, group, sched):
         return {
             Row.WEIGHT_DECAY: group["weight_decay"],
             Row.DAMPENING: group["dampening"],
             Row.NESTEROV: group["nesterov"],
             Row.MAXIMIZE: group["maximize"],
-            Row.HAS_MOMENTUM_BUFFER: self._uses_buffer(group),
+            Row.HAS_MOMENTUM_BUFFER: sched.cycles_momentum or group["momentum"] != 0,  # (_uses_buffer)
         }
 
     def _set_momentum_mirror(self, group, mom):
@@ -1626,7 +1667,7 @@ class FusedOneCycleAdam(_FusedOneCycleOptimizer):
     def _constant_momentum(self, group):
         return group["betas"][0]
 
-    def _update_columns(self, group):
+    def _update_columns(self, group, sched):
         betas = group["betas"]
         if len(betas) != 2:  # (a triple's betas[1] gives a valid row)
             raise TypeError(f"betas not a pair: {betas!r}")

@@ -663,6 +663,40 @@ def test_a_group_schedule_value_must_be_a_scalar():
     assert int(opt.step_counter()) == 2
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("schedule, key, bad", [
+    (OneCycle(**SCHED), "cycle_momentum", 1),  # over True
+    (OneCycle(**dict(SCHED, cycle_first_step_size=1)), "cycle_first_step_size", True),  # over 1
+    (OneCycle(**dict(SCHED, decay_lr_rate=0.0)), "decay_lr_rate", False),  # over 0.0
+    (LRRangeTest(lr_range_test_step_size=3), "lr_range_test_staircase", 0),  # over False
+    (TorchOneCycle(max_lr=0.1, total_steps=50), "three_phase", 0),  # over False
+])
+def test_a_schedule_value_edited_to_the_bool_or_number_it_equals_is_refused(schedule, key, bad, backend):
+    """A schedule value edited in place to a bool where a number belongs, or
+    the other way, equal to the valid value it replaces (True == 1): refused
+    by the next step and get_last_lr(), as any invalid one, nothing changed.
+    The parsed-schedule cache compared the config with ==, so these were
+    taken as the schedule already parsed, and a checkpoint saved afterwards
+    was refused by load_state_dict."""
+    p, q = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(2))
+    opt = FusedOneCycleAdam([{"params": [p]}, {"params": [q]}], schedule=schedule, backend=backend)
+    for _ in range(2):
+        p.grad, q.grad = torch.randn(3), torch.randn(2)
+        opt.step()
+    params = opt.param_groups[1]["schedule"]["params"]
+    good = params[key]
+    assert good == bad and type(good) is not type(bad)
+    before = _snapshot(opt, [p, q])
+    params[key] = bad
+    for call in (opt.step, opt.get_last_lr, lambda: opt.load_state_dict(opt.state_dict())):
+        with pytest.raises(ValueError, match=r"param_groups\[1\].*: " + key):
+            call()
+    params[key] = good
+    _assert_unchanged(before, _snapshot(opt, [p, q]))
+    opt.step()
+    assert int(opt.step_counter()) == 3
+
+
 def test_set_step_takes_any_integer_and_refuses_the_rest():
     import numpy as np
 
