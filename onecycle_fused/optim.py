@@ -188,23 +188,40 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _check_saved_state(state_dict: dict, groups: list) -> None:
+def _check_saved_state(state_dict: dict, groups: list, required: tuple = (), tensors: tuple = ()) -> None:
     """Refuse, before load_state_dict changes anything, per-parameter state
     that the load would fail on half-way (after torch replaced the state and
     groups): an entry that is no dict or belongs to no saved parameter (torch
     keeps such entries; here they would break every later step), or a
     ``step`` that is no count (``_own_step`` makes each an int64 0-dim tensor).
+    And state every later step would refuse, the optimizer stuck with it: a
+    non-empty entry without the ``required`` keys, or a ``tensors`` entry
+    that is no tensor of its parameter's shape (torch casts its dtype and
+    device to the parameter's).
     Groups that do not match ``groups`` are left to torch, whose message names that."""
     saved = state_dict["param_groups"]
     if len(saved) != len(groups) or any(len(s["params"]) != len(g["params"]) for s, g in zip(saved, groups)):
         return
-    saved_ids = {i for g in saved for i in g["params"]}
+    param_of = {i: p for s, g in zip(saved, groups) for i, p in zip(s["params"], g["params"])}
     counts: dict[torch.device, list] = {}  # tensor steps by device, their values read once per device
     for k, st in state_dict["state"].items():
-        if k not in saved_ids:
+        if k not in param_of:
             raise ValueError(f"state_dict state[{k!r}] belongs to no parameter of its param_groups")
         if not isinstance(st, dict):
             raise ValueError(f"state_dict state[{k!r}] must be a dict of the parameter's state, got {st!r}")
+        if st:
+            missing = [key for key in required if key not in st]
+            if missing:
+                raise ValueError(f"state_dict state[{k!r}] has no {missing}: a step needs them")
+        p = param_of[k]
+        for key in tensors:
+            value = st.get(key)
+            if value is not None and (not isinstance(value, torch.Tensor) or value.shape != p.shape):
+                got = f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else repr(value)
+                raise ValueError(
+                    f"state_dict state[{k!r}][{key!r}] must be a tensor of its parameter's shape "
+                    f"{tuple(p.shape)}, got {got}"
+                )
         if "step" in st:
             step = st["step"]
             if isinstance(step, torch.Tensor):
@@ -1374,6 +1391,13 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         for i, g in enumerate(state_dict["param_groups"]):
             if "schedule" not in g:
                 raise ValueError(f"state_dict param_groups[{i}] has no 'schedule'")
+            if not _SCHEDULE_KEYS.isdisjoint(g):  # (every later step would refuse it, as _refresh_tables)
+                key = sorted(k for k in g if k in _SCHEDULE_KEYS)[0]
+                raise ValueError(
+                    f"state_dict param_groups[{i}][{key!r}]: a schedule value in the group itself, which "
+                    f"no step reads (a group's schedule is its 'schedule' config: set "
+                    f"['schedule']['params'][{key!r}] instead)"
+                )
             if saved_algo is None and ("betas" in g) == (self.algo == "sgd"):
                 # no "algorithm" to compare: an Adam group holds betas, an SGD one
                 # none (loaded across, SGD state failed at the next step with
@@ -1390,7 +1414,7 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
             except ValueError as e:
                 raise ValueError(f"state_dict param_groups[{i}]: {e}") from None
         counter = _checked_step_counter(state_dict["step_counter"])
-        _check_saved_state(state_dict, self.param_groups)
+        _check_saved_state(state_dict, self.param_groups, self._required_state, self._state_tensors)
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             for k, v in self.defaults.items():
@@ -1497,6 +1521,8 @@ class FusedOneCycleSGD(_FusedOneCycleOptimizer):
         + _SCHEDULE_DOC
     )
     algo = "sgd"
+    _required_state = ("step",)  # (momentum_buffer: made by the step where missing)
+    _state_tensors = ("momentum_buffer",)
 
     def __init__(
         self,
@@ -1608,6 +1634,8 @@ class FusedOneCycleAdam(_FusedOneCycleOptimizer):
         + _SCHEDULE_DOC
     )
     algo = "adam"
+    _required_state = ("step", "exp_avg", "exp_avg_sq")  # (max_exp_avg_sq: made by the step where missing)
+    _state_tensors = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
     def __init__(
         self,

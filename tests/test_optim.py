@@ -462,7 +462,9 @@ def test_load_state_dict_refuses_a_bad_step_counter_before_changing_anything(bad
 
 
 @pytest.mark.parametrize("bad", ["step_shape", "step_str", "step_none", "step_inf", "step_negative", "step_nan",
-                                 "state_not_dict", "state_of_no_param"])
+                                 "state_not_dict", "state_of_no_param", "exp_avg_shape", "exp_avg_empty",
+                                 "exp_avg_sq_missing", "step_missing", "max_exp_avg_sq_shape", "exp_avg_not_tensor",
+                                 "schedule_key_in_group"])
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_load_state_dict_refuses_bad_parameter_state_before_changing_anything(bad, backend):
     """A per-parameter ``step`` that is no count (a 2-element tensor, a
@@ -471,8 +473,12 @@ def test_load_state_dict_refuses_bad_parameter_state_before_changing_anything(ba
     saved group holds: a ValueError before anything changes. They used to
     fail (RuntimeError, TypeError, AttributeError) after torch had replaced
     the state and groups, leaving an optimizer whose every step and
-    step_counter() raised. Afterwards the optimizer steps on as
-    torch.optim.Adam does with the same lr and beta1."""
+    step_counter() raised. Nor state every later step refuses (a state tensor
+    of another shape, ``exp_avg_sq`` or ``step`` missing, a number for a
+    tensor) or a schedule value saved in a group itself: these were loaded,
+    and every later step raised (ValueError, KeyError), the optimizer
+    stuck. Afterwards the optimizer steps on as torch.optim.Adam does with
+    the same lr and beta1."""
     init = [torch.linspace(-1, 1, 3), torch.linspace(2, 0, 4)]
     ps = [torch.nn.Parameter(t.clone()) for t in init]
     qs = [torch.nn.Parameter(t.clone()) for t in init]
@@ -507,10 +513,24 @@ def test_load_state_dict_refuses_bad_parameter_state_before_changing_anything(ba
         sd["state"][1]["step"] = float("nan")
     elif bad == "state_not_dict":
         sd["state"][1] = None
+    elif bad == "exp_avg_shape":
+        sd["state"][1]["exp_avg"] = torch.zeros(5)
+    elif bad == "exp_avg_empty":
+        sd["state"][1]["exp_avg"] = torch.zeros(0)
+    elif bad == "exp_avg_sq_missing":
+        del sd["state"][1]["exp_avg_sq"]
+    elif bad == "step_missing":
+        del sd["state"][1]["step"]
+    elif bad == "max_exp_avg_sq_shape":
+        sd["state"][1]["max_exp_avg_sq"] = torch.zeros(4, 1)
+    elif bad == "exp_avg_not_tensor":
+        sd["state"][1]["exp_avg"] = 0.0
+    elif bad == "schedule_key_in_group":
+        sd["param_groups"][1]["cycle_max_lr"] = 0.5
     else:
         sd["state"][7] = {"step": torch.tensor(1)}
     before = _snapshot(opt, ps)
-    with pytest.raises(ValueError, match=r"state_dict state\[[17]\]"):
+    with pytest.raises(ValueError, match=r"state_dict (state\[[17]\]|param_groups\[1\]\['cycle_max_lr'\])"):
         opt.load_state_dict(sd)
     _assert_unchanged(before, _snapshot(opt, ps))
     assert opt.param_groups[1]["weight_decay"] == 0.1
