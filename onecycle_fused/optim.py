@@ -664,9 +664,13 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         for i, group in enumerate(self.param_groups):
             self._schedule_of(group)  # (a bad schedule names its group itself)
             try:
-                self._validate_group(group, mirrored=True)
+                # on a copy: validation also makes tensor betas numbers, which
+                # must not reach an earlier group when a later one is refused
+                self._validate_group(dict(group), mirrored=True)
             except ValueError as e:  # an edit of one group among several: say which
                 raise ValueError(f"param_groups[{i}]: {e}") from None
+        for group in self.param_groups:
+            self._validate_group(group, mirrored=True)  # (all passed: now in place)
         if rows is None:
             rows = [self._row(g) for g in self.param_groups]
         self._check_not_capturing("upload the parameter groups' table (new, or a hyper-parameter changed)")

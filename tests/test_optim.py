@@ -1578,6 +1578,28 @@ def test_tensor_betas_as_torch_adam_takes_them(cls, backend):
     assert all(type(b) is float for b in runs[1][1])
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_tensor_betas_edited_in_stay_as_set_when_another_group_is_refused(backend):
+    """Tensor betas edited into group 0 together with an invalid eps in group
+    1: the refused step leaves group 0 as it was, its betas the tensors set
+    (validation makes them numbers in place only once every group passed; it
+    used to convert group 0's before refusing group 1's)."""
+    p, q = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(2))
+    opt = FusedOneCycleAdam([{"params": [p]}, {"params": [q]}], **SCHED, cycle_momentum=False, backend=backend)
+    p.grad, q.grad = torch.randn(3), torch.randn(2)
+    opt.step()
+    betas = (torch.tensor(0.85), torch.tensor(0.99))
+    opt.param_groups[0]["betas"] = betas
+    opt.param_groups[1]["eps"] = -1.0
+    with pytest.raises(ValueError, match=r"param_groups\[1\]: eps"):
+        opt.step()
+    assert opt.param_groups[0]["betas"] is betas
+    opt.param_groups[1]["eps"] = 1e-8
+    opt.step()
+    assert opt.param_groups[0]["betas"] == (torch.tensor(0.85).item(), torch.tensor(0.99).item())
+    assert int(opt.step_counter()) == 2
+
+
 @pytest.mark.parametrize(
     "src,dst",
     [
