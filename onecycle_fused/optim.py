@@ -1686,8 +1686,13 @@ class FusedOneCycleAdam(_FusedOneCycleOptimizer):
             raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
         # torch.optim.Adam takes one-element tensor betas; they are constants
         # of the update here, so they become Python numbers (as
-        # load_torch_optimizer_state does with a torch state's tensor betas)
-        group["betas"] = betas = tuple(map(_plain, betas))
+        # load_torch_optimizer_state does with a torch state's tensor betas).
+        # Written back only then: a list of numbers is left as it was set (a
+        # step that validates and then fails on a grad changes no group)
+        plain = tuple(map(_plain, betas))
+        if any(x is not y for x, y in zip(plain, betas)):
+            group["betas"] = plain
+        betas = plain
         if not (mirrored and self._schedule_of(group).cycles_momentum):
             _check_beta("betas[0]", betas[0])
         _check_beta("betas[1]", betas[1])

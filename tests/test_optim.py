@@ -1600,6 +1600,28 @@ def test_tensor_betas_edited_in_stay_as_set_when_another_group_is_refused(backen
     assert int(opt.step_counter()) == 2
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_a_step_refused_for_its_grad_leaves_betas_set_as_a_list(backend):
+    """Valid betas edited in as a list, then a step refused for a bad grad:
+    the groups are as before the call (the step's validation used to turn
+    the list into a tuple before the grad was refused, an == mismatch)."""
+    p, q = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(2))
+    opt = FusedOneCycleAdam([{"params": [p]}, {"params": [q]}], **SCHED, cycle_momentum=False, backend=backend)
+    p.grad, q.grad = torch.randn(3), torch.randn(2)
+    opt.step()
+    betas = [0.8, 0.95]
+    opt.param_groups[0]["betas"] = betas
+    groups = copy.deepcopy([{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups])
+    _set_bad_grad(q, "shape")
+    with pytest.raises(ValueError, match="grads"):
+        opt.step()
+    assert opt.param_groups[0]["betas"] is betas
+    assert [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] == groups
+    q.grad = torch.randn(2)
+    opt.step()
+    assert int(opt.step_counter()) == 2 and opt.param_groups[0]["betas"] == [0.8, 0.95]
+
+
 @pytest.mark.parametrize(
     "src,dst",
     [
