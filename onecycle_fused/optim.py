@@ -259,11 +259,16 @@ def _is_number(value) -> bool:
     return np is not None and isinstance(value, (np.integer, np.floating))
 
 
+_FLOAT_MAX = sys.float_info.max
+
+
 def _check_nonneg(name: str, value) -> None:
     # comparisons, not math.isfinite: under torch.compile a value edited
     # between steps is a symbolic float, which comparisons guard on and
     # math.isfinite cannot take (NaN fails both comparisons)
-    if not _is_number(value) or not (-math.inf < value < math.inf) or value < 0:
+    # (bounded by the largest float, not inf: an int such as 10**400 compares
+    # below inf, and float() of it, when the table row is made, overflows)
+    if not _is_number(value) or not (-_FLOAT_MAX <= value <= _FLOAT_MAX) or value < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
@@ -293,7 +298,10 @@ def _row_number(value) -> float:
     but validation refuses (a bool, a string, a tensor)."""
     if isinstance(value, bool) or not (isinstance(value, _ROW_NUMBER_TYPES) or _is_number(value)):
         raise TypeError(f"not a number: {value!r}")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an int such as 10**400: validation names it
+        raise TypeError(f"not a float: {value!r}") from None
 
 
 def _check_grad(opt, i: int, p: torch.Tensor, grad: torch.Tensor) -> None:

@@ -717,6 +717,25 @@ def test_a_schedule_value_edited_to_the_bool_or_number_it_equals_is_refused(sche
     assert int(opt.step_counter()) == 3
 
 
+@pytest.mark.parametrize("kw, match", [
+    (dict(weight_decay=10**400), "weight_decay"),
+    (dict(cycle_max_lr=10**400), "cycle_max_lr"),
+    (dict(decay_lr_rate=-(10**400)), "decay_lr_rate"),
+    (dict(cycle_first_step_size=10**400), "cycle_first_step_size"),
+    (dict(decay_step_size=2**63), "decay_step_size"),
+], ids=["weight_decay", "cycle_max_lr", "decay_lr_rate", "cycle_first_step_size", "decay_step_size"])
+def test_an_int_beyond_float_or_int64_range_is_a_valueerror(kw, match):
+    """Such an int was an OverflowError (float() of it, in the schedule or the
+    first step's table row) instead of the ValueError naming it."""
+    p = torch.nn.Parameter(torch.zeros(2))
+    with pytest.raises(ValueError, match=match):
+        FusedOneCycleSGD([p], **dict(dict(cycle_min_lr=0.01, cycle_max_lr=0.1), **kw))
+    opt = FusedOneCycleSGD([p], cycle_min_lr=0.01, cycle_max_lr=0.1, cycle_first_step_size=2**63 - 1)
+    p.grad = torch.ones(2)
+    opt.step()
+    assert int(opt.step_counter()) == 1
+
+
 def test_set_step_takes_any_integer_and_refuses_the_rest():
     import numpy as np
 
@@ -1142,6 +1161,10 @@ def test_bad_state_in_second_group_changes_nothing(opt_cls, key, backend, kind):
     (FusedOneCycleAdam, "eps", torch.tensor(1e-8, dtype=torch.float64), "eps"),
     (FusedOneCycleAdam, "betas", (0.9, 0.999, 0.5), "betas must be a pair"),
     (FusedOneCycleAdamW, "weight_decay", "0.01", "weight_decay"),
+    # an int beyond float range: it compared below inf, and the step raised
+    # OverflowError making the table row (torch's SGD raises it too, at its step)
+    pytest.param(FusedOneCycleSGD, "dampening", 10**400, "dampening", id="FusedOneCycleSGD-dampening-int_10e400"),
+    pytest.param(FusedOneCycleAdam, "eps", 10**400, "eps", id="FusedOneCycleAdam-eps-int_10e400"),
 ])
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_bad_hyperparameter_edited_after_construction(opt_cls, key, bad, match, backend):
