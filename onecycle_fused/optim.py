@@ -110,35 +110,6 @@ def _freeze(value):
     return value
 
 
-class _Exact:
-    """In ``_strict_copy``: equal only to a value of the same type (the C-level
-    dict comparison calls this ``__eq__`` first, the copy being on the left)."""
-
-    __slots__ = ("value",)
-
-    def __init__(self, value):
-        self.value = value
-
-    def __eq__(self, other):
-        return type(other) is type(self.value) and other == self.value
-
-    __hash__ = None
-
-
-def _strict_copy(value):
-    """A deep copy of a config that compares equal (``copy == config``) only
-    while the config holds the same values with, where a bool could stand in
-    (bools, and numbers equal to 0 or 1), the same types. Only those are
-    wrapped: each costs a Python-level comparison, the rest compare in C."""
-    if isinstance(value, dict):
-        return {k: _strict_copy(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_strict_copy(v) for v in value)
-    if isinstance(value, (bool, int, float)) and (value == 0 or value == 1):
-        return _Exact(value)
-    return copy.deepcopy(value)
-
-
 def _check_scalar_schedule(sched: _Schedule) -> _Schedule:
     """A group's schedule: every per-group value a scalar (lists give one value
     per group only at the optimizer level; the device row holds one value)."""
@@ -445,7 +416,7 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         self._retired_tables: list[torch.Tensor] = []  # see _refresh_tables
         self._table_rows = _TableRows()
         self._schedule_cache: dict[tuple, _Schedule] = {}
-        self._schedule_seen: dict[int, tuple] = {}  # id(config) -> (config, its _strict_copy, schedule)
+        self._schedule_seen: dict[int, tuple] = {}  # id(config) -> (config, its deep copy, schedule, value types)
         # the lists of the last list-path step, kept as C++ StepPlans (step_plan.py)
         self._plan = _step_plan.PlanCache()
         self._step_plan_enabled = _step_plan.ENABLED_BY_DEFAULT  # False: always the list path (tests)
@@ -580,10 +551,13 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         # _freeze sorts and rebuilds the config: ~5 us, three times a step
         # per group (table rows, lr mirror), a third of a planned step's
         # host time for ResNet-50. The same dict object, still equal to a
-        # copy of what it held, is the same schedule (_strict_copy: a bool
-        # written over the 1 or 0 it equals, or the other way, is a change).
+        # deep copy of what it held and its values of the same types, is the
+        # same schedule: == alone takes a value edited to one of another type
+        # that compares equal to it as unchanged (True == 1, a tensor == 0.5),
+        # where one is valid and the other is not.
         seen = self._schedule_seen.get(id(config))
-        if seen is not None and seen[0] is config and seen[1] == config:
+        if (seen is not None and seen[0] is config and seen[1] == config
+                and (seen[3] is None or seen[3] == [*map(type, config["params"].values())])):
             return seen[2]
         if isinstance(config, _Schedule):
             # (add_param_group takes a schedule object, but the group then
@@ -604,7 +578,9 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
             self._schedule_cache[key] = sched
         if len(self._schedule_seen) > 4 * len(self.param_groups) + 4:
             self._schedule_seen.clear()  # configs replaced by new dicts: keep the map small
-        self._schedule_seen[id(config)] = (config, _strict_copy(config), sched)
+        params = config.get("params")
+        types = [*map(type, params.values())] if isinstance(params, dict) else None
+        self._schedule_seen[id(config)] = (config, copy.deepcopy(config), sched, types)
         return sched
 
     def _row(self, group: dict, sched: Optional[_Schedule] = None) -> list[float]:

@@ -690,10 +690,12 @@ def test_a_group_schedule_value_must_be_a_scalar():
     (OneCycle(**dict(SCHED, decay_lr_rate=0.0)), "decay_lr_rate", False),  # over 0.0
     (LRRangeTest(lr_range_test_step_size=3), "lr_range_test_staircase", 0),  # over False
     (TorchOneCycle(max_lr=0.1, total_steps=50), "three_phase", 0),  # over False
+    (OneCycle(**dict(SCHED, cycle_max_lr=0.5)), "cycle_max_lr", torch.tensor(0.5)),  # over 0.5
 ])
 def test_a_schedule_value_edited_to_the_bool_or_number_it_equals_is_refused(schedule, key, bad, backend):
     """A schedule value edited in place to a bool where a number belongs, or
-    the other way, equal to the valid value it replaces (True == 1): refused
+    the other way, or to a tensor, equal to the valid value it replaces
+    (True == 1, tensor(0.5) == 0.5): refused
     by the next step and get_last_lr(), as any invalid one, nothing changed.
     The parsed-schedule cache compared the config with ==, so these were
     taken as the schedule already parsed, and a checkpoint saved afterwards
@@ -705,7 +707,7 @@ def test_a_schedule_value_edited_to_the_bool_or_number_it_equals_is_refused(sche
         opt.step()
     params = opt.param_groups[1]["schedule"]["params"]
     good = params[key]
-    assert good == bad and type(good) is not type(bad)
+    assert bool(good == bad) and type(good) is not type(bad)
     before = _snapshot(opt, [p, q])
     params[key] = bad
     for call in (opt.step, opt.get_last_lr, lambda: opt.load_state_dict(opt.state_dict())):
