@@ -237,9 +237,11 @@ def _check_nonneg(name: str, value) -> None:
     # comparisons, not math.isfinite: under torch.compile a value edited
     # between steps is a symbolic float, which comparisons guard on and
     # math.isfinite cannot take (NaN fails both comparisons)
-    # (bounded by the largest float, not inf: an int such as 10**400 compares
-    # below inf, and float() of it, when the table row is made, overflows)
-    if not _is_number(value) or not (-_FLOAT_MAX <= value <= _FLOAT_MAX) or value < 0:
+    # (an int such as 10**400 compares below inf, and float() of it, when the
+    # table row is made, overflows: bounded by the largest float, an int only,
+    # as numpy would cast that bound to a np.float32's type with a warning)
+    if (not _is_number(value) or not (-math.inf < value < math.inf) or value < 0
+            or (type(value) is int and value > _FLOAT_MAX)):
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 

@@ -1519,6 +1519,10 @@ def test_numpy_scalar_hyperparameters_step_like_torch(ours_cls, torch_cls, kw, b
     assert_close_ulps(a, b)
     for k, v in kw.items():
         assert ours.param_groups[0][k] == v
+    ours.param_groups[0]["weight_decay"] = np.float32(0.2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # validated without numpy's "overflow encountered in cast"
+        ours.step()
     ours.param_groups[0]["weight_decay"] = np.float32(-0.5)  # still checked at the next step
     with pytest.raises(ValueError, match="weight_decay"):
         ours.step()
