@@ -98,11 +98,15 @@ def _on(t: Optional[torch.Tensor], device: torch.device) -> Optional[torch.Tenso
 
 
 def _freeze(value):
-    """A hashable snapshot of a (nested) config value."""
+    """A hashable snapshot of a (nested) config value. A bool is told from
+    the number it equals (``True == 1``, ``hash(True) == hash(1)``): one is
+    valid where the other is not (``cycle_momentum``, a step size)."""
     if isinstance(value, dict):
         return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
     if isinstance(value, (list, tuple)):
         return tuple(_freeze(v) for v in value)
+    if isinstance(value, bool):
+        return (bool, value)
     return value
 
 
@@ -155,23 +159,40 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _check_saved_state(state_dict: dict, groups: list) -> None:
+def _check_saved_state(state_dict: dict, groups: list, required: tuple = (), tensors: tuple = ()) -> None:
     """Refuse, before load_state_dict changes anything, per-parameter state
     that the load would fail on half-way (after torch replaced the state and
     groups): an entry that is no dict or belongs to no saved parameter (torch
     keeps such entries; here they would break every later step), or a
     ``step`` that is no count (``_own_step`` makes each an int64 0-dim tensor).
+    And state every later step would refuse, the optimizer stuck with it: a
+    non-empty entry without the ``required`` keys, or a ``tensors`` entry
+    that is no tensor of its parameter's shape (torch casts its dtype and
+    device to the parameter's).
     Groups that do not match ``groups`` are left to torch, whose message names that."""
     saved = state_dict["param_groups"]
     if len(saved) != len(groups) or any(len(s["params"]) != len(g["params"]) for s, g in zip(saved, groups)):
         return
-    saved_ids = {i for g in saved for i in g["params"]}
+    param_of = {i: p for s, g in zip(saved, groups) for i, p in zip(s["params"], g["params"])}
     counts: dict[torch.device, list] = {}  # tensor steps by device, their values read once per device
     for k, st in state_dict["state"].items():
-        if k not in saved_ids:
+        if k not in param_of:
             raise ValueError(f"state_dict state[{k!r}] belongs to no parameter of its param_groups")
         if not isinstance(st, dict):
             raise ValueError(f"state_dict state[{k!r}] must be a dict of the parameter's state, got {st!r}")
+        if st:
+            missing = [key for key in required if key not in st]
+            if missing:
+                raise ValueError(f"state_dict state[{k!r}] has no {missing}: a step needs them")
+        p = param_of[k]
+        for key in tensors:
+            value = st.get(key)
+            if value is not None and (not isinstance(value, torch.Tensor) or value.shape != p.shape):
+                got = f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else repr(value)
+                raise ValueError(
+                    f"state_dict state[{k!r}][{key!r}] must be a tensor of its parameter's shape "
+                    f"{tuple(p.shape)}, got {got}"
+                )
         if "step" in st:
             step = st["step"]
             if isinstance(step, torch.Tensor):
@@ -209,11 +230,18 @@ def _is_number(value) -> bool:
     return np is not None and isinstance(value, (np.integer, np.floating))
 
 
+_FLOAT_MAX = sys.float_info.max
+
+
 def _check_nonneg(name: str, value) -> None:
     # comparisons, not math.isfinite: under torch.compile a value edited
     # between steps is a symbolic float, which comparisons guard on and
     # math.isfinite cannot take (NaN fails both comparisons)
-    if not _is_number(value) or not (-math.inf < value < math.inf) or value < 0:
+    # (an int such as 10**400 compares below inf, and float() of it, when the
+    # table row is made, overflows: bounded by the largest float, an int only,
+    # as numpy would cast that bound to a np.float32's type with a warning)
+    if (not _is_number(value) or not (-math.inf < value < math.inf) or value < 0
+            or (type(value) is int and value > _FLOAT_MAX)):
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
@@ -229,6 +257,24 @@ def _check_beta(name: str, value) -> None:
 
 
 _STRIDED = torch.strided
+
+# the table columns that hold a flag: the user's (a bool), or one the
+# optimizer derives (a truth value: np.bool_ from a numpy momentum != 0, a
+# SymBool when compiled); the others hold a number
+_FLAG_COLUMNS = frozenset((Row.NESTEROV, Row.MAXIMIZE, Row.AMSGRAD))
+_DERIVED_FLAG_COLUMNS = frozenset((Row.DECOUPLED, Row.HAS_MOMENTUM_BUFFER))
+_ROW_NUMBER_TYPES = (int, float, torch.SymInt, torch.SymFloat)  # (symbolic: edited between compiled steps)
+
+
+def _row_number(value) -> float:
+    """A table row's number: TypeError for a value that float() would take
+    but validation refuses (a bool, a string, a tensor)."""
+    if isinstance(value, bool) or not (isinstance(value, _ROW_NUMBER_TYPES) or _is_number(value)):
+        raise TypeError(f"not a number: {value!r}")
+    try:
+        return float(value)
+    except OverflowError:  # an int such as 10**400: validation names it
+        raise TypeError(f"not a float: {value!r}") from None
 
 
 def _check_grad(opt, i: int, p: torch.Tensor, grad: torch.Tensor) -> None:
@@ -372,7 +418,7 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         self._retired_tables: list[torch.Tensor] = []  # see _refresh_tables
         self._table_rows = _TableRows()
         self._schedule_cache: dict[tuple, _Schedule] = {}
-        self._schedule_seen: dict[int, tuple] = {}  # id(config) -> (config, its deep copy, schedule)
+        self._schedule_seen: dict[int, tuple] = {}  # id(config) -> (config, its deep copy, schedule, value types)
         # the lists of the last list-path step, kept as C++ StepPlans (step_plan.py)
         self._plan = _step_plan.PlanCache()
         self._step_plan_enabled = _step_plan.ENABLED_BY_DEFAULT  # False: always the list path (tests)
@@ -488,7 +534,8 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
     def _constant_momentum(self, group: dict) -> float:
         raise NotImplementedError
 
-    def _update_columns(self, group: dict) -> dict[int, float]:
+    def _update_columns(self, group: dict, sched: _Schedule) -> dict[int, float]:
+        """The update hyper-parameters' row columns (``sched``: the group's schedule)."""
         raise NotImplementedError
 
     def _group_name(self, group: dict) -> str:
@@ -506,9 +553,13 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         # _freeze sorts and rebuilds the config: ~5 us, three times a step
         # per group (table rows, lr mirror), a third of a planned step's
         # host time for ResNet-50. The same dict object, still equal to a
-        # deep copy of what it held, is the same schedule.
+        # deep copy of what it held and its values of the same types, is the
+        # same schedule: == alone takes a value edited to one of another type
+        # that compares equal to it as unchanged (True == 1, a tensor == 0.5),
+        # where one is valid and the other is not.
         seen = self._schedule_seen.get(id(config))
-        if seen is not None and seen[0] is config and seen[1] == config:
+        if (seen is not None and seen[0] is config and seen[1] == config
+                and (seen[3] is None or seen[3] == [*map(type, config["params"].values())])):
             return seen[2]
         if isinstance(config, _Schedule):
             # (add_param_group takes a schedule object, but the group then
@@ -529,30 +580,45 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
             self._schedule_cache[key] = sched
         if len(self._schedule_seen) > 4 * len(self.param_groups) + 4:
             self._schedule_seen.clear()  # configs replaced by new dicts: keep the map small
-        self._schedule_seen[id(config)] = (config, copy.deepcopy(config), sched)
+        params = config.get("params")
+        types = [*map(type, params.values())] if isinstance(params, dict) else None
+        self._schedule_seen[id(config)] = (config, copy.deepcopy(config), sched, types)
         return sched
 
-    def _row(self, group: dict) -> list[float]:
-        sched = self._schedule_of(group)
+    def _row(self, group: dict, sched: Optional[_Schedule] = None) -> list[float]:
+        """The group's table row. A value of a type validation refuses raises
+        TypeError (``_refresh_tables`` then validates, naming it): the rows
+        decide whether the groups are validated again, and such a value can
+        give the row of a valid one (``nesterov=0`` that of ``False``,
+        ``weight_decay="0.1"`` that of ``0.1``). ``sched``: the group's schedule, if known."""
+        if sched is None:
+            sched = self._schedule_of(group)
         row = sched.row() + [0.0] * (ROW_WIDTH - Row.MOMENTUM - 1)
         # the constant momentum only matters when the schedule does not set it;
         # otherwise the mirrored value would change the row every step
         if not sched.cycles_momentum:
-            row[Row.MOMENTUM] = float(self._constant_momentum(group))
-        for col, value in self._update_columns(group).items():
-            # a flag as 1.0 / 0.0 through a branch: under torch.compile a
-            # hyper-parameter edited between steps becomes a symbolic float,
-            # and float() of a comparison of it (momentum != 0) is a
-            # ToFloat(bool) that torch's symbolic shapes cannot evaluate
-            row[col] = (1.0 if value else 0.0) if isinstance(value, (bool, torch.SymBool)) else float(value)
+            row[Row.MOMENTUM] = _row_number(self._constant_momentum(group))
+        for col, value in self._update_columns(group, sched).items():
+            if col in _FLAG_COLUMNS or col in _DERIVED_FLAG_COLUMNS:
+                # a flag as 1.0 / 0.0 through a branch: under torch.compile a
+                # hyper-parameter edited between steps becomes a symbolic float,
+                # and float() of a comparison of it (momentum != 0) is a
+                # ToFloat(bool) that torch's symbolic shapes cannot evaluate
+                if col in _FLAG_COLUMNS and not isinstance(value, (bool, torch.SymBool)):
+                    raise TypeError(f"not a bool: {value!r}")
+                row[col] = 1.0 if value else 0.0
+            else:
+                row[col] = value if type(value) is float else _row_number(value)
         return row
 
-    def _refresh_tables(self) -> None:
+    def _refresh_tables(self) -> Optional[list[_Schedule]]:
         """Rebuild the per-device group tables when any group's values changed.
 
         Changed values are validated first, as the constructor does: a
         hyper-parameter edited in ``param_groups`` to something invalid raises
-        ValueError naming it, before the step changes anything."""
+        ValueError naming it, before the step changes anything. Returns the
+        groups' schedules when nothing changed (the step's lr mirror reuses
+        them: a schedule looked up costs a comparison of its config), else None."""
         compiling = torch.compiler.is_compiling()
         for i, g in enumerate(self.param_groups):
             # (traced too, with a loop dynamo can trace: compiled, such a key
@@ -573,19 +639,24 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         if not compiling:
             self._warn_if_lr_written()  # (after the errors above: they name the scheduler more precisely)
         try:
-            rows = [self._row(g) for g in self.param_groups]
+            schedules = [self._schedule_of(g) for g in self.param_groups]
+            rows = [self._row(g, sched) for g, sched in zip(self.param_groups, schedules)]
         except (TypeError, ValueError, IndexError):
             rows = None  # e.g. maximize="yes", betas=(0.9,): validation below names it
         if rows is not None and rows == self._table_rows.rows:
-            return
+            return schedules
         if rows is not None:
             rows = self._keep_mirrored_momentum(rows)
         for i, group in enumerate(self.param_groups):
             self._schedule_of(group)  # (a bad schedule names its group itself)
             try:
-                self._validate_group(group, mirrored=True)
+                # on a copy: validation also makes tensor betas numbers, which
+                # must not reach an earlier group when a later one is refused
+                self._validate_group(dict(group), mirrored=True)
             except ValueError as e:  # an edit of one group among several: say which
                 raise ValueError(f"param_groups[{i}]: {e}") from None
+        for group in self.param_groups:
+            self._validate_group(group, mirrored=True)  # (all passed: now in place)
         if rows is None:
             rows = [self._row(g) for g in self.param_groups]
         self._check_not_capturing("upload the parameter groups' table (new, or a hyper-parameter changed)")
@@ -699,11 +770,13 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
                 return c
         return self._counter()
 
-    def _update_mirror(self) -> None:
+    def _update_mirror(self, schedules: Optional[list[_Schedule]] = None) -> None:
+        """Write the lr / momentum the next step uses into the groups
+        (``schedules``: the groups' schedules, if known)."""
         k = self._host.step
         momenta = []
-        for group in self.param_groups:
-            sched = self._schedule_of(group)
+        groups = self.param_groups
+        for group, sched in zip(groups, schedules or map(self._schedule_of, groups)):
             group["lr"] = sched.lr(k)
             mom = sched.momentum(k)
             if mom is not None:
@@ -898,7 +971,7 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
 
     def _step(self, grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor],
               mirror: bool = True) -> None:
-        self._refresh_tables()
+        schedules = self._refresh_tables()  # (configs cannot change before _advance_mirror below)
 
         devices = self._counters.keys()
         if torch.compiler.is_compiling():
@@ -907,7 +980,7 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
             devices = self._planned_step(grad_scale, found_inf)
             if not devices:
                 if mirror:
-                    self._advance_mirror(found_inf)
+                    self._advance_mirror(found_inf, schedules)
                 return
             if self._host_code_runs():  # (a valid plan: no state entry was replaced since it was built)
                 self._adopt_foreign_steps()
@@ -997,7 +1070,7 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         if not torch.compiler.is_compiling() and len(batches) == len(self._counters):
             self._build_plans(batches, without_grad)
         if mirror:
-            self._advance_mirror(found_inf)
+            self._advance_mirror(found_inf, schedules)
 
     def _check_no_duplicate_params(self) -> None:
         """A parameter put into ``param_groups[i]['params']`` twice after the
@@ -1117,7 +1190,7 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         cache.used()
         return left
 
-    def _advance_mirror(self, found_inf: Optional[torch.Tensor]) -> None:
+    def _advance_mirror(self, found_inf: Optional[torch.Tensor], schedules: Optional[list] = None) -> None:
         if not self._host_code_runs():
             # host code does not re-run with each call / replay: tracking the
             # step on the host here would bake one value into the graph
@@ -1135,7 +1208,7 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
             else:
                 host.unknown = True  # a guess until the copy lands
                 self._copy_counter_async(counter)
-            self._update_mirror()
+            self._update_mirror(schedules)
             return
         self._resolve_pending(wait=False)
         if found_inf is None:
@@ -1154,7 +1227,7 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
             # value when an asynchronous copy of it lands (no host sync here)
             host.step += 1
             self._copy_counter_async(counter)
-        self._update_mirror()
+        self._update_mirror(schedules)
 
     # ------------------------------------------------------------------
     # checkpoints, copy.deepcopy and pickle
@@ -1308,6 +1381,13 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         for i, g in enumerate(state_dict["param_groups"]):
             if "schedule" not in g:
                 raise ValueError(f"state_dict param_groups[{i}] has no 'schedule'")
+            if not _SCHEDULE_KEYS.isdisjoint(g):  # (every later step would refuse it, as _refresh_tables)
+                key = sorted(k for k in g if k in _SCHEDULE_KEYS)[0]
+                raise ValueError(
+                    f"state_dict param_groups[{i}][{key!r}]: a schedule value in the group itself, which "
+                    f"no step reads (a group's schedule is its 'schedule' config: set "
+                    f"['schedule']['params'][{key!r}] instead)"
+                )
             if saved_algo is None and ("betas" in g) == (self.algo == "sgd"):
                 # no "algorithm" to compare: an Adam group holds betas, an SGD one
                 # none (loaded across, SGD state failed at the next step with
@@ -1324,7 +1404,7 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
             except ValueError as e:
                 raise ValueError(f"state_dict param_groups[{i}]: {e}") from None
         counter = _checked_step_counter(state_dict["step_counter"])
-        _check_saved_state(state_dict, self.param_groups)
+        _check_saved_state(state_dict, self.param_groups, self._required_state, self._state_tensors)
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             for k, v in self.defaults.items():
@@ -1431,6 +1511,8 @@ class FusedOneCycleSGD(_FusedOneCycleOptimizer):
         + _SCHEDULE_DOC
     )
     algo = "sgd"
+    _required_state = ("step",)  # (momentum_buffer: made by the step where missing)
+    _state_tensors = ("momentum_buffer",)
 
     def __init__(
         self,
@@ -1495,13 +1577,13 @@ class FusedOneCycleSGD(_FusedOneCycleOptimizer):
     def _uses_buffer(self, group) -> bool:
         return self._schedule_of(group).cycles_momentum or group["momentum"] != 0
 
-    def _update_columns(self, group):
+    def _update_columns(self, group, sched):
         return {
             Row.WEIGHT_DECAY: group["weight_decay"],
             Row.DAMPENING: group["dampening"],
             Row.NESTEROV: group["nesterov"],
             Row.MAXIMIZE: group["maximize"],
-            Row.HAS_MOMENTUM_BUFFER: self._uses_buffer(group),
+            Row.HAS_MOMENTUM_BUFFER: sched.cycles_momentum or group["momentum"] != 0,  # (_uses_buffer)
         }
 
     def _set_momentum_mirror(self, group, mom):
@@ -1542,6 +1624,8 @@ class FusedOneCycleAdam(_FusedOneCycleOptimizer):
         + _SCHEDULE_DOC
     )
     algo = "adam"
+    _required_state = ("step", "exp_avg", "exp_avg_sq")  # (max_exp_avg_sq: made by the step where missing)
+    _state_tensors = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
     def __init__(
         self,
@@ -1588,8 +1672,13 @@ class FusedOneCycleAdam(_FusedOneCycleOptimizer):
             raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
         # torch.optim.Adam takes one-element tensor betas; they are constants
         # of the update here, so they become Python numbers (as
-        # load_torch_optimizer_state does with a torch state's tensor betas)
-        group["betas"] = betas = tuple(map(_plain, betas))
+        # load_torch_optimizer_state does with a torch state's tensor betas).
+        # Written back only then: a list of numbers is left as it was set (a
+        # step that validates and then fails on a grad changes no group)
+        plain = tuple(map(_plain, betas))
+        if any(x is not y for x, y in zip(plain, betas)):
+            group["betas"] = plain
+        betas = plain
         if not (mirrored and self._schedule_of(group).cycles_momentum):
             _check_beta("betas[0]", betas[0])
         _check_beta("betas[1]", betas[1])
@@ -1601,11 +1690,14 @@ class FusedOneCycleAdam(_FusedOneCycleOptimizer):
     def _constant_momentum(self, group):
         return group["betas"][0]
 
-    def _update_columns(self, group):
+    def _update_columns(self, group, sched):
+        betas = group["betas"]
+        if len(betas) != 2:  # (a triple's betas[1] gives a valid row)
+            raise TypeError(f"betas not a pair: {betas!r}")
         return {
             Row.WEIGHT_DECAY: group["weight_decay"],
             Row.MAXIMIZE: group["maximize"],
-            Row.BETA2: group["betas"][1],
+            Row.BETA2: betas[1],
             Row.EPS: group["eps"],
             Row.AMSGRAD: group["amsgrad"],
             Row.DECOUPLED: self.algo == "adamw",

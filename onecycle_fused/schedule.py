@@ -76,6 +76,9 @@ ANNEAL_LINEAR = 1
 # validation helpers: each raises ValueError naming the parameter
 
 
+_INT64_MAX = 2**63 - 1
+
+
 def _as_int(name: str, value: Any, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
@@ -85,15 +88,19 @@ def _as_int(name: str, value: Any, minimum: int) -> int:
             raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
         value = as_float
     value = int(value)
-    if value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if not minimum <= value <= _INT64_MAX:  # (the device counts steps in int64)
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}"
+                         + (" (beyond int64)" if value > _INT64_MAX else ""))
     return value
 
 
 def _as_float(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{name} must be a real number, got {value!r}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an int such as 10**400
+        raise ValueError(f"{name} must be finite, got {value!r}") from None
     # comparisons, not math.isfinite: under torch.compile a schedule value
     # edited between steps is a symbolic float (NaN fails both comparisons)
     if not -math.inf < value < math.inf:

@@ -462,7 +462,9 @@ def test_load_state_dict_refuses_a_bad_step_counter_before_changing_anything(bad
 
 
 @pytest.mark.parametrize("bad", ["step_shape", "step_str", "step_none", "step_inf", "step_negative", "step_nan",
-                                 "state_not_dict", "state_of_no_param"])
+                                 "state_not_dict", "state_of_no_param", "exp_avg_shape", "exp_avg_empty",
+                                 "exp_avg_sq_missing", "step_missing", "max_exp_avg_sq_shape", "exp_avg_not_tensor",
+                                 "schedule_key_in_group"])
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_load_state_dict_refuses_bad_parameter_state_before_changing_anything(bad, backend):
     """A per-parameter ``step`` that is no count (a 2-element tensor, a
@@ -471,8 +473,12 @@ def test_load_state_dict_refuses_bad_parameter_state_before_changing_anything(ba
     saved group holds: a ValueError before anything changes. They used to
     fail (RuntimeError, TypeError, AttributeError) after torch had replaced
     the state and groups, leaving an optimizer whose every step and
-    step_counter() raised. Afterwards the optimizer steps on as
-    torch.optim.Adam does with the same lr and beta1."""
+    step_counter() raised. Nor state every later step refuses (a state tensor
+    of another shape, ``exp_avg_sq`` or ``step`` missing, a number for a
+    tensor) or a schedule value saved in a group itself: these were loaded,
+    and every later step raised (ValueError, KeyError), the optimizer
+    stuck. Afterwards the optimizer steps on as torch.optim.Adam does with
+    the same lr and beta1."""
     init = [torch.linspace(-1, 1, 3), torch.linspace(2, 0, 4)]
     ps = [torch.nn.Parameter(t.clone()) for t in init]
     qs = [torch.nn.Parameter(t.clone()) for t in init]
@@ -507,10 +513,24 @@ def test_load_state_dict_refuses_bad_parameter_state_before_changing_anything(ba
         sd["state"][1]["step"] = float("nan")
     elif bad == "state_not_dict":
         sd["state"][1] = None
+    elif bad == "exp_avg_shape":
+        sd["state"][1]["exp_avg"] = torch.zeros(5)
+    elif bad == "exp_avg_empty":
+        sd["state"][1]["exp_avg"] = torch.zeros(0)
+    elif bad == "exp_avg_sq_missing":
+        del sd["state"][1]["exp_avg_sq"]
+    elif bad == "step_missing":
+        del sd["state"][1]["step"]
+    elif bad == "max_exp_avg_sq_shape":
+        sd["state"][1]["max_exp_avg_sq"] = torch.zeros(4, 1)
+    elif bad == "exp_avg_not_tensor":
+        sd["state"][1]["exp_avg"] = 0.0
+    elif bad == "schedule_key_in_group":
+        sd["param_groups"][1]["cycle_max_lr"] = 0.5
     else:
         sd["state"][7] = {"step": torch.tensor(1)}
     before = _snapshot(opt, ps)
-    with pytest.raises(ValueError, match=r"state_dict state\[[17]\]"):
+    with pytest.raises(ValueError, match=r"state_dict (state\[[17]\]|param_groups\[1\]\['cycle_max_lr'\])"):
         opt.load_state_dict(sd)
     _assert_unchanged(before, _snapshot(opt, ps))
     assert opt.param_groups[1]["weight_decay"] == 0.1
@@ -661,6 +681,61 @@ def test_a_group_schedule_value_must_be_a_scalar():
     opt.param_groups[0]["schedule"]["params"]["decay_lr_rate"] = 0.5  # a scalar works
     opt.step()
     assert int(opt.step_counter()) == 2
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("schedule, key, bad", [
+    (OneCycle(**SCHED), "cycle_momentum", 1),  # over True
+    (OneCycle(**dict(SCHED, cycle_first_step_size=1)), "cycle_first_step_size", True),  # over 1
+    (OneCycle(**dict(SCHED, decay_lr_rate=0.0)), "decay_lr_rate", False),  # over 0.0
+    (LRRangeTest(lr_range_test_step_size=3), "lr_range_test_staircase", 0),  # over False
+    (TorchOneCycle(max_lr=0.1, total_steps=50), "three_phase", 0),  # over False
+    (OneCycle(**dict(SCHED, cycle_max_lr=0.5)), "cycle_max_lr", torch.tensor(0.5)),  # over 0.5
+])
+def test_a_schedule_value_edited_to_the_bool_or_number_it_equals_is_refused(schedule, key, bad, backend):
+    """A schedule value edited in place to a bool where a number belongs, or
+    the other way, or to a tensor, equal to the valid value it replaces
+    (True == 1, tensor(0.5) == 0.5): refused
+    by the next step and get_last_lr(), as any invalid one, nothing changed.
+    The parsed-schedule cache compared the config with ==, so these were
+    taken as the schedule already parsed, and a checkpoint saved afterwards
+    was refused by load_state_dict."""
+    p, q = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(2))
+    opt = FusedOneCycleAdam([{"params": [p]}, {"params": [q]}], schedule=schedule, backend=backend)
+    for _ in range(2):
+        p.grad, q.grad = torch.randn(3), torch.randn(2)
+        opt.step()
+    params = opt.param_groups[1]["schedule"]["params"]
+    good = params[key]
+    assert bool(good == bad) and type(good) is not type(bad)
+    before = _snapshot(opt, [p, q])
+    params[key] = bad
+    for call in (opt.step, opt.get_last_lr, lambda: opt.load_state_dict(opt.state_dict())):
+        with pytest.raises(ValueError, match=r"param_groups\[1\].*: " + key):
+            call()
+    params[key] = good
+    _assert_unchanged(before, _snapshot(opt, [p, q]))
+    opt.step()
+    assert int(opt.step_counter()) == 3
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(weight_decay=10**400), "weight_decay"),
+    (dict(cycle_max_lr=10**400), "cycle_max_lr"),
+    (dict(decay_lr_rate=-(10**400)), "decay_lr_rate"),
+    (dict(cycle_first_step_size=10**400), "cycle_first_step_size"),
+    (dict(decay_step_size=2**63), "decay_step_size"),
+], ids=["weight_decay", "cycle_max_lr", "decay_lr_rate", "cycle_first_step_size", "decay_step_size"])
+def test_an_int_beyond_float_or_int64_range_is_a_valueerror(kw, match):
+    """Such an int was an OverflowError (float() of it, in the schedule or the
+    first step's table row) instead of the ValueError naming it."""
+    p = torch.nn.Parameter(torch.zeros(2))
+    with pytest.raises(ValueError, match=match):
+        FusedOneCycleSGD([p], **dict(dict(cycle_min_lr=0.01, cycle_max_lr=0.1), **kw))
+    opt = FusedOneCycleSGD([p], cycle_min_lr=0.01, cycle_max_lr=0.1, cycle_first_step_size=2**63 - 1)
+    p.grad = torch.ones(2)
+    opt.step()
+    assert int(opt.step_counter()) == 1
 
 
 def test_set_step_takes_any_integer_and_refuses_the_rest():
@@ -1077,6 +1152,21 @@ def test_bad_state_in_second_group_changes_nothing(opt_cls, key, backend, kind):
     (FusedOneCycleAdam, "betas", (0.9,), "betas must be a pair"),
     (FusedOneCycleAdamW, "weight_decay", float("inf"), "weight_decay"),
     (FusedOneCycleAdamW, "amsgrad", None, "amsgrad"),
+    # values whose table row is that of the valid value they replace (the
+    # defaults False, 0.0, 1e-2, betas[1] 0.999): the step skipped validation
+    # and ran with them, the reference backend failing half-way on the
+    # string (first group stepped), and a checkpoint saved then did not load
+    (FusedOneCycleSGD, "nesterov", 0, "nesterov"),
+    (FusedOneCycleSGD, "maximize", 0, "maximize"),
+    (FusedOneCycleSGD, "weight_decay", False, "weight_decay"),
+    (FusedOneCycleAdam, "amsgrad", 0, "amsgrad"),
+    (FusedOneCycleAdam, "eps", torch.tensor(1e-8, dtype=torch.float64), "eps"),
+    (FusedOneCycleAdam, "betas", (0.9, 0.999, 0.5), "betas must be a pair"),
+    (FusedOneCycleAdamW, "weight_decay", "0.01", "weight_decay"),
+    # an int beyond float range: it compared below inf, and the step raised
+    # OverflowError making the table row (torch's SGD raises it too, at its step)
+    pytest.param(FusedOneCycleSGD, "dampening", 10**400, "dampening", id="FusedOneCycleSGD-dampening-int_10e400"),
+    pytest.param(FusedOneCycleAdam, "eps", 10**400, "eps", id="FusedOneCycleAdam-eps-int_10e400"),
 ])
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_bad_hyperparameter_edited_after_construction(opt_cls, key, bad, match, backend):
@@ -1429,6 +1519,10 @@ def test_numpy_scalar_hyperparameters_step_like_torch(ours_cls, torch_cls, kw, b
     assert_close_ulps(a, b)
     for k, v in kw.items():
         assert ours.param_groups[0][k] == v
+    ours.param_groups[0]["weight_decay"] = np.float32(0.2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # validated without numpy's "overflow encountered in cast"
+        ours.step()
     ours.param_groups[0]["weight_decay"] = np.float32(-0.5)  # still checked at the next step
     with pytest.raises(ValueError, match="weight_decay"):
         ours.step()
@@ -1511,6 +1605,50 @@ def test_tensor_betas_as_torch_adam_takes_them(cls, backend):
     # the tensors' own (float32) values, as torch.optim.Adam uses them
     assert runs[1][1] == (torch.tensor(0.85).item(), torch.tensor(0.99).item())
     assert all(type(b) is float for b in runs[1][1])
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_tensor_betas_edited_in_stay_as_set_when_another_group_is_refused(backend):
+    """Tensor betas edited into group 0 together with an invalid eps in group
+    1: the refused step leaves group 0 as it was, its betas the tensors set
+    (validation makes them numbers in place only once every group passed; it
+    used to convert group 0's before refusing group 1's)."""
+    p, q = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(2))
+    opt = FusedOneCycleAdam([{"params": [p]}, {"params": [q]}], **SCHED, cycle_momentum=False, backend=backend)
+    p.grad, q.grad = torch.randn(3), torch.randn(2)
+    opt.step()
+    betas = (torch.tensor(0.85), torch.tensor(0.99))
+    opt.param_groups[0]["betas"] = betas
+    opt.param_groups[1]["eps"] = -1.0
+    with pytest.raises(ValueError, match=r"param_groups\[1\]: eps"):
+        opt.step()
+    assert opt.param_groups[0]["betas"] is betas
+    opt.param_groups[1]["eps"] = 1e-8
+    opt.step()
+    assert opt.param_groups[0]["betas"] == (torch.tensor(0.85).item(), torch.tensor(0.99).item())
+    assert int(opt.step_counter()) == 2
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_a_step_refused_for_its_grad_leaves_betas_set_as_a_list(backend):
+    """Valid betas edited in as a list, then a step refused for a bad grad:
+    the groups are as before the call (the step's validation used to turn
+    the list into a tuple before the grad was refused, an == mismatch)."""
+    p, q = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(2))
+    opt = FusedOneCycleAdam([{"params": [p]}, {"params": [q]}], **SCHED, cycle_momentum=False, backend=backend)
+    p.grad, q.grad = torch.randn(3), torch.randn(2)
+    opt.step()
+    betas = [0.8, 0.95]
+    opt.param_groups[0]["betas"] = betas
+    groups = copy.deepcopy([{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups])
+    _set_bad_grad(q, "shape")
+    with pytest.raises(ValueError, match="grads"):
+        opt.step()
+    assert opt.param_groups[0]["betas"] is betas
+    assert [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] == groups
+    q.grad = torch.randn(2)
+    opt.step()
+    assert int(opt.step_counter()) == 2 and opt.param_groups[0]["betas"] == [0.8, 0.95]
 
 
 @pytest.mark.parametrize(
