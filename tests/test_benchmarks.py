@@ -705,21 +705,26 @@ def test_results_files_are_replaced_whole(tmp_path, monkeypatch):
     assert before and not [p for p in os.listdir(tmp_path) if ".tmp" in p]
 
 
+def _tiny_case_back_to_back(impl_names: list[str]) -> list[dict]:
+    """The rows of one tiny fp32 SGD case on CPU, timed back to back as on CUDA."""
+    from benchmarks import run
+
+    cfg = {"warmup": 1, "iters": 3, "budget": 1.0, "compiled_max_tensors": 10, "interleave": False}
+    shapes = param_sets.tiny()
+    params = run.make_params(shapes, torch.float32, torch.device("cpu"))
+    chosen = [i for i in impls.all_impls(torch.device("cpu")) if i.name in impl_names]
+    return run.bench_case("tiny", shapes, "fp32", "sgd", params, chosen, torch.device("cpu"), cfg, _Progress())
+
+
 def test_back_to_back_case_survives_a_failing_copy_roofline(monkeypatch):
     """On CUDA the copy roofline is measured before the case's rows (back to
     back, interleave off); if it raises (out of memory next to the 1B set's
     params) the rows are still measured, with 'of copy' missing, not the run lost."""
-    from benchmarks import run
-
     def oom(*a, **k):
         raise RuntimeError("CUDA out of memory")
 
     monkeypatch.setattr(measure, "copy_roofline", oom)
-    cfg = {"warmup": 1, "iters": 3, "budget": 1.0, "compiled_max_tensors": 10, "interleave": False}
-    shapes = param_sets.tiny()
-    params = run.make_params(shapes, torch.float32, torch.device("cpu"))
-    chosen = [i for i in impls.all_impls(torch.device("cpu")) if i.name == "torch-fused+OneCycleLR"]
-    [row] = run.bench_case("tiny", shapes, "fp32", "sgd", params, chosen, torch.device("cpu"), cfg, _Progress())
+    [row] = _tiny_case_back_to_back(["torch-fused+OneCycleLR"])
     assert row["status"] == "ok" and row["median_ms"] > 0 and row["frac_of_copy"] is None, row
     assert "out of memory" in row["copy_note"]
     from benchmarks import report
@@ -732,17 +737,11 @@ def test_a_failing_profiler_costs_the_launch_counts_not_the_timings(monkeypatch)
     timed (back to back). If the profiler raises (CUPTI refused, a session
     left open), the row keeps its timings and stays usable by the targets:
     an error row for ours would fail every GPU target of the only GPU run."""
-    from benchmarks import run
-
     def refused(*a, **k):
         raise RuntimeError("CUPTI_ERROR_INSUFFICIENT_PRIVILEGES")
 
     monkeypatch.setattr(measure, "count_launches", refused)
-    cfg = {"warmup": 1, "iters": 3, "budget": 1.0, "compiled_max_tensors": 10, "interleave": False}
-    shapes = param_sets.tiny()
-    params = run.make_params(shapes, torch.float32, torch.device("cpu"))
-    chosen = [i for i in impls.all_impls(torch.device("cpu")) if i.name in ("torch-fused+OneCycleLR", "ours-cpu")]
-    rows = run.bench_case("tiny", shapes, "fp32", "sgd", params, chosen, torch.device("cpu"), cfg, _Progress())
+    rows = _tiny_case_back_to_back(["torch-fused+OneCycleLR", "ours-cpu"])
     assert [r["status"] for r in rows] == ["ok", "ok"], rows
     for r in rows:
         assert r["median_ms"] > 0 and r["launches_per_step"] is None, r
