@@ -187,7 +187,11 @@ def _check_saved_state(state_dict: dict, groups: list, required: tuple = (), ten
         p = param_of[k]
         for key in tensors:
             value = st.get(key)
-            if value is not None and (not isinstance(value, torch.Tensor) or value.shape != p.shape):
+            if value is None and (key not in required or key not in st):
+                # absent (an empty state is one no step has made yet), or None where a
+                # step makes the buffer (as torch's SGD does for a None momentum_buffer)
+                continue
+            if not isinstance(value, torch.Tensor) or value.shape != p.shape:
                 got = f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else repr(value)
                 raise ValueError(
                     f"state_dict state[{k!r}][{key!r}] must be a tensor of its parameter's shape "
@@ -291,9 +295,14 @@ def _check_grad(opt, i: int, p: torch.Tensor, grad: torch.Tensor) -> None:
 
 def _undo_added(added: list) -> None:
     """Remove the state entries a step's ``_fill_batch`` made, ``(p, state,
-    key, step before or None)`` each, and restore the step counts it reset."""
-    for _, state, key, old_step in added:
-        state.pop(key, None)
+    key, step before or None)`` each, and restore the step counts it reset.
+    An entry that held None before (a buffer saved as None, torch SGD's form
+    of "none yet") holds None again."""
+    for _, state, key, old_step, *was_none in added:
+        if was_none and was_none[0]:
+            state[key] = None
+        else:
+            state.pop(key, None)
         if old_step is not None:
             state["step"].copy_(old_step)
 
@@ -1596,7 +1605,7 @@ class FusedOneCycleSGD(_FusedOneCycleOptimizer):
         return state
 
     def _fill_batch(self, batch, p, state, group, added):
-        if "momentum_buffer" not in state and self._uses_buffer(group):
+        if state.get("momentum_buffer") is None and self._uses_buffer(group):  # (None: saved so, as torch's SGD)
             # momentum switched on after the state was made (a constant
             # momentum edited from 0, or cycle_momentum set in the schedule):
             # torch makes the buffer at its first step with a momentum
@@ -1607,7 +1616,7 @@ class FusedOneCycleSGD(_FusedOneCycleOptimizer):
             # (as a first step's state is made): the count stays 0 and the
             # next applied step takes the rule, as torch's would.
             self._check_not_capturing("create a momentum buffer (it would be zeroed at every replay)")
-            added.append((p, state, "momentum_buffer", state["step"].clone()))
+            added.append((p, state, "momentum_buffer", state["step"].clone(), "momentum_buffer" in state))
             state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["step"].zero_()
         batch.momentum_buffers.append(state.get("momentum_buffer"))
@@ -1722,9 +1731,9 @@ class FusedOneCycleAdam(_FusedOneCycleOptimizer):
     def _fill_batch(self, batch, p, state, group, added):
         batch.exp_avgs.append(state["exp_avg"])
         batch.exp_avg_sqs.append(state["exp_avg_sq"])
-        if group["amsgrad"] and "max_exp_avg_sq" not in state:  # amsgrad switched on later
+        if group["amsgrad"] and state.get("max_exp_avg_sq") is None:  # amsgrad switched on later
             self._check_not_capturing("create max_exp_avg_sq (it would be zeroed at every replay)")
-            added.append((p, state, "max_exp_avg_sq", None))
+            added.append((p, state, "max_exp_avg_sq", None, "max_exp_avg_sq" in state))
             state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         batch.max_exp_avg_sqs.append(state["max_exp_avg_sq"] if group["amsgrad"] else None)
 

@@ -1781,3 +1781,53 @@ def test_load_state_dict_without_algorithm_of_the_other_family_is_a_valueerror(s
     _assert_unchanged(before, _snapshot(b, [q]))
     q.grad = torch.randn(3)
     b.step()
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_a_buffer_saved_as_none_is_made_by_the_next_step_as_torch_does(backend):
+    """torch's SGD saves ``momentum_buffer: None`` for a parameter stepped
+    without momentum, and its next step with momentum starts the buffer as
+    ``buf = grad``. Such a state loaded here stepped silently without
+    momentum (the None went to the kernels as "no buffer"); so did amsgrad
+    with ``max_exp_avg_sq: None``. Both are made by the step now, and a
+    step refused afterwards leaves the None as it was. A None ``exp_avg``,
+    which no step makes, is refused by the load."""
+    init = torch.linspace(-1, 1, 5)
+    p, q = torch.nn.Parameter(init.clone()), torch.nn.Parameter(init.clone())
+    opt = FusedOneCycleSGD([p], backend=backend, cycle_momentum=False, momentum=0.9, **SCHED)
+    ref = torch.optim.SGD([q], lr=0.1, momentum=0.9)
+    sd = copy.deepcopy(opt.state_dict())
+    sd["state"][0] = {"step": torch.tensor(0), "momentum_buffer": None}
+    opt.load_state_dict(sd)
+    # a step refused (a bad grad) leaves the None
+    _set_bad_grad(p, "shape")
+    with pytest.raises(ValueError):
+        opt.step()
+    assert opt.state[p]["momentum_buffer"] is None
+    for k in range(3):
+        g = torch.randn(5, generator=torch.Generator().manual_seed(k))
+        p.grad, q.grad = g.clone(), g.clone()
+        for group in ref.param_groups:
+            group["lr"] = opt.param_groups[0]["lr"]
+        opt.step()
+        ref.step()
+    torch.testing.assert_close(p, q, rtol=0, atol=0)
+    torch.testing.assert_close(opt.state[p]["momentum_buffer"], ref.state[q]["momentum_buffer"], rtol=0, atol=0)
+
+    a, b = torch.nn.Parameter(init.clone()), torch.nn.Parameter(init.clone())
+    adam = FusedOneCycleAdam([a], backend=backend, amsgrad=True, cycle_momentum=False, **SCHED)
+    fresh = FusedOneCycleAdam([b], backend=backend, amsgrad=True, cycle_momentum=False, **SCHED)
+    a.grad = b.grad = torch.ones(5)
+    adam.step()
+    fresh.step()
+    sd = copy.deepcopy(adam.state_dict())
+    sd["state"][0]["max_exp_avg_sq"] = None
+    adam.load_state_dict(sd)
+    fresh.state[b]["max_exp_avg_sq"].zero_()  # what the step makes for a None one
+    a.grad, b.grad = -torch.ones(5), -torch.ones(5)
+    adam.step()
+    fresh.step()
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    sd["state"][0]["exp_avg"] = None
+    with pytest.raises(ValueError, match=r"state\[0\]\['exp_avg'\]"):
+        adam.load_state_dict(sd)
