@@ -694,6 +694,23 @@ def test_grad_at_a_cached_address_in_another_layout(relayout):
     assert_ulps(out["triton"], out["reference"], ulps=4)
 
 
+def test_state_at_a_cached_address_in_another_dtype():
+    """A state replaced at its own address by a view of itself in another
+    dtype of the same size keeps strides and sizes: the cache key has the
+    dtypes too, so the step refuses it (ValueError, nothing moved) as the
+    other backends do, instead of stepping its bytes as the parameter's dtype."""
+    p = torch.nn.Parameter(torch.randn(64, generator=torch.Generator().manual_seed(5)).to(DEVICE, torch.bfloat16))
+    opt = FusedOneCycleAdamW([p], backend="triton", **SCHED)
+    p.grad = torch.ones_like(p)  # kept at its address: the step's launch table is cached
+    for _ in range(2):
+        opt.step()
+    opt.state[p]["exp_avg"] = opt.state[p]["exp_avg"].view(torch.float16)
+    before = p.detach().clone()
+    with pytest.raises(ValueError, match="float16"):
+        opt.step()
+    assert torch.equal(p.detach(), before) and int(opt.step_counter()) == 2
+
+
 @pytest.mark.parametrize("relayout", ["transposed", "slice"])
 def test_state_at_a_cached_address_in_another_layout(relayout):
     """A state tensor replaced at its own address by one of another layout
