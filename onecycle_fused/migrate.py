@@ -161,7 +161,8 @@ def load_torch_optimizer_state(
     for gi, (s, d) in enumerate(zip(src_groups, dst["param_groups"])):
         # d's schedule is a copy of the live group's: asked of the live group,
         # a bad one (edited in) names param_groups[gi], not "the group"
-        cycles_momentum = optimizer._schedule_of(optimizer.param_groups[gi]).cycles_momentum
+        sched = optimizer._schedule_of(optimizer.param_groups[gi])
+        cycles_momentum = sched.cycles_momentum
         if copy_hyperparameters:
             for key in _SGD_KEYS if is_sgd else _ADAM_KEYS:
                 if key in s:
@@ -178,7 +179,7 @@ def load_torch_optimizer_state(
                 optimizer._validate_group(d, mirrored=True)
             except ValueError as e:
                 raise ValueError(f"torch_state_dict param_groups[{gi}]: {e}") from None
-        uses_buffer = is_sgd and (cycles_momentum or d["momentum"] != 0)
+        uses_buffer = is_sgd and optimizer._uses_buffer(d, sched)
         params = optimizer.param_groups[gi]["params"]
         for j, (src_id, dst_id) in enumerate(zip(s["params"], d["params"])):
             st = torch_state_dict["state"].get(src_id)

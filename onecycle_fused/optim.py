@@ -295,11 +295,11 @@ def _check_grad(opt, i: int, p: torch.Tensor, grad: torch.Tensor) -> None:
 
 def _undo_added(added: list) -> None:
     """Remove the state entries a step's ``_fill_batch`` made, ``(p, state,
-    key, step before or None)`` each, and restore the step counts it reset.
-    An entry that held None before (a buffer saved as None, torch SGD's form
-    of "none yet") holds None again."""
-    for _, state, key, old_step, *was_none in added:
-        if was_none and was_none[0]:
+    key, step before or None, held None before)`` each, and restore the step
+    counts it reset. An entry that held None before (a buffer saved as None,
+    torch SGD's form of "none yet") holds None again."""
+    for _, state, key, old_step, was_none in added:
+        if was_none:
             state[key] = None
         else:
             state.pop(key, None)
@@ -939,8 +939,8 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
     def _fill_batch(self, batch, p, state, group, added: list) -> None:
         """Append the parameter's state tensors to ``batch``; a state entry
         made here for existing state is recorded in ``added`` as
-        ``(p, state, key, step before or None)``, so that a step that fails
-        afterwards can undo it."""
+        ``(p, state, key, step before or None, whether key held None)``, so
+        that a step that fails afterwards can undo it."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -1583,8 +1583,10 @@ class FusedOneCycleSGD(_FusedOneCycleOptimizer):
     def _constant_momentum(self, group):
         return group["momentum"]
 
-    def _uses_buffer(self, group) -> bool:
-        return self._schedule_of(group).cycles_momentum or group["momentum"] != 0
+    def _uses_buffer(self, group, sched: Optional[_Schedule] = None) -> bool:
+        """Whether the group's update reads a momentum buffer (``sched``: its schedule, if known)."""
+        sched = self._schedule_of(group) if sched is None else sched
+        return sched.cycles_momentum or group["momentum"] != 0
 
     def _update_columns(self, group, sched):
         return {
@@ -1592,7 +1594,7 @@ class FusedOneCycleSGD(_FusedOneCycleOptimizer):
             Row.DAMPENING: group["dampening"],
             Row.NESTEROV: group["nesterov"],
             Row.MAXIMIZE: group["maximize"],
-            Row.HAS_MOMENTUM_BUFFER: sched.cycles_momentum or group["momentum"] != 0,  # (_uses_buffer)
+            Row.HAS_MOMENTUM_BUFFER: self._uses_buffer(group, sched),
         }
 
     def _set_momentum_mirror(self, group, mom):
