@@ -883,6 +883,42 @@ def test_torch_compile_optimizer_step(cls, kw):
     assert all(torch.equal(x, y) for x, y in zip(*out))
 
 
+def _channels_last(*shape):
+    return torch.randn(*shape).to(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("make_param,make_grad", [
+    (lambda: torch.randn(8, 6), lambda: torch.randn(6, 8).t()),
+    (lambda: torch.randn(8, 12)[:, ::2], lambda: torch.randn(8, 6)),
+    (lambda: _channels_last(2, 3, 4, 5), lambda: torch.randn(2, 3, 4, 5)),
+    (lambda: _channels_last(2, 3, 4, 5), lambda: torch.randn(2, 4, 5, 3).permute(0, 3, 1, 2)),
+    (lambda: _channels_last(2, 3, 4, 5), lambda: torch.randn(2, 3, 4, 10)[..., ::2]),
+], ids=["transposed-grad", "strided-view-param", "channels-last-param", "permuted-grad", "sliced-grad"])
+def test_torch_compile_step_with_layouts_to_conform(make_param, make_grad):
+    """Under torch.compile the layout copies (``conform``) are traced by dynamo.
+    A grad that is a view (transposed, permuted, sliced) gets symbolic
+    strides from its base there, and reading them with ``Tensor.stride()``
+    failed while tracing. Grads laid out unlike their parameter or not dense,
+    a parameter that is a strided view: the compiled step gives the eager
+    step's values."""
+    if not INTERPRET:
+        pytest.skip("inductor on the GPU: tests/test_triton_gpu.py")
+    torch.manual_seed(0)
+    grads = [make_grad() for _ in range(4)]
+    out = []
+    for compiled in (False, True):
+        torch.manual_seed(1)
+        p = torch.nn.Parameter(make_param())  # the same values and layout both times
+        opt = FusedOneCycleSGD([p], backend="triton", **SCHED)
+        step = torch.compile(opt.step, backend="aot_eager") if compiled else opt.step
+        for g in grads:
+            p.grad = g  # as made: a view (dynamo follows its base)
+            step()
+        out.append(p.detach())
+    assert out[1].stride() == out[0].stride()
+    torch.testing.assert_close(out[1], out[0], rtol=0, atol=0)
+
+
 def _torch_optim_run(torch_cls, sched, init, grads, kw, mom_key):
     """torch.optim's single-tensor step driven by the schedule's host values."""
     params = [t.to(DEVICE).clone() for t in init]

@@ -101,12 +101,25 @@ class _LayoutError(ValueError):
     """A tensor the kernels cannot walk as it is (``conform`` makes one they can)."""
 
 
+def _strides(t: torch.Tensor):
+    """``t.stride()``, in a form torch.compile can trace for any tensor.
+
+    Under torch.compile a grad that is a view (``g.t()``, a permute) gets
+    symbolic strides from its base, and dynamo (torch 2.13) fails on
+    ``Tensor.stride()`` of such a tensor while tracing ("Cannot construct
+    ConstantVariable ... SymInt"); the aten op returns the SymInts. Eager, the
+    method: the op's dispatch costs microseconds."""
+    if torch.compiler.is_compiling():
+        return torch.ops.aten.stride.default(t)
+    return t.stride()
+
+
 def _dense(t: torch.Tensor) -> bool:
     """Non-overlapping and dense: the elements fill [data_ptr, data_ptr + numel)."""
     if t.is_contiguous():
         return True
     expected = 1
-    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1):
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, _strides(t)) if sz != 1):
         if stride != expected:
             return False
         expected *= size
@@ -117,7 +130,7 @@ def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Same shape and the same element order in memory (strides of size-1 dims do not matter)."""
     if a.shape != b.shape:
         return False
-    return all(sa == sb for sa, sb, n in zip(a.stride(), b.stride(), a.shape) if n > 1)
+    return all(sa == sb for sa, sb, n in zip(_strides(a), _strides(b), a.shape) if n > 1)
 
 
 @dataclasses.dataclass
