@@ -16,7 +16,7 @@ import json
 import sys
 from typing import Optional, Sequence
 
-from .schedule import _TYPES, schedule_from_config
+from .schedule import _TORCH_NAMES, _TYPES, schedule_from_config
 
 __all__ = ["main", "build_parser"]
 
@@ -76,9 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plot", help="plot lr / momentum of a schedule and print a table")
     p.add_argument("params", nargs="*", metavar="key=value",
-                   help="schedule parameters (DeepSpeed names; OneCycleLR's with --type TorchOneCycle; JSON values)")
+                   help="schedule parameters (DeepSpeed names; OneCycleLR's with --type TorchOneCycle or OneCycleLR; "
+                        "JSON values)")
     p.add_argument("--config", help="DeepSpeed JSON config holding a scheduler entry")
-    p.add_argument("--type", choices=sorted(_TYPES),
+    # OneCycleLR too, as a config's scheduler entry may name it: what a torch user types
+    p.add_argument("--type", choices=sorted(_TYPES) + sorted(_TORCH_NAMES),
                    help="schedule type for key=value arguments (default OneCycle; a --config names its own)")
     p.add_argument("--steps", type=_positive_int, help="number of steps to plot (default: cycle + as much decay)")
     p.add_argument("--out", help="image path, PNG unless its extension says .svg, .pdf... (omit to print the table only)")

@@ -133,6 +133,16 @@ def test_plot_torch_onecycle_default_steps(capsys):
         assert values == pytest.approx([sched.lr(k), sched.momentum(k)], rel=1e-5)
 
 
+def test_plot_type_onecyclelr_is_torch_onecycle(capsys):
+    """--type OneCycleLR, torch's name, as a config's scheduler entry may give
+    it: the same schedule as --type TorchOneCycle."""
+    args = ["max_lr=0.1", "total_steps=50", "three_phase=true", "--at", "0,10,30,49"]
+    assert main(["plot", "--type", "OneCycleLR", *args]) == 0
+    torch_name = capsys.readouterr().out
+    assert main(["plot", "--type", "TorchOneCycle", *args]) == 0
+    assert torch_name == capsys.readouterr().out
+
+
 @pytest.mark.parametrize("args,match", [
     (["plot"], "--config"),
     (["plot", "cycle_min_lr=1", "cycle_max_lr=0.1"], "cycle_min_lr"),
