@@ -27,7 +27,13 @@ def _parse_value(text: str):
     except json.JSONDecodeError:
         if text in ("True", "False"):
             return text == "True"
-        return text  # left for the schedule's own validation to reject
+        try:
+            # a Python float literal copied from a script (".1", "1.", "inf"),
+            # which JSON does not take: the schedule would reject the string
+            # '.1' as "must be a real number"
+            return float(text)
+        except ValueError:
+            return text  # left for the schedule's own validation to reject
 
 
 def _keyword_args(pairs: Sequence[str]) -> dict:

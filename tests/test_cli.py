@@ -133,6 +133,16 @@ def test_plot_torch_onecycle_default_steps(capsys):
         assert values == pytest.approx([sched.lr(k), sched.momentum(k)], rel=1e-5)
 
 
+def test_plot_takes_python_float_literals(capsys):
+    """".1" and "1." as a Python script writes them (JSON takes neither) are
+    numbers; "inf" one that validation names as not finite."""
+    assert main(["plot", "cycle_min_lr=.0001", "cycle_max_lr=1.e-3", "cycle_first_step_size=10.", "--at", "5"]) == 0
+    sched = OneCycle(1e-4, 1e-3, cycle_first_step_size=10)
+    assert _table(capsys.readouterr().out)[5] == pytest.approx([sched.lr(5), sched.momentum(5)], rel=1e-5)
+    assert main(["plot", "cycle_min_lr=1e-4", "cycle_max_lr=inf"]) == 2
+    assert "cycle_max_lr must be finite" in capsys.readouterr().err
+
+
 def test_plot_type_onecyclelr_is_torch_onecycle(capsys):
     """--type OneCycleLR, torch's name, as a config's scheduler entry may give
     it: the same schedule as --type TorchOneCycle."""
