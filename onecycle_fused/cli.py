@@ -124,8 +124,9 @@ def _plot(args) -> int:
         raise ValueError("give --config ds.json or key=value schedule arguments (e.g. cycle_min_lr=1e-4 cycle_max_lr=1e-3)")
     steps = args.steps or default_steps(schedule)
     at = args.at if args.at is not None else sorted({round(i * (steps - 1) / 10) for i in range(11)})
+    table = format_table(schedule_values_at(schedule, at))  # (an --at step beyond int64 raises: before any output)
     print(schedule)
-    print(format_table(schedule_values_at(schedule, at)))
+    print(table)
     if args.out:
         print(f"wrote {plot_schedule(schedule, args.out, steps=steps, marks=at)}")
     return 0

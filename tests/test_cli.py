@@ -163,6 +163,7 @@ def test_plot_type_onecyclelr_is_torch_onecycle(capsys):
     (["plot", "--config", "no_such_config.json"], "no_such_config.json"),
     (["plot", "--config", __file__], "not a JSON file"),
     (["plot", "--config", SEED_CONFIG, "--type", "LRRangeTest"], "--type"),
+    (["plot", "--config", SEED_CONFIG, "--at", str(2**63)], "beyond int64"),
     (["plot", "--config", SEED_CONFIG, "--out", "no_such_dir/s.png"], "no_such_dir"),
     (["plot", "--config", SEED_CONFIG, "--out", "s.pnx"], "pnx"),
     (["range-test", "--out", "no_such_dir/r.png"], "no_such_dir"),
@@ -172,8 +173,9 @@ def test_plot_type_onecyclelr_is_torch_onecycle(capsys):
 def test_plot_errors_are_one_line(args, match, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(args) == 2
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert err.startswith("error:") and match in err and "Traceback" not in err
+    assert out == ""  # the error comes before anything runs
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 
