@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -21,3 +23,28 @@ def test_sdist_ships_every_file_setup_py_compiles(tmp_path):
     csrc = {os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "**", "*"), recursive=True)
             if os.path.isfile(p) and not p.endswith((".o", ".so"))}
     assert csrc and not csrc - listed, sorted(csrc - listed)
+
+
+def test_required_dependencies_are_torch_alone():
+    """triton (a ~290 MB wheel, ~1 GB installed) only serves GPUs, whose
+    Linux torch wheels bring it already; matplotlib only draws plots. Both are
+    extras, so `pip install onecycle-fused` never downloads them for a
+    CPU-only user."""
+    tomllib = pytest.importorskip("tomllib")
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)["project"]
+    assert [d.split(">")[0].split("=")[0].strip() for d in project["dependencies"]] == ["torch"]
+    extras = project["optional-dependencies"]
+    assert any(d.startswith("triton") for d in extras["triton"])
+    assert "matplotlib" in extras["plot"]
+
+
+def test_import_loads_no_optional_dependency():
+    """Optional packages are imported where used (a plot, the DeepSpeed
+    integration), so a missing or broken one never breaks `import
+    onecycle_fused` (a guard). Not triton: torch._dynamo imports it whenever
+    it is installed, as any torch.optim step does."""
+    code = ("import sys, onecycle_fused; "
+            "print(' '.join(m for m in ('matplotlib', 'deepspeed') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True, text=True)
+    assert out.stdout.strip() == ""
