@@ -106,15 +106,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_out(path: str) -> None:
+    """A bad --out, or --out without matplotlib, is an error line before any work."""
+    from .plotting import image_target
+
+    try:
+        image_target(path, "--out")
+    except ImportError as e:  # only ours: an error line; any other import failure keeps its traceback
+        raise ValueError(str(e)) from e
+
+
 def _plot(args) -> int:
-    from .plotting import default_steps, format_table, image_target, plot_schedule, schedule_values_at
+    from .plotting import default_steps, format_table, plot_schedule, schedule_values_at
 
     if args.config and args.params:
         raise ValueError("give --config or key=value schedule arguments, not both")
     if args.config and args.type:
         raise ValueError("--type is for key=value arguments; the --config file's scheduler entry names its type")
     if args.out:
-        image_target(args.out, "--out")  # before any work
+        _check_out(args.out)  # before any work
     if args.config:
         schedule = schedule_from_config(args.config)
     elif args.params or args.type:
@@ -133,11 +143,10 @@ def _plot(args) -> int:
 
 
 def _range_test(args) -> int:
-    from .plotting import image_target
     from .range_test import lr_range_test, toy_problem
 
     if args.out:
-        image_target(args.out, "--out")  # before the test, not after it
+        _check_out(args.out)  # before the test, not after it
     model, loss_fn, data = toy_problem(seed=args.seed)
     result = lr_range_test(model, loss_fn, data, min_lr=args.min_lr, max_lr=args.max_lr, num_steps=args.steps,
                            optimizer=args.optimizer, backend=args.backend, plot=args.out,

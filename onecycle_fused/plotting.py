@@ -24,7 +24,11 @@ def image_target(path, name: str = "path") -> tuple[str, str]:
     exist, so that a long run is not lost to a typo at the end."""
     import os
 
-    from matplotlib.backend_bases import FigureCanvasBase
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError as e:  # an optional dependency: say how to get it, before any work
+        raise ImportError(f"{name}: drawing an image needs matplotlib: pip install matplotlib "
+                          "(or onecycle-fused[plot])") from e
 
     path = os.fspath(path)
     if not isinstance(path, str) or not path:

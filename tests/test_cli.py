@@ -179,6 +179,21 @@ def test_plot_errors_are_one_line(args, match, capsys, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 
+@pytest.mark.parametrize("args", [["plot", "cycle_min_lr=1e-4", "cycle_max_lr=1e-3", "--out", "s.png"],
+                                  ["range-test", "--steps", "2", "--out", "r.png"]])
+def test_out_without_matplotlib_is_one_line_naming_it(args, capsys, tmp_path, monkeypatch):
+    """matplotlib is an extra (`onecycle-fused[plot]`): without it --out was a
+    ModuleNotFoundError traceback."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib...` raises ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib.backend_bases", None)
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("error: --out:") and "pip install matplotlib" in captured.err
+    assert "Traceback" not in captured.err and captured.out == ""  # nothing ran
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("args", [["plot", "--at", "1,x"], ["plot", "--at", ""], ["plot", "--at=-1"],
                                   ["plot", "--steps", "0"], ["range-test", "--steps", "two"], ["range-test", "--steps", "1"],
                                   ["range-test", "--optimizer", "lamb"], ["plot", "--type", "Linear"], []])
