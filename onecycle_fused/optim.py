@@ -343,6 +343,11 @@ class _HostStep:
         # ``step`` is a guess until ``pending`` lands (an eager step after
         # stale ones copied the counter without waiting): get_last_lr waits
         self.unknown = False
+        # a step was captured in a CUDA graph: from then on replays advance
+        # the counter at any time with no host code, not only until the host
+        # next looks (``stale`` is cleared by a look), so get_last_lr re-reads
+        # the counter every time and eager steps copy it to the host
+        self.replayable = False
 
 
 class _TableRows:
@@ -701,7 +706,7 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         recomputed first (``_remirror_momentum``). A value the user set with
         the switch (not the one the mirror last wrote) is kept, as eager does."""
         old = self._table_rows.rows
-        if not self._host.stale or len(old) != len(rows):  # (eager steps keep the mirror current)
+        if not (self._host.stale or self._host.replayable) or len(old) != len(rows):  # (eager steps keep it current)
             return rows
 
         def scheduled(row):
@@ -746,7 +751,7 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         ``wait``: True waits for the copy, False never does (inside a step),
         None (get_last_lr) waits only when the host has no other value."""
         host = self._host
-        if host.stale:
+        if host.stale or (host.replayable and wait is not False):
             host.pending = None
             host.step = int(self._mirror_counter())  # one read, outside any step
             host.stale = host.unknown = False
@@ -928,8 +933,10 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         step = int(step)  # a numpy integer too
         for c in self._counters.values():
             c.fill_(step)
+        replayable = self._host.replayable  # (a captured graph still replays from the new position)
         self._host = _HostStep()
         self._host.step = step
+        self._host.replayable = replayable
         self._update_mirror()
         self._acknowledge_steps()  # the position is the caller's, whatever the state's steps say
 
@@ -1204,6 +1211,8 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
             # host code does not re-run with each call / replay: tracking the
             # step on the host here would bake one value into the graph
             self._host.stale = True
+            if not torch.compiler.is_compiling():  # (traced, this is never True)
+                self._host.replayable = True  # captured: replays to come, unseen
             return
         host = self._host
         counter = self._mirror_counter()
@@ -1220,7 +1229,13 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
             self._update_mirror(schedules)
             return
         self._resolve_pending(wait=False)
-        if found_inf is None:
+        if host.replayable and counter.device.type != "cpu":
+            # graph replays may have run since the last copy: this step is
+            # counted optimistically and the counter's copy, adopted when it
+            # lands, brings in what the replays did (no host sync)
+            host.step += 1
+            self._copy_counter_async(counter)
+        elif found_inf is None:
             host.step += 1
         elif counter.device.type == "cpu":
             # a CPU read costs no sync: found_inf itself if it is on the CPU,
@@ -1425,8 +1440,10 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
                 state["step"] = _own_step(state["step"], p, taken)
         for c in self._counters.values():
             c.fill_(counter)
+        replayable = self._host.replayable  # (the counters were filled in place: a graph still advances them)
         self._host = _HostStep()
         self._host.step = counter
+        self._host.replayable = replayable
         self._table_rows.rows = []
         self._plan.drop()  # new state tensors, maybe new groups
         self._update_mirror()

@@ -174,6 +174,63 @@ def test_get_last_lr_during_capture_reads_nothing():
     assert opt.get_last_lr() == [_lr(2)]  # stale: re-read outside the capture
 
 
+def test_get_last_lr_after_every_round_of_replays():
+    """A captured graph replays at any time with no host code. The first
+    get_last_lr() after the capture re-read the counter and cleared the
+    stale flag, so after further replays it (and the 'lr' mirror) kept
+    returning that first value: on a GPU, a loop logging get_last_lr()
+    between replays logged the same lr forever."""
+    p, opt = _sgd()
+    opt.step()
+    with _Capturing(opt):
+        opt.step()  # the capture (the stand-in runs it: counts as the first replay)
+    counter = opt.step_counter()
+    assert opt.get_last_lr() == [_lr(2)]
+    counter.add_(3)  # three replays: kernels only
+    assert opt.get_last_lr() == [_lr(5)] == [opt.param_groups[0]["lr"]]
+    counter.add_(1)
+    opt.set_step(int(counter))  # a new position: the graph still replays from it
+    counter.add_(2)
+    assert opt.get_last_lr() == [_lr(8)]
+
+
+def test_eager_steps_after_replays_after_a_read_adopt_the_counter():
+    """Eager steps taken after replays that followed a get_last_lr() (the
+    stale flag already cleared) counted +1 from the host's old value: the
+    mirror stayed behind the counter by every later replay, for good. With a
+    CUDA counter (stand-in: a CPU one the mirror takes for CUDA) each such
+    step now copies the counter, adopted when the copy lands."""
+    p, opt = _sgd()
+    real = opt.step_counter()
+
+    class _CudaCounter:
+        device = torch.device("cuda")
+
+        def __int__(self):
+            return int(real)
+
+    opt._mirror_counter = lambda: _CudaCounter()
+    events = []
+
+    def copy(counter):  # _copy_counter_async: a copy that lands when the test says so
+        events.append(_FakeEvent())
+        opt._host.pending = (real.clone(), events[-1], opt._host.step)
+
+    opt._copy_counter_async = copy
+    opt.step()
+    with _Capturing(opt):
+        opt.step()
+    assert opt.get_last_lr() == [_lr(2)]
+    real.add_(3)  # replays
+    opt.step()  # 6 on the device; the host's guess is 3 until the copy lands
+    events[-1].landed = True
+    opt.step()
+    assert int(real) == 7 == opt._host.step
+    assert opt.param_groups[0]["lr"] == _lr(7)
+    real.add_(2)  # replays, then get_last_lr: the counter itself
+    assert opt.get_last_lr() == [_lr(9)]
+
+
 @pytest.mark.parametrize("cls,kw", [(FusedOneCycleSGD, {}), (FusedOneCycleAdam, {})])
 def test_state_creation_during_capture_raises_before_anything_changes(cls, kw):
     p = torch.nn.Parameter(torch.zeros(5))
