@@ -127,7 +127,8 @@ def count_launches(step: Callable[[], object], device: torch.device, steps: int 
 
     ``launches``: host API calls that launch kernels or graphs (a graph
     replay counts 1); ``kernels``: kernels the device ran (CUPTI reports the
-    nodes of a replayed graph too); ``copies``: memcpy/memset API calls.
+    nodes of a replayed graph too; not the device-side copies of
+    ``record_function`` ranges); ``copies``: memcpy/memset API calls.
     """
     if device.type != "cuda":
         return {"launches_per_step": None, "kernels_per_step": None, "copies_per_step": None}
@@ -142,7 +143,10 @@ def count_launches(step: Callable[[], object], device: torch.device, steps: int 
     launches = kernels = copies = 0
     for e in prof.events():
         if e.device_type == DeviceType.CUDA:
-            if not e.name.startswith(("Memcpy", "Memset")):
+            # a record_function range (torch.optim's "Optimizer.step#AdamW.step",
+            # ours too) comes back a second time as a device-side
+            # "gpu_user_annotation" spanning its kernels: not a kernel
+            if not e.name.startswith(("Memcpy", "Memset")) and not getattr(e, "is_user_annotation", False):
                 kernels += 1
             continue
         api = _API_SUFFIX.sub("", e.name)

@@ -537,20 +537,24 @@ def test_run_keeps_its_rows_when_cut_short_or_e2e_fails(tmp_path, monkeypatch):
 def test_count_launches_reads_the_profiler_and_never_reports_an_empty_trace_as_zero(monkeypatch):
     """count_launches on CUDA (its profiler faked here: no GPU): runtime and
     driver launch APIs (version suffixes too) and graph launches count as
-    launches, device-side events other than memcpy/memset as kernels; a trace
+    launches, device-side events other than memcpy/memset and the device-side
+    copies of record_function ranges (gpu_user_annotation) as kernels; a trace
     with no CUDA activity at all is 'not counted', not 0 launches."""
     import types
 
     from torch.autograd import DeviceType
 
-    def ev(name, dev=DeviceType.CPU):
-        return types.SimpleNamespace(name=name, device_type=dev)
+    def ev(name, dev=DeviceType.CPU, annotation=False):
+        return types.SimpleNamespace(name=name, device_type=dev, is_user_annotation=annotation)
 
     traces = {
         "full": [ev("aten::add_"), ev("cudaLaunchKernel"), ev("cuLaunchKernelEx"), ev("cudaGraphLaunch_v10000"),
                  ev("cudaMemcpyAsync"), ev("cudaLaunchKernel_ptsz"), ev("cudaMemset2DAsync_v3020"),
                  ev("cudaStreamWaitEvent"), ev("kernel_a", DeviceType.CUDA), ev("kernel_b", DeviceType.CUDA),
-                 ev("kernel_c", DeviceType.CUDA), ev("Memcpy HtoD (Pinned -> Device)", DeviceType.CUDA)] * 3,
+                 ev("kernel_c", DeviceType.CUDA), ev("Memcpy HtoD (Pinned -> Device)", DeviceType.CUDA),
+                 # torch.optim's record_function range, also reported on the device (gpu_user_annotation)
+                 ev("Optimizer.step#AdamW.step", annotation=True),
+                 ev("Optimizer.step#AdamW.step", DeviceType.CUDA, annotation=True)] * 3,
         "empty": [ev("aten::add_")] * 3,
     }
     which = {}
