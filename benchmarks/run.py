@@ -203,11 +203,15 @@ def _count_launches(row: dict, step, device) -> None:
     that fails (CUPTI refused, a session left open) costs the launch columns,
     never the row's timings: raised out of the timing ``try`` it would mark a
     measured row as an error, and an error in ours fails every target."""
+    t0 = time.perf_counter()
     try:
         counts = measure.count_launches(step, device)
     except Exception as e:
         counts = {"launches_per_step": None, "kernels_per_step": None, "copies_per_step": None,
                   "launches_note": f"launches not counted: torch.profiler failed: {_error(e)}"}
+    # what a profiler session costs (CUPTI set up and torn down each time on
+    # some torch/CUDA pairs): sizes the GPU session's step limits
+    counts["profile_s"] = round(time.perf_counter() - t0, 3)
     row.update(counts)
     if counts.get("launches_note"):
         row["note"] = (row["note"] + "; " if row["note"] else "") + counts["launches_note"]
@@ -241,6 +245,7 @@ def bench_case(set_name, shapes, dtype_name, algo, params, impl_list, device, cf
                    status="ok", note="")
         rows.append(row)
         step = None
+        row_t0 = time.perf_counter()
         try:
             if impl.backend is not None:
                 why = impls_mod.ours_status(impl.backend, device, dtype)
@@ -283,6 +288,9 @@ def bench_case(set_name, shapes, dtype_name, algo, params, impl_list, device, cf
                 if impl.family == "torch-compiled":
                     torch._dynamo.reset()
                 _free(device)
+                # wall time of the row (probe, build, first step, timing, profiling): sizes the GPU
+                # session's step limits
+                row["row_s"] = round(time.perf_counter() - row_t0, 3)
         if not interleave or row["status"] != "ok":
             progress.update(1)
     if interleave:

@@ -621,6 +621,11 @@ def test_back_to_back_mode_frees_each_implementation_before_the_next():
     assert "torch-fused+OneCycleLR" in timed and len(seen) == len(timed) >= 3, (seen, rows)
     assert all(n == 0 for _, n in seen), seen  # nothing earlier still alive at each build
     assert all(r() is None for r in alive)
+    # each row says what it cost (the GPU session's step limits are sized from these)
+    for r in rows:
+        assert r["row_s"] > 0, r
+        if r["status"] == "ok":
+            assert 0 <= r["profile_s"] <= r["row_s"], r
 
 
 class _FakeCudaQueue:
