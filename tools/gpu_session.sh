@@ -94,9 +94,9 @@ if [ "$PHASE" = 1 ]; then
   STEP_SIGNAL=INT step pytest_gpu 180 "$PY" -m pytest -v -ra --durations=30 -m gpu -p no:cacheprovider \
     tests/test_cuda_backend.py tests/test_triton_gpu.py tests/test_range_test.py tests/test_trainers.py
   # the end-to-end run in a process of its own, before any torch.profiler
-  # session: the profiler's hooks outlive a session (pytorch#144455, reported
-  # 10-20% slower launches), which would slow the eager rows and flatter the
-  # graph's ratio; the cases then merge into its folder
+  # session: in some torch versions the profiler's hooks outlived a session
+  # (pytorch#144455, reported 10-20% slower launches), which would slow the
+  # eager rows and flatter the graph's ratio; the cases then merge into its folder
   step e2e 40 "$PY" -m benchmarks.run --no-progress --sets none --no-plots --out "$OUT/bench" \
     --note "tools/gpu_session.sh phase 1: the end-to-end run, in its own process"
   # the step-time suite on the launch-bound and mid-size sets; compile rows in phase 2
