@@ -49,8 +49,10 @@ namespace mt {
 constexpr int kBlockThreads = ONECYCLE_MT_BLOCK_THREADS;
 constexpr int kVecsPerThread = 4;
 constexpr int kVecBytes = 16;
-// Blocks per SM for the grid-stride grid (2048 resident threads per SM on
-// sm_80 / sm_90).
+// Blocks per SM for the grid-stride grid: 2048 threads per SM is the sm_80 /
+// sm_90 limit, but at the 64-register cap below only 2 blocks of 512 are
+// resident at once (65536 registers), so the grid runs as two waves of
+// equal work; to be measured on a GPU against kBlocksPerSM = 2 (one wave).
 constexpr int kBlocksPerSM = 4;
 // At least two blocks resident per SM (registers capped at 64 per thread):
 // with one, the SM idles while thread 0 reads a step count / evaluates the
