@@ -176,6 +176,12 @@ def _check_saved_state(state_dict: dict, groups: list, required: tuple = (), ten
     param_of = {i: p for s, g in zip(saved, groups) for i, p in zip(s["params"], g["params"])}
     counts: dict[torch.device, list] = {}  # tensor steps by device, their values read once per device
     for k, st in state_dict["state"].items():
+        if not isinstance(k, int):
+            # not a parameter's: torch's state_dict numbers every parameter
+            # and keeps other keys of ``optimizer.state`` as they are (a
+            # state_dict pre hook may put one there, as torch's tests do);
+            # its load_state_dict keeps them, and so does ours
+            continue
         if k not in param_of:
             raise ValueError(f"state_dict state[{k!r}] belongs to no parameter of its param_groups")
         if not isinstance(st, dict):
@@ -908,7 +914,7 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
             # a loader copies into the live groups with the other saved keys
             g.pop("step_counter", None)
         foreign = [(p, st) for p, st in self.state.items()
-                   if isinstance(st, dict) and "step" in st and known.steps.get(id(st["step"])) is not st["step"]]
+                   if isinstance(p, torch.Tensor) and isinstance(st, dict) and "step" in st and known.steps.get(id(st["step"])) is not st["step"]]
         if foreign:
             by_device: dict[torch.device, list[torch.Tensor]] = {}
             seen: set[int] = set()
@@ -1436,7 +1442,7 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         # each parameter its own int64 step (a checkpoint may share one count between several)
         taken: set[int] = set()
         for p, state in self.state.items():
-            if "step" in state:
+            if isinstance(p, torch.Tensor) and "step" in state:  # (other keys: see _check_saved_state)
                 state["step"] = _own_step(state["step"], p, taken)
         for c in self._counters.values():
             c.fill_(counter)

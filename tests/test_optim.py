@@ -540,6 +540,37 @@ def test_load_state_dict_refuses_bad_parameter_state_before_changing_anything(ba
     assert_close_ulps(ps, qs)
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("opt_cls", [FusedOneCycleSGD, FusedOneCycleAdam])
+def test_state_dict_round_trip_keeps_non_parameter_state_keys(opt_cls, backend):
+    """torch's state_dict keeps ``optimizer.state`` keys that are no tensor
+    as they are (torch's test_state_dict_pre_hook puts ``state["test"]``
+    there) and its load_state_dict keeps them. Ours refused its own
+    state_dict then ("state['test'] belongs to no parameter"): a checkpoint
+    it wrote could not be loaded. Still refused: an index no parameter has."""
+    p = torch.nn.Parameter(torch.randn(3))
+    opt = opt_cls([p], backend=backend, **SCHED)
+    opt.register_state_dict_pre_hook(lambda o: o.state.update(test=1, extra={"step": torch.tensor(50)}))
+    for _ in range(2):
+        p.grad = torch.randn(3)
+        opt.step()
+    sd = copy.deepcopy(opt.state_dict())
+    assert sd["state"]["test"] == 1
+    q = torch.nn.Parameter(p.detach().clone())
+    opt2 = opt_cls([q], backend=backend, **SCHED)
+    opt2.load_state_dict(sd)
+    assert opt2.state["test"] == 1 and int(opt2.step_counter()) == 2  # (the extra "step" is no parameter's)
+    for _ in range(3):
+        g = torch.randn(3)
+        p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        opt2.step()
+    assert torch.equal(p, q) and int(opt2.step_counter()) == 5
+    sd["state"][7] = {"step": torch.tensor(1)}
+    with pytest.raises(ValueError, match=r"state\[7\] belongs to no parameter"):
+        opt2.load_state_dict(sd)
+
+
 @pytest.mark.parametrize("good", [torch.tensor(7), 7, torch.tensor(7, dtype=torch.int32)])
 def test_load_state_dict_takes_an_integer_step_counter(good):
     p = torch.nn.Parameter(torch.zeros(2))
