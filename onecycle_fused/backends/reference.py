@@ -27,6 +27,37 @@ from ..schedule import ANNEAL_LINEAR, KIND_LRRANGETEST, KIND_ONECYCLE, KIND_TORC
 from . import StepBatch
 
 
+def _sq_residual(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``x - c*c``, with ``c*c`` taken exactly as ``p + e`` (Veltkamp split, Dekker
+    product: no FMA needed)."""
+    t = c * 134217729.0  # 2^27 + 1
+    hi = t - (t - c)
+    lo = c - hi
+    p = c * c
+    e = ((hi * hi - p) + 2 * hi * lo) + lo * lo
+    return (x - p) - e
+
+
+def _sqrt_rn(x: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded ``sqrt`` of a float64 tensor (``x >= 0``), on its device.
+
+    torch's CPU ``sqrt`` (Sleef's, even for one element) is 1 ulp off for ~1% of
+    arguments. Adam's ``sqrt(1 - beta2^t)`` is a host float in ``torch.optim``
+    (and ``std::sqrt`` / ``__dsqrt_rn`` in the C++ and CUDA kernels): with
+    ``beta2=0.999`` the tensor one moved every float64 parameter by an ulp at
+    ~2% of steps. Of the faithful result and its two neighbours, the nearest
+    root is the one whose exact square is nearest ``x`` (no float64 ``x`` lies
+    between the two midpoints).
+    """
+    r = x.sqrt()
+    best, best_err = r, _sq_residual(x, r).abs()
+    for c in (torch.nextafter(r, torch.full_like(r, math.inf)), torch.nextafter(r, torch.zeros_like(r))):
+        err = _sq_residual(x, c).abs()
+        closer = err < best_err
+        best, best_err = torch.where(closer, c, best), torch.where(closer, err, best_err)
+    return best
+
+
 def schedule_values(table: torch.Tensor, counter: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """lr and momentum of every group (float64 ``[groups]``) after ``counter`` applied steps.
 
@@ -241,7 +272,7 @@ class ReferenceBackend:
         bias_correction1 = 1 - beta1**t
         bias_correction2 = 1 - beta2**t
         step_size = (lr / bias_correction1).to(compute)
-        bias_correction2_sqrt = bias_correction2.sqrt().to(compute)
+        bias_correction2_sqrt = _sqrt_rn(bias_correction2).to(compute)
         second = exp_avg_sq
         max_sq = batch.max_exp_avg_sqs[i]
         if max_sq is not None:
