@@ -965,7 +965,12 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         if not torch.compiler.is_compiling() and not self.state and _called_by_dcp_init():
             self._make_state_only()
             return loss
-        self._step(getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None and not isinstance(found_inf, torch.Tensor):
+            # GradScaler.step sums its per-device flags: with no grad on any
+            # device that sum is the int 0 (nothing found), not a tensor
+            found_inf = None if found_inf == 0 else torch.ones(())
+        self._step(getattr(self, "grad_scale", None), found_inf)
         return loss
 
     def _make_state_only(self) -> None:

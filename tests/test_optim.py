@@ -816,6 +816,27 @@ def test_grad_scaler_skip_changes_nothing():
     assert int(opt.step_counter()) == 2
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_grad_scaler_step_with_no_grads(backend):
+    """GradScaler.step sums its per-device inf flags: with no grad anywhere
+    (every parameter frozen this iteration) it hands the optimizer the int 0,
+    which failed as an AttributeError. Now a step with nothing to update, as
+    without GradScaler: parameters and state unchanged, the schedule moves on."""
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = FusedOneCycleAdamW([p], backend=backend, **SCHED)
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale((p * 2).sum()).backward()
+    scaler.step(opt)
+    scaler.update()
+    before = p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}
+    opt.zero_grad()
+    scaler.scale(torch.ones(()))
+    scaler.step(opt)
+    assert torch.equal(p.detach(), before[0])
+    assert all(torch.equal(v, before[1][k]) for k, v in opt.state[p].items())
+    assert int(opt.step_counter()) == 2 and opt.get_last_lr() == [OneCycle(**SCHED).lr(2)]
+
+
 def test_grad_scale_divides_gradients():
     """A scaled loss through GradScaler gives the same step as the unscaled loss."""
     torch.manual_seed(0)
