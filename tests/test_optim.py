@@ -571,6 +571,43 @@ def test_state_dict_round_trip_keeps_non_parameter_state_keys(opt_cls, backend):
         opt2.load_state_dict(sd)
 
 
+def test_numpy_integer_state_keys_are_parameters_and_checked():
+    """torch's load_state_dict maps a state key to a parameter by ``k in`` its
+    id map, so an np.int64 index is that parameter's. Skipped as 'not an int'
+    (no parameter's), its state went in unchecked: a bad exp_avg was loaded
+    and every later step refused it. And a state_dict without its counter
+    (flattened) took the position from a non-parameter key's 'step'."""
+    np = pytest.importorskip("numpy")
+    p = torch.nn.Parameter(torch.randn(3))
+    opt = FusedOneCycleAdam([p], backend="cpu", **SCHED)
+    p.grad = torch.randn(3)
+    opt.step()
+    sd = copy.deepcopy(opt.state_dict())
+    sd["state"] = {np.int64(k): v for k, v in sd["state"].items()}
+    q = torch.nn.Parameter(torch.randn(3))
+    opt2 = FusedOneCycleAdam([q], backend="cpu", **SCHED)
+    opt2.load_state_dict(copy.deepcopy(sd))  # a good one loads, onto the parameter
+    assert torch.equal(opt2.state[q]["exp_avg"], opt.state[p]["exp_avg"]) and int(opt2.step_counter()) == 1
+    sd["state"][np.int64(0)]["exp_avg"] = torch.zeros(5)
+    opt3 = FusedOneCycleAdam([torch.nn.Parameter(torch.randn(3))], backend="cpu", **SCHED)
+    with pytest.raises(ValueError, match=r"\['exp_avg'\] must be a tensor of its parameter's shape"):
+        opt3.load_state_dict(sd)
+    assert not opt3.state
+    sd["state"][np.int64(0)]["exp_avg"] = torch.zeros(3)
+    sd["state"][np.int64(4)] = {}
+    with pytest.raises(ValueError, match=r"belongs to no parameter"):
+        opt3.load_state_dict(sd)
+
+    flat = copy.deepcopy(opt.state_dict())  # no counter: the largest parameter step is the position
+    flat.pop("step_counter")
+    for g in flat["param_groups"]:
+        g.pop("step_counter", None)
+    flat["state"]["extra"] = {"step": torch.tensor(50)}
+    opt4 = FusedOneCycleAdam([torch.nn.Parameter(torch.randn(3))], backend="cpu", **SCHED)
+    opt4.load_state_dict(flat)
+    assert int(opt4.step_counter()) == 1 and opt4.state["extra"]["step"] == 50
+
+
 @pytest.mark.parametrize("good", [torch.tensor(7), 7, torch.tensor(7, dtype=torch.int32)])
 def test_load_state_dict_takes_an_integer_step_counter(good):
     p = torch.nn.Parameter(torch.zeros(2))
@@ -1916,3 +1953,27 @@ def test_reference_adam_fp64_bias_correction_sqrt_matches_torch():
     xs = torch.cat([bc2, torch.rand(20000, dtype=torch.float64, generator=g), torch.tensor([0.0, 1.0, 0.25, 2.0**-1074])])
     want = torch.tensor([math.sqrt(x) for x in xs.tolist()], dtype=torch.float64)
     assert torch.equal(_sqrt_rn(xs), want)
+
+
+def test_reference_sqrt_rn_is_one_op_off_the_cpu():
+    """CUDA's float64 sqrt is IEEE already; the CPU correction (~50 ops) on a
+    GPU, where ``auto`` gives float64 parameters the reference backend, was
+    ~50 kernel launches per tensor and step for nothing. (meta: a device
+    that is not the CPU, here without one.)"""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from onecycle_fused.backends.reference import _sqrt_rn
+
+    class Count(TorchDispatchMode):
+        ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func)
+            return func(*args, **(kwargs or {}))
+
+    for device, most in (("meta", 1), ("cpu", 100)):
+        x = torch.full((3,), 0.5, dtype=torch.float64, device=device)
+        with Count() as c:
+            _sqrt_rn(x)
+        assert 1 <= len(c.ops) <= most, (device, c.ops)
+        c.ops.clear()
