@@ -600,6 +600,11 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
                 sched = _check_scalar_schedule(schedule_from_config(config))
             except ValueError as e:  # an edit of one group's schedule among several: say which
                 raise ValueError(f"{self._group_name(group)}['schedule']: {e}") from None
+            if len(self._schedule_cache) > 4 * len(self.param_groups) + 4:
+                # a schedule edited to new values again and again (a sweep, a
+                # value set every epoch) made one entry per value for the
+                # optimizer's lifetime (~1.3 KB each): keep the map small
+                self._schedule_cache.clear()
             self._schedule_cache[key] = sched
         if len(self._schedule_seen) > 4 * len(self.param_groups) + 4:
             self._schedule_seen.clear()  # configs replaced by new dicts: keep the map small
