@@ -595,19 +595,20 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
             )
         key = _freeze(config)
         sched = self._schedule_cache.get(key)
+        # both maps kept small: configs replaced by new dicts, or a schedule
+        # edited to new values again and again (a sweep, a value set every
+        # epoch), made one entry each for the optimizer's lifetime (~1.3 KB)
+        bound = 4 * len(self.param_groups) + 4
         if sched is None:
             try:
                 sched = _check_scalar_schedule(schedule_from_config(config))
             except ValueError as e:  # an edit of one group's schedule among several: say which
                 raise ValueError(f"{self._group_name(group)}['schedule']: {e}") from None
-            if len(self._schedule_cache) > 4 * len(self.param_groups) + 4:
-                # a schedule edited to new values again and again (a sweep, a
-                # value set every epoch) made one entry per value for the
-                # optimizer's lifetime (~1.3 KB each): keep the map small
+            if len(self._schedule_cache) > bound:
                 self._schedule_cache.clear()
             self._schedule_cache[key] = sched
-        if len(self._schedule_seen) > 4 * len(self.param_groups) + 4:
-            self._schedule_seen.clear()  # configs replaced by new dicts: keep the map small
+        if len(self._schedule_seen) > bound:
+            self._schedule_seen.clear()
         params = config.get("params")
         types = [*map(type, params.values())] if isinstance(params, dict) else None
         self._schedule_seen[id(config)] = (config, copy.deepcopy(config), sched, types)
@@ -947,12 +948,18 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
         step = int(step)  # a numpy integer too
         for c in self._counters.values():
             c.fill_(step)
-        replayable = self._host.replayable  # (a captured graph still replays from the new position)
+        self._restart_host(step)
+        self._update_mirror()
+        self._acknowledge_steps()  # the position is the caller's, whatever the state's steps say
+
+    def _restart_host(self, step: int) -> None:
+        """A fresh host count at ``step``, after the counters were filled in
+        place with it (set_step, load_state_dict). A captured graph still
+        replays and advances those counters: ``replayable`` carries over."""
+        replayable = self._host.replayable
         self._host = _HostStep()
         self._host.step = step
         self._host.replayable = replayable
-        self._update_mirror()
-        self._acknowledge_steps()  # the position is the caller's, whatever the state's steps say
 
     def _init_state(self, p: torch.Tensor, group: dict) -> dict:
         raise NotImplementedError
@@ -1462,10 +1469,7 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
                 state["step"] = _own_step(state["step"], p, taken)
         for c in self._counters.values():
             c.fill_(counter)
-        replayable = self._host.replayable  # (the counters were filled in place: a graph still advances them)
-        self._host = _HostStep()
-        self._host.step = counter
-        self._host.replayable = replayable
+        self._restart_host(counter)
         self._table_rows.rows = []
         self._plan.drop()  # new state tensors, maybe new groups
         self._update_mirror()
