@@ -159,6 +159,16 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _kept_as_is(key, param_ids) -> bool:
+    """A saved state key that is no parameter's: torch's state_dict numbers
+    every parameter and keeps other keys of ``optimizer.state`` as they are
+    (a state_dict pre hook may put one there, as torch's tests do); its
+    load_state_dict keeps them, and so does ours. A key is a parameter's as
+    torch's load maps it (``in`` its id map: an np.int64 index too); an
+    integer in no group is not kept but refused (``_check_saved_state``)."""
+    return key not in param_ids and not isinstance(key, numbers.Integral)
+
+
 def _check_saved_state(state_dict: dict, groups: list, required: tuple = (), tensors: tuple = ()) -> None:
     """Refuse, before load_state_dict changes anything, per-parameter state
     that the load would fail on half-way (after torch replaced the state and
@@ -176,17 +186,10 @@ def _check_saved_state(state_dict: dict, groups: list, required: tuple = (), ten
     param_of = {i: p for s, g in zip(saved, groups) for i, p in zip(s["params"], g["params"])}
     counts: dict[torch.device, list] = {}  # tensor steps by device, their values read once per device
     for k, st in state_dict["state"].items():
-        if k not in param_of:
-            if isinstance(k, numbers.Integral):  # (a numpy integer too)
-                raise ValueError(f"state_dict state[{k!r}] belongs to no parameter of its param_groups")
-            # not a parameter's: torch's state_dict numbers every parameter
-            # and keeps other keys of ``optimizer.state`` as they are (a
-            # state_dict pre hook may put one there, as torch's tests do);
-            # its load_state_dict keeps them, and so does ours. A key is a
-            # parameter's as torch's load maps it (``k in`` its id map: an
-            # np.int64 index too, which ``isinstance(k, int)`` let through
-            # unchecked)
+        if _kept_as_is(k, param_of):
             continue
+        if k not in param_of:
+            raise ValueError(f"state_dict state[{k!r}] belongs to no parameter of its param_groups")
         if not isinstance(st, dict):
             raise ValueError(f"state_dict state[{k!r}] must be a dict of the parameter's state, got {st!r}")
         if st:
@@ -1411,10 +1414,10 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
             # checkpoints (_adopt_foreign_steps): exact unless steps ran in
             # which no parameter had a grad, or set_step moved the counter
             # away from the parameters' counts
-            # (parameters' entries only: a key no parameter has is kept as it is, see _check_saved_state)
+            # (parameters' entries only, see _kept_as_is)
             ids = {i for g in groups if isinstance(g, dict) and isinstance(g.get("params"), list) for i in g["params"]}
             values = [_plain(st.get("step")) for k, st in state_dict["state"].items()
-                      if isinstance(st, dict) and (k in ids or isinstance(k, numbers.Integral))]
+                      if isinstance(st, dict) and not _kept_as_is(k, ids)]
             # (a bad one, also a non-finite one: _check_saved_state below names it)
             steps = [int(v) for v in values
                      if isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)]
