@@ -1258,13 +1258,11 @@ class _FusedOneCycleOptimizer(torch.optim.Optimizer):
             self._update_mirror(schedules)
             return
         self._resolve_pending(wait=False)
-        if host.replayable and counter.device.type != "cpu":
-            # graph replays may have run since the last copy: this step is
-            # counted optimistically and the counter's copy, adopted when it
-            # lands, brings in what the replays did (no host sync)
-            host.step += 1
-            self._copy_counter_async(counter)
-        elif found_inf is None:
+        # a device counter after a capture: graph replays may have run since
+        # the last copy; the asynchronous copy below brings them in, as it
+        # does a step GradScaler may have skipped
+        replays_unseen = host.replayable and counter.device.type != "cpu"
+        if found_inf is None and not replays_unseen:
             host.step += 1
         elif counter.device.type == "cpu":
             # a CPU read costs no sync: found_inf itself if it is on the CPU,
