@@ -329,3 +329,16 @@ def test_auto_falling_back_to_reference_on_a_gpu_warns_once(monkeypatch, caplog)
         _backends.resolve("auto", dev, {torch.float32, torch.bfloat16})
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 1 and "'reference'" in warnings[0] and "'cuda'" in warnings[0], warnings
+
+
+def test_a_backend_that_cannot_be_imported_is_logged_once(monkeypatch, caplog):
+    """An optional backend's missing module (triton not installed) is said
+    once per process, not on every available_backends() or auto resolve."""
+    monkeypatch.setitem(_backends._REGISTRY, "missing", "onecycle_fused._no_such_module:Backend")
+    monkeypatch.setattr(_backends, "_INSTANCES", dict(_backends._INSTANCES))
+    with caplog.at_level(logging.INFO, logger="onecycle_fused"):
+        for _ in range(3):
+            assert "missing" not in _backends.available_backends()
+            assert _backends.get_backend("missing") is None
+    said = [r.getMessage() for r in caplog.records if "'missing'" in r.getMessage()]
+    assert len(said) == 1 and "_no_such_module" in said[0], said

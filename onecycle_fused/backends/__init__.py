@@ -80,7 +80,7 @@ _REGISTRY = {
     "cuda": "onecycle_fused.backends.compiled:CUDABackend",
     "triton": "onecycle_fused.backends.triton:TritonBackend",
 }
-_INSTANCES: dict[str, Backend] = {}
+_INSTANCES: dict[str, Optional[Backend]] = {}
 
 # `backend="auto"` tries these in order for each device type. The order for
 # CUDA follows the benchmarks (see README "Performance").
@@ -103,7 +103,10 @@ def get_backend(name: str) -> Optional[Backend]:
         try:
             cls = getattr(importlib.import_module(module), attr)
         except (ImportError, AttributeError) as e:
+            # Remembered as None, so that the log says it once per process,
+            # not on every available_backends() / auto resolve.
             log.info("onecycle_fused: backend %r unavailable (%s)", name, e)
+            _INSTANCES[name] = None
             return None
         _INSTANCES[name] = cls()
     return _INSTANCES[name]
