@@ -23,6 +23,8 @@ def test_sdist_ships_every_file_setup_py_compiles(tmp_path):
     csrc = {os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "**", "*"), recursive=True)
             if os.path.isfile(p) and not p.endswith((".o", ".so"))}
     assert csrc and not csrc - listed, sorted(csrc - listed)
+    # no half test suite (test files without conftest.py, data, benchmarks/)
+    assert not [name for name in listed if name.startswith("tests/")]
 
 
 def test_required_dependencies_are_torch_alone():
