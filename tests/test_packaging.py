@@ -50,3 +50,29 @@ def test_import_loads_no_optional_dependency():
             "print(' '.join(m for m in ('matplotlib', 'deepspeed') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True, text=True)
     assert out.stdout.strip() == ""
+
+
+def test_without_triton_the_backend_is_absent_and_auto_falls_back():
+    """triton is optional: where it is not installed, `import onecycle_fused`
+    works, "triton" is not among the available backends, backend="triton" is
+    a ValueError saying so, and backend="auto" steps with another backend."""
+    code = "\n".join([
+        "import sys",
+        "sys.modules['triton'] = None  # as if not installed: `import triton` raises ImportError",
+        "import torch, onecycle_fused",
+        "from onecycle_fused import FusedOneCycleSGD",
+        "assert 'triton' not in onecycle_fused.available_backends(), onecycle_fused.available_backends()",
+        "p = torch.nn.Parameter(torch.ones(3))",
+        "try:",
+        "    FusedOneCycleSGD([p], cycle_min_lr=0.1, cycle_max_lr=1.0, backend='triton')",
+        "except ValueError as e:",
+        "    assert \"backend 'triton' is not available\" in str(e), e",
+        "else:",
+        "    raise AssertionError(\"backend='triton' accepted without triton\")",
+        "opt = FusedOneCycleSGD([p], cycle_min_lr=0.1, cycle_max_lr=1.0)",
+        "p.grad = torch.ones(3)",
+        "opt.step()",
+        "print(int(opt.step_counter()), torch.equal(p.detach(), torch.full((3,), 1 - 0.1)))",
+    ])
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True, text=True)
+    assert out.stdout.split() == ["1", "True"], out.stdout + out.stderr
