@@ -358,6 +358,48 @@ def test_many_tensors_and_groups():
     compare(FusedOneCycleSGD, SCHED, steps=3, sizes=sizes, groups=groups)
 
 
+def test_one_launch_per_dtype_bucket(monkeypatch):
+    """Every tensor of a (device, dtype) bucket in one launch, whatever the
+    number of tensors and groups; one launch per dtype with mixed dtypes, the
+    counter advancing once; a step with no grad at all is the one-program
+    counter kernel."""
+    launches = []
+
+    class Counting:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            launches.append(self.name)
+            return self.kernel[grid]
+
+    for algo, kernel in list(tb._KERNELS.items()):
+        monkeypatch.setitem(tb._KERNELS, algo, Counting(algo, kernel))
+    monkeypatch.setattr(tk, "advance_kernel", Counting("advance", tk.advance_kernel))
+    sizes = [(i * 7) % 23 for i in range(60)]  # several chunks, empty tensors too
+    params = [torch.nn.Parameter(t.to(DEVICE)) for t in init_params(sizes)]
+    opt = FusedOneCycleSGD([dict(params=params[:30], weight_decay=0.1), dict(params=params[30:], nesterov=True)],
+                           backend="triton", **SCHED)
+    for k in range(2):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        launches.clear()
+        opt.step()
+        assert launches == ["sgd"], k
+    mixed = [torch.nn.Parameter(t.to(DEVICE, dt)) for t, dt in
+             zip(init_params((9, 70, 5, 3)), (torch.float32, torch.bfloat16, torch.float16, torch.float32))]
+    opt = FusedOneCycleAdam(mixed, backend="triton", **SCHED)
+    for p in mixed:
+        p.grad = torch.randn_like(p)
+    launches.clear()
+    opt.step()
+    assert sorted(launches) == ["adam"] * 3 and int(opt.step_counter()) == 1
+    opt.zero_grad()
+    launches.clear()
+    opt.step()
+    assert launches == ["advance"] and int(opt.step_counter()) == 2
+
+
 def test_params_without_grads_and_late_params():
     """Tensors without a grad on some steps keep their own step counts (torch semantics)."""
     sizes = (5, 33, 8)
