@@ -252,6 +252,28 @@ def test_cuda_graph_survives_other_optimizers_launch_tables():
 
 
 @pytest.mark.gpu
+def test_grads_allocated_during_capture_are_refused():
+    """README: unlike the cuda backend, the triton backend cannot upload a new
+    launch table inside a capture, so grads made in the capture (at new
+    addresses, from the graph's pool) raise RuntimeError there; static grads
+    (test_cuda_graph_replay_equals_eager) are the way."""
+    params = [torch.nn.Parameter(torch.randn(s, device="cuda")) for s in (70, 4097)]
+    opt = FusedOneCycleSGD(params, backend="triton", **SCHED)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt.step()  # warm-up: state and a launch table for these grads
+    torch.cuda.current_stream().wait_stream(side)
+    with pytest.raises(RuntimeError, match="new launch table during CUDA graph capture"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            for p in params:
+                p.grad = torch.ones_like(p)
+            opt.step()
+
+
+@pytest.mark.gpu
 def test_torch_compile_traces_the_op():
     """torch.compile sees the custom op (declared mutations) and gives the eager result."""
     g = torch.Generator(device="cuda").manual_seed(0)
