@@ -10,7 +10,13 @@ VENV=${VENV:-.venv}
 if [ -x tools/check_cuda_compile.sh ]; then
   bash tools/check_cuda_compile.sh
 fi
-# 2. the main suite (gpu-marked tests skip without a CUDA device)
+# 2. the main suite (gpu-marked tests skip without a CUDA device). The tests
+#    of the compiled CPU library skip where it did not load, and the Triton
+#    file where triton is missing (requirements-dev.txt installs it on Linux):
+#    here, a skip would pass CI untested, so either is a failure
+python -c "import sys, onecycle_fused.ops as ops; sys.exit(0 if ops.cpu_library_loaded() else
+  'test.sh: onecycle_fused._C is not built or failed to load (see the log line above)')"
+if [ "$(uname -s)" = Linux ]; then python -c "import triton"; fi
 python -m pytest -q -ra "$@"
 # 3. the Triton kernels on CPU tensors through the interpreter, in a process of
 #    their own: TRITON_INTERPRET must be set before triton compiles anything
