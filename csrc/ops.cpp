@@ -132,8 +132,12 @@ constexpr int64_t kGrain = 1 << 14;
 //   1.2-1.4x faster than AVX2 in bf16 and fp16.
 // ONECYCLE_FUSED_CPU_KERNELS=default | avx2 | avx512 asks for one variant for
 // every dtype (still capped by torch's capability).
-const cpu::Kernels* capped(std::string want) {
-  std::transform(want.begin(), want.end(), want.begin(), [](unsigned char c) { return std::toupper(c); });
+std::string upper(std::string s) {
+  std::transform(s.begin(), s.end(), s.begin(), [](unsigned char c) { return std::toupper(c); });
+  return s;
+}
+
+const cpu::Kernels* capped(const std::string& want) {
   const cpu::Kernels* k = cpu::kernels_DEFAULT();
 #if defined(ONECYCLE_FUSED_CPU_CAPABILITIES)  // setup.py built the AVX2 / AVX512 variants
   const std::string cap = at::get_cpu_capability();
@@ -152,7 +156,15 @@ struct Variants {
 const Variants& variants() {
   static const Variants v = [] {
     const char* env = std::getenv("ONECYCLE_FUSED_CPU_KERNELS");
-    if (env != nullptr) return Variants{capped(env), capped(env)};
+    const std::string want = upper(env == nullptr ? "" : env);
+    if (want == "DEFAULT" || want == "AVX2" || want == "AVX512") return Variants{capped(want), capped(want)};
+    // a misspelt value would otherwise select the slow DEFAULT kernels
+    // silently; unset and empty mean the automatic choice
+    // (a static's initializer: said once per process)
+    if (!want.empty()) {
+      TORCH_WARN("onecycle_fused: ONECYCLE_FUSED_CPU_KERNELS=", env,
+                 " is not one of default, avx2, avx512; ignored (the automatic choice is used)");
+    }
     return Variants{capped("AVX2"), capped("AVX512")};
   }();
   return v;

@@ -443,7 +443,8 @@ def test_cpu_capability_variants_agree():
 def test_kernel_variant_choice():
     """float32/float64 run at most AVX2 (torch's rule for its fused optimizers),
     bfloat16/float16 the best variant; ONECYCLE_FUSED_CPU_KERNELS asks for one
-    variant for all; never above torch's capability."""
+    variant for all (another value is ignored, with a warning); never above
+    torch's capability."""
     script = "import onecycle_fused; from onecycle_fused import ops; print(ops.cpu_capability())"
     base = {k: v for k, v in os.environ.items() if k != "ONECYCLE_FUSED_CPU_KERNELS"}
 
@@ -451,6 +452,8 @@ def test_kernel_variant_choice():
         proc = subprocess.run([sys.executable, "-c", script], env=dict(base, **env), capture_output=True,
                               text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr
+        assert ("is not one of default, avx2, avx512" in proc.stderr) == (
+            env.get("ONECYCLE_FUSED_CPU_KERNELS", "").lower() not in ("", "default", "avx2", "avx512")), proc.stderr
         return proc.stdout.split()[-1]
 
     torch_cap = torch.backends.cpu.get_cpu_capability()
@@ -462,6 +465,10 @@ def test_kernel_variant_choice():
     assert variant(ONECYCLE_FUSED_CPU_KERNELS="default") == "DEFAULT"
     assert variant(ATEN_CPU_CAPABILITY="default") == "DEFAULT"
     assert variant(ATEN_CPU_CAPABILITY="avx2", ONECYCLE_FUSED_CPU_KERNELS="avx512") == "AVX2"
+    # a misspelt or empty value is the automatic choice (a misspelt one warns),
+    # not the slow DEFAULT kernels
+    assert variant(ONECYCLE_FUSED_CPU_KERNELS="avx-512") == variant()
+    assert variant(ONECYCLE_FUSED_CPU_KERNELS="") == variant()
 
 
 @pytest.mark.skipif(not (sys.platform.startswith("linux") and torch.backends.openmp.is_available()),
