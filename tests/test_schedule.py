@@ -1,5 +1,6 @@
 """The schedule against DeepSpeed's own OneCycle / LRRangeTest (the oracle), the
 documented differences, golden values, validation and config parsing."""
+import inspect
 import json
 import math
 
@@ -90,6 +91,38 @@ def test_lr_range_test_matches_deepspeed(cfg):
         got = sched.lr(k)
         assert (got if isinstance(got, list) else [got]) == lrs[k]
         assert sched.momentum(k) is None
+
+
+def _defaults(fn, skip=("self", "optimizer", "params", "last_batch_iteration")):
+    return {name: p.default for name, p in inspect.signature(fn).parameters.items() if name not in skip}
+
+
+@pytest.mark.parametrize("ours, theirs", [(OneCycle, ds.OneCycle), (LRRangeTest, ds.LRRangeTest)],
+                         ids=["OneCycle", "LRRangeTest"])
+def test_parameter_names_and_defaults_are_deepspeeds(ours, theirs):
+    """Issue 2: DeepSpeed's exact parameter names and defaults (no test pinned
+    them: every OneCycle case above sets cycle_first_step_size, so a changed
+    default of 2000 went unnoticed). decay_step_size's default is None in the
+    signature only to tell it from its alias; it is DeepSpeed's 0 once built."""
+    want = _defaults(theirs.__init__)
+    got = _defaults(ours.__init__)
+    got.pop("post_cycle_decay_step_size", None)  # the alias (difference 5)
+    assert list(got) == list(want)  # names, in DeepSpeed's order
+    required = [n for n, v in want.items() if v is inspect.Parameter.empty]
+    built = ours(**{n: 0.5 for n in required}).params()
+    assert {n: built[n] for n in want if n not in required} == {n: v for n, v in want.items() if n not in required}
+    if ours is OneCycle:
+        assert required == ["cycle_min_lr", "cycle_max_lr"]
+        assert got["decay_step_size"] is None and built["decay_step_size"] == 0
+        # the optimizers take the same schedule keywords with the same defaults
+        from onecycle_fused import FusedOneCycleAdam, FusedOneCycleAdamW, FusedOneCycleSGD
+
+        for cls in (FusedOneCycleSGD, FusedOneCycleAdam, FusedOneCycleAdamW):
+            kw = _defaults(cls)
+            assert [n for n in kw if n in got] == list(got)
+            assert {n: kw[n] for n in got if n not in required} == {n: got[n] for n in got if n not in required}
+            p = torch.nn.Parameter(torch.zeros(1))
+            assert cls([p], cycle_min_lr=0.5, cycle_max_lr=0.5).schedule.params() == built
 
 
 # ---- golden values: DeepSpeed 0.19.8 on the tutorial's config, k = steps applied
