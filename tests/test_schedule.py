@@ -2,6 +2,7 @@
 documented differences, golden values, validation and config parsing."""
 import inspect
 import json
+import logging
 import math
 
 import pytest
@@ -193,8 +194,18 @@ def test_difference_2_sgd_momentum_is_cycled():
     from onecycle_fused import FusedOneCycleSGD
 
     cfg = dict(cycle_min_lr=0.01, cycle_max_lr=0.1, cycle_first_step_size=10)
-    _, moms = deepspeed_trajectory(ds.OneCycle, cfg, 5, optimizer="sgd")
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("DeepSpeed")  # does not propagate: caplog would not see it
+    logger.addHandler(handler)
+    try:
+        _, moms = deepspeed_trajectory(ds.OneCycle, cfg, 5, optimizer="sgd")
+    finally:
+        logger.removeHandler(handler)
     assert all(m == [0.5] for m in moms)  # DeepSpeed leaves SGD's momentum alone
+    # ... and says so (the README's table said "silently"; DeepSpeed 0.19.8 logs it)
+    assert any("cycle_momentum is disabled" in r.getMessage() for r in records)
     p = torch.nn.Parameter(torch.zeros(2))
     opt = FusedOneCycleSGD([p], **cfg)
     seen = []
