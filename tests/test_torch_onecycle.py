@@ -136,6 +136,30 @@ def test_past_the_end_holds_the_last_values(name):
         assert sched.lr(T, 0) != sched.lr(T - 1, 0) or T == 1
 
 
+@pytest.mark.parametrize("three_phase", [False, True])
+def test_linear_lr_at_total_steps_is_torchs_negative_value(three_phase):
+    """The README: at k = total_steps the values are torch's, past the end of
+    its curve; with 'linear' that lr is negative (torch takes that step too),
+    and from k = total_steps + 1 on the end value holds."""
+    kw = dict(max_lr=0.1, total_steps=1000, anneal_strategy="linear", three_phase=three_phase)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0, momentum=0.9)
+    torch_sched = OneCycleLR(opt, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no optimizer.step() in between: only the values are wanted
+        for _ in range(1000):
+            torch_sched.step()
+    want = opt.param_groups[0]["lr"]
+    sched = TorchOneCycle(**kw)
+    assert sched.lr(1000) == want < 0
+    assert sched.lr(1001) == sched.lr(999) > 0
+    p = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    fused = FusedOneCycleSGD([p], schedule=sched, backend="reference")
+    fused.set_step(1000)
+    p.grad = torch.ones(1, dtype=torch.float64)
+    fused.step()  # the lr of k = 1000: an uphill step
+    assert p.item() == -want
+
+
 def test_phase_ends_are_torchs():
     s = TorchOneCycle(max_lr=0.1, total_steps=1000, three_phase=True)
     assert (s.phase1_end, s.phase2_end, s.last_end) == (299.0, 598.0, 999.0)
