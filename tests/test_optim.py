@@ -875,6 +875,37 @@ def test_grad_scaler_skip_changes_nothing():
     assert int(opt.step_counter()) == 2
 
 
+@pytest.mark.parametrize("opt_cls", [FusedOneCycleSGD, FusedOneCycleAdamW])
+def test_grad_scaler_hands_scale_and_inf_flag_to_the_step(opt_cls):
+    """Issue 2: GradScaler support through _step_supports_amp_scaling, its
+    scale and inf flag consumed by the step itself. Were the flag False for
+    GradScaler, it would unscale the grads and read found_inf on the host
+    itself, and the skip and unscale tests above would pass all the same."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    opt = opt_cls(model.parameters(), **SCHED)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    seen = []
+    step = opt.step
+
+    def recording_step(closure=None):
+        seen.append((opt.grad_scale, opt.found_inf, model.weight.grad.clone()))
+        return step(closure)
+
+    opt.step = recording_step
+    x = torch.randn(8, 4)
+    model(x).square().mean().backward()
+    unscaled = model.weight.grad.clone()
+    opt.zero_grad()
+    scaler.scale(model(x).square().mean()).backward()
+    scaler.step(opt)
+    (grad_scale, found_inf, grad), = seen
+    assert isinstance(grad_scale, torch.Tensor) and grad_scale.item() == 2.0**10
+    assert isinstance(found_inf, torch.Tensor) and found_inf.item() == 0
+    assert torch.equal(grad, unscaled * 2.0**10)  # still scaled: the step unscales
+    assert int(opt.step_counter()) == 1
+
+
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_grad_scaler_step_with_no_grads(backend):
     """GradScaler.step sums its per-device inf flags: with no grad anywhere
