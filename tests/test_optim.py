@@ -326,6 +326,39 @@ def test_counter_is_int64_on_device_and_counts_steps():
     assert int(opt.state_dict()["step_counter"]) == 3
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("opt_cls", [FusedOneCycleSGD, FusedOneCycleAdamW])
+def test_step_never_reads_the_counter_back(opt_cls, backend):
+    """Issue 2: "step() never reads it back to the host". On the CPU a read
+    costs no sync, so nothing else here would notice one creeping in (the
+    CUDA tests that would, with torch.cuda.set_sync_debug_mode, need a GPU):
+    no tensor is read to a Python number in any step, the first (which
+    creates the state) and those of every schedule phase included."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    reads = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default,
+             torch.ops.aten.equal.default)
+
+    class Reads(TorchDispatchMode):
+        seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in reads:
+                self.seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    params = [torch.nn.Parameter(torch.randn(s)) for s in ((5, 3), (7,))]
+    opt = opt_cls(params, backend=backend, cycle_min_lr=0.01, cycle_max_lr=0.1, cycle_first_step_size=3,
+                  cycle_first_stair_count=2, decay_step_size=2, decay_lr_rate=0.5)
+    for _ in range(10):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        with Reads():
+            opt.step()
+    assert Reads.seen == []
+    assert int(opt.step_counter()) == 10 and opt.get_last_lr() == [opt.schedule.lr(10)]
+
+
 def test_closure_returns_loss_and_runs_with_grad():
     w = torch.nn.Parameter(torch.tensor([2.0]))
     opt = FusedOneCycleSGD([w], cycle_min_lr=0.1, cycle_max_lr=0.1, cycle_first_step_size=2)
