@@ -55,6 +55,32 @@ def test_losses_match_torch_with_deepspeed_schedule(name, opt_cls, kwargs, devic
         assert torch.equal(v, before[k]), k
 
 
+@pytest.mark.parametrize("num_steps, check_every", [(20, 20), (40, 40), (40, 10)])
+def test_losses_are_read_to_the_host_only_at_checks(num_steps, check_every):
+    """Issue 6: losses accumulate on the device, no host read per step. Every
+    read of a tensor to Python (tolist, item, float, bool...) during the test
+    is counted: one per divergence check and one at the end, however many
+    steps ran."""
+    from torch.overrides import TorchFunctionMode
+
+    names = {"tolist", "item", "__float__", "__int__", "__bool__", "__index__", "numpy"}
+
+    class Reads(TorchFunctionMode):
+        seen = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", None) in names:
+                self.seen.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    model, loss_fn, data = toy_problem(seed=0, num_batches=4)
+    with Reads():
+        res = lr_range_test(model, loss_fn, data, min_lr=1e-4, max_lr=1e-2, num_steps=num_steps,
+                            check_every=check_every)
+    assert res.steps_run == num_steps and not res.diverged
+    assert len(Reads.seen) == num_steps // check_every + 1, Reads.seen
+
+
 def test_suggestion_rule_on_known_curve():
     # loss falls until lr = 0.3 (index 30), then rises steeply
     lrs = [0.01 * (i + 1) for i in range(60)]
