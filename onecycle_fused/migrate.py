@@ -32,7 +32,7 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from .optim import _plain
+from .validation import _plain
 from .schedule import _as_int
 
 __all__ = ["load_torch_optimizer_state", "schedule_position"]
