@@ -651,6 +651,13 @@ _TYPES = {cls.type_name: cls for cls in (OneCycle, LRRangeTest, TorchOneCycle)}
 # does not have, so a DeepSpeed config may name torch's class
 _TORCH_NAMES = {"OneCycleLR": TorchOneCycle.type_name}
 
+# every schedule's parameter names (and OneCycle's alias): the keys a
+# parameter group may set when it is added, and must not hold afterwards
+_ONECYCLE_KEYS = tuple(OneCycle(0.0, 0.0).params())
+_RANGETEST_KEYS = tuple(LRRangeTest().params())
+_TORCH_ONECYCLE_KEYS = tuple(TorchOneCycle(0.0, total_steps=1).params())
+_SCHEDULE_KEYS = set(_ONECYCLE_KEYS) | set(_RANGETEST_KEYS) | set(_TORCH_ONECYCLE_KEYS) | {"post_cycle_decay_step_size"}
+
 
 def schedule_from_config(config: str | os.PathLike | Mapping[str, Any]) -> OneCycle | LRRangeTest | TorchOneCycle:
     """Build a schedule from a DeepSpeed config.
