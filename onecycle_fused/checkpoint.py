@@ -152,7 +152,7 @@ _CLASS_OF_ALGO = {"sgd": "FusedOneCycleSGD", "adam": "FusedOneCycleAdam", "adamw
 class _CheckpointMixin:
     """``state_dict`` / ``load_state_dict`` of ``_FusedOneCycleOptimizer``,
     which lists this class before torch.optim.Optimizer in its bases (so
-    ``super()`` here is torch's). They read and set the optimizer's step
+    ``super()`` here reaches torch's). They read and set the optimizer's step
     counters, host mirror and caches through its own methods
     (``_counter``, ``_restart_host``, ``_update_mirror``, ``_validate_group``...)."""
 
