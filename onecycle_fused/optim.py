@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import inspect
 import numbers
+import os
 import sys
 from typing import Any, Callable, Iterable, Optional
 
@@ -174,7 +175,8 @@ class _FusedOneCycleOptimizer(_CheckpointMixin, _HostMirrorMixin, torch.optim.Op
             raise ValueError(f"backend must be one of {_backends.backend_names()}, got {backend!r}")
         if not isinstance(schedule, _Schedule):
             raise ValueError(
-                f"schedule must be a OneCycle, LRRangeTest or TorchOneCycle, got {type(schedule).__name__}"
+                f"schedule must be a OneCycle, LRRangeTest or TorchOneCycle (or a config dict or JSON file path), "
+                f"got {type(schedule).__name__}"
             )
         if isinstance(params, torch.Tensor):
             raise TypeError("params argument given to the optimizer should be an iterable of Tensors or dicts")
@@ -945,8 +947,8 @@ _SCHEDULE_DOC = """
     ``cycle_max_mom``, ``decay_mom_rate``.
 
     ``schedule``: a :class:`OneCycle`, :class:`LRRangeTest` or
-    :class:`TorchOneCycle` (torch's ``OneCycleLR``) or a config dict, used
-    instead of the keywords: a schedule keyword set to anything but its
+    :class:`TorchOneCycle` (torch's ``OneCycleLR``), a config dict or a
+    DeepSpeed JSON config file's path, used instead of the keywords: a schedule keyword set to anything but its
     default next to it is a ``ValueError`` (it would be ignored). ``backend``: ``"auto"`` (fastest built one for the device),
     ``"reference"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
 """
@@ -986,7 +988,9 @@ def _build_schedule(schedule, cycle_min_lr, cycle_max_lr, **kw) -> _Schedule:
                 f"{', '.join(given)} given together with schedule=: set them in the schedule "
                 "(they only build a OneCycle when schedule= is not given)"
             )
-        if isinstance(schedule, dict):
+        if isinstance(schedule, (dict, str, os.PathLike)):
+            # a config dict or a DeepSpeed JSON config file, as plot_schedule
+            # and schedule_from_config take
             return schedule_from_config(schedule)
         return schedule
     if cycle_min_lr is None or cycle_max_lr is None:

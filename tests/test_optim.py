@@ -1148,6 +1148,24 @@ def test_schedule_argument_and_keywords_conflict():
     assert opt.param_groups[0]["lr"] == 0.5
 
 
+def test_schedule_argument_takes_a_deepspeed_config_file(tmp_path):
+    """schedule= takes the DeepSpeed JSON config's path (str or Path), as
+    plot_schedule and schedule_from_config do: the tutorial's config as written."""
+    import pathlib
+
+    from conftest import SEED_CONFIG
+    expected = OneCycle.from_config(SEED_CONFIG)
+    for path in (str(SEED_CONFIG), pathlib.Path(SEED_CONFIG)):
+        p = torch.nn.Parameter(torch.randn(2))
+        opt = FusedOneCycleAdamW([p], schedule=path)
+        assert opt.schedule.config() == expected.config()
+        assert opt.param_groups[0]["lr"] == expected.lr(0)
+    with pytest.raises(FileNotFoundError):
+        FusedOneCycleSGD([torch.nn.Parameter(torch.randn(2))], schedule=str(tmp_path / "missing.json"))
+    with pytest.raises(ValueError, match=re.escape("or a config dict or JSON file path), got int")):
+        FusedOneCycleSGD([torch.nn.Parameter(torch.randn(2))], schedule=3)
+
+
 @pytest.mark.parametrize("cls", [FusedOneCycleSGD, FusedOneCycleAdam])
 @pytest.mark.parametrize("kw, name", [
     (dict(cycle_momentum=False), "cycle_momentum"),
