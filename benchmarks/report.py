@@ -19,6 +19,8 @@ COLUMNS = [
 
 
 FUSED_PEER = "torch-fused+OneCycleLR"  # the 'x fused+1cyc' column's denominator
+# run.py's note on a run without plots (the GPU session's); rewrite() drops it when it makes them
+NO_PLOTS_NOTE = "plots skipped (--no-plots)"
 
 
 def fill_vs_fused(rows) -> None:
@@ -234,6 +236,8 @@ def rewrite(out_dir: str) -> list[str]:
     with open(os.path.join(out_dir, "results.json")) as f:
         data = json.load(f)
     meta = data["meta"]
+    # the plots are made now: a run's note that it skipped them would be false
+    meta["notes"] = [n for n in meta.get("notes", []) if n != NO_PLOTS_NOTE]
     device_type = meta.get("device", "cuda" if meta.get("gpu") else "cpu")
     fill_vs_fused(data["rows"])
     targ = targets_mod.evaluate(device_type, data["rows"], data.get("e2e"))

@@ -432,7 +432,7 @@ def main(argv=None) -> int:
     old = _load(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     if args.no_plots:
-        meta["notes"].append("plots skipped (--no-plots)")
+        meta["notes"].append(report.NO_PLOTS_NOTE)
     print(f"{meta['device_name']} | torch {meta['torch']} | triton {meta['triton']} | CUDA {meta['cuda']} | "
           f"backends {meta['backends']}", flush=True)
     rows = []

@@ -800,3 +800,22 @@ def test_plots_mark_rows_that_compute_the_wrong_step():
         "torch-fused+OneCycleLR (WRONG RESULTS)"
     assert report.bar_label({"impl": "ours-cpu", "agrees": True}) == "ours-cpu"
     assert report.bar_label({"impl": "ours-cuda+graph", "agrees": None}) == "ours-cuda+graph"
+
+
+def test_report_drops_the_no_plots_note_when_it_makes_the_plots(tmp_path):
+    """The GPU session runs with --no-plots (its note says so) and the plots are
+    made here by `python -m benchmarks.report DIR`: the committed results.md
+    must not still say they were skipped next to the PNGs."""
+    from benchmarks import report
+
+    note = "plots skipped (--no-plots)"  # what run.py writes
+    meta = {"device_name": "x", "device": "cuda", "command": "c", "date": "d", "cpu": "c", "cpu_count": 1,
+            "torch_threads": 1, "git": "g", "backends": [], "notes": ["phase 1", note]}
+    row = dict(_row("ours-cuda", 1.0), n_tensors=1, n_params=1, bytes_per_step=20, family="ours", p10_ms=1.0,
+               p90_ms=1.0)
+    report.write_all(str(tmp_path), meta, [row], [], None, plots=False)
+    assert note in (tmp_path / "results.md").read_text()
+    written = report.rewrite(str(tmp_path))
+    assert str(tmp_path / "step_time_resnet50.png") in written
+    assert note not in (tmp_path / "results.md").read_text()
+    assert json.loads((tmp_path / "results.json").read_text())["meta"]["notes"] == ["phase 1"]
