@@ -948,8 +948,10 @@ _SCHEDULE_DOC = """
 
     ``schedule``: a :class:`OneCycle`, :class:`LRRangeTest` or
     :class:`TorchOneCycle` (torch's ``OneCycleLR``), a config dict or a
-    DeepSpeed JSON config file's path, used instead of the keywords: a schedule keyword set to anything but its
-    default next to it is a ``ValueError`` (it would be ignored). ``backend``: ``"auto"`` (fastest built one for the device),
+    DeepSpeed JSON config file's path, used instead of the keywords: a
+    schedule keyword set to anything but its default next to it is a
+    ``ValueError`` (it would be ignored). ``backend``: ``"auto"`` (the first
+    built of ``cpu`` / ``cuda``, ``triton`` for the device),
     ``"reference"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
 """
 

@@ -82,8 +82,11 @@ _REGISTRY = {
 }
 _INSTANCES: dict[str, Optional[Backend]] = {}
 
-# `backend="auto"` tries these in order for each device type. The order for
-# CUDA follows the benchmarks (see README "Performance").
+# `backend="auto"` tries these in order for each device type. On CPU `cpu`
+# is measured faster (README "Benchmarks"); on CUDA, `cuda` before `triton`
+# is not measured yet (no GPU run so far): a GPU run of the benchmarks checks
+# it (benchmarks/targets.py, "backend='auto' picks the faster of cuda and
+# triton") and this order is set from that result.
 AUTO_ORDER = {
     "cpu": ("cpu", "reference"),
     "cuda": ("cuda", "triton", "reference"),
