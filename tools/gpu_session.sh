@@ -6,7 +6,7 @@
 #
 #   bash tools/gpu_wheels.sh        # here, first: DeepSpeed's wheels into .whl/ (carry=[".whl"])
 #   bash tools/gpu_session.sh 1     # build, gpu tests, ResNet-50 + small sets, e2e   (~6-8 min)
-#   bash tools/gpu_session.sh 2     # at once, warm: 1B + GPT-2 sets, torch.compile rows (fp32), host overhead,
+#   bash tools/gpu_session.sh 2     # at once, warm: 1B + GPT-2 sets, torch.compile rows (ResNet-50 fp32), host overhead,
 #                                   # Triton tuning (~8 min); then here: python -m benchmarks.report DIR1 DIR2
 #
 # Everything it writes goes under $OUT, at most 8 files, as many as the device
