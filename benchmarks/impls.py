@@ -14,6 +14,9 @@ callable doing one full optimizer step *including* its 1-Cycle schedule:
 All use the same hyper-parameters and the same schedule shape (a linear
 1-Cycle: lr 1e-4 -> 1e-3, momentum 0.95 -> 0.85 over ``HALF_CYCLE`` steps), so
 they do the same work; the long cycle keeps every timed step inside it.
+DeepSpeed's ``OneCycle`` is measured as it behaves: it cycles momentum only
+for optimizers with ``betas`` (with SGD momentum stays at 0.95, one group
+write less per step) and sets Adam's beta2 to 0.99.
 """
 from __future__ import annotations
 

@@ -819,3 +819,27 @@ def test_report_drops_the_no_plots_note_when_it_makes_the_plots(tmp_path):
     assert str(tmp_path / "step_time_resnet50.png") in written
     assert note not in (tmp_path / "results.md").read_text()
     assert json.loads((tmp_path / "results.json").read_text())["meta"]["notes"] == ["phase 1"]
+
+
+@pytest.mark.parametrize("algo", ["sgd", "adamw"])
+def test_deepspeed_onecycle_peer_cycles_momentum_only_with_betas(algo):
+    """benchmarks/README: DeepSpeed's OneCycle, measured as it behaves, cycles
+    momentum only for optimizers with betas (SGD keeps 0.95) and sets beta2 to
+    0.99; its lr follows the same triangle as the OneCycleLR peer."""
+    pytest.importorskip("deepspeed.runtime.lr_schedules")
+    half = 4
+    p = torch.zeros(3, requires_grad=True)
+    opt = impls._torch_optimizer([p], algo, None)
+    sched = impls.deepspeed_onecycle(opt, half_cycle=half)
+    ours = onecycle_fused.OneCycle(impls.MIN_LR, impls.MAX_LR, cycle_first_step_size=half,
+                                   cycle_min_mom=impls.MIN_MOM, cycle_max_mom=impls.MAX_MOM)
+    moms = set()
+    for k in range(1, 2 * half):
+        opt.step()
+        sched.step()
+        g = opt.param_groups[0]
+        assert math.isclose(g["lr"], ours.lr(k), rel_tol=1e-9), k
+        moms.add(g["momentum"] if algo == "sgd" else g["betas"][0])
+        if algo != "sgd":
+            assert g["betas"][1] == 0.99
+    assert moms == {impls.MAX_MOM} if algo == "sgd" else len(moms) > 2
