@@ -843,3 +843,16 @@ def test_deepspeed_onecycle_peer_cycles_momentum_only_with_betas(algo):
         if algo != "sgd":
             assert g["betas"][1] == 0.99
     assert moms == {impls.MAX_MOM} if algo == "sgd" else len(moms) > 2
+
+
+def test_gpu_resnet50_targets_use_the_onecyclelr_peer_the_issue_names():
+    """Issue 5's ResNet-50 targets name torch fused + OneCycleLR; the others
+    take the faster scheduler. With DeepSpeed's OneCycle the faster peer here,
+    each ratio must still come from its own peer (the arithmetic test above
+    has OneCycleLR faster, where either reading gives the same numbers)."""
+    rows = [_row("torch-fused+OneCycleLR", 10.0, host=4.0), _row("torch-fused+DS-OneCycle", 8.0, host=2.0),
+            _row("ours-cuda", 6.0, host=1.0)]
+    t = {x["target"]: x for x in targets.evaluate("cuda", rows, None) if x["case"] == "resnet50 / fp32 / sgd"}
+    assert t["ResNet-50 step time <= 0.7x torch fused + OneCycleLR"]["value"] == pytest.approx(0.6)
+    assert t["ResNet-50 host CPU time <= 0.5x torch fused + OneCycleLR"]["value"] == pytest.approx(0.25)
+    assert t["never slower than torch fused + scheduler"]["value"] == pytest.approx(6.0 / 8.0)
