@@ -5,9 +5,10 @@ Measures one optimizer step (update + 1-Cycle schedule) of torch.optim foreach
 backend available here (plus CUDA-graph replay on a GPU), side by side on
 real-model parameter sets, each first checked on a small probe against a
 float64 torch.optim reference (``agreement.py``: a row that computes the wrong
-step is marked and never used as a peer); then a small end-to-end training
-run; then evaluates the targets. Prints a table and writes results.json, results.md and
-PNG plots under ``benchmarks/results/<device>_<date>/``.
+step is marked and never used as a peer), after a small end-to-end training
+run (first, before any profiler session); then evaluates the targets. Prints a
+table and writes results.json, results.md and PNG plots under
+``benchmarks/results/<device>_<date>/``.
 
 Defaults follow the hardware: on CPU the ResNet-50 and small-tensor sets with
 SGD, Adam and AdamW (a few minutes on 2 cores); on CUDA every set with SGD and
@@ -436,6 +437,13 @@ def main(argv=None) -> int:
     print(f"{meta['device_name']} | torch {meta['torch']} | triton {meta['triton']} | CUDA {meta['cuda']} | "
           f"backends {meta['backends']}", flush=True)
     rows = []
+    e2e = None
+    if e2e_steps > 0:
+        # first, before any torch.profiler session (the cases count launches
+        # with it): its hooks outlived a session in some torch versions and
+        # slowed launches (pytorch#144455), the eager variants more than the graph
+        print("end-to-end run...", file=sys.stderr)
+        e2e = _run_e2e(device, e2e_steps)
     with tqdm(total=total, desc="benchmarks", unit="impl", disable=args.no_progress, file=sys.stderr) as progress:
         for set_name in sets:
             shapes = param_sets.get(set_name)
@@ -448,14 +456,10 @@ def main(argv=None) -> int:
                     progress.write(report.text_table(case_rows), file=sys.stdout)
                     sys.stdout.flush()
                     # a checkpoint: a run cut short still leaves the cases it finished
-                    _write(out_dir, old, meta, rows, None, device.type, plots=False,
+                    _write(out_dir, old, meta, rows, e2e, device.type, plots=False,
                            partial=f"INCOMPLETE: checkpoint after {done} of {n_cases} cases (the run did not finish)")
                 del params
                 _free(device)
-    e2e = None
-    if e2e_steps > 0:
-        print("end-to-end run...", file=sys.stderr)
-        e2e = _run_e2e(device, e2e_steps)
 
     meta["load_avg_end"] = _loadavg()
     meta, all_rows, e2e, targ = _write(out_dir, old, meta, rows, e2e, device.type, plots=not args.no_plots)
