@@ -289,6 +289,27 @@ def test_agreement_probe_tells_right_from_wrong(algo, dtype):
 
     r = agreement.check(impls.Impl("frozen", "torch-foreach", "OneCycleLR", unscheduled), algo, dtype, cpu)
     assert r["agrees"] is False and r["agreement_error"] > 0.5, r
+
+    # lr scheduled, momentum (SGD) / beta1 (AdamW) left at its start: caught in
+    # fp32 (SGD's error is ~0.07, under bf16's bound; AdamW's ~0.3 in both)
+    def momentum_frozen(params, algo, device, half_cycle=impls.HALF_CYCLE):
+        opt = impls._torch_optimizer(params, algo, "foreach")
+        sched = impls.onecyclelr(opt, half_cycle)
+
+        def step():
+            for g in opt.param_groups:
+                if algo == "sgd":
+                    g["momentum"] = impls.MAX_MOM
+                else:
+                    g["betas"] = (impls.MAX_MOM, g["betas"][1])
+            opt.step()
+            sched.step()
+
+        return step
+
+    r = agreement.check(impls.Impl("mom", "torch-foreach", "OneCycleLR", momentum_frozen), algo, dtype, cpu)
+    if dtype == torch.float32 or algo == "adamw":
+        assert r["agrees"] is False, r
     # compiled / graph rows are not probed, and say so
     r = agreement.check(impls.Impl("c", "torch-compiled", "OneCycleLR", no_update), algo, dtype, cpu)
     assert r["agrees"] is None and "not probed" in r["agreement_note"]
