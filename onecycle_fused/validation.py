@@ -4,8 +4,9 @@ on (a one-element tensor as its number, a table row's number).
 
 Each check raises the error that names the bad value before a constructor,
 step or load changes anything. Plain functions of values, with no optimizer
-state: kept apart from optim.py, whose constructor, step and load_state_dict
-share them with the torch.optim migration (migrate.py).
+state: kept apart from the optimizers' constructor and step (optim.py) and
+load_state_dict (checkpoint.py), which share them with the torch.optim
+migration (migrate.py).
 """
 from __future__ import annotations
 
