@@ -154,7 +154,9 @@ class _CheckpointMixin:
     which lists this class before torch.optim.Optimizer in its bases (so
     ``super()`` here reaches torch's). They read and set the optimizer's step
     counters, host mirror and caches through its own methods
-    (``_counter``, ``_restart_host``, ``_update_mirror``, ``_validate_group``...)."""
+    (``_counter``, ``_restart_host``, ``_update_mirror``, ``_validate_group``...)
+    and attributes: ``algo``, ``_counters``, ``_table_rows`` and ``_plan`` (set in
+    optim.py), ``_required_state`` / ``_state_tensors`` (each algorithm's class)."""
 
     @contextlib.contextmanager
     def _hooks_suspended(self, name: str):

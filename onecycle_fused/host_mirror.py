@@ -68,7 +68,10 @@ class _HostMirrorMixin:
     (listed in its bases before torch.optim.Optimizer). It reads the
     optimizer's counters and groups through the optimizer's own methods
     (``_counter``, ``_host_code_runs``, ``_schedule_of``...); each algorithm
-    says where its momentum mirror goes (``_set_momentum_mirror``)."""
+    says where its momentum mirror goes (``_set_momentum_mirror``). Its state,
+    ``_host`` (a ``_HostStep``) and ``_lr_written`` (a ``_LrWritten``), is made
+    by the optimizer (``__init__``, ``_reset_caches``, ``__setstate__``) and
+    replaced here by ``_restart_host``."""
 
     def _resolve_pending(self, wait: Optional[bool] = None) -> None:
         """Adopt the device counter's value once its asynchronous copy landed.
