@@ -13,12 +13,23 @@ schedule_mirror.py, a torch LR scheduler stand-in for trainers.
 """
 from __future__ import annotations
 
+import sys
 import warnings
 from typing import Any, Optional
 
 import torch
 
 from .schedule import _Schedule
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning raised under ``step()`` point
+    at the caller's line: the first frame outside onecycle_fused and torch,
+    however many wrappers (torch's step hooks, profiler, no_grad) sit between."""
+    f, level = sys._getframe(2), 2  # the frame of the function that warns is level 1
+    while f is not None and f.f_globals.get("__name__", "").split(".")[0] in ("onecycle_fused", "torch"):
+        f, level = f.f_back, level + 1
+    return level
 
 
 class _HostStep:
@@ -141,7 +152,7 @@ class _HostMirrorMixin:
                     f"(the schedule gives {value!r}); is a torch LR scheduler attached? It has no effect: the "
                     "1-Cycle schedule is computed inside step() and 'lr' is only its mirror. Drop the scheduler "
                     "(for a trainer that needs one, use onecycle_fused.ScheduleMirror)",
-                    UserWarning, stacklevel=4,
+                    UserWarning, stacklevel=_user_stacklevel(),
                 )
                 return
 

@@ -284,8 +284,9 @@ def test_lr_mirror_and_get_last_lr():
     opt.param_groups[0]["lr"] = 123.0
     p.grad = torch.randn(4)
     before = p.detach().clone()
-    with pytest.warns(UserWarning, match=r"param_groups\[0\]\['lr'\] was set to 123.0 from outside"):
+    with pytest.warns(UserWarning, match=r"param_groups\[0\]\['lr'\] was set to 123.0 from outside") as caught:
         opt.step()
+    assert [w.filename for w in caught] == [__file__]  # points at the caller's line, not into the package
     assert (p - before).abs().max() < 1.0
     opt.param_groups[0]["lr"] = 456.0
     with warnings.catch_warnings():
