@@ -373,8 +373,8 @@ class Step {
     if (skipped_) return;  // found_inf: nothing changes, not even the counters
     run(works, fn);
     batch.finish();
-    for (int64_t* s : step_ptrs_) ++*s;
-    ++*counter_;
+    for (int64_t* s : step_ptrs_) *s = oc_next_step(*s);  // (wraps at 2^63 like torch's int64 add)
+    *counter_ = oc_next_step(*counter_);
   }
 
   Batch batch;

@@ -75,6 +75,14 @@ ONECYCLE_HD double oc_dmul(double a, double b) { return a * b; }
 ONECYCLE_HD double oc_ddiv(double a, double b) { return a / b; }
 #endif
 
+// step + 1 for the int64 step counts, wrapping at 2^63 as torch's int64 add
+// does (the reference backend's `step + 1`); a signed overflow would be
+// undefined behaviour. (Counts that large only come from a loaded
+// state_dict: load_state_dict accepts any int64 >= 0.)
+ONECYCLE_HD int64_t oc_next_step(int64_t step) {
+  return static_cast<int64_t>(static_cast<uint64_t>(step) + 1u);
+}
+
 // math.pi as a double
 constexpr double kPi = 3.141592653589793;
 

@@ -158,7 +158,7 @@ ONECYCLE_HD AdamScalars<S> adam_scalars(const double* r, double lr, double beta1
   AdamScalars<S> s;
   const double beta2 = r[row::BETA2];
   const double wd = r[row::WEIGHT_DECAY];
-  const double t = static_cast<double>(step_before + 1);
+  const double t = static_cast<double>(oc_next_step(step_before));
   const double bias_correction1 = oc_dsub(1.0, pow(beta1, t));
   const double bias_correction2 = oc_dsub(1.0, pow(beta2, t));
   const S weight = static_cast<S>(oc_dsub(1.0, beta1));

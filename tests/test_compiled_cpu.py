@@ -338,6 +338,31 @@ def test_grad_scaler_end_to_end():
     _check_fp(ADAMW, a, b, opt_a, opt_b, torch.float32)
 
 
+@pytest.mark.parametrize("op", ["sgd", "adam"])
+def test_step_counts_at_int64_max_wrap_like_torchs_int64_add(op):
+    """A step from counts of 2**63 - 1 (load_state_dict accepts any int64 >= 0)
+    wraps them to -2**63, as torch's int64 add does (the reference backend's
+    `step + 1`). The C++ side counts in unsigned arithmetic: the signed
+    `step + 1` it had overflowed, undefined behaviour that an
+    -fsanitize=undefined build of the library reported (in ops.cpp's count
+    increments and update.h's Adam bias correction). A normal build wrapped
+    anyway, so this fails only under UBSan without the fix."""
+    big = 2**63 - 1
+    row = OneCycle(0.01, 0.1, cycle_first_step_size=4).row() + [0.0] * (ROW_WIDTH - Row.MOMENTUM - 1)
+    row[Row.BETA2], row[Row.EPS] = 0.999, 1e-8
+    table = torch.tensor([row], dtype=torch.float64)
+    p, g = torch.randn(37), torch.randn(37)
+    steps, counter = [torch.tensor(big)], torch.tensor(big)
+    if op == "sgd":
+        torch.ops.onecycle_fused.sgd_step_([p], [g], [torch.zeros(37)], steps, [0], table, counter, None, None)
+    else:
+        state = [[torch.zeros(37)] for _ in range(3)]
+        torch.ops.onecycle_fused.adam_step_([p], [g], *state, steps, [0], table, counter, None, None)
+    wrapped = torch.tensor(big) + 1
+    assert int(wrapped) == -(2**63)
+    assert torch.equal(steps[0], wrapped) and torch.equal(counter, wrapped)
+
+
 def test_auto_picks_cpu_backend():
     assert resolve("auto", torch.device("cpu"), {torch.float32, torch.bfloat16}).name == "cpu"
     p = torch.nn.Parameter(torch.randn(3))
