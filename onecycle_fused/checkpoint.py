@@ -297,6 +297,20 @@ class _CheckpointMixin:
         for p, state in self.state.items():
             if isinstance(p, torch.Tensor) and "step" in state:  # (other keys: see _check_saved_state)
                 state["step"] = _own_step(state["step"], p, taken)
+        # ... and its own state tensors: torch's load keeps one tensor that
+        # several parameters (or keys) share shared, so each step would update
+        # it once per parameter, and the compiled CPU kernels, which split a
+        # step's elements between threads, from two threads at once (a data
+        # race: results then depend on the timing)
+        owned: set[int] = set()
+        for p, state in self.state.items():
+            if isinstance(p, torch.Tensor):
+                for k in self._state_tensors:
+                    t = state.get(k)
+                    if isinstance(t, torch.Tensor):
+                        if id(t) in owned:
+                            state[k] = t = t.clone()
+                        owned.add(id(t))
         for c in self._counters.values():
             c.fill_(counter)
         self._restart_host(counter)

@@ -707,6 +707,45 @@ def test_load_state_dict_gives_a_shared_step_count_one_copy_per_parameter(backen
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("opt_cls, key", [(FusedOneCycleSGD, "momentum_buffer"), (FusedOneCycleAdam, "exp_avg")])
+def test_load_state_dict_gives_a_shared_state_tensor_one_copy_per_parameter(opt_cls, key, backend):
+    """As for the step counts: torch's load keeps a state tensor that several
+    parameters share (a crafted or converted checkpoint) shared. Each step then
+    updated it once per parameter, and the compiled CPU kernels, which split
+    a step's elements between threads, wrote it from two threads at once: with
+    2 threads the results changed from run to run (a data race, seen by an
+    audit). Each parameter gets its own copy; oracle: the same state_dict with
+    a tensor per parameter."""
+    from onecycle_fused import available_backends
+    if backend not in available_backends():
+        pytest.skip(f"backend {backend!r} is not built")
+    shapes = ((40_000,), (40_000,))  # above the CPU backend's serial threshold: two threads split them
+    before = torch.get_num_threads()
+    out = []
+    try:
+        torch.set_num_threads(2)
+        for share in (True, False):
+            params = [torch.nn.Parameter(t) for t in make_params(shapes)]
+            opt = opt_cls(params, backend=backend, **SCHED)
+            for k in range(4):
+                for i, p in enumerate(params):
+                    p.grad = make_params(shapes, seed=10 * k + i + 1)[i]
+                if k == 1:
+                    sd = copy.deepcopy(opt.state_dict())
+                    shared = sd["state"][0][key]
+                    sd["state"][1][key] = shared if share else shared.clone()
+                    opt.load_state_dict(sd)
+                    assert opt.state[params[0]][key] is not opt.state[params[1]][key]
+                    assert torch.equal(opt.state[params[0]][key], opt.state[params[1]][key])
+                opt.step()
+            out.append([p.detach().clone() for p in params])
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(*out):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("key,value", [("cycle_max_lr", 0.5), ("max_lr", 0.5), ("cycle_first_step_size", 2)])
 def test_a_schedule_key_written_into_a_group_later_is_refused(key, value):
     """Schedule keys in a group dict are read when the group is added (they
