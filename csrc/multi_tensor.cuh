@@ -371,9 +371,10 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSM) multi_tensor_s
     if (!is_last_block) return;
     __threadfence();
   }
-  for (int i = threadIdx.x; i < n; i += blockDim.x) *slots[i].step += 1;
+  // (oc_next_step: wraps at 2^63 like torch's int64 add, no signed overflow)
+  for (int i = threadIdx.x; i < n; i += blockDim.x) *slots[i].step = oc_next_step(*slots[i].step);
   if (threadIdx.x == 0) {
-    if (args.advance_counter) *args.counter += 1;
+    if (args.advance_counter) *args.counter = oc_next_step(*args.counter);
     header->done = 0;  // ready for the next launch (stream-ordered)
   }
 }
