@@ -18,7 +18,7 @@ import json
 import math
 import numbers
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 __all__ = ["OneCycle", "LRRangeTest", "TorchOneCycle", "Row", "ROW_WIDTH", "schedule_from_config"]
 

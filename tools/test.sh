@@ -15,7 +15,7 @@ fi
 #    file where triton is missing (requirements-dev.txt installs it on Linux):
 #    here, a skip would pass CI untested, so either is a failure
 python -c "import sys, onecycle_fused.ops as ops; sys.exit(0 if ops.cpu_library_loaded() else
-  'test.sh: onecycle_fused._C is not built or failed to load (see the log line above)')"
+  'test.sh: onecycle_fused._C is not built (run tools/setup.sh) or failed to load (a warning above says why)')"
 if [ "$(uname -s)" = Linux ]; then python -c "import triton"; fi
 python -m pytest -q -ra "$@"
 # 3. the Triton kernels on CPU tensors through the interpreter, in a process of
