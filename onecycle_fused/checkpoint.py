@@ -135,7 +135,8 @@ def _check_saved_state(state_dict: dict, groups: list, required: tuple = (), ten
 def _own_step(step, p: torch.Tensor, taken: set[int]) -> torch.Tensor:
     """A per-parameter ``step`` as the backends need it: an int64 0-dim
     tensor on ``p``'s device that no other parameter shares (``taken``: ids
-    of those already given out; the id of the result is added). A count
+    of the tensors already given out to parameters; the id of the result is
+    added). A count
     shared by several parameters would advance once per parameter each step,
     and the backends read it at different times: each gets its own copy."""
     fits = (isinstance(step, torch.Tensor) and step.dtype == torch.int64 and step.dim() == 0
@@ -292,25 +293,24 @@ class _CheckpointMixin:
         for group in self.param_groups:
             for k, v in self.defaults.items():
                 group.setdefault(k, v)
-        # each parameter its own int64 step (a checkpoint may share one count between several)
+        # each parameter its own int64 step and its own state tensors: torch's
+        # load keeps a tensor that several parameters (or keys) share shared,
+        # so each step would update it once per parameter, and the compiled
+        # CPU kernels, which split a step's elements between threads, would
+        # write a shared state from two threads at once (a data race: results
+        # then depend on the timing)
         taken: set[int] = set()
         for p, state in self.state.items():
-            if isinstance(p, torch.Tensor) and "step" in state:  # (other keys: see _check_saved_state)
+            if not isinstance(p, torch.Tensor):  # (other keys: see _check_saved_state)
+                continue
+            if "step" in state:
                 state["step"] = _own_step(state["step"], p, taken)
-        # ... and its own state tensors: torch's load keeps one tensor that
-        # several parameters (or keys) share shared, so each step would update
-        # it once per parameter, and the compiled CPU kernels, which split a
-        # step's elements between threads, from two threads at once (a data
-        # race: results then depend on the timing)
-        owned: set[int] = set()
-        for p, state in self.state.items():
-            if isinstance(p, torch.Tensor):
-                for k in self._state_tensors:
-                    t = state.get(k)
-                    if isinstance(t, torch.Tensor):
-                        if id(t) in owned:
-                            state[k] = t = t.clone()
-                        owned.add(id(t))
+            for k in self._state_tensors:
+                t = state.get(k)
+                if isinstance(t, torch.Tensor):
+                    if id(t) in taken:
+                        state[k] = t = t.clone()
+                    taken.add(id(t))
         for c in self._counters.values():
             c.fill_(counter)
         self._restart_host(counter)
