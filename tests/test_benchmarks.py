@@ -50,16 +50,22 @@ def test_bytes_model():
     assert measure.bytes_per_step("adam", 10, torch.bfloat16) == 140
 
 
+def _peer_optimizer_and_our_schedule(algo, half):
+    """A torch optimizer as the benchmark peers build it (one small parameter),
+    and our OneCycle with the peers' triangle over ``half`` steps."""
+    opt = impls._torch_optimizer([torch.zeros(3, requires_grad=True)], algo, None)
+    ours = onecycle_fused.OneCycle(impls.MIN_LR, impls.MAX_LR, cycle_first_step_size=half,
+                                   cycle_min_mom=impls.MIN_MOM, cycle_max_mom=impls.MAX_MOM)
+    return opt, ours
+
+
 @pytest.mark.parametrize("algo", ["sgd", "adamw"])
 def test_onecyclelr_peer_follows_our_schedule(algo):
     """impls.onecyclelr is torch's OneCycleLR shaped like DeepSpeed's triangle:
     its lr/momentum equal onecycle_fused.OneCycle's at every step of the cycle."""
     half = 10
-    p = torch.zeros(3, requires_grad=True)
-    opt = impls._torch_optimizer([p], algo, None)
+    opt, ours = _peer_optimizer_and_our_schedule(algo, half)
     sched = impls.onecyclelr(opt, half_cycle=half)
-    ours = onecycle_fused.OneCycle(impls.MIN_LR, impls.MAX_LR, cycle_first_step_size=half,
-                                   cycle_min_mom=impls.MIN_MOM, cycle_max_mom=impls.MAX_MOM)
     for k in range(2 * half + 1):
         g = opt.param_groups[0]
         mom = g["momentum"] if algo == "sgd" else g["betas"][0]
@@ -849,11 +855,8 @@ def test_deepspeed_onecycle_peer_cycles_momentum_only_with_betas(algo):
     0.99; its lr follows the same triangle as the OneCycleLR peer."""
     pytest.importorskip("deepspeed.runtime.lr_schedules")
     half = 4
-    p = torch.zeros(3, requires_grad=True)
-    opt = impls._torch_optimizer([p], algo, None)
+    opt, ours = _peer_optimizer_and_our_schedule(algo, half)
     sched = impls.deepspeed_onecycle(opt, half_cycle=half)
-    ours = onecycle_fused.OneCycle(impls.MIN_LR, impls.MAX_LR, cycle_first_step_size=half,
-                                   cycle_min_mom=impls.MIN_MOM, cycle_max_mom=impls.MAX_MOM)
     moms = set()
     for k in range(1, 2 * half):
         opt.step()
