@@ -642,6 +642,92 @@ def test_launch_table_used_in_a_capture_survives_eviction(monkeypatch):
     assert any(launch is captured for launch in launcher._pinned.values())
 
 
+def _simulated_uploads(monkeypatch):
+    """Launch tables built as on CUDA (a separate table filled by a copy from
+    "pinned" host memory) on the interpreter's CPU tensors, and a switch that
+    says "capturing". On CPU the copies run at once; on a GPU a captured copy
+    runs at each replay (test_triton_gpu.py replays real graphs)."""
+    monkeypatch.setattr(tb, "_uploaded", lambda device: True)
+    monkeypatch.setattr(tb, "_pinned_empty", lambda numel: torch.empty(numel, dtype=torch.int64))
+    capturing = [False]
+    monkeypatch.setattr(tb, "_capturing", lambda device: capturing[0])
+    return capturing
+
+
+def test_grads_allocated_in_a_capture_get_a_table_from_the_warm_up_spare(monkeypatch):
+    """README (CUDA graphs): grads that a captured backward allocates (new
+    addresses) need a new launch table inside the capture. Its host image goes
+    into the spare pinned buffer that the warm-up step's table left (pinned
+    memory is not allocated while capturing), which the graph's copy reads at
+    every replay: so that buffer moves to the new table for good, the table is
+    kept past the LRU, and an eager hit before any replay fills it."""
+    capturing = _simulated_uploads(monkeypatch)
+    launcher = tb._launcher
+    launcher.clear_cache()
+    sizes = (5, 70, 300)
+    init, grads = init_params(sizes), make_grads(3, sizes)
+    kw = dict(SCHED, momentum=0.9, weight_decay=0.01)
+    params = [torch.nn.Parameter(t.to(DEVICE).clone()) for t in init]
+    opt = FusedOneCycleSGD(params, backend="triton", **kw)
+    for p, g in zip(params, grads[0]):
+        p.grad = g.float().to(DEVICE)
+    opt.step()  # warm-up
+    bucket = launcher._cache[("sgd", torch.float32, DEVICE)]
+    (warm,) = bucket.values()
+    assert warm.spare is not None and warm.spare.numel() == warm.table.numel() and warm.written
+    spare_ptr = warm.spare.data_ptr()
+
+    capturing[0] = True
+    for p, g in zip(params, grads[1]):
+        p.grad = g.float().to(DEVICE)  # "allocated in the capture": new addresses
+    opt.step()
+    capturing[0] = False
+    captured = list(bucket.values())[-1]
+    assert captured is not warm and warm.spare is None  # the spare moved to the captured table
+    assert captured.staged.data_ptr() == spare_ptr and not captured.written
+    assert captured.table.data_ptr() != captured.staged.data_ptr()
+    assert any(launch is captured for launch in launcher._pinned.values())
+
+    for p, g in zip(params, grads[2]):
+        p.grad.copy_(g.float())  # the capture's grads, stepped eagerly: a hit fills the table
+    opt.step()
+    assert captured.written and torch.equal(captured.table, captured.staged)
+    ref, _ = run(FusedOneCycleSGD, "reference", init, grads, torch.float32, **kw)
+    assert_ulps(params, ref, ulps=4)
+
+
+def test_capture_without_a_spare_refuses_before_stepping(monkeypatch):
+    """A new launch table while capturing with no same-sized spare (no eager
+    warm-up table in the bucket, or its spare already taken): RuntimeError,
+    and no parameter, state or step count has moved."""
+    capturing = _simulated_uploads(monkeypatch)
+    launcher = tb._launcher
+    sizes = (5, 70)
+    params = [torch.nn.Parameter(t.to(DEVICE).clone()) for t in init_params(sizes)]
+    opt = FusedOneCycleAdam(params, backend="triton", **SCHED)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()  # state exists: only the table is missing below
+    before = [p.detach().clone() for p in params]
+    state = [{k: v.clone() for k, v in opt.state[p].items()} for p in params]
+    for spares_left in (False, True):
+        launcher.clear_cache()
+        if spares_left:  # a bucket whose only spare has another size
+            other = [torch.nn.Parameter(torch.zeros(9, device=DEVICE))]
+            other[0].grad = torch.ones_like(other[0])
+            FusedOneCycleAdam(other, backend="triton", **SCHED).step()
+        capturing[0] = True
+        for p in params:
+            p.grad = torch.ones_like(p)
+        with pytest.raises(RuntimeError, match="no pinned buffer"):
+            opt.step()
+        capturing[0] = False
+        assert int(opt.step_counter()) == 1
+        assert all(torch.equal(p, b) for p, b in zip(params, before))
+        for p, saved in zip(params, state):
+            assert all(torch.equal(opt.state[p][k], v) for k, v in saved.items())
+
+
 def test_launch_config_chunking():
     """Other block / iteration splits give the same result (chunk boundaries move)."""
     sizes = (1, 100, 257)

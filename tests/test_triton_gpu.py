@@ -163,6 +163,26 @@ def test_no_host_sync():
     assert int(opt.step_counter()) == 3
 
 
+def _eager_run(cls, kw, init, grads):
+    """Params cloned from ``init``, stepped eagerly with each list of ``grads``: (params, optimizer)."""
+    params = [torch.nn.Parameter(t.clone()) for t in init]
+    opt = cls(params, backend="triton", **kw)
+    for step_grads in grads:
+        for p, gr in zip(params, step_grads):
+            p.grad = gr.clone()
+        opt.step()
+    return params, opt
+
+
+def _assert_same_run(params, opt, eager, opt_e, steps):
+    """Bit for bit the eager run: parameters, every state tensor, the step count."""
+    assert int(opt.step_counter()) == int(opt_e.step_counter()) == steps
+    for x, y in zip(params, eager):
+        assert torch.equal(x, y)
+        for key, v in opt_e.state[y].items():
+            assert torch.equal(opt.state[x][key], v), key
+
+
 def _captured_step(cls, kw, init, first_grads):
     """Params cloned from ``init`` with static grads, one warm-up step on a side
     stream (state, kernels and launch table exist before capture), then one
@@ -194,12 +214,7 @@ def test_cuda_graph_replay_equals_eager(cls, kw):
     init = [torch.randn(s, device="cuda", generator=g) for s in SIZES]
     grads = [[torch.randn(s, device="cuda", generator=g) for s in SIZES] for _ in range(20)]
 
-    eager = [torch.nn.Parameter(t.clone()) for t in init]
-    opt_e = cls(eager, backend="triton", **kw)
-    for step_grads in grads:
-        for p, gr in zip(eager, step_grads):
-            p.grad = gr.clone()
-        opt_e.step()
+    eager, opt_e = _eager_run(cls, kw, init, grads)
 
     graphed, opt_g, static, graph = _captured_step(cls, kw, init, grads[0])
     for step_grads in grads[1:]:
@@ -207,12 +222,7 @@ def test_cuda_graph_replay_equals_eager(cls, kw):
             s.copy_(gr)
         graph.replay()
     torch.cuda.synchronize()
-    assert int(opt_g.step_counter()) == int(opt_e.step_counter()) == 20
-    for x, y in zip(graphed, eager):
-        assert torch.equal(x, y)
-    for x, y in zip(graphed, eager):
-        for key, v in opt_e.state[y].items():
-            assert torch.equal(opt_g.state[x][key], v), key
+    _assert_same_run(graphed, opt_g, eager, opt_e, steps=20)
 
 
 @pytest.mark.gpu
@@ -252,11 +262,54 @@ def test_cuda_graph_survives_other_optimizers_launch_tables():
 
 
 @pytest.mark.gpu
-def test_grads_allocated_during_capture_are_refused():
-    """README: unlike the cuda backend, the triton backend cannot upload a new
-    launch table inside a capture, so grads made in the capture (at new
-    addresses, from the graph's pool) raise RuntimeError there; static grads
-    (test_cuda_graph_replay_equals_eager) are the way."""
+@pytest.mark.parametrize("cls,kw", [CASES[0], CASES[2]], ids=["sgd", "adam"])
+def test_grads_allocated_during_capture_replay_equal_eager(cls, kw):
+    """README: grads made inside the capture (new addresses, from the graph's
+    pool, as after ``zero_grad(set_to_none=True)``) get a launch table built
+    while capturing, filled by a captured copy from the warm-up table's spare
+    pinned buffer. An eager step with those grads before the first replay
+    fills it too; replays then equal the eager run bit for bit."""
+    kw = dict(SCHED, **kw)
+    g = torch.Generator(device="cuda").manual_seed(2)
+    sizes = (3, 1000, 4097)
+    init = [torch.randn(s, device="cuda", generator=g) for s in sizes]
+    grads = [[torch.randn(s, device="cuda", generator=g) for s in sizes] for _ in range(6)]
+
+    eager, opt_e = _eager_run(cls, kw, init, grads)
+
+    params = [torch.nn.Parameter(t.clone()) for t in init]
+    opt = cls(params, backend="triton", **kw)
+    sources = [torch.empty_like(t) for t in init]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for p, gr in zip(params, grads[0]):
+            p.grad = gr.clone()
+        opt.step()  # warm-up: state, and a launch table with a spare of the same size
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for p, src in zip(params, sources):
+            p.grad = src * 1  # new storages: the table is built while capturing
+        opt.step()
+    for p, gr in zip(params, grads[1]):
+        p.grad.copy_(gr)  # the capture's grads, an eager step before any replay
+    opt.step()
+    for step_grads in grads[2:]:
+        for src, gr in zip(sources, step_grads):
+            src.copy_(gr)
+        graph.replay()
+    torch.cuda.synchronize()
+    _assert_same_run(params, opt, eager, opt_e, steps=6)
+
+
+@pytest.mark.gpu
+def test_capture_without_a_warm_up_table_is_refused():
+    """With no eager table of the same size in the bucket (here: the cache
+    cleared after the warm-up) a table built while capturing has no pinned
+    buffer to copy from: RuntimeError, raised before anything is launched."""
+    from onecycle_fused.backends import triton as tb
+
     params = [torch.nn.Parameter(torch.randn(s, device="cuda")) for s in (70, 4097)]
     opt = FusedOneCycleSGD(params, backend="triton", **SCHED)
     side = torch.cuda.Stream()
@@ -266,7 +319,8 @@ def test_grads_allocated_during_capture_are_refused():
             p.grad = torch.ones_like(p)
         opt.step()  # warm-up: state and a launch table for these grads
     torch.cuda.current_stream().wait_stream(side)
-    with pytest.raises(RuntimeError, match="new launch table during CUDA graph capture"):
+    tb._launcher.clear_cache()
+    with pytest.raises(RuntimeError, match="no pinned buffer"):
         with torch.cuda.graph(torch.cuda.CUDAGraph()):
             for p in params:
                 p.grad = torch.ones_like(p)

@@ -16,7 +16,8 @@ and skips the backend.
 Host cost per step: one tuple of ``data_ptr()`` per bucket (the cache key),
 then the launches. A changed storage (new grads after
 ``zero_grad(set_to_none=True)`` landing elsewhere, a loaded checkpoint)
-rebuilds that bucket's table: one small pinned, non-blocking copy, no sync.
+rebuilds that bucket's table: one small pinned, non-blocking copy, no sync
+(while a CUDA graph is captured, a copy node of the graph: see ``_upload``).
 """
 import collections
 import contextlib
@@ -72,6 +73,17 @@ class LaunchConfig:
 def _capturing(device: torch.device) -> bool:
     """True while the current stream of ``device`` (CUDA) is being captured into a graph."""
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _uploaded(device: torch.device) -> bool:
+    """True where a launch table is a device copy of its host image (CUDA);
+    the interpreter's kernels read the host image itself."""
+    return device.type == "cuda"
+
+
+def _pinned_empty(numel: int) -> torch.Tensor:
+    """Page-locked int64 host memory: the source of an asynchronous upload."""
+    return torch.empty(numel, dtype=torch.int64, pin_memory=True)
 
 
 _DATA_PTR = torch.Tensor.data_ptr
@@ -143,6 +155,15 @@ class _Launch:
     n_tensors: int
     n_chunks: int
     aligned: bool
+    # CUDA, built eagerly: pinned memory of the table's size that no copy has
+    # read, for a table of the same size built while capturing (see _upload)
+    spare: Optional[torch.Tensor] = None
+    # CUDA, built while capturing: the pinned host image that the graph's
+    # copy node reads at every replay (kept, never written again), and
+    # whether an eager copy has filled the table yet (until a replay runs,
+    # only the graph holds the copy)
+    staged: Optional[torch.Tensor] = None
+    written: bool = True
 
 
 class _Launcher:
@@ -170,7 +191,10 @@ class _Launcher:
         self._cache.clear()
 
     # -- launch tables ----------------------------------------------------
-    def _build(self, algo, dtype, device, chunk, params, grads, states, steps, group_ids) -> _Launch:
+    def _build(self, algo, dtype, device, chunk, params, grads, states, steps, group_ids, capturing,
+               donors=None) -> _Launch:
+        """The launch table of a bucket. ``donors``: the bucket's cached launches
+        (None for a table that is not cached: it gets no spare and takes none)."""
         n = len(params)
         records = []
         aligned = True
@@ -208,25 +232,55 @@ class _Launcher:
         start = (torch.arange(n_chunks, dtype=torch.int64) - first_chunk[owner]) * chunk
         chunks = torch.stack([owner, start], 1)
         host = torch.cat([rec.flatten(), chunks.flatten(), torch.zeros(1, dtype=torch.int64)])
-        if device.type == "cuda":
-            if _capturing(device):
-                raise RuntimeError(
-                    "the triton backend built a new launch table during CUDA graph capture: run the "
-                    "optimizer step eagerly (warm-up) with the same parameters, grads and state first"
-                )
-            table = host.pin_memory().to(device, non_blocking=True)
-        else:
-            table = host
+        table, spare, staged = self._upload(host, device, capturing, donors)
         c0 = n * K.T_WIDTH
-        return _Launch(table, table[c0:], table[c0 + n_chunks * K.C_WIDTH:], n, n_chunks, aligned)
+        return _Launch(table, table[c0:], table[c0 + n_chunks * K.C_WIDTH:], n, n_chunks, aligned,
+                       spare=spare, staged=staged, written=staged is None)
+
+    @staticmethod
+    def _upload(host, device, capturing, donors):
+        """(table, spare, staged) for the host image ``host`` of a new launch table.
+
+        Eagerly: a non-blocking copy from pinned memory, plus a spare pinned
+        buffer of the same size for later. While a CUDA graph is being
+        captured the copy becomes a node of the graph, which reads its source
+        again at every replay: that source must never change or be freed.
+        It is a spare taken from a table built eagerly in this bucket (the
+        warm-up step's, for the same parameters: same size), because
+        allocating pinned memory inside a capture is not safe with every
+        torch version (the host allocator polls CUDA events). So grads that
+        a captured backward allocates (``zero_grad(set_to_none=True)`` before
+        the capture) get their table; each replay re-copies it (a few KiB
+        plus 16 bytes per 4096-element chunk)."""
+        n = host.numel()
+        if not _uploaded(device):
+            return host, None, None
+        if not capturing:
+            table = torch.empty(n, dtype=torch.int64, device=device)
+            table.copy_(_pinned_empty(n).copy_(host), non_blocking=True)
+            return table, None if donors is None else _pinned_empty(n), None
+        donor = next((d for d in donors or () if d.spare is not None and d.spare.numel() == n), None)
+        if donor is None:
+            raise RuntimeError(
+                "the triton backend needs a new launch table during CUDA graph capture and has no pinned "
+                "buffer for it: run one optimizer step eagerly (warm-up) with the same parameters first. "
+                "(Tensors the kernels must copy to walk, such as grads in another memory layout than "
+                "their parameter, are not supported in a capture.)"
+            )
+        staged, donor.spare = donor.spare.copy_(host), None
+        table = torch.empty(n, dtype=torch.int64, device=device)
+        table.copy_(staged, non_blocking=True)
+        return table, None, staged
 
     def _launch_table(self, algo, dtype, device, params, grads, states, steps, group_ids, cache=True) -> _Launch:
         chunk = self.config[dtype].chunk
+        capturing = _capturing(device)
         if not cache:
             # tensors that live for one step (conform's copies): a table kept
             # under their addresses could later be hit by other tensors at the
-            # same addresses without the layout check a build makes
-            return self._build(algo, dtype, device, chunk, params, grads, states, steps, group_ids)
+            # same addresses without the layout check a build makes. (While
+            # capturing, with no spare pinned buffer, the build refuses.)
+            return self._build(algo, dtype, device, chunk, params, grads, states, steps, group_ids, capturing)
         # the key costs ~0.12 us per address (map over the unbound method is
         # the cheapest way to read them); states are in it because a loaded
         # checkpoint replaces them while params and grads stay put. Strides
@@ -247,14 +301,21 @@ class _Launcher:
         bucket = self._cache.setdefault((algo, dtype, device), collections.OrderedDict())
         launch = bucket.get(key)
         if launch is None:
-            launch = self._build(algo, dtype, device, chunk, params, grads, states, steps, group_ids)
+            launch = self._build(algo, dtype, device, chunk, params, grads, states, steps, group_ids, capturing,
+                                 bucket.values())
             bucket[key] = launch
             while len(bucket) > _CACHE_ENTRIES:
                 bucket.popitem(last=False)
         else:
             bucket.move_to_end(key)
-            if _capturing(device):
-                self._pinned[id(launch)] = launch
+            if not launch.written:
+                # built while capturing: filled only when that graph replays.
+                # An eager step fills it now; another capture copies it too
+                # (its graph may replay first)
+                launch.table.copy_(launch.staged, non_blocking=True)
+                launch.written = not capturing
+        if capturing:
+            self._pinned[id(launch)] = launch
         return launch
 
     # -- the step ---------------------------------------------------------
