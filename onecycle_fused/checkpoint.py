@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .schedule import _SCHEDULE_KEYS, schedule_from_config
+from .schedule import _SCHEDULE_KEYS, MAX_START_STEP, schedule_from_config
 from .validation import _check_scalar_schedule, _plain
 
 
@@ -46,15 +46,17 @@ def _called_by_dcp_init() -> bool:
 
 
 def _checked_step_counter(value) -> int:
-    """A state_dict's ``step_counter`` (an int64 0-dim tensor, or an integer) as an int >= 0."""
+    """A state_dict's ``step_counter`` (an int64 0-dim tensor, or an integer) as an int in [0, 2**62]
+    (``MAX_START_STEP``: room left for the int64 counter to advance)."""
     k = None
     if isinstance(value, torch.Tensor):
         if value.dim() == 0 and not value.is_floating_point() and not value.is_complex() and value.dtype != torch.bool:
             k = int(value)  # (reads a device tensor once; load_state_dict is not a hot path)
     elif isinstance(value, numbers.Integral) and not isinstance(value, bool):
         k = int(value)
-    if k is None or k < 0:
-        raise ValueError(f"state_dict step_counter must be an integer >= 0 (a 0-dim int64 tensor), got {value!r}")
+    if k is None or not 0 <= k <= MAX_START_STEP:
+        raise ValueError(f"state_dict step_counter must be an integer in [0, 2**62] (a 0-dim int64 tensor), "
+                         f"got {value!r}")
     return k
 
 

@@ -40,7 +40,8 @@ from . import step_plan as _step_plan
 from .checkpoint import _CheckpointMixin, _called_by_dcp_init, _own_step
 from .host_mirror import _HostMirrorMixin, _HostStep, _LrWritten
 from .schedule import (
-    KIND_LRRANGETEST, ROW_WIDTH, OneCycle, Row, TorchOneCycle, _SCHEDULE_KEYS, _Schedule, schedule_from_config,
+    KIND_LRRANGETEST, MAX_START_STEP, ROW_WIDTH, OneCycle, Row, TorchOneCycle, _SCHEDULE_KEYS, _Schedule,
+    schedule_from_config,
 )
 from .validation import (
     _STRIDED, _check_beta, _check_bool, _check_grad, _check_nonneg, _check_scalar_schedule, _plain, _row_number,
@@ -605,8 +606,8 @@ class _FusedOneCycleOptimizer(_CheckpointMixin, _HostMirrorMixin, torch.optim.Op
         For migrating a run from another optimizer/scheduler pair; per-parameter
         step counts are left alone. Reads nothing back from the device.
         """
-        if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
-            raise ValueError(f"step must be an integer >= 0, got {step!r}")
+        if isinstance(step, bool) or not isinstance(step, numbers.Integral) or not 0 <= step <= MAX_START_STEP:
+            raise ValueError(f"step must be an integer in [0, 2**62], got {step!r}")
         step = int(step)  # a numpy integer too
         for c in self._counters.values():
             c.fill_(step)

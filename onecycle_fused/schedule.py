@@ -77,6 +77,11 @@ ANNEAL_LINEAR = 1
 
 
 _INT64_MAX = 2**63 - 1
+# The largest step count an optimizer can be placed at (set_step,
+# load_state_dict). The device counters are int64 and wrap past 2^63 - 1,
+# where the host's mirror of the schedule cannot follow: it would raise after
+# the kernels had stepped. 2^62 leaves 2^62 steps of headroom.
+MAX_START_STEP = 2**62
 
 
 def _as_int(name: str, value: Any, minimum: int) -> int:

@@ -340,7 +340,7 @@ def test_grad_scaler_end_to_end():
 
 @pytest.mark.parametrize("op", ["sgd", "adam"])
 def test_step_counts_at_int64_max_wrap_like_torchs_int64_add(op):
-    """A step from counts of 2**63 - 1 (load_state_dict accepts any int64 >= 0)
+    """A step from counts of 2**63 - 1 (a loaded per-parameter count can be any int64 >= 0)
     wraps them to -2**63, as torch's int64 add does (the reference backend's
     `step + 1`). The C++ side counts in unsigned arithmetic: the signed
     `step + 1` it had overflowed, undefined behaviour that an

@@ -500,11 +500,13 @@ def test_per_parameter_steps_written_behind_our_back_move_the_counter(backend):
     assert int(fresh.step_counter()) == 3 and fresh.get_last_lr()[0] == fresh.schedule.lr(3)
 
 
-@pytest.mark.parametrize("bad", [torch.tensor(-3), -1, torch.tensor(2.5), torch.tensor([1, 2]), "4", 2.0, True])
+@pytest.mark.parametrize("bad", [torch.tensor(-3), -1, torch.tensor(2.5), torch.tensor([1, 2]), "4", 2.0, True,
+                                 2**62 + 1, torch.tensor(2**63 - 1)])
 def test_load_state_dict_refuses_a_bad_step_counter_before_changing_anything(bad):
-    """The position must be an integer >= 0. A negative one used to be loaded
+    """The position must be an integer in [0, 2**62]. A negative one used to be loaded
     (counter and groups changed) and only then fail in the lr mirror; 2.5 was
-    truncated to 2; a non-tensor or a 1-D tensor failed half-way."""
+    truncated to 2; a non-tensor or a 1-D tensor failed half-way. Near int64's
+    end (test_set_step_bounds) the counter could not advance."""
     p = torch.nn.Parameter(torch.zeros(2))
     opt = FusedOneCycleSGD([p], **SCHED)
     p.grad = torch.ones(2)
@@ -515,6 +517,29 @@ def test_load_state_dict_refuses_a_bad_step_counter_before_changing_anything(bad
     with pytest.raises(ValueError, match="step_counter"):
         opt.load_state_dict(sd)
     assert int(opt.step_counter()) == 1 and opt.param_groups[0]["weight_decay"] == 0.0
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_set_step_bounds(backend):
+    """set_step takes 0 to 2**62 (its own and the loaded counter's bound):
+    from 2**63 - 1 the int64 counter wrapped on the next step and the host's
+    lr mirror then raised, after the parameters had been stepped; 2**63 raised
+    torch's RuntimeError from the counter's fill. Refused with ValueError, the
+    optimizer unchanged; at 2**62 steps go on, at the schedule's final lr."""
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = FusedOneCycleSGD([p], backend=backend, **SCHED)
+    for bad in (2**62 + 1, 2**63 - 1, 2**63, -1):
+        with pytest.raises(ValueError, match=r"step must be an integer in \[0, 2\*\*62\]"):
+            opt.set_step(bad)
+    assert int(opt.step_counter()) == 0 and torch.equal(p, torch.ones(3))
+    opt.set_step(2**62)
+    for k in range(2):
+        p.grad = torch.ones(3)
+        opt.step()
+        assert int(opt.step_counter()) == 2**62 + k + 1
+        assert opt.get_last_lr()[0] == opt.schedule.lr(2**62 + k + 1)
+    expected = torch.ones(3, dtype=torch.float64) - opt.schedule.lr(2**62) - opt.schedule.lr(2**62 + 1)
+    torch.testing.assert_close(p.detach().double(), expected, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("bad", ["step_shape", "step_str", "step_none", "step_inf", "step_negative", "step_nan",
