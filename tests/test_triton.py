@@ -644,11 +644,12 @@ def test_launch_table_used_in_a_capture_survives_eviction(monkeypatch):
 
 def _simulated_uploads(monkeypatch):
     """Launch tables built as on CUDA (a separate table filled by a copy from
-    "pinned" host memory) on the interpreter's CPU tensors, and a switch that
-    says "capturing". On CPU the copies run at once; on a GPU a captured copy
+    "pinned" host memory, one stream) on the interpreter's CPU tensors, and a
+    switch that says "capturing". On CPU the copies run at once; on a GPU a captured copy
     runs at each replay (test_triton_gpu.py replays real graphs)."""
     monkeypatch.setattr(tb, "_uploaded", lambda device: True)
     monkeypatch.setattr(tb, "_pinned_empty", lambda numel: torch.empty(numel, dtype=torch.int64))
+    monkeypatch.setattr(tb, "_stream_id", lambda device: 0)  # one stream
     capturing = [False]
     monkeypatch.setattr(tb, "_capturing", lambda device: capturing[0])
     return capturing
@@ -726,6 +727,39 @@ def test_capture_without_a_spare_refuses_before_stepping(monkeypatch):
         assert all(torch.equal(p, b) for p, b in zip(params, before))
         for p, saved in zip(params, state):
             assert all(torch.equal(opt.state[p][k], v) for k, v in saved.items())
+
+
+def test_launch_table_read_on_another_stream_is_recorded_there(monkeypatch):
+    """The caching allocator ties a table to the stream that allocated it
+    (the step that built it). A hit from another stream says so once
+    (record_stream), so that a table evicted while that stream's kernels
+    still read it is not handed out again. A captured hit records nothing:
+    the table is pinned for good. Streams and the allocator are simulated."""
+    capturing = _simulated_uploads(monkeypatch)
+    current, recorded = [1], []
+    monkeypatch.setattr(tb, "_stream_id", lambda device: current[0])
+    monkeypatch.setattr(tb, "_record_stream", lambda table, device: recorded.append((table.data_ptr(), current[0])))
+    launcher = tb._launcher
+    launcher.clear_cache()
+    params = [torch.nn.Parameter(t.to(DEVICE).clone()) for t in init_params((5, 70))]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt = FusedOneCycleSGD(params, backend="triton", **SCHED)
+    opt.step()  # built on stream 1
+    (launch,) = launcher._cache[("sgd", torch.float32, DEVICE)].values()
+    opt.step()
+    assert recorded == []
+    current[0] = 2
+    opt.step()
+    opt.step()
+    assert recorded == [(launch.table.data_ptr(), 2)]
+    current[0] = 1
+    opt.step()
+    current[0], capturing[0] = 3, True
+    opt.step()
+    capturing[0] = False
+    assert recorded == [(launch.table.data_ptr(), 2)]
+    assert any(x is launch for x in launcher._pinned.values())
 
 
 def test_launch_config_chunking():

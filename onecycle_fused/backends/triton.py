@@ -86,6 +86,17 @@ def _pinned_empty(numel: int) -> torch.Tensor:
     return torch.empty(numel, dtype=torch.int64, pin_memory=True)
 
 
+def _stream_id(device: torch.device) -> int:
+    """The current stream of a CUDA ``device``, as a number (cheaper than a
+    ``torch.cuda.Stream`` object: this is read at every step)."""
+    return torch._C._cuda_getCurrentRawStream(device.index)
+
+
+def _record_stream(table: torch.Tensor, device: torch.device) -> None:
+    """Tell the caching allocator that ``device``'s current stream uses ``table``."""
+    table.record_stream(torch.cuda.current_stream(device))
+
+
 _DATA_PTR = torch.Tensor.data_ptr
 _NUMEL = torch.Tensor.numel
 _STRIDE = torch.Tensor.stride
@@ -164,6 +175,11 @@ class _Launch:
     # only the graph holds the copy)
     staged: Optional[torch.Tensor] = None
     written: bool = True
+    # CUDA: the streams (_stream_id) whose kernels have read the table. The
+    # caching allocator only knows the one it was allocated on: a table
+    # evicted from the cache while a kernel on another stream still reads it
+    # could otherwise be handed out again on the first one
+    streams: set = dataclasses.field(default_factory=set)
 
 
 class _Launcher:
@@ -235,7 +251,8 @@ class _Launcher:
         table, spare, staged = self._upload(host, device, capturing, donors)
         c0 = n * K.T_WIDTH
         return _Launch(table, table[c0:], table[c0 + n_chunks * K.C_WIDTH:], n, n_chunks, aligned,
-                       spare=spare, staged=staged, written=staged is None)
+                       spare=spare, staged=staged, written=staged is None,
+                       streams={_stream_id(device)} if _uploaded(device) else set())
 
     @staticmethod
     def _upload(host, device, capturing, donors):
@@ -308,6 +325,11 @@ class _Launcher:
                 bucket.popitem(last=False)
         else:
             bucket.move_to_end(key)
+            if not capturing and _uploaded(device):  # (captured: pinned below, never freed)
+                stream = _stream_id(device)
+                if stream not in launch.streams:
+                    _record_stream(launch.table, device)
+                    launch.streams.add(stream)
             if not launch.written:
                 # built while capturing: filled only when that graph replays.
                 # An eager step fills it now; another capture copies it too
