@@ -9,7 +9,7 @@
 #   * the sm_90 compile-only Triton checks with triton 3.6's compiler.
 # Not in CI: the CUDA wheel and its nvidia-* packages are ~3 GB to download.
 #
-#   bash tools/check_gpu_versions.sh            # venv in .venv-gpu-versions
+#   bash tools/check_gpu_versions.sh            # venv in .venv-gpu-versions (Python 3.12 if found)
 #   VENV=/path/to/venv bash tools/check_gpu_versions.sh -k compile
 #
 # Extra arguments go to pytest. Triton's interpreter at 3.6 needs numpy < 2.3
@@ -23,8 +23,10 @@ ROOT=$PWD
 VENV=${VENV:-$ROOT/.venv-gpu-versions}
 TORCH=${TORCH_SPEC:-torch==2.11.0}
 TRITON=${TRITON_SPEC:-triton==3.6.0}
+# the GPU machine's python3 is 3.12 (KINDS.md of the device tool): that one where it is here
+BASE_PY=${BASE_PY:-$(command -v python3.12 || command -v python3)}
 if [ ! -x "$VENV/bin/python" ]; then
-  python3 -m venv "$VENV"
+  "$BASE_PY" -m venv "$VENV"
 fi
 "$VENV/bin/python" -m pip install -q "$TORCH" "$TRITON" "numpy<2.3" -r requirements-dev.txt
 "$VENV/bin/python" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
