@@ -661,12 +661,13 @@ def test_grads_allocated_in_a_capture_get_a_table_from_the_warm_up_spare(monkeyp
     into the spare pinned buffer that the warm-up step's table left (pinned
     memory is not allocated while capturing), which the graph's copy reads at
     every replay: so that buffer moves to the new table for good, the table is
-    kept past the LRU, and an eager hit before any replay fills it."""
+    kept past the LRU, and an eager hit before any replay fills it. That hit
+    also gives the table a spare, for a later capture."""
     capturing = _simulated_uploads(monkeypatch)
     launcher = tb._launcher
     launcher.clear_cache()
     sizes = (5, 70, 300)
-    init, grads = init_params(sizes), make_grads(3, sizes)
+    init, grads = init_params(sizes), make_grads(4, sizes)
     kw = dict(SCHED, momentum=0.9, weight_decay=0.01)
     params = [torch.nn.Parameter(t.to(DEVICE).clone()) for t in init]
     opt = FusedOneCycleSGD(params, backend="triton", **kw)
@@ -693,6 +694,15 @@ def test_grads_allocated_in_a_capture_get_a_table_from_the_warm_up_spare(monkeyp
         p.grad.copy_(g.float())  # the capture's grads, stepped eagerly: a hit fills the table
     opt.step()
     assert captured.written and torch.equal(captured.table, captured.staged)
+    # that eager use gave the captured table a spare of its own: a second
+    # capture (new grads again, as in a new graph) finds one
+    assert captured.spare is not None and captured.spare.numel() == captured.table.numel()
+    capturing[0] = True
+    for p, g in zip(params, grads[3]):
+        p.grad = g.float().to(DEVICE)
+    opt.step()
+    capturing[0] = False
+    assert captured.spare is None and not list(bucket.values())[-1].written
     ref, _ = run(FusedOneCycleSGD, "reference", init, grads, torch.float32, **kw)
     assert_ulps(params, ref, ulps=4)
 

@@ -262,13 +262,16 @@ class _Launcher:
         buffer of the same size for later. While a CUDA graph is being
         captured the copy becomes a node of the graph, which reads its source
         again at every replay: that source must never change or be freed.
-        It is a spare taken from a table built eagerly in this bucket (the
+        It is a spare taken from a table used eagerly in this bucket (the
         warm-up step's, for the same parameters: same size), because
         allocating pinned memory inside a capture is not safe with every
-        torch version (the host allocator polls CUDA events). So grads that
+        torch version (the host allocator polls CUDA events); a table whose
+        spare was taken gets a new one at its next eager use. So grads that
         a captured backward allocates (``zero_grad(set_to_none=True)`` before
         the capture) get their table; each replay re-copies it (a few KiB
-        plus 16 bytes per 4096-element chunk)."""
+        plus 16 bytes per 4096-element chunk). ``staged`` must never be
+        freed while a graph may replay (a freed pinned block is handed out
+        again): ``_pinned`` keeps it for the life of the process."""
         n = host.numel()
         if not _uploaded(device):
             return host, None, None
@@ -280,7 +283,8 @@ class _Launcher:
         if donor is None:
             raise RuntimeError(
                 "the triton backend needs a new launch table during CUDA graph capture and has no pinned "
-                "buffer for it: run one optimizer step eagerly (warm-up) with the same parameters first. "
+                "buffer for it: run one optimizer step eagerly (warm-up) with the same parameters before "
+                "the capture, and after any earlier capture. "
                 "(Tensors the kernels must copy to walk, such as grads in another memory layout than "
                 "their parameter, are not supported in a capture.)"
             )
@@ -330,6 +334,10 @@ class _Launcher:
                 if stream not in launch.streams:
                     _record_stream(launch.table, device)
                     launch.streams.add(stream)
+                if launch.spare is None:
+                    # its spare went to a capture (or it was built in one):
+                    # a new one, so that the next capture finds one too
+                    launch.spare = _pinned_empty(launch.table.numel())
             if not launch.written:
                 # built while capturing: filled only when that graph replays.
                 # An eager step fills it now; another capture copies it too
