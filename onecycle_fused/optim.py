@@ -44,7 +44,8 @@ from .schedule import (
     schedule_from_config,
 )
 from .validation import (
-    _STRIDED, _check_beta, _check_bool, _check_grad, _check_nonneg, _check_scalar_schedule, _plain, _row_number,
+    _STRIDED, _check_beta, _check_bool, _check_grad, _check_nonneg, _check_scalar_schedule,
+    _explain_torch_only_kwargs, _plain, _row_number,
 )
 
 __all__ = ["FusedOneCycleSGD", "FusedOneCycleAdam", "FusedOneCycleAdamW"]
@@ -1029,6 +1030,7 @@ class FusedOneCycleSGD(_FusedOneCycleOptimizer):
     _required_state = ("step",)  # (momentum_buffer: made by the step where missing)
     _state_tensors = ("momentum_buffer",)
 
+    @_explain_torch_only_kwargs
     def __init__(
         self,
         params: Iterable,
@@ -1144,6 +1146,7 @@ class FusedOneCycleAdam(_FusedOneCycleOptimizer):
     _required_state = ("step", "exp_avg", "exp_avg_sq")  # (max_exp_avg_sq: made by the step where missing)
     _state_tensors = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
+    @_explain_torch_only_kwargs
     def __init__(
         self,
         params: Iterable,

@@ -10,6 +10,8 @@ migration (migrate.py).
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import sys
 from typing import Any
@@ -105,3 +107,33 @@ def _check_grad(opt, i: int, p: torch.Tensor, grad: torch.Tensor) -> None:
             f"{type(opt).__name__}: grads[{i}] must match params[{i}] ({p.dtype} {tuple(p.shape)} on {p.device}), "
             f"got {grad.dtype} {tuple(grad.shape)} on {grad.device}"
         )
+
+
+# torch.optim keywords the fused optimizers do not take, and what to give
+# instead: a user swapping torch.optim.SGD(params, lr=0.1, ...) for ours gets
+# the way over, not a bare "unexpected keyword argument"
+_TORCH_ONLY_KWARGS = {
+    "lr": "the learning rate comes from the schedule: give cycle_min_lr and cycle_max_lr (DeepSpeed's "
+          "OneCycle), or schedule=TorchOneCycle(max_lr=..., total_steps=...) for torch's OneCycleLR",
+    "foreach": "each step is one fused launch per (device, dtype) already; choose the kernels with backend=",
+    "fused": "each step is one fused launch per (device, dtype) already; choose the kernels with backend=",
+    "capturable": "every step is CUDA-graph capturable already (the schedule is read on the device)",
+    "differentiable": "the fused step is not differentiable",
+}
+
+
+def _explain_torch_only_kwargs(init):
+    """Wrap an optimizer's ``__init__`` so that a torch.optim keyword it lacks
+    (``lr=``, ``foreach=``...) is a TypeError saying what to give instead. The
+    signature seen by ``inspect`` stays ``init``'s."""
+    accepted = inspect.signature(init).parameters
+
+    @functools.wraps(init)
+    def wrapper(self, *args, **kwargs):
+        for name in kwargs:
+            if name in _TORCH_ONLY_KWARGS and name not in accepted:
+                raise TypeError(f"{type(self).__name__}() got an unexpected keyword argument {name!r}: "
+                                f"{_TORCH_ONLY_KWARGS[name]}")
+        init(self, *args, **kwargs)
+
+    return wrapper

@@ -3,6 +3,7 @@ step with the same lr and momentum, plus the torch.optim conventions:
 closures, param groups, state_dict / resume, zero_grad, GradScaler, errors."""
 import copy
 import fractions
+import inspect
 import itertools
 import os
 import re
@@ -2146,3 +2147,26 @@ def test_reference_sqrt_rn_is_one_op_off_the_cpu():
             _sqrt_rn(x)
         assert 1 <= len(c.ops) <= most, (device, c.ops)
         c.ops.clear()
+
+
+@pytest.mark.parametrize("cls", [FusedOneCycleSGD, FusedOneCycleAdam, FusedOneCycleAdamW])
+@pytest.mark.parametrize("name,hint", [("lr", "cycle_min_lr and cycle_max_lr"), ("foreach", "backend="),
+                                       ("fused", "backend="), ("capturable", "capturable already"),
+                                       ("differentiable", "not differentiable")])
+def test_torch_only_keywords_say_what_to_give_instead(cls, name, hint):
+    """Swapping torch.optim.SGD(params, lr=0.1, momentum=0.9) for ours: lr=
+    (and foreach=, fused=, capturable=, differentiable=) is still a TypeError,
+    as any unexpected keyword, but one that names the class the user called
+    (not the parent whose __init__ AdamW inherits) and says what to give
+    instead; it used to be Python's bare message. Other unknown keywords keep
+    that message, and the signature (inspect, DeepSpeed-style tooling) is the
+    same."""
+    p = torch.nn.Parameter(torch.ones(2))
+    with pytest.raises(TypeError, match=rf"^{cls.__name__}\(\) got an unexpected keyword argument '{name}': .*"
+                                        + re.escape(hint)):
+        cls([p], cycle_min_lr=0.01, cycle_max_lr=0.1, **{name: True if name != "lr" else 0.1})
+    with pytest.raises(TypeError, match="unexpected keyword argument 'nonsense'$"):
+        cls([p], cycle_min_lr=0.01, cycle_max_lr=0.1, nonsense=1)
+    params = inspect.signature(cls).parameters
+    assert name not in params and not any(q.kind is q.VAR_KEYWORD for q in params.values())
+    assert params["cycle_min_lr"].default is None and "maximize" in params
