@@ -183,6 +183,25 @@ def _assert_same_run(params, opt, eager, opt_e, steps):
             assert torch.equal(opt.state[x][key], v), key
 
 
+def _on_side_stream(fn):
+    """``fn()`` on a side stream, ordered after the current stream's work and
+    before its next: torch's warm-up before a CUDA-graph capture."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+
+
+def _replay_with(graph, sources, grads):
+    """Replay ``graph`` once per list in ``grads``, copied first into the
+    tensors the graph reads its grads from (``sources``)."""
+    for step_grads in grads:
+        for s, gr in zip(sources, step_grads):
+            s.copy_(gr)
+        graph.replay()
+
+
 def _captured_step(cls, kw, init, first_grads):
     """Params cloned from ``init`` with static grads, one warm-up step on a side
     stream (state, kernels and launch table exist before capture), then one
@@ -192,13 +211,13 @@ def _captured_step(cls, kw, init, first_grads):
     static = [torch.zeros_like(t) for t in init]
     for p, s in zip(params, static):
         p.grad = s
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
+
+    def warm_up():
         for s, gr in zip(static, first_grads):
             s.copy_(gr)
         opt.step()
-    torch.cuda.current_stream().wait_stream(side)
+
+    _on_side_stream(warm_up)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         opt.step()
@@ -217,10 +236,7 @@ def test_cuda_graph_replay_equals_eager(cls, kw):
     eager, opt_e = _eager_run(cls, kw, init, grads)
 
     graphed, opt_g, static, graph = _captured_step(cls, kw, init, grads[0])
-    for step_grads in grads[1:]:
-        for s, gr in zip(static, step_grads):
-            s.copy_(gr)
-        graph.replay()
+    _replay_with(graph, static, grads[1:])
     torch.cuda.synchronize()
     _assert_same_run(graphed, opt_g, eager, opt_e, steps=20)
 
@@ -251,9 +267,7 @@ def test_cuda_graph_survives_other_optimizers_launch_tables():
             p.grad = gr.clone()
         opt_e.step()
         if k > 0:
-            for s, gr in zip(static, step_grads):
-                s.copy_(gr)
-            graph.replay()
+            _replay_with(graph, static, [step_grads])
     torch.cuda.synchronize()
     del junk
     assert int(opt_g.step_counter()) == int(opt_e.step_counter()) == 4
@@ -280,13 +294,13 @@ def test_grads_allocated_during_capture_replay_equal_eager(cls, kw):
     params = [torch.nn.Parameter(t.clone()) for t in init]
     opt = cls(params, backend="triton", **kw)
     sources = [torch.empty_like(t) for t in init]
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
+
+    def warm_up():  # state, and a launch table with a spare of the same size
         for p, gr in zip(params, grads[0]):
             p.grad = gr.clone()
-        opt.step()  # warm-up: state, and a launch table with a spare of the same size
-    torch.cuda.current_stream().wait_stream(side)
+        opt.step()
+
+    _on_side_stream(warm_up)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         for p, src in zip(params, sources):
@@ -295,10 +309,7 @@ def test_grads_allocated_during_capture_replay_equal_eager(cls, kw):
     for p, gr in zip(params, grads[1]):
         p.grad.copy_(gr)  # the capture's grads, an eager step before any replay
     opt.step()
-    for step_grads in grads[2:]:
-        for src, gr in zip(sources, step_grads):
-            src.copy_(gr)
-        graph.replay()
+    _replay_with(graph, sources, grads[2:])
     torch.cuda.synchronize()
     _assert_same_run(params, opt, eager, opt_e, steps=6)
 
@@ -312,13 +323,13 @@ def test_capture_without_a_warm_up_table_is_refused():
 
     params = [torch.nn.Parameter(torch.randn(s, device="cuda")) for s in (70, 4097)]
     opt = FusedOneCycleSGD(params, backend="triton", **SCHED)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
+
+    def warm_up():  # state and a launch table for these grads
         for p in params:
             p.grad = torch.ones_like(p)
-        opt.step()  # warm-up: state and a launch table for these grads
-    torch.cuda.current_stream().wait_stream(side)
+        opt.step()
+
+    _on_side_stream(warm_up)
     tb._launcher.clear_cache()
     with pytest.raises(RuntimeError, match="no pinned buffer"):
         with torch.cuda.graph(torch.cuda.CUDAGraph()):
