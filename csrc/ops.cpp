@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "cpu/kernels.h"
+#include "overlap.h"
 #include "schedule.h"
 
 namespace onecycle_fused {
@@ -266,10 +267,17 @@ class Batch {
                       "onecycle_fused::", op_, ": ", name, "[", i, "] must match params[", i, "] (",
                       p.scalar_type(), " ", p.sizes(), " on ", p.device(), "), got ", t.scalar_type(), " ",
                       t.sizes(), " on ", t.device());
+    // (overlap.h; on the tensors as given, before a copy could hide it)
+    const bool is_grad = !mutated;  // (the one tensor the op only reads)
+    if (mutated && !t.is_same(p)) {
+      check_state_apart(p, "params", t, name, i, op_);
+      check_state_apart(grads_[i], "grads", t, name, i, op_);
+    }
     if (check_only_) return t.data_ptr();
     Tensor copy;
     if (dense_) {
-      if (t.strides() == p.strides()) return t.data_ptr();
+      // a grad sharing part of its parameter's memory is read from a copy
+      if (t.strides() == p.strides() && !(is_grad && partially_overlap(p, t))) return t.data_ptr();
       // the kernel walks p's memory in order: give t the same layout
       copy = at::empty_strided(p.sizes(), p.strides(), t.options());
       copy.copy_(t);

@@ -686,6 +686,45 @@ def test_grad_with_other_strides_is_read_in_param_layout():
 
 
 @gpu
+@pytest.mark.parametrize("kind", ["behind", "transposed"])
+@pytest.mark.parametrize("cls, kw", [(FusedOneCycleSGD, dict(momentum=0.9)), (FusedOneCycleAdamW, {})])
+def test_grad_sharing_part_of_its_parameters_memory_is_read_from_a_copy(cls, kw, kind):
+    """A grad that is a view of its parameter's storage (one element behind
+    it, or transposed) steps as its clone does (torch.optim's result): read
+    from a copy enqueued before the kernel. In place, blocks would read
+    elements other blocks had written (1M elements: many blocks)."""
+    n = 1024
+    out = []
+    for shared in (True, False):
+        gen = torch.Generator(device=DEV).manual_seed(3)
+        p = torch.nn.Parameter(torch.zeros(n, n, device=DEV))
+        opt = cls([p], backend="cuda", **SCHED, **kw)
+        for _ in range(3):
+            base = torch.randn(n * n + 1, device=DEV, generator=gen)
+            data = base[1:].view(n, n)
+            grad = data.t() if kind == "transposed" else base[:-1].view(n, n)
+            p.data, p.grad = (data, grad) if shared else (data.clone(), grad.clone())
+            opt.step()
+        out.append(p.detach().clone())
+    assert torch.equal(out[0], out[1])
+
+
+@gpu
+def test_state_sharing_part_of_the_params_memory_is_refused():
+    p = torch.nn.Parameter(torch.randn(100, device=DEV))
+    opt = FusedOneCycleAdamW([p], backend="cuda", **SCHED)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    base = torch.randn(101, device=DEV)
+    p.data = base[:100]
+    opt.state[p]["exp_avg_sq"] = base[1:]
+    before = (p.detach().clone(), int(opt.step_counter()))
+    with pytest.raises(RuntimeError, match=r"params\[0\] and exp_avg_sqs\[0\] partially overlap"):
+        opt.step()
+    assert torch.equal(p.detach(), before[0]) and int(opt.step_counter()) == before[1]
+
+
+@gpu
 def test_clear_errors():
     table = _table()
     counter = torch.zeros((), dtype=torch.int64, device=DEV)

@@ -5,6 +5,7 @@ import copy
 import fractions
 import inspect
 import itertools
+import math
 import os
 import re
 import subprocess
@@ -1381,6 +1382,18 @@ def test_bad_grad_in_second_group_changes_nothing(opt_cls, backend, warm, kind):
     assert int(opt.step_counter()) == before[2] + 1
 
 
+def _two_groups_stepped(opt_cls, backend):
+    """An optimizer with a parameter in each of two groups, stepped twice
+    (SGD with momentum: both have state)."""
+    p, q = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(4))
+    kw = dict(momentum=0.9) if opt_cls is FusedOneCycleSGD else {}
+    opt = opt_cls([{"params": [p]}, {"params": [q]}], backend=backend, **SCHED, **kw)
+    for _ in range(2):
+        p.grad, q.grad = torch.randn(3), torch.randn(4)
+        opt.step()
+    return opt, p, q
+
+
 @pytest.mark.parametrize("kind", ["shape", "dtype"])
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 @pytest.mark.parametrize("opt_cls, key", [(FusedOneCycleSGD, "momentum_buffer"), (FusedOneCycleAdamW, "exp_avg_sq")])
@@ -1388,17 +1401,123 @@ def test_bad_state_in_second_group_changes_nothing(opt_cls, key, backend, kind):
     """A state tensor that no longer fits its parameter (a checkpoint loaded
     after the parameters were reordered) raises before anything is stepped.
     The reference backend used to update the first parameter, then fail."""
-    p, q = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(4))
-    kw = dict(momentum=0.9) if opt_cls is FusedOneCycleSGD else {}
-    opt = opt_cls([{"params": [p]}, {"params": [q]}], backend=backend, **SCHED, **kw)
-    for _ in range(2):
-        p.grad, q.grad = torch.randn(3), torch.randn(4)
-        opt.step()
+    opt, p, q = _two_groups_stepped(opt_cls, backend)
     opt.state[q][key] = torch.randn(3) if kind == "shape" else opt.state[q][key].double()
     before = _snapshot(opt, [p, q])
     with pytest.raises(ValueError, match=key):
         opt.step()
     _assert_unchanged(before, _snapshot(opt, [p, q]))
+
+
+def _sharing(shape, kind, generator):
+    """(param data, grad) where the grad shares part of the parameter's
+    memory: one element behind it (element j's grad is element j-1, which a
+    pass in memory order has just written), or the same elements transposed
+    (the same bytes in another order: partial too, in ATen's terms)."""
+    numel = math.prod(shape)
+    base = torch.randn(numel + 1, generator=generator)
+    if kind == "shifted":
+        return base[1:].view(shape), base[:-1].view(shape)
+    data = base[:-1].view(shape)
+    return data, data.t()
+
+
+@pytest.mark.parametrize("kind", ["shifted", "transposed"])
+@pytest.mark.parametrize("opt_cls, torch_cls, kw", [
+    (FusedOneCycleSGD, torch.optim.SGD, dict(momentum=0.9, nesterov=True, weight_decay=0.1)),
+    (FusedOneCycleSGD, torch.optim.SGD, dict(momentum=0.0)),
+    (FusedOneCycleAdamW, torch.optim.AdamW, dict(weight_decay=0.1)),
+    (FusedOneCycleAdam, torch.optim.Adam, dict(amsgrad=True, weight_decay=0.1)),
+])
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_a_grad_sharing_part_of_its_parameters_memory_is_read_whole_first(opt_cls, torch_cls, kw, backend, kind):
+    """A grad that is a view of its parameter's storage, shifted or in
+    another order: torch.optim's momentum and Adam paths read it whole into
+    temporaries before writing the parameter, so it steps as with a clone of
+    the grad; a fused pass would read elements it already wrote (on a GPU,
+    in an order the blocks decide). Ours reads it from a copy, equal to the
+    clone (torch's momentum-free SGD refuses such a grad: ours gives the
+    clone's result there too). It used to be stepped in place."""
+    gen = torch.Generator().manual_seed(5)
+    shape = (6, 6)
+    shared = torch.nn.Parameter(torch.zeros(shape))
+    apart = torch.nn.Parameter(torch.zeros(shape))
+    ours = opt_cls([shared], backend=backend, **SCHED, **kw)
+    ref = opt_cls([apart], backend=backend, **SCHED, **kw)
+    peer = torch.nn.Parameter(torch.zeros(shape))  # torch.optim, given the same shared grads
+    lr, mom = ours.get_last_lr()[0], ours.param_groups[0].get("momentum", 0.9)
+    theirs = torch_cls([peer], lr=lr, **({"momentum": mom} if opt_cls is FusedOneCycleSGD else {}),
+                       **{k: v for k, v in kw.items() if k != "momentum"})
+    for step in range(4):
+        data, grad = _sharing(shape, kind, gen)
+        shared.data, shared.grad = data, grad
+        apart.data, apart.grad = data.clone(), grad.clone()
+        ours.step()
+        ref.step()
+        torch.testing.assert_close(shared.detach(), apart.detach(), rtol=0, atol=0)
+        if step == 0:  # torch.optim on the same kind of grad (one step: its lr is constant)
+            peer.data, peer.grad = _sharing(shape, kind, torch.Generator().manual_seed(5))
+            if opt_cls is FusedOneCycleSGD and mom == 0:
+                with pytest.raises(RuntimeError, match="single memory location"):
+                    theirs.step()
+            else:
+                theirs.step()
+                assert_close_ulps(peer.detach(), apart.detach())
+
+
+@pytest.mark.parametrize("other", ["params", "grads"])
+@pytest.mark.parametrize("opt_cls, key", [(FusedOneCycleSGD, "momentum_buffer"), (FusedOneCycleAdamW, "exp_avg"),
+                                          (FusedOneCycleAdam, "exp_avg_sq")])
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_a_state_sharing_part_of_the_params_or_grads_memory_is_refused(opt_cls, key, backend, other):
+    """A state tensor that partially overlaps its parameter or grad (a state
+    set by hand, a checkpoint loaded into views) would be written while the
+    other is read. torch.optim's in-place ops refuse it (RuntimeError); so do
+    ours, naming both, before anything changes, in the last group too."""
+    opt, p, q = _two_groups_stepped(opt_cls, backend)
+    base = torch.randn(5)
+    p.grad = torch.randn(3)
+    if other == "params":
+        q.data, q.grad = base[:4], torch.randn(4)
+    else:
+        q.grad = base[:4]
+    opt.state[q][key] = base[1:]
+    before = _snapshot(opt, [p, q])
+    with pytest.raises(RuntimeError, match=rf"{other}\[1\] and {key}s\[1\] partially overlap in memory"):
+        opt.step()
+    _assert_unchanged(before, _snapshot(opt, [p, q]))
+    if opt_cls is FusedOneCycleSGD and other == "params":  # the oracle refuses it too
+        sgd = torch.optim.SGD([q], lr=0.1, momentum=0.9)
+        sgd.state[q]["momentum_buffer"] = base[1:]
+        with pytest.raises(RuntimeError, match="single memory location"):
+            sgd.step()
+    opt.state[q][key] = opt.state[q][key].clone()
+    opt.step()
+    assert int(opt.step_counter()) == before[2] + 1
+
+
+@pytest.mark.parametrize("opt_cls, torch_cls", [(FusedOneCycleSGD, torch.optim.SGD),
+                                                (FusedOneCycleAdamW, torch.optim.AdamW)])
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_a_grad_that_is_its_parameter_steps_like_torch(opt_cls, torch_cls, backend):
+    """The same elements in the same places (``p.grad = p.detach()``) are no
+    partial overlap: each element reads its own value before writing it, as
+    in torch.optim, which takes it too."""
+    ours = torch.nn.Parameter(torch.randn(5, 3))
+    theirs = torch.nn.Parameter(ours.detach().clone())
+    kw = dict(momentum=0.9) if opt_cls is FusedOneCycleSGD else {}
+    opt = opt_cls([ours], backend=backend, **SCHED, **kw)
+    for _ in range(3):
+        lr = opt.get_last_lr()[0]
+        mom = opt.param_groups[0]["momentum"] if opt_cls is FusedOneCycleSGD else opt.param_groups[0]["betas"][0]
+        ref = torch_cls([theirs], lr=lr, **(dict(momentum=mom) if opt_cls is FusedOneCycleSGD
+                                            else dict(betas=(mom, 0.999))))
+        if opt.state[ours]:
+            ref.state[theirs] = {k: v.clone() for k, v in opt.state[ours].items()}
+        ours.grad, theirs.grad = ours.detach(), theirs.detach()
+        opt.step()
+        ref.step()
+        assert_close_ulps(ours.detach(), theirs.detach())
 
 
 @pytest.mark.parametrize("opt_cls, key, bad, match", [

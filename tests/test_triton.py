@@ -866,6 +866,62 @@ def test_grad_at_a_cached_address_in_another_layout(relayout):
     assert_ulps(out["triton"], out["reference"], ulps=4)
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("kind", ["behind", "transposed"])
+@pytest.mark.parametrize("cls,kw", [(FusedOneCycleSGD, dict(momentum=0.9)), (FusedOneCycleAdamW, {})])
+def test_grad_sharing_part_of_its_parameters_memory_steps_as_its_clone(cls, kw, kind, compiled):
+    """A grad that is a view of its parameter's storage, one element behind
+    it (element j's grad is element j-1, which the previous block writes) or
+    transposed: read from a copy, so the step equals the step with a clone of
+    the grad (torch.optim's result: tests/test_optim.py), eager and compiled
+    (traced, conform sees no addresses: the op's eager body copies it). It
+    was stepped in place, reading elements other blocks had written."""
+    if compiled and not INTERPRET:
+        pytest.skip("inductor on the GPU: tests/test_triton_gpu.py")
+    n = 12  # 144 elements: three 64-element chunks
+    out = []
+    for shared in (True, False):
+        gen = torch.Generator().manual_seed(6)
+        p = torch.nn.Parameter(torch.zeros(n, n, device=DEVICE))
+        opt = cls([p], backend="triton", **SCHED, **kw)
+        step = torch.compile(opt.step, backend="aot_eager") if compiled else opt.step
+        for _ in range(3):
+            base = torch.randn(n * n + 1, generator=gen).to(DEVICE)
+            # (made with set_, not as views: aot_autograd refuses aliased
+            # inputs of which only some have a ._base)
+            data, grad = (torch.empty(0, device=DEVICE).set_(base.untyped_storage(), offset, (n, n), strides)
+                          for offset, strides in [(1, (n, 1)), (1, (1, n)) if kind == "transposed" else (0, (n, 1))])
+            p.data, p.grad = (data, grad) if shared else (data.clone(), grad.clone())
+            step()
+            out.append(p.detach().clone())
+    half = len(out) // 2
+    for a, b in zip(out[:half], out[half:]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("other", ["params", "grads"])
+def test_state_sharing_part_of_the_params_or_grads_memory_is_refused(other):
+    """A state that partially overlaps its parameter or grad: RuntimeError
+    naming both (torch.optim refuses it too), nothing stepped."""
+    p = torch.nn.Parameter(torch.randn(3, device=DEVICE))
+    q = torch.nn.Parameter(torch.randn(70, device=DEVICE))
+    opt = FusedOneCycleAdamW([p, q], backend="triton", **SCHED)
+    for _ in range(2):
+        p.grad, q.grad = torch.randn_like(p), torch.randn_like(q)
+        opt.step()
+    base = torch.randn(71, device=DEVICE)
+    if other == "params":
+        q.data = base[:70]
+    else:
+        q.grad = base[:70]
+    opt.state[q]["exp_avg"] = base[1:]
+    before = [p.detach().clone(), q.detach().clone(), opt.state[p]["exp_avg"].clone(), int(opt.step_counter())]
+    with pytest.raises(RuntimeError, match=rf"{other}\[1\] and exp_avgs\[1\] partially overlap in memory"):
+        opt.step()
+    after = [p.detach().clone(), q.detach().clone(), opt.state[p]["exp_avg"].clone(), int(opt.step_counter())]
+    assert all(torch.equal(x, y) for x, y in zip(before[:3], after[:3])) and before[3] == after[3]
+
+
 def test_state_at_a_cached_address_in_another_dtype():
     """A state replaced at its own address by a view of itself in another
     dtype of the same size keeps strides and sizes: the cache key has the

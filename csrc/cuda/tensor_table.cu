@@ -25,6 +25,7 @@
 // (a run whose grads land elsewhere every step leaves one stale table per
 // step behind: 64 bytes per tensor each).
 #include "tensor_table.cuh"
+#include "../overlap.h"
 
 #include <ATen/ops/empty_like.h>
 
@@ -296,10 +297,12 @@ Prepared prepare_step(const StepInputs& in, const c10::cuda::CUDAStream& stream)
     s.param = p.data_ptr();
     const at::Tensor& given = in.grads[i];
     if (given.defined() && given.device() == device && given.scalar_type() == dtype && given.sizes() == p.sizes() &&
-        !same_layout(given, p)) {
+        (!same_layout(given, p) || partially_overlap(p, given))) {
       // a grad laid out unlike its parameter (set by hand: autograd gives a
       // dense parameter's grad the parameter's strides) is read from a copy
-      // in the parameter's layout; a state must match, it is written
+      // in the parameter's layout; a state must match, it is written. So is
+      // a grad that shares part of its parameter's memory (overlap.h): the
+      // copy is enqueued before the kernel, on the same stream.
       prep.keep.push_back(at::empty_like(p));
       prep.keep.back().copy_(given);
       s.grad = prep.keep.back().data_ptr();
@@ -313,6 +316,8 @@ Prepared prepare_step(const StepInputs& in, const c10::cuda::CUDAStream& stream)
       const at::Tensor& t = in.states[j][i];
       if (p.numel() == 0 || (in.optional_state[j] && (!t.defined() || t.numel() == 0))) continue;  // none
       check_like(t, in.state_names[j]);
+      check_state_apart(p, "params", t, in.state_names[j], i, op);
+      check_state_apart(given, "grads", t, in.state_names[j], i, op);
       *state_ptr[j] = t.data_ptr();
     }
     const at::Tensor& step = in.steps[i];

@@ -31,6 +31,7 @@ import triton  # noqa: F401  (ImportError here: the registry skips this backend)
 
 from ..schedule import ROW_WIDTH
 from . import StepBatch
+from .layout import check_states_apart, dense, partially_overlap, same_layout
 from . import triton_kernels as K
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -124,38 +125,6 @@ class _LayoutError(ValueError):
     """A tensor the kernels cannot walk as it is (``conform`` makes one they can)."""
 
 
-def _strides(t: torch.Tensor):
-    """``t.stride()``, in a form torch.compile can trace for any tensor.
-
-    Under torch.compile a grad that is a view (``g.t()``, a permute) gets
-    symbolic strides from its base, and dynamo (torch 2.13) fails on
-    ``Tensor.stride()`` of such a tensor while tracing ("Cannot construct
-    ConstantVariable ... SymInt"); the aten op returns the SymInts. Eager, the
-    method: the op's dispatch costs microseconds."""
-    if torch.compiler.is_compiling():
-        return torch.ops.aten.stride.default(t)
-    return t.stride()
-
-
-def _dense(t: torch.Tensor) -> bool:
-    """Non-overlapping and dense: the elements fill [data_ptr, data_ptr + numel)."""
-    if t.is_contiguous():
-        return True
-    expected = 1
-    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, _strides(t)) if sz != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
-def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Same shape and the same element order in memory (strides of size-1 dims do not matter)."""
-    if a.shape != b.shape:
-        return False
-    return all(sa == sb for sa, sb, n in zip(_strides(a), _strides(b), a.shape) if n > 1)
-
-
 @dataclasses.dataclass
 class _Launch:
     """A bucket's device-resident launch table and the views the kernel takes."""
@@ -218,6 +187,10 @@ class _Launcher:
             p, g = params[i], grads[i]
             what = f"parameter {i} of the {dtype} bucket"
             tensors = [p, g] + [s for s in (st[i] for st in states) if s is not None]
+            # (layout.py; on the tensors as given, before conform's copies could hide it)
+            check_states_apart(i, p, g, algo, [st[i] for st in states], where=f"the {dtype} bucket's ")
+            if partially_overlap(p, g):
+                raise _LayoutError(f"{what}: its grad partially overlaps it (read from a copy)")
             for t in tensors:
                 if t.device != device or t.dtype != dtype:
                     raise ValueError(f"{what}: grad and states must be {dtype} on {device}, got {t.dtype} on {t.device}")
@@ -226,12 +199,12 @@ class _Launcher:
                         f"{what}: grad and states must have the parameter's shape {tuple(p.shape)}, "
                         f"got {tuple(t.shape)}"
                     )
-                if not _same_layout(t, p):
+                if not same_layout(t, p):
                     raise _LayoutError(
                         f"{what}: grad and states must have the parameter's shape and memory layout, got "
                         f"strides {t.stride()} for {tuple(p.stride())}"
                     )
-                if not _dense(t):
+                if not dense(t):
                     raise _LayoutError(f"{what}: the triton backend needs dense (non-overlapping) tensors")
                 aligned = aligned and t.data_ptr() % 16 == 0
             s = steps[i]
@@ -422,8 +395,26 @@ def step_op(
     ``j + 1``. (A mutated ``Tensor?[]`` holding None breaks torch.compile's
     functionalization in torch 2.13, hence no None here.)
     """
-    _launcher.run(algo, params, grads, *unpack_states(present, state1, state2, state3), steps, group_ids, table,
-                  counter, grad_scale, found_inf)
+    # (traced, conform saw no addresses: a grad that partially overlaps its
+    # parameter reaches this eager body as it is)
+    _run_eager(algo, params, grads, unpack_states(present, state1, state2, state3),
+               (steps, group_ids, table, counter, grad_scale, found_inf))
+
+
+def _run_eager(algo, params, grads, states, rest) -> None:
+    """One step through cached launch tables. Layouts are checked where a
+    table is built, not every step (conform costs ~4.7 us a tensor on the
+    host): only a step whose tensors the kernels cannot walk as they are
+    goes through conform's copies. Nothing has been launched when the table
+    build raises."""
+    try:
+        _launcher.run(algo, params, grads, *states, *rest)
+        return
+    except _LayoutError:
+        params, grads, states, writebacks = conform(params, grads, states)
+    _launcher.run(algo, params, grads, *states, *rest, cache=False)
+    for dst, src in writebacks:  # (a skipped step wrote nothing: this copies the same values back)
+        dst.copy_(src)
 
 
 @step_op.register_fake
@@ -448,9 +439,9 @@ def conform(params, grads, states):
     grads, states = list(grads), [list(st) for st in states]
     params_out = None
     for i, p in enumerate(params):
-        if _dense(p):
+        if dense(p):
             def fits(t):
-                return _same_layout(t, p) and _dense(t)
+                return same_layout(t, p) and dense(t)
 
             def like_p(t):
                 return torch.empty_strided(p.shape, p.stride(), dtype=t.dtype, device=t.device).copy_(t)
@@ -465,8 +456,12 @@ def conform(params, grads, states):
 
             def like_p(t):
                 return t.contiguous()
-        if grads[i].shape == p.shape and not fits(grads[i]):
-            grads[i] = like_p(grads[i])  # read only
+        g = grads[i]
+        # a grad sharing part of its parameter's memory is read from a copy
+        # too (layout.py), as if read whole first, as torch.optim reads it;
+        # while tracing there are no addresses: step_op's body copies it
+        if g.shape == p.shape and (not fits(g) or not torch.compiler.is_compiling() and partially_overlap(p, g)):
+            grads[i] = like_p(g)  # read only
         for st in states:
             t = st[i]
             if t is not None and t.shape == p.shape and not fits(t):
@@ -528,20 +523,10 @@ class TritonBackend:
             params, grads, states, writebacks = conform(batch.params, batch.grads, states)
             present, packed = pack_states(*states)
             torch.ops.onecycle_fused_triton.step(batch.algo, params, grads, *packed, present, *rest)
-        else:
-            # eager: skip the dispatcher's per-call cost, same code underneath.
-            # Layouts are checked where a launch table is built, not every step
-            # (conform costs ~4.7 us a tensor on the host): only a step whose
-            # tensors the kernels cannot walk goes through copies. Nothing has
-            # been launched when the table build raises.
-            params, grads, writebacks = batch.params, batch.grads, ()
-            try:
-                _launcher.run(batch.algo, params, grads, *states, *rest)
-            except _LayoutError:
-                params, grads, states, writebacks = conform(params, grads, states)
-                _launcher.run(batch.algo, params, grads, *states, *rest, cache=False)
-        for dst, src in writebacks:  # (a skipped step wrote nothing: this copies the same values back)
-            dst.copy_(src)
+            for dst, src in writebacks:
+                dst.copy_(src)
+        else:  # skips the dispatcher's per-call cost, same code underneath
+            _run_eager(batch.algo, batch.params, batch.grads, states, rest)
 
 
 __all__ = ["TritonBackend", "LaunchConfig", "interpreting", "step_op"]

@@ -1,0 +1,41 @@
+// Tensors of one parameter that share part of their memory (ATen's "partial
+// overlap": some elements of one are stored where other elements of the
+// other are). The same elements in the same places (p.grad = p) are not.
+//
+// torch.optim steps such a grad as if it were read whole before the
+// parameter is written (its momentum / Adam paths go through temporaries), so
+// the ops read it from a copy: a fused pass would otherwise read elements it
+// has already written (on a GPU, in an order the blocks decide). A state
+// that partially overlaps the parameter or the grad is refused, before
+// anything is written, as torch.optim's in-place ops refuse it
+// (at::assert_no_partial_overlap). Shared by the CPU ops (ops.cpp) and the
+// CUDA table (cuda/tensor_table.cu).
+#pragma once
+
+#include <cstddef>
+
+#include <ATen/MemoryOverlap.h>
+#include <ATen/core/Tensor.h>
+
+namespace onecycle_fused {
+
+// Tensors on different storages do not overlap as ATen sees it: compared
+// first, inline. Measured on this project's 2-core CI machine: ~1.4 ns a
+// call so, ~12 ns with at::get_overlap_status alone (AdamW checks up to 7
+// pairs a parameter: 0.35 ms a step over 5,000 tensors, ~13% of its host time).
+inline bool partially_overlap(const at::Tensor& a, const at::Tensor& b) {
+  return a.unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl() ==
+             b.unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl() &&
+         at::get_overlap_status(a, b) == at::MemOverlapStatus::Partial;
+}
+
+// a state (b) against the parameter or its grad (a)
+inline void check_state_apart(const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name,
+                              size_t i, const char* op) {
+  TORCH_CHECK(!partially_overlap(a, b), "onecycle_fused::", op, ": ", a_name, "[", i, "] and ", b_name, "[", i,
+              "] partially overlap in memory (some elements of one are stored where other elements of the other ",
+              "are): a state is written while the other is read, as in torch.optim, which refuses it too; give the ",
+              "state memory of its own (clone() it)");
+}
+
+}  // namespace onecycle_fused

@@ -1,0 +1,90 @@
+"""How a tensor lies in memory, as the backends need to know it: its strides
+(also while torch.compile traces), whether its elements fill one block of
+memory, whether two tensors walk their elements in the same order, and
+whether two tensors share part of their memory.
+
+Python twins of ATen's ``is_non_overlapping_and_dense`` and
+``get_overlap_status`` (ATen/MemoryOverlap.h), for the backends that build
+their launches in Python (``triton``) or step tensor by tensor
+(``reference``); the compiled ops call ATen's.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def strides(t: torch.Tensor):
+    """``t.stride()``, in a form torch.compile can trace for any tensor.
+
+    Under torch.compile a grad that is a view (``g.t()``, a permute) gets
+    symbolic strides from its base, and dynamo (torch 2.13) fails on
+    ``Tensor.stride()`` of such a tensor while tracing ("Cannot construct
+    ConstantVariable ... SymInt"); the aten op returns the SymInts. Eager, the
+    method: the op's dispatch costs microseconds."""
+    if torch.compiler.is_compiling():
+        return torch.ops.aten.stride.default(t)
+    return t.stride()
+
+
+def dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense: the elements fill [data_ptr, data_ptr + numel)."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, strides(t)) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same shape and the same element order in memory (strides of size-1 dims do not matter)."""
+    if a.shape != b.shape:
+        return False
+    return all(sa == sb for sa, sb, n in zip(strides(a), strides(b), a.shape) if n > 1)
+
+
+def partially_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True when ``a`` and ``b`` share part of their memory: some elements of
+    one are stored where other elements of the other are (the same elements
+    in the same places, ``p.grad = p``, are not). ATen's rule
+    (``get_overlap_status``), which torch.optim's in-place ops enforce: only
+    dense tensors are compared (others are "too hard" and pass), by their
+    byte ranges; the same range in another order is a partial overlap.
+    Eager only: it reads data pointers.
+
+    What the backends do with it (as csrc/overlap.h): a grad that partially
+    overlaps its parameter is read from a copy, as if read whole before the
+    parameter is written (what torch.optim computes); a state that
+    partially overlaps the parameter or the grad is refused."""
+    if a is b or a.device != b.device or a.numel() == 0 or b.numel() == 0 or not (dense(a) and dense(b)):
+        return False
+    a_begin, b_begin = a.data_ptr(), b.data_ptr()
+    a_end = a_begin + a.numel() * a.element_size()
+    b_end = b_begin + b.numel() * b.element_size()
+    if a_begin == b_begin and a_end == b_end:
+        return not same_layout(a, b)  # (ATen compares all strides, those of size-1 dims too)
+    return a_begin < b_end and b_begin < a_end
+
+
+# the state tensors of each algorithm, as StepBatch names their lists
+STATE_LISTS = {"sgd": ("momentum_buffers",), "adam": ("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs")}
+STATE_LISTS["adamw"] = STATE_LISTS["adam"]
+
+
+def check_states_apart(i: int, param: torch.Tensor, grad: torch.Tensor, algo: str, states, where: str = "") -> None:
+    """Refuse parameter ``i``'s states (``states``: tensors or None, in
+    ``STATE_LISTS[algo]`` order) when one partially overlaps the parameter
+    or the grad: RuntimeError, as torch.optim's in-place ops raise, before
+    anything is written. ``where`` starts the message."""
+    for name, t in zip(STATE_LISTS[algo], states):
+        if t is None:
+            continue
+        for other_name, other in (("params", param), ("grads", grad)):
+            if partially_overlap(other, t):
+                raise RuntimeError(
+                    f"{where}{other_name}[{i}] and {name}[{i}] partially overlap in memory (some elements of one "
+                    "are stored where other elements of the other are): a state is written while the other is "
+                    "read, as in torch.optim, which refuses it too; give the state memory of its own (clone() it)"
+                )
