@@ -304,9 +304,28 @@ class _FusedOneCycleOptimizer(_CheckpointMixin, _HostMirrorMixin, torch.optim.Op
                     self._counters[device] = next(iter(self._counters.values())).to(device, copy=True)
                 else:
                     self._counters[device] = torch.zeros((), dtype=torch.int64, device=device)
+        self._count_without_parameters(bool(devices))
         self._table_rows.rows = []  # tables are rebuilt at the next step
         self._plan.drop()  # (the snapshot would see the new group too)
         self._update_mirror()
+
+    def _count_without_parameters(self, added: bool) -> None:
+        """Groups without parameters (torch.optim takes them: a frozen model,
+        groups filled later by add_param_group) still count steps, so the
+        schedule advances: with no parameter anywhere, the count is kept on
+        the CPU (steps advance it through the reference backend, which steps
+        nothing). When parameters come (``added``), their devices' counters
+        start from it and it goes: a device with no parameter would be
+        stepped alone and be ``step_counter()``'s default."""
+        cpu = torch.device("cpu")
+        if not self._counters:
+            self._counters[cpu] = torch.zeros((), dtype=torch.int64)
+            self._backend_for[cpu] = _backends.get_backend("reference")
+        elif added and cpu in self._counters and len(self._counters) > 1:
+            if not any(p.device == cpu for group in self.param_groups for p in group["params"]):
+                del self._counters[cpu]
+                del self._backend_for[cpu]
+                self._tables.pop(cpu, None)
 
     def _validate_group(self, group: dict, mirrored: bool = False) -> None:
         """Raise ValueError naming the first invalid hyper-parameter of ``group``.

@@ -725,6 +725,21 @@ def test_state_sharing_part_of_the_params_memory_is_refused():
 
 
 @gpu
+def test_groups_without_parameters_hand_their_count_to_the_gpu():
+    """A group with no parameters keeps the count on the CPU; CUDA parameters
+    added later take it over, and the CPU counter goes."""
+    opt = FusedOneCycleSGD([{"params": []}], backend="auto", **SCHED)
+    opt.step()
+    opt.step()
+    p = torch.nn.Parameter(torch.zeros(10, device=DEV))
+    opt.add_param_group({"params": [p]})
+    assert list(opt._counters) == [p.device] and opt.step_counter().is_cuda
+    p.grad = torch.ones_like(p)
+    opt.step()
+    assert int(opt.step_counter()) == 3
+
+
+@gpu
 def test_clear_errors():
     table = _table()
     counter = torch.zeros((), dtype=torch.int64, device=DEV)

@@ -265,6 +265,39 @@ def test_per_group_lists_and_add_param_group():
     assert opt.param_groups[2]["lr"] == s.lr(1)
 
 
+@pytest.mark.parametrize("opt_cls", [FusedOneCycleSGD, FusedOneCycleAdamW])
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_groups_without_parameters_count_steps_until_parameters_come(opt_cls, backend):
+    """torch.optim takes a group with no parameters (a frozen model, groups
+    filled later); its step does nothing. Ours counts the steps (the
+    schedule advances, as a scheduler stepped beside torch's optimizer
+    would) and a group added later starts there. It raised StopIteration in
+    step(), state_dict() and step_counter()."""
+    torch.optim.SGD([{"params": []}], lr=0.1).step()  # the convention
+    opt = opt_cls([{"params": []}], backend=backend, **SCHED)
+    for _ in range(3):
+        opt.step()
+    assert int(opt.step_counter()) == 3 and opt.get_last_lr() == [OneCycle(**SCHED).lr(3)]
+    saved = opt.state_dict()
+    assert int(saved["step_counter"]) == 3 and saved["state"] == {}
+    fresh = opt_cls([{"params": []}], backend=backend, **SCHED)
+    fresh.load_state_dict(saved)
+    assert int(fresh.step_counter()) == 3
+    # parameters arrive: stepped as by an optimizer that had them from step 3 on
+    p = torch.nn.Parameter(torch.randn(4, generator=torch.Generator().manual_seed(0)))
+    q = torch.nn.Parameter(p.detach().clone())
+    opt.add_param_group({"params": [p]})
+    ref = opt_cls([{"params": []}, {"params": [q]}], backend=backend, **SCHED)
+    ref.set_step(3)
+    for i in range(4):
+        p.grad = torch.randn(4, generator=torch.Generator().manual_seed(i))
+        q.grad = p.grad.clone()
+        opt.step()
+        ref.step()
+    assert torch.equal(p, q) and int(opt.step_counter()) == 7
+    assert list(opt._counters) == [p.device]  # one counter, where the parameters are
+
+
 def test_group_count_mismatch_is_an_error():
     p = torch.nn.Parameter(torch.randn(3))
     with pytest.raises(ValueError, match="cycle_max_lr"):
