@@ -250,6 +250,7 @@ class Batch {
     TORCH_CHECK_VALUE(p.device().is_cpu(), "onecycle_fused::", op_, ": params[", i, "] must be on the CPU, got ",
                       p.device());
     w = cpu::TensorWork{};
+    states_.clear();
     w.dtype = to_dtype(p, op_, i);
     w.numel = p.numel();
     dense_ = p.is_non_overlapping_and_dense();
@@ -272,6 +273,8 @@ class Batch {
     if (mutated && !t.is_same(p)) {
       check_state_apart(p, "params", t, name, i, op_);
       check_state_apart(grads_[i], "grads", t, name, i, op_);
+      for (const auto& [seen, seen_name] : states_) check_state_apart(*seen, seen_name, t, name, i, op_);
+      states_.emplace_back(&t, name);
     }
     if (check_only_) return t.data_ptr();
     Tensor copy;
@@ -303,6 +306,7 @@ class Batch {
   bool check_only_ = false;
   std::vector<std::pair<Tensor, Tensor>> writebacks_;
   std::vector<Tensor> keep_;
+  std::vector<std::pair<const Tensor*, const char*>> states_;  // tensor i's states so far (the op's lists)
 };
 
 // Runs `fn` over every element of every work item. The items are laid end to

@@ -37,6 +37,7 @@ import torch
 
 from . import backends as _backends
 from . import step_plan as _step_plan
+from .backends import layout as _layout
 from .checkpoint import _CheckpointMixin, _called_by_dcp_init, _own_step
 from .host_mirror import _HostMirrorMixin, _HostStep, _LrWritten
 from .schedule import (
@@ -192,6 +193,7 @@ class _FusedOneCycleOptimizer(_CheckpointMixin, _HostMirrorMixin, torch.optim.Op
         self._has_complex = False  # complex parameters: the backends get real views (_real)
         self._counters: dict[torch.device, torch.Tensor] = {}
         self._backend_for: dict[torch.device, Any] = {}
+        self._parameterless = False  # no parameter in any group: see _count_without_parameters
         self._reset_caches()
         super().__init__(params, defaults)
 
@@ -304,25 +306,28 @@ class _FusedOneCycleOptimizer(_CheckpointMixin, _HostMirrorMixin, torch.optim.Op
                     self._counters[device] = next(iter(self._counters.values())).to(device, copy=True)
                 else:
                     self._counters[device] = torch.zeros((), dtype=torch.int64, device=device)
-        self._count_without_parameters(bool(devices))
+        self._count_without_parameters()
         self._table_rows.rows = []  # tables are rebuilt at the next step
         self._plan.drop()  # (the snapshot would see the new group too)
         self._update_mirror()
 
-    def _count_without_parameters(self, added: bool) -> None:
+    def _count_without_parameters(self) -> None:
         """Groups without parameters (torch.optim takes them: a frozen model,
-        groups filled later by add_param_group) still count steps, so the
-        schedule advances: with no parameter anywhere, the count is kept on
-        the CPU (steps advance it through the reference backend, which steps
-        nothing). When parameters come (``added``), their devices' counters
-        start from it and it goes: a device with no parameter would be
-        stepped alone and be ``step_counter()``'s default."""
+        groups filled later) still count steps, so that the schedule
+        advances: with no parameter in any group the count is kept on the
+        CPU, and steps advance it through the reference backend, which has
+        nothing else to step. Once parameters come (add_param_group, or put
+        into a group's list by hand: _step), their devices' counters start
+        from it and it goes: a device with no parameter would be stepped
+        alone and be ``step_counter()``'s default."""
         cpu = torch.device("cpu")
         if not self._counters:
             self._counters[cpu] = torch.zeros((), dtype=torch.int64)
             self._backend_for[cpu] = _backends.get_backend("reference")
-        elif added and cpu in self._counters and len(self._counters) > 1:
-            if not any(p.device == cpu for group in self.param_groups for p in group["params"]):
+            self._parameterless = True
+        elif self._parameterless and _step_plan.all_params(self.param_groups):
+            self._parameterless = False
+            if len(self._counters) > 1 and not any(p.device == cpu for p in _step_plan.all_params(self.param_groups)):
                 del self._counters[cpu]
                 del self._backend_for[cpu]
                 self._tables.pop(cpu, None)
@@ -688,6 +693,9 @@ class _FusedOneCycleOptimizer(_CheckpointMixin, _HostMirrorMixin, torch.optim.Op
 
     def _step(self, grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor],
               mirror: bool = True) -> None:
+        if self._parameterless and _step_plan.all_params(self.param_groups):  # put into a group by hand
+            self._parameterless = False
+            self._follow_param_devices()  # (their devices' counters and backends; the CPU's goes)
         schedules = self._refresh_tables()  # (configs cannot change before _advance_mirror below)
 
         devices = self._counters.keys()
@@ -769,6 +777,12 @@ class _FusedOneCycleOptimizer(_CheckpointMixin, _HostMirrorMixin, torch.optim.Op
                 self._follow_param_devices()
                 self._step(grad_scale, found_inf, mirror)  # again, on the devices the parameters are on now
                 return
+            if len(batches) > 1 and not compiling and not self._has_dtensors:
+                # a backend refuses overlapping states before it writes, but
+                # only on its device: the others would be stepped already
+                for device, batch in batches.items():
+                    _layout.check_batch_states_apart(batch.params, batch.grads, batch.algo, batch.state_lists(),
+                                                     where=f"on {device}: ")
             # every device's counter advances, even where no parameter has a grad
             for device, batch in batches.items():
                 if self._has_dtensors or has_complex:
@@ -949,9 +963,10 @@ class _FusedOneCycleOptimizer(_CheckpointMixin, _HostMirrorMixin, torch.optim.Op
         self._has_complex = any(p.is_complex() for g in self.param_groups for p in g["params"])
         self._host = _HostStep()
         self._host.step = ours["host_step"]
+        self._parameterless = not _step_plan.all_params(self.param_groups)
         self._backend_for = {
-            device: _backends.resolve(self.backend, device,
-                                      {p.dtype for g in self.param_groups for p in g["params"] if p.device == device})
+            device: _backends.get_backend("reference") if self._parameterless else _backends.resolve(
+                self.backend, device, {p.dtype for g in self.param_groups for p in g["params"] if p.device == device})
             for device in self._counters
         }
         self._reset_caches()

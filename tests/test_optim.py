@@ -265,6 +265,15 @@ def test_per_group_lists_and_add_param_group():
     assert opt.param_groups[2]["lr"] == s.lr(1)
 
 
+def _step_alongside(opt, p, ref, q, steps):
+    """Steps ``opt`` (which holds ``p``) and ``ref`` (``q``) with the same grads."""
+    for i in range(steps):
+        p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(i))
+        q.grad = p.grad.clone()
+        opt.step()
+        ref.step()
+
+
 @pytest.mark.parametrize("opt_cls", [FusedOneCycleSGD, FusedOneCycleAdamW])
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_groups_without_parameters_count_steps_until_parameters_come(opt_cls, backend):
@@ -289,13 +298,43 @@ def test_groups_without_parameters_count_steps_until_parameters_come(opt_cls, ba
     opt.add_param_group({"params": [p]})
     ref = opt_cls([{"params": []}, {"params": [q]}], backend=backend, **SCHED)
     ref.set_step(3)
-    for i in range(4):
-        p.grad = torch.randn(4, generator=torch.Generator().manual_seed(i))
-        q.grad = p.grad.clone()
-        opt.step()
-        ref.step()
+    _step_alongside(opt, p, ref, q, steps=4)
     assert torch.equal(p, q) and int(opt.step_counter()) == 7
     assert list(opt._counters) == [p.device]  # one counter, where the parameters are
+
+
+@pytest.mark.parametrize("backend", ["auto", "cpu", "cuda", "triton"])
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_groups_without_parameters_copy_and_pickle(backend, how):
+    """A copy of an optimizer with no parameters keeps counting on the CPU
+    through the reference backend, whatever backend was asked for (the
+    copy resolved the asked backend for the CPU counter: ValueError for
+    "cuda" or "triton" in a CPU build)."""
+    import copy
+    import pickle
+
+    opt = FusedOneCycleSGD([{"params": []}], backend=backend, **SCHED)
+    opt.step()
+    twin = copy.deepcopy(opt) if how == "deepcopy" else pickle.loads(pickle.dumps(opt))
+    twin.step()
+    assert int(twin.step_counter()) == 2 and twin.get_last_lr() == [OneCycle(**SCHED).lr(2)]
+
+
+def test_parameters_put_into_an_empty_group_by_hand_get_the_asked_backend():
+    """Parameters appended to a group's list (not add_param_group) are found
+    at the next step: the CPU's count goes on, with the backend asked for
+    (the compiled cpu one here, with its step plans), not the reference
+    backend that stepped nothing."""
+    opt = FusedOneCycleAdamW([{"params": []}], backend="cpu", **SCHED)
+    opt.step()
+    p = torch.nn.Parameter(torch.randn(5, generator=torch.Generator().manual_seed(0)))
+    q = torch.nn.Parameter(p.detach().clone())
+    opt.param_groups[0]["params"].append(p)
+    ref = FusedOneCycleAdamW([q], backend="reference", **SCHED)
+    ref.set_step(1)
+    _step_alongside(opt, p, ref, q, steps=3)
+    assert opt._backend_for[p.device].name == "cpu" and opt._plan.planned_steps > 0
+    assert_close_ulps(p.detach(), q.detach()) and int(opt.step_counter()) == 4
 
 
 def test_group_count_mismatch_is_an_error():
@@ -1527,6 +1566,61 @@ def test_a_state_sharing_part_of_the_params_or_grads_memory_is_refused(opt_cls, 
     opt.state[q][key] = opt.state[q][key].clone()
     opt.step()
     assert int(opt.step_counter()) == before[2] + 1
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("case", ["max_over_exp_avg_sq", "same_bytes_other_size1_stride"])
+def test_states_sharing_part_of_their_memory_are_refused_as_aten_rules(backend, case):
+    """ATen's rule, on every backend alike: two states of one parameter that
+    share part of their memory (amsgrad's max over exp_avg_sq: torch.optim's
+    ``torch.maximum(..., out=)`` refuses it), and the same bytes as the grad
+    with another stride in a size-1 dimension (ATen compares all strides)."""
+    p = torch.nn.Parameter(torch.randn(4, 1))
+    opt = FusedOneCycleAdamW([p], backend=backend, amsgrad=True, **SCHED)
+    p.grad = torch.randn(4, 1)
+    opt.step()
+    if case == "max_over_exp_avg_sq":
+        base = torch.rand(5)
+        opt.state[p]["exp_avg_sq"], opt.state[p]["max_exp_avg_sq"] = base[:4].view(4, 1), base[1:].view(4, 1)
+        match = r"exp_avg_sqs\[0\] and max_exp_avg_sqs\[0\]"
+    else:
+        p.grad = torch.randn(4, 1)
+        opt.state[p]["exp_avg"] = p.grad.as_strided((4, 1), (1, 7))
+        match = r"grads\[0\] and exp_avgs\[0\]"
+    before = _snapshot(opt, [p])
+    with pytest.raises(RuntimeError, match=match):
+        opt.step()
+    _assert_unchanged(before, _snapshot(opt, [p]))
+
+
+def test_separate_states_of_meta_tensors_are_not_taken_for_overlapping():
+    """Meta tensors have no memory (their data pointers are 0 or offsets):
+    only tensors of one storage are compared, as ATen does."""
+    c = torch.nn.Parameter(torch.randn(3))  # (the first device's counter is read on the host)
+    p = torch.nn.Parameter(torch.empty(2, 3, 4, 5, device="meta").to(memory_format=torch.channels_last))
+    opt = FusedOneCycleAdamW([c, p], backend="reference", **SCHED)
+    c.grad, p.grad = torch.randn(3), torch.empty_like(p)
+    opt.step()
+    opt.step()
+    assert int(opt.step_counter()) == 2
+
+
+def test_an_overlapping_state_on_one_device_leaves_the_others_unstepped():
+    """With parameters on two devices each backend checks its own tensors
+    before writing; the optimizer checks the states of all devices first, so
+    a refused state on the second device leaves the first one unstepped (a
+    meta parameter stands in for a second device)."""
+    c = torch.nn.Parameter(torch.randn(4))
+    m = torch.nn.Parameter(torch.empty(4, 4, device="meta"))
+    opt = FusedOneCycleAdamW([{"params": [c]}, {"params": [m]}], backend="reference", **SCHED)
+    c.grad, m.grad = torch.randn(4), torch.empty_like(m)
+    opt.step()
+    opt.state[m]["exp_avg"] = m.detach().t()
+    c.grad = torch.randn(4)
+    before = (c.detach().clone(), int(opt.step_counter("cpu")))
+    with pytest.raises(RuntimeError, match=r"on meta: params\[0\] and exp_avgs\[0\] partially overlap"):
+        opt.step()
+    assert torch.equal(c.detach(), before[0]) and int(opt.step_counter("cpu")) == before[1]
 
 
 @pytest.mark.parametrize("opt_cls, torch_cls", [(FusedOneCycleSGD, torch.optim.SGD),

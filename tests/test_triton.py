@@ -899,22 +899,33 @@ def test_grad_sharing_part_of_its_parameters_memory_steps_as_its_clone(cls, kw, 
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("first_grad", ["plain", "transposed"])
 @pytest.mark.parametrize("other", ["params", "grads"])
-def test_state_sharing_part_of_the_params_or_grads_memory_is_refused(other):
+@pytest.mark.parametrize("state", ["shifted", "transposed"])
+def test_state_sharing_part_of_the_params_or_grads_memory_is_refused(state, other, first_grad):
     """A state that partially overlaps its parameter or grad: RuntimeError
-    naming both (torch.optim refuses it too), nothing stepped."""
-    p = torch.nn.Parameter(torch.randn(3, device=DEVICE))
-    q = torch.nn.Parameter(torch.randn(70, device=DEVICE))
+    naming both (torch.optim refuses it too), nothing stepped. Also when
+    the first parameter's grad needs a copy in its layout and the state is
+    transposed: the table build stopped at the first parameter, and
+    conform's copy of the state hid the overlap from the build after it
+    (the state was stepped, and its copy written back over the parameter)."""
+    p = torch.nn.Parameter(torch.randn(3, 3, device=DEVICE))
+    q = torch.nn.Parameter(torch.randn(8, 8, device=DEVICE))
     opt = FusedOneCycleAdamW([p, q], backend="triton", **SCHED)
     for _ in range(2):
         p.grad, q.grad = torch.randn_like(p), torch.randn_like(q)
         opt.step()
-    base = torch.randn(71, device=DEVICE)
-    if other == "params":
-        q.data = base[:70]
+    p.grad = torch.randn_like(p).t() if first_grad == "transposed" else torch.randn_like(p)
+    if state == "shifted":
+        base = torch.randn(65, device=DEVICE)
+        if other == "params":
+            q.data = base[:64].view(8, 8)
+        else:
+            q.grad = base[:64].view(8, 8)
+        opt.state[q]["exp_avg"] = base[1:].view(8, 8)
     else:
-        q.grad = base[:70]
-    opt.state[q]["exp_avg"] = base[1:]
+        q.grad = torch.randn_like(q)
+        opt.state[q]["exp_avg"] = (q.detach() if other == "params" else q.grad).t()
     before = [p.detach().clone(), q.detach().clone(), opt.state[p]["exp_avg"].clone(), int(opt.step_counter())]
     with pytest.raises(RuntimeError, match=rf"{other}\[1\] and exp_avgs\[1\] partially overlap in memory"):
         opt.step()

@@ -318,6 +318,9 @@ Prepared prepare_step(const StepInputs& in, const c10::cuda::CUDAStream& stream)
       check_like(t, in.state_names[j]);
       check_state_apart(p, "params", t, in.state_names[j], i, op);
       check_state_apart(given, "grads", t, in.state_names[j], i, op);
+      for (int k = 0; k < j; ++k) {
+        if (*state_ptr[k] != nullptr) check_state_apart(in.states[k][i], in.state_names[k], t, in.state_names[j], i, op);
+      }
       *state_ptr[j] = t.data_ptr();
     }
     const at::Tensor& step = in.steps[i];

@@ -58,6 +58,12 @@ class StepBatch:
     def device(self) -> torch.device:
         return self.counter.device
 
+    def state_lists(self) -> list:
+        """The algorithm's state lists, in ``layout.STATE_LISTS`` order."""
+        from .layout import STATE_LISTS
+
+        return [getattr(self, name) for name in STATE_LISTS[self.algo]]
+
 
 class Backend(Protocol):
     name: str

@@ -50,21 +50,24 @@ def partially_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
     one are stored where other elements of the other are (the same elements
     in the same places, ``p.grad = p``, are not). ATen's rule
     (``get_overlap_status``), which torch.optim's in-place ops enforce: only
-    dense tensors are compared (others are "too hard" and pass), by their
-    byte ranges; the same range in another order is a partial overlap.
-    Eager only: it reads data pointers.
+    tensors of one storage are compared, and only dense ones (others are
+    "too hard" and pass), by their byte ranges; the same range with other
+    strides (those of size-1 dims too) is a partial overlap. Eager only: it
+    reads data pointers.
 
     What the backends do with it (as csrc/overlap.h): a grad that partially
     overlaps its parameter is read from a copy, as if read whole before the
     parameter is written (what torch.optim computes); a state that
-    partially overlaps the parameter or the grad is refused."""
-    if a is b or a.device != b.device or a.numel() == 0 or b.numel() == 0 or not (dense(a) and dense(b)):
+    partially overlaps the parameter, the grad or another state is refused."""
+    if a is b or a.device != b.device or a.numel() == 0 or b.numel() == 0:
         return False
+    if a.untyped_storage()._cdata != b.untyped_storage()._cdata or not (dense(a) and dense(b)):
+        return False  # (_cdata: the StorageImpl's address, what ATen compares first)
     a_begin, b_begin = a.data_ptr(), b.data_ptr()
     a_end = a_begin + a.numel() * a.element_size()
     b_end = b_begin + b.numel() * b.element_size()
     if a_begin == b_begin and a_end == b_end:
-        return not same_layout(a, b)  # (ATen compares all strides, those of size-1 dims too)
+        return tuple(strides(a)) != tuple(strides(b))
     return a_begin < b_end and b_begin < a_end
 
 
@@ -75,16 +78,22 @@ STATE_LISTS["adamw"] = STATE_LISTS["adam"]
 
 def check_states_apart(i: int, param: torch.Tensor, grad: torch.Tensor, algo: str, states, where: str = "") -> None:
     """Refuse parameter ``i``'s states (``states``: tensors or None, in
-    ``STATE_LISTS[algo]`` order) when one partially overlaps the parameter
-    or the grad: RuntimeError, as torch.optim's in-place ops raise, before
-    anything is written. ``where`` starts the message."""
-    for name, t in zip(STATE_LISTS[algo], states):
-        if t is None:
-            continue
-        for other_name, other in (("params", param), ("grads", grad)):
+    ``STATE_LISTS[algo]`` order) when one partially overlaps the parameter,
+    the grad or another state: RuntimeError, as torch.optim's in-place ops
+    raise, before anything is written. ``where`` starts the message."""
+    named = [(name, t) for name, t in zip(STATE_LISTS[algo], states) if t is not None]
+    for j, (name, t) in enumerate(named):
+        for other_name, other in [("params", param), ("grads", grad)] + named[:j]:
             if partially_overlap(other, t):
                 raise RuntimeError(
                     f"{where}{other_name}[{i}] and {name}[{i}] partially overlap in memory (some elements of one "
                     "are stored where other elements of the other are): a state is written while the other is "
                     "read, as in torch.optim, which refuses it too; give the state memory of its own (clone() it)"
                 )
+
+
+def check_batch_states_apart(params, grads, algo: str, states, where: str = "") -> None:
+    """``check_states_apart`` for every parameter of a step's lists
+    (``states``: one list per ``STATE_LISTS[algo]`` entry)."""
+    for i, (p, g) in enumerate(zip(params, grads)):
+        check_states_apart(i, p, g, algo, [st[i] for st in states], where)

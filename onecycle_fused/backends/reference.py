@@ -25,7 +25,7 @@ import torch
 
 from ..schedule import ANNEAL_LINEAR, KIND_LRRANGETEST, KIND_ONECYCLE, KIND_TORCH_ONECYCLE, Row
 from . import StepBatch
-from .layout import check_states_apart
+from .layout import STATE_LISTS, check_batch_states_apart
 
 
 def _sq_residual(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -192,12 +192,7 @@ class ReferenceBackend:
                 raise ValueError(
                     f"the reference backend supports {_DTYPES} parameters; params[{i}] has dtype {p.dtype}"
                 )
-        lists = [("grads", batch.grads)]
-        if batch.algo == "sgd":
-            lists.append(("momentum_buffers", batch.momentum_buffers))
-        else:
-            lists += [("exp_avgs", batch.exp_avgs), ("exp_avg_sqs", batch.exp_avg_sqs),
-                      ("max_exp_avg_sqs", batch.max_exp_avg_sqs)]
+        lists = [("grads", batch.grads)] + list(zip(STATE_LISTS[batch.algo], batch.state_lists()))
         for name, tensors in lists:
             for i, (p, t) in enumerate(zip(batch.params, tensors)):
                 if t is not None and (t.shape != p.shape or t.dtype != p.dtype or t.device != p.device):
@@ -209,8 +204,7 @@ class ReferenceBackend:
             return  # (FakeTensors have no data pointers to compare)
         # (a grad that partially overlaps its parameter needs nothing here:
         # this backend reads it whole, into a temporary, before writing)
-        for i, (p, g, *states) in enumerate(zip(batch.params, *(t for _, t in lists))):
-            check_states_apart(i, p, g, batch.algo, states)
+        check_batch_states_apart(batch.params, batch.grads, batch.algo, batch.state_lists())
 
     def step(self, batch: StepBatch) -> None:
         self._check(batch)

@@ -31,7 +31,7 @@ import triton  # noqa: F401  (ImportError here: the registry skips this backend)
 
 from ..schedule import ROW_WIDTH
 from . import StepBatch
-from .layout import check_states_apart, dense, partially_overlap, same_layout
+from .layout import check_batch_states_apart, check_states_apart, dense, partially_overlap, same_layout
 from . import triton_kernels as K
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -187,7 +187,7 @@ class _Launcher:
             p, g = params[i], grads[i]
             what = f"parameter {i} of the {dtype} bucket"
             tensors = [p, g] + [s for s in (st[i] for st in states) if s is not None]
-            # (layout.py; on the tensors as given, before conform's copies could hide it)
+            # (layout.py; _run_eager checks what a _LayoutError leaves unchecked)
             check_states_apart(i, p, g, algo, [st[i] for st in states], where=f"the {dtype} bucket's ")
             if partially_overlap(p, g):
                 raise _LayoutError(f"{what}: its grad partially overlaps it (read from a copy)")
@@ -411,6 +411,10 @@ def _run_eager(algo, params, grads, states, rest) -> None:
         _launcher.run(algo, params, grads, *states, *rest)
         return
     except _LayoutError:
+        # every parameter's originals, in every bucket: the build that raised
+        # checked them only up to where it stopped, and conform's copies
+        # would hide an overlap from the build that follows
+        check_batch_states_apart(params, grads, algo, states)
         params, grads, states, writebacks = conform(params, grads, states)
     _launcher.run(algo, params, grads, *states, *rest, cache=False)
     for dst, src in writebacks:  # (a skipped step wrote nothing: this copies the same values back)
