@@ -7,10 +7,9 @@
 // the ops read it from a copy: a fused pass would otherwise read elements it
 // has already written (on a GPU, in an order the blocks decide). A state
 // that partially overlaps the parameter, the grad or another state is
-// refused, before
-// anything is written, as torch.optim's in-place ops refuse it
-// (at::assert_no_partial_overlap). Shared by the CPU ops (ops.cpp) and the
-// CUDA table (cuda/tensor_table.cu).
+// refused, before anything is written, as torch.optim's in-place ops refuse
+// it (at::assert_no_partial_overlap). Shared by the CPU ops (ops.cpp) and
+// the CUDA table (cuda/tensor_table.cu).
 #pragma once
 
 #include <cstddef>

@@ -320,17 +320,14 @@ class _FusedOneCycleOptimizer(_CheckpointMixin, _HostMirrorMixin, torch.optim.Op
         into a group's list by hand: _step), their devices' counters start
         from it and it goes: a device with no parameter would be stepped
         alone and be ``step_counter()``'s default."""
-        cpu = torch.device("cpu")
         if not self._counters:
+            cpu = torch.device("cpu")
             self._counters[cpu] = torch.zeros((), dtype=torch.int64)
             self._backend_for[cpu] = _backends.get_backend("reference")
             self._parameterless = True
         elif self._parameterless and _step_plan.all_params(self.param_groups):
             self._parameterless = False
-            if len(self._counters) > 1 and not any(p.device == cpu for p in _step_plan.all_params(self.param_groups)):
-                del self._counters[cpu]
-                del self._backend_for[cpu]
-                self._tables.pop(cpu, None)
+            self._follow_param_devices()  # (their devices' counters and backends; the CPU's goes)
 
     def _validate_group(self, group: dict, mirrored: bool = False) -> None:
         """Raise ValueError naming the first invalid hyper-parameter of ``group``.
@@ -693,9 +690,8 @@ class _FusedOneCycleOptimizer(_CheckpointMixin, _HostMirrorMixin, torch.optim.Op
 
     def _step(self, grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor],
               mirror: bool = True) -> None:
-        if self._parameterless and _step_plan.all_params(self.param_groups):  # put into a group by hand
-            self._parameterless = False
-            self._follow_param_devices()  # (their devices' counters and backends; the CPU's goes)
+        if self._parameterless:  # (parameters may have been put into a group by hand)
+            self._count_without_parameters()
         schedules = self._refresh_tables()  # (configs cannot change before _advance_mirror below)
 
         devices = self._counters.keys()

@@ -28,6 +28,8 @@ from typing import Optional, Protocol
 
 import torch
 
+from .layout import STATE_LISTS
+
 log = logging.getLogger("onecycle_fused")
 
 ALGOS = ("sgd", "adam", "adamw")
@@ -60,8 +62,6 @@ class StepBatch:
 
     def state_lists(self) -> list:
         """The algorithm's state lists, in ``layout.STATE_LISTS`` order."""
-        from .layout import STATE_LISTS
-
         return [getattr(self, name) for name in STATE_LISTS[self.algo]]
 
 
