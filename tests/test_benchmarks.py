@@ -444,7 +444,7 @@ def test_gpu_session_commands_fit_the_cli():
     from benchmarks import host_overhead, run, tune_triton
 
     phases = _gpu_session_steps()
-    assert [n for n, _, _ in phases[1]] == ["build", "pytest_gpu", "e2e", "bench"]
+    assert [n for n, _, _ in phases[1]] == ["build", "pytest_gpu", "error_probe", "e2e", "bench"]
     assert [n for n, _, _ in phases[2]] == ["build", "bench", "bench_compiled", "host_overhead", "tune_triton"]
     names = [i.name for i in impls.all_impls(torch.device("cuda"))]  # the CUDA rows (built lazily: no GPU needed)
     seen_sets = set()
@@ -477,14 +477,17 @@ def test_gpu_session_commands_fit_the_cli():
                 if phase == 2 and name == "bench":
                     # a cut phase 2 (the session's 15 minutes) must keep the 1B fp32 cases: they come first
                     assert sets[0] == "llama1b" and run._csv(a.dtype)[0] == "fp32", sets
-            elif argv[:3] == ["PY", "-m", "pytest"]:
+            elif argv[:3] == ["PY", "-m", "pytest"] or argv[:2] == ["PY", "tools/pytest_past_crashes.py"]:
                 # the test files are named (for their order): every file with a gpu test is one
                 named = {os.path.basename(a) for a in argv if a.startswith("tests/")}
                 needle = "pytest.mark." + "gpu"  # (split: this file is not one)
                 marked = {f for f in os.listdir(os.path.join(ROOT, "tests")) if f.endswith(".py")
                           and needle in open(os.path.join(ROOT, "tests", f)).read()}
                 assert marked and marked <= named, marked - named
-                assert "-m" in argv and argv[argv.index("-m", 3) + 1] == "gpu"
+                assert "-m" in argv[2:] and argv[argv.index("-m", 2) + 1] == "gpu"
+            elif name == "error_probe":
+                assert argv == ["PY", "tools/gpu_error_probe.py"]
+                assert os.path.exists(os.path.join(ROOT, argv[1]))
             elif argv[:3] == ["PY", "-m", "benchmarks.host_overhead"]:
                 a = host_overhead.parse_args(argv[3:])
                 assert a.device == "cuda"

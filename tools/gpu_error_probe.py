@@ -136,7 +136,12 @@ def main() -> int:
     print("\n# toolchain and runtime", flush=True)
     _sh("echo CC=${CC:-} CXX=${CXX:-} LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}")
     _sh("${CC:-gcc} --version | head -n 1; g++ --version | head -n 1; nvcc --version | tail -n 2")
+    _sh("${CXX:-g++} -v 2>&1 | grep -E '^(Configured with|gcc version)' | cut -c1-600")
     _sh("ldd onecycle_fused/_C_cuda*.so | grep -E 'stdc|gcc_s|unwind|cudart|c10'")
+    # a C++ runtime or unwinder linked into our libraries (a toolchain that
+    # links libstdc++ / libgcc statically) would throw with its own copy
+    _sh("for f in onecycle_fused/_C*.so; do echo $f; nm -D --defined-only $f | "
+        "grep -E '__cxa_throw|_Unwind_RaiseException|__gxx_personality' || echo '  (none defined)'; done")
     _sh(f"{sys.executable} -c \"import torch, onecycle_fused.ops; "
         "print(''.join(l for l in open('/proc/self/maps') if any(k in l for k in "
         "('libstdc++', 'libgcc_s', 'libunwind'))))\" | awk '{print $6}' | sort -u")

@@ -26,7 +26,7 @@
 # output; the exit status is the first failure's.
 #
 # Budget: the two phases do NOT both fit 15 device-minutes at their limits
-# (580 s + 570 s, plus a machine start of 1-2 min), but at the times measured
+# (570 s + 570 s, plus a machine start of 1-2 min), but at the times measured
 # above they do, with ~4 minutes to spare for the compiled rows. The machine stays warm only
 # ~30 s after a call: call phase 2 at once after phase 1 returns (no analysis
 # in between, no MERGE_FROM: merge afterwards here, at no device time, with
@@ -104,7 +104,7 @@ if [ "$PHASE" = 1 ]; then
     tests/test_cuda_backend.py tests/test_triton_gpu.py tests/test_range_test.py tests/test_trainers.py
   # which of our C++ errors reach Python here, each in a process of its own,
   # and cuda-gdb's backtrace of the first that crashes (the two segfaults above)
-  step error_probe 90 "$PY" tools/gpu_error_probe.py
+  step error_probe 80 "$PY" tools/gpu_error_probe.py
   # the end-to-end run in a process of its own, before any torch.profiler
   # session: in some torch versions the profiler's hooks outlived a session
   # (pytorch#144455, reported 10-20% slower launches), which would slow the
@@ -117,18 +117,18 @@ if [ "$PHASE" = 1 ]; then
 else
   # the 1B set first: a cut run keeps the 1B fp32 cases (~25 s each at ~3 TB/s: 8 implementations, ~70 steps
   # of 7-30 ms each, a profiled stretch), GPT-2's are cheaper
-  step bench 120 "$PY" -m benchmarks.run --no-progress --sets llama1b,gpt2 --skip-impls compiled \
+  step bench 100 "$PY" -m benchmarks.run --no-progress --sets llama1b,gpt2 --skip-impls compiled \
     --iters 50 --budget 1 --e2e-steps 0 --no-plots --out "$OUT/bench" --note "tools/gpu_session.sh phase 2"
   # fp32 only: each case compiles cold (inductor + Triton; SGD compiles twice, its momentum a Python
   # float that becomes dynamic on step 2). 120 s was too short on the first H100 (no row came back);
   # bf16 too would not fit
-  step bench_compiled 300 "$PY" -m benchmarks.run --no-progress --sets resnet50 --dtype fp32 --impls compiled \
+  step bench_compiled 250 "$PY" -m benchmarks.run --no-progress --sets resnet50 --dtype fp32 --impls compiled \
     --iters 50 --budget 1 --e2e-steps 0 --no-plots --out "$OUT/bench" \
     --note "tools/gpu_session.sh phase 2: torch.compile rows"
-  step host_overhead 60 "$PY" -m benchmarks.host_overhead --device cuda --full
+  step host_overhead 45 "$PY" -m benchmarks.host_overhead --device cuda --full
   # the default grid over every algo/dtype/set is ~10 min: here one set, fp32,
   # SGD and AdamW (2 x 18 configurations, ~1 min), enough to check the defaults
-  step tune_triton 90 "$PY" benchmarks/tune_triton.py --algos sgd adamw --dtypes fp32 --sets resnet50
+  step tune_triton 55 "$PY" benchmarks/tune_triton.py --algos sgd adamw --dtypes fp32 --sets resnet50
 fi
 echo "gpu_session phase $PHASE: exit $status"
 exit $status
