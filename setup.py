@@ -76,7 +76,7 @@ def _extensions():
     exts = [
         CppExtension(
             "onecycle_fused._C",
-            _sources("csrc/ops.cpp") + _sources("csrc/cpu/kernels_default.cpp"),
+            _sources("csrc/ops.cpp") + _sources("csrc/launch_key.cpp") + _sources("csrc/cpu/kernels_default.cpp"),
             include_dirs=include,
             extra_compile_args={"cxx": cxx + openmp},
             extra_link_args=openmp,

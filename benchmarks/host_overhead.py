@@ -4,6 +4,8 @@ with ``OneCycleLR.step()``, all in one run.
 
     python -m benchmarks.host_overhead                 # CPU
     python -m benchmarks.host_overhead --device cuda   # host CPU time per step on a GPU
+    python -m benchmarks.host_overhead --device cuda --backend triton
+    TRITON_INTERPRET=1 python -m benchmarks.host_overhead --backend triton --skip-kernels
 
 Parameter sets: ResNet-50's 161 shapes but one element each, 5,000 tensors of
 one element, 5,000 tensors of 4,096 elements (the issue-5 GPU target set),
@@ -16,6 +18,12 @@ for torch). On CPU that is the whole step, kernels included (negligible for
 one-element tensors). On CUDA nothing synchronises inside the timed region,
 so it is the host's time to issue the step; the device is synchronised
 between iterations, outside it, so the launch queue never fills up.
+
+``--backend triton`` (default: ``cpu`` on CPU, ``cuda`` on CUDA) times the
+Triton backend's host side; on CPU that needs the interpreter, whose kernels
+run on the host, so ``--skip-kernels`` replaces each launch by a no-op:
+what is left is the Python and C++ around it (lists or plan, launch-table
+key and lookup), the same code as on a GPU.
 """
 from __future__ import annotations
 
@@ -94,16 +102,50 @@ def parse_args(argv=None):
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--full", action="store_true", help="also ResNet-50's real shapes")
     ap.add_argument("--algos", default="sgd,adamw")
+    ap.add_argument("--backend", choices=("cpu", "cuda", "triton"), default=None,
+                    help="ours: default cpu on CPU, cuda on CUDA")
+    ap.add_argument("--skip-kernels", action="store_true",
+                    help="triton: launch nothing (host side only; for the interpreter on CPU)")
+    ap.add_argument("--python-key", action="store_true",
+                    help="triton: the launch-table key in Python, as when _C did not load (then no plans)")
     return ap.parse_args(argv)
+
+
+def skip_triton_kernels() -> None:
+    """Every Triton launch of the backend becomes a no-op (``--skip-kernels``)."""
+    from onecycle_fused.backends import triton as tb
+
+    class NoLaunch:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    for algo in tb._KERNELS:
+        tb._KERNELS[algo] = NoLaunch()
+    tb.K.advance_kernel = NoLaunch()
 
 
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
-    backend = "cuda" if device.type == "cuda" else "cpu"
+    backend = args.backend or ("cuda" if device.type == "cuda" else "cpu")
+    if args.skip_kernels:
+        if backend != "triton":
+            raise SystemExit("--skip-kernels is for --backend triton")
+        skip_triton_kernels()
+    if args.python_key:
+        if backend != "triton":
+            raise SystemExit("--python-key is for --backend triton")
+        from onecycle_fused.backends import triton as tb
+
+        tb._launch_key = None
     print(f"torch {torch.__version__}, device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
-          + f", threads {torch.get_num_threads()}; median host time per step (us)")
+          + f", threads {torch.get_num_threads()}, ours: backend {backend}"
+          + (" (kernels skipped)" if args.skip_kernels else "") + (" (key in Python)" if args.python_key else "")
+          + "; median host time per step (us)")
+    if args.skip_kernels and device.type == "cpu":
+        print("(torch's CPU steps include their kernels, ours do not: plan/torch means something only for the "
+              "one-element sets)")
     print(f"{'set':28} {'algo':6} {'torch fused+sched':>18} {'ours: lists':>12} {'ours: plan':>11} "
           f"{'plan/torch':>10} {'plan/lists':>10}")
     for name, shapes in param_sets(args.full).items():
@@ -113,7 +155,7 @@ def main(argv=None):
             t_list = time_steps(ours(algo, shapes, device, False, backend)[0], device, args.warmup, iters)
             step, opt = ours(algo, shapes, device, True, backend)
             t_plan = time_steps(step, device, args.warmup, iters)
-            assert opt._plan.planned_steps >= args.warmup + iters - 1, "the plan was not used"
+            assert args.python_key or opt._plan.planned_steps >= args.warmup + iters - 1, "the plan was not used"
             print(f"{name:28} {algo:6} {t_torch * 1e6:18.1f} {t_list * 1e6:12.1f} {t_plan * 1e6:11.1f} "
                   f"{t_plan / t_torch:10.2f} {t_plan / t_list:10.2f}")
 

@@ -35,6 +35,9 @@
 #include "schedule.h"
 
 namespace onecycle_fused {
+
+PyObject* launch_key(PyObject* module, PyObject* const* args, Py_ssize_t nargs);  // launch_key.cpp
+
 namespace {
 
 // plan_fingerprint(param_groups, state) -> bytes | None
@@ -97,14 +100,16 @@ PyObject* plan_fingerprint(PyObject* /*module*/, PyObject* const* args, Py_ssize
 PyMethodDef module_methods[] = {
     {"plan_fingerprint", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(&plan_fingerprint)),
      METH_FASTCALL, "What a step plan is built from, as bytes (onecycle_fused/step_plan.py)."},
+    {"launch_key", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(&launch_key)), METH_FASTCALL,
+     "The triton backend's launch-table cache key, as bytes (csrc/launch_key.cpp)."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace
 }  // namespace onecycle_fused
 
 // ops.py loads the library with torch.ops.load_library (the ops need no
-// module); step_plan.py imports it as the module onecycle_fused._C for
-// plan_fingerprint.
+// module); step_plan.py and backends/triton.py import it as the module
+// onecycle_fused._C for plan_fingerprint and launch_key.
 PyMODINIT_FUNC PyInit__C(void) {
   static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, onecycle_fused::module_methods};
   return PyModule_Create(&module_def);

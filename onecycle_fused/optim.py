@@ -874,7 +874,7 @@ class _FusedOneCycleOptimizer(_CheckpointMixin, _HostMirrorMixin, torch.optim.Op
             self._step_plan_enabled
             and not self._has_dtensors
             and not self._has_complex  # a plan's C++ side reads p.grad of what it holds: not of real views
-            # the compiled cpu / cuda backends; triton, reference (and test doubles) keep the lists
+            # the compiled cpu / cuda backends and triton; reference (and test doubles) keep the lists
             and all(callable(getattr(b, "make_plan", None)) for b in self._backend_for.values())
         )
 

@@ -25,9 +25,13 @@ params and the 0-dim step counts it holds strongly cannot die).
 Anything else falls back to the list path, which raises the usual errors or
 builds a new plan.
 
+The triton backend keeps a plan of its own in Python
+(``backends/triton.py``, ``TritonPlan``): the same rules, with the
+launch-table cache key (every tensor's address and layout, in C++) standing
+in for the C++ checks of the grads.
+
 Never used under ``torch.compile`` (the list path is what compiles), for
-DTensor parameters, or for backends other than the compiled ``cpu`` / ``cuda``
-ones. ``ONECYCLE_FUSED_STEP_PLAN=0`` turns plans off (the list path on every
+DTensor parameters, or for the reference backend. ``ONECYCLE_FUSED_STEP_PLAN=0`` turns plans off (the list path on every
 step); so does ``optimizer._step_plan_enabled = False``.
 """
 from __future__ import annotations
@@ -159,6 +163,8 @@ _step_planned = None
 
 def run_planned(plan, table, counter, grad_scale, found_inf) -> bool:
     """One device's step through its plan; False: nothing done, take the list path."""
+    if not isinstance(plan, torch.ScriptObject):  # a plan in Python (backends/triton.py's TritonPlan)
+        return plan.step(table, counter, grad_scale, found_inf)
     global _step_planned
     if _step_planned is None:  # resolved once: torch.ops attribute lookups cost ~1 us
         overload = torch.ops.onecycle_fused.step_planned_.default

@@ -13,8 +13,10 @@ The interpreter costs ~10 ms per program, so tensors are small, chunks are
 64 elements (block 32 x 2 iterations) to get several chunks per tensor, and
 long runs use few tensors: the file takes ~60 s (30 s of CPU) on 2 cores.
 """
+import gc
 import math
 import os
+import weakref
 
 import pytest
 import torch
@@ -570,7 +572,53 @@ def test_with_torch_grad_scaler():
 # the launch table: built once, reused, rebuilt when a storage moves
 
 
-def test_launch_table_cache():
+@pytest.fixture(params=["C", "python"])
+def launch_key(request, monkeypatch):
+    """The launch tables' cache key as ``_C.launch_key`` takes it, and as
+    Python takes it when ``_C`` did not load."""
+    if request.param == "python":
+        monkeypatch.setattr(tb, "_launch_key", None)
+    else:
+        fn = tb._compiled_launch_key()
+        if fn is None:
+            pytest.skip("onecycle_fused._C did not load")
+        monkeypatch.setattr(tb, "_launch_key", fn)
+    tb._launcher.clear_cache()
+    yield request.param
+    tb._launcher.clear_cache()
+
+
+def test_compiled_launch_key_tells_tensors_apart():
+    """_C.launch_key: equal bytes for the same tensors in the same places,
+    different for any change of address, dtype, device, size, stride, None, or
+    of where one list ends; None (the Python key then) for what is not a
+    tensor or None, or has no address to read."""
+    key = tb._compiled_launch_key()
+    if key is None:
+        pytest.skip("onecycle_fused._C did not load")
+    a = torch.zeros(4, 6)
+    b = torch.zeros(4, 6)
+    base = key([a, b], [None, a])
+    assert isinstance(base, bytes) and key([a, b], (None, a)) == base
+    variants = {
+        "address": key([a, a], [None, a]),
+        "dtype": key([a, b.view(torch.int32)], [None, a]),
+        "device": key([a, b.to("meta")], [None, a]),
+        "size": key([a, b.view(6, 4)], [None, a]),
+        "stride": key([a, b.t()], [None, a]),
+        "offset": key([a, b[1:]], [None, a]),
+        "none": key([a, b], [a, a]),
+        "list ends": key([a, b, None], [a]),
+        "0-d": key([a, b], [None, a[0, 0]]),
+    }
+    for what, v in variants.items():
+        assert isinstance(v, bytes) and v != base, what
+    assert len(set(variants.values())) == len(variants)
+    assert key([a, 1], [None]) is None and key("ab") is None
+    assert key([torch.zeros(3, 3).to_sparse()]) is None
+
+
+def test_launch_table_cache(launch_key):
     sizes = (5, 70)
     init = init_params(sizes)
     grads = make_grads(4, sizes)
@@ -846,7 +894,7 @@ def test_dtensor_params_use_their_local_shards(tmp_path):
 
 
 @pytest.mark.parametrize("relayout", ["transposed", "expanded"])
-def test_grad_at_a_cached_address_in_another_layout(relayout):
+def test_grad_at_a_cached_address_in_another_layout(relayout, launch_key):
     """A grad that comes back at the address of a cached launch table but in
     another layout (``p.grad = p.grad.t()``; an expanded grad over one
     element) is not a cache hit: the kernels would pair its elements with the
@@ -933,7 +981,7 @@ def test_state_sharing_part_of_the_params_or_grads_memory_is_refused(state, othe
     assert all(torch.equal(x, y) for x, y in zip(before[:3], after[:3])) and before[3] == after[3]
 
 
-def test_state_at_a_cached_address_in_another_dtype():
+def test_state_at_a_cached_address_in_another_dtype(launch_key):
     """A state replaced at its own address by a view of itself in another
     dtype of the same size keeps strides and sizes: the cache key has the
     dtypes too, so the step refuses it (ValueError, nothing moved) as the
@@ -951,7 +999,7 @@ def test_state_at_a_cached_address_in_another_dtype():
 
 
 @pytest.mark.parametrize("relayout", ["transposed", "slice"])
-def test_state_at_a_cached_address_in_another_layout(relayout):
+def test_state_at_a_cached_address_in_another_layout(relayout, launch_key):
     """A state tensor replaced at its own address by one of another layout
     (``state['exp_avg'].t()``; a slice of it) is not a cache hit either: the
     kernels would walk it in the parameter's memory order, or over the
@@ -1238,3 +1286,128 @@ def test_unsupported_dtype_error_names_only_the_lacking_dtype():
         for p in ps:
             p.grad = torch.ones_like(p)
         opt.step()
+
+
+# ---------------------------------------------------------------------------
+# step plans (TritonPlan): later steps skip the optimizer's loop over
+# parameters; bit for bit the list path, which every surprise falls back to
+
+PLAN_ALGOS = [
+    (FusedOneCycleSGD, dict(SCHED, momentum=0.9, nesterov=True, weight_decay=0.01)),
+    (FusedOneCycleAdam, dict(SCHED, amsgrad=True)),
+    (FusedOneCycleAdamW, dict(SCHED)),
+]
+# (size, dtype, group): mixed dtypes (a launch each), several groups, an empty tensor
+PLAN_LAYOUT = [(7, torch.float32, 0), (33, torch.bfloat16, 0), (1, torch.float16, 1), (0, torch.float32, 1),
+               (70, torch.float32, 2)]
+
+
+def _plan_twins(cls, kw):
+    """A planned optimizer and one on the list path, over equal parameters."""
+    twins = []
+    for planned in (True, False):
+        gen = torch.Generator().manual_seed(3)
+        params = [torch.nn.Parameter(torch.randn(n, generator=gen).to(DEVICE, dtype)) for n, dtype, _ in PLAN_LAYOUT]
+        groups = [{"params": [p for p, (_, _, g) in zip(params, PLAN_LAYOUT) if g == gid]} for gid in range(3)]
+        groups[1]["weight_decay"] = 0.05
+        opt = cls(groups, backend="triton", **kw)
+        opt._step_plan_enabled = planned
+        twins.append((params, opt))
+    return twins
+
+
+def _plan_grads(params, k):
+    for i, p in enumerate(params):  # new tensors each step, as after zero_grad(set_to_none=True)
+        gen = torch.Generator().manual_seed(100 * k + i)
+        p.grad = torch.randn(p.shape, generator=gen).to(DEVICE, p.dtype)
+
+
+def _assert_twins_equal(twins):
+    (pa, oa), (pb, ob) = twins
+    assert int(oa.step_counter()) == int(ob.step_counter())
+    for p, q in zip(pa, pb):
+        assert torch.equal(p, q)
+        sa, sb = oa.state.get(p, {}), ob.state.get(q, {})
+        assert sa.keys() == sb.keys()
+        for key in sa:
+            assert torch.equal(sa[key], sb[key]), key
+
+
+@pytest.mark.parametrize("cls,kw", PLAN_ALGOS, ids=["sgd", "adam-amsgrad", "adamw"])
+def test_plans_step_bit_for_bit_like_the_list_path(cls, kw, launch_key):
+    twins = _plan_twins(cls, kw)
+    for k in range(6):
+        for params, opt in twins:
+            _plan_grads(params, k)
+            opt.step()
+        _assert_twins_equal(twins)
+    planned = twins[0][1]._plan.planned_steps
+    # every step but the first goes through the plan; without _C (the key in
+    # Python leaves out the grads' dtypes and sizes) none does
+    assert planned == (5 if launch_key == "C" else 0) and twins[1][1]._plan.planned_steps == 0
+
+
+def test_plans_fall_back_on_every_change_and_match_the_list_path():
+    """Each step changes something a plan was built from, or that it must
+    see: a grad gone, a first grad (state to create), a state replaced by
+    assignment, a grad in another layout (conform's copies), grads of
+    another dtype or shape and a sparse one (the list path's errors, nothing
+    changed), then steady state again."""
+    twins = _plan_twins(FusedOneCycleAdamW, dict(SCHED))
+
+    def change(k, params, opt):
+        if k < 5:
+            params[4].grad = None  # its first grad comes at step 5
+        if k == 2:
+            params[0].grad = None
+        if k == 7:
+            opt.state[params[2]]["exp_avg"] = opt.state[params[2]]["exp_avg"].clone()
+        if k == 9:
+            params[4].grad = torch.empty_strided((70,), (2,), device=DEVICE).copy_(params[4].grad)  # strided
+
+    # (steady steps between the changes: three plans in a row thrown away
+    # unused would pause planning for 64 steps)
+    for k in range(14):
+        for params, opt in twins:
+            _plan_grads(params, k)
+            change(k, params, opt)
+            if k == 11:
+                before = [p.detach().clone() for p in params]
+                params[0].grad_dtype = None  # torch's own check would refuse a float16 grad
+                params[0].grad = torch.zeros(params[0].shape, dtype=torch.float16, device=DEVICE)
+                with pytest.raises(ValueError, match=r"grads\[0\] must match params\[0\]"):
+                    opt.step()
+                params[0].grad = torch.zeros_like(params[0])
+                params[0].grad.data = torch.zeros(3, 3, device=DEVICE)  # (the setter checks shapes)
+                with pytest.raises(ValueError, match=r"grads\[0\] must match params\[0\]"):
+                    opt.step()
+                params[0].grad = torch.zeros_like(params[0]).to_sparse()
+                with pytest.raises(RuntimeError, match="sparse"):
+                    opt.step()
+                assert all(torch.equal(a, b) for a, b in zip(before, params))
+                params[0].grad = torch.ones_like(params[0])
+            opt.step()
+        _assert_twins_equal(twins)
+    assert twins[0][1]._plan.planned_steps == 7  # steps 1, 4, 6, 8, 10, 12 and 13
+
+
+def test_plans_hold_states_weakly():
+    """Offloading a state by assignment frees the old tensor (the plan holds
+    states weakly, as the compiled backends' plans do); the next step uses
+    the new one."""
+    twins = _plan_twins(FusedOneCycleSGD, dict(SCHED, momentum=0.9))
+    for k in range(3):
+        for params, opt in twins:
+            _plan_grads(params, k)
+            opt.step()
+    assert twins[0][1]._plan.planned_steps == 2
+    refs = []
+    for params, opt in twins:
+        refs.append(weakref.ref(opt.state[params[4]]["momentum_buffer"]))
+        opt.state[params[4]]["momentum_buffer"] = opt.state[params[4]]["momentum_buffer"].clone()
+    gc.collect()
+    assert all(r() is None for r in refs)
+    for params, opt in twins:
+        _plan_grads(params, 3)
+        opt.step()
+    _assert_twins_equal(twins)

@@ -13,8 +13,11 @@ launch table directly, so CUDA tensors are not served while interpreting.
 Importing this module without triton raises ImportError: the registry logs it
 and skips the backend.
 
-Host cost per step: one tuple of ``data_ptr()`` per bucket (the cache key),
-then the launches. A changed storage (new grads after
+Host cost per step: the cache key per bucket (every tensor's address,
+layout and dtype: ``_C.launch_key``, a few tens of ns a tensor, or the same
+in Python at ~2 us a tensor when ``_C`` did not load), then the launches.
+With ``_C``, a ``TritonPlan`` (step_plan.py) also spares later steps the
+optimizer's Python loop over the parameters. A changed storage (new grads after
 ``zero_grad(set_to_none=True)`` landing elsewhere, a loaded checkpoint)
 rebuilds that bucket's table: one small pinned, non-blocking copy, no sync
 (while a CUDA graph is captured, a copy node of the graph: see ``_upload``).
@@ -24,6 +27,8 @@ import contextlib
 import dataclasses
 import math
 import operator
+import weakref
+from itertools import repeat
 from typing import List, Optional
 
 import torch
@@ -103,6 +108,27 @@ _NUMEL = torch.Tensor.numel
 _STRIDE = torch.Tensor.stride
 _SIZE = torch.Tensor.size
 _DTYPE = operator.attrgetter("dtype")
+
+
+def _compiled_launch_key():
+    """csrc/launch_key.cpp's key function, None when ``_C`` did not load."""
+    try:
+        from .. import _C  # the library ops.py loaded: same file, now as a module
+
+        return _C.launch_key
+    except (ImportError, AttributeError):
+        return None
+
+
+_UNSET = object()
+_launch_key = _UNSET  # resolved on first use (importing _C here would load it before ops.py does)
+
+
+def _resolved_launch_key():
+    global _launch_key
+    if _launch_key is _UNSET:
+        _launch_key = _compiled_launch_key()
+    return _launch_key
 
 
 def _ptrs(tensors) -> tuple:
@@ -275,23 +301,31 @@ class _Launcher:
             # same addresses without the layout check a build makes. (While
             # capturing, with no spare pinned buffer, the build refuses.)
             return self._build(algo, dtype, device, chunk, params, grads, states, steps, group_ids, capturing)
-        # the key costs ~0.12 us per address (map over the unbound method is
-        # the cheapest way to read them); states are in it because a loaded
+        # The key: every tensor's address; states are in it because a loaded
         # checkpoint replaces them while params and grads stay put. Strides
-        # too (~0.09 us a tensor): a grad can come back at the same address
-        # in another layout (``p.grad = p.grad.t()``, an expanded grad), and
-        # a hit skips the layout checks that ``_build`` makes. The states'
-        # strides and sizes likewise (~0.18 us a tensor): a state replaced at
-        # its address by a view of itself (``state['exp_avg'].t()``, a slice)
-        # would be walked in the parameter's order, or past its end; and
-        # their dtypes (~0.05 us a tensor): a view in another dtype
-        # (``exp_avg.view(torch.float16)`` of a bf16 state) keeps all of that
-        key = (
-            _ptrs(params), _ptrs(grads), _ptrs(states[0]), _ptrs(states[1]), _ptrs(states[2]), _ptrs(steps),
-            tuple(map(_NUMEL, params)), tuple(map(_STRIDE, params)), tuple(map(_STRIDE, grads)),
-            _layouts(states[0]), _layouts(states[1]), _layouts(states[2]),
-            tuple(group_ids), chunk,
-        )
+        # too: a grad can come back at the same address in another layout
+        # (``p.grad = p.grad.t()``, an expanded grad), and a hit skips the
+        # layout checks that ``_build`` makes. The states' strides and sizes
+        # likewise: a state replaced at its address by a view of itself
+        # (``state['exp_avg'].t()``, a slice) would be walked in the
+        # parameter's order, or past its end; and their dtypes: a view in
+        # another dtype (``exp_avg.view(torch.float16)`` of a bf16 state)
+        # keeps all of that. ``_C.launch_key`` takes all of it for every
+        # tensor in one C++ pass; the Python fallback (~0.12 us an address
+        # with map over the unbound method, ~0.09 a stride, ~0.18 the states'
+        # sizes and strides, ~0.05 a dtype, and as much again to hash and
+        # compare the nested tuples) keeps only what is listed above.
+        launch_key = _resolved_launch_key()
+        tensors = launch_key(params, grads, *states, steps) if launch_key is not None else None
+        if tensors is not None:
+            key = (tensors, tuple(group_ids), chunk)
+        else:
+            key = (
+                _ptrs(params), _ptrs(grads), _ptrs(states[0]), _ptrs(states[1]), _ptrs(states[2]), _ptrs(steps),
+                tuple(map(_NUMEL, params)), tuple(map(_STRIDE, params)), tuple(map(_STRIDE, grads)),
+                _layouts(states[0]), _layouts(states[1]), _layouts(states[2]),
+                tuple(group_ids), chunk,
+            )
         bucket = self._cache.setdefault((algo, dtype, device), collections.OrderedDict())
         launch = bucket.get(key)
         if launch is None:
@@ -323,7 +357,10 @@ class _Launcher:
 
     # -- the step ---------------------------------------------------------
     def run(self, algo, params, grads, state1, state2, state3, steps, group_ids, table, counter, grad_scale, found_inf,
-            cache=True):
+            cache=True, quiet=False) -> bool:
+        """One step. ``quiet`` (a step plan's step): False, with nothing
+        launched, instead of the error of tensors whose launch table cannot
+        be built (the list path then raises it, or conforms the tensors)."""
         if algo not in _KERNELS:
             raise ValueError(f"algo must be one of {tuple(_KERNELS)}, got {algo!r}")
         device = counter.device
@@ -349,10 +386,15 @@ class _Launcher:
         with guard:
             if not buckets:
                 K.advance_kernel[(1,)](counter, found_inf if has_inf else counter, HAS_INF=has_inf)
-                return
+                return True
             # every bucket's table first: one that raises must not leave others stepped
-            launches = [self._launch_table(algo, dtype, device, ps, gs, states, ss, gids, cache)
-                        for dtype, (ps, gs, states, ss, gids) in buckets.items()]
+            try:
+                launches = [self._launch_table(algo, dtype, device, ps, gs, states, ss, gids, cache)
+                            for dtype, (ps, gs, states, ss, gids) in buckets.items()]
+            except (ValueError, RuntimeError):
+                if quiet:
+                    return False
+                raise
             last = len(buckets) - 1
             for b, (dtype, (ps, gs, states, ss, gids)) in enumerate(buckets.items()):
                 launch = launches[b]
@@ -364,6 +406,7 @@ class _Launcher:
                     ROUND_BF16=dtype == torch.bfloat16 and interpreting(),
                     BLOCK=cfg.block, ITERS=cfg.iters, num_warps=cfg.num_warps, enable_fp_fusion=False,
                 )
+        return True
 
 
 _launcher = _Launcher()
@@ -489,6 +532,84 @@ def unpack_states(present, *packed):
     return out
 
 
+_GRAD = operator.attrgetter("grad")
+
+
+class TritonPlan:
+    """A step plan (``onecycle_fused/step_plan.py``) for the triton backend:
+    one device's lists but the grads, kept from a list-path step, so that
+    later steps skip the optimizer's loop over parameters (~2 us a
+    parameter). The Python twin of csrc/ops.cpp's ``StepPlan``, with the
+    same rules: the grads are read from the parameters at each step; the
+    state tensors are held weakly (offloading state by assignment frees the
+    memory as before; a dead one is seen here, so a new tensor that took its
+    id cannot pass for it); and any surprise returns False, with nothing
+    launched, for the list path to raise its usual errors or build a new
+    plan. A surprise here: a planned parameter without a grad, a watched one
+    (no grad when the plan was built) with one, a dead state, or tensors for
+    which no launch table can be built. The build checks each grad against
+    its parameter (device, dtype, shape, layout) as the list path does,
+    and a cached table is hit only by tensors at the addresses, and in the
+    dtypes, devices, sizes and strides, it was built and checked for."""
+
+    def __init__(self, algo, params, states, steps, group_ids, watched):
+        self.algo = algo
+        self.params = list(params)
+        self.steps = list(steps)
+        self.group_ids = list(group_ids)
+        self.watched = list(watched)
+        # per state list: None when no parameter has that state (SGD's two
+        # unused lists, Adam without amsgrad), else weak references with None
+        # where a parameter has none, and how many Nones that makes
+        self.states = []
+        for st in states:
+            if all(t is None for t in st):
+                self.states.append(None)
+            else:
+                refs = [None if t is None else weakref.ref(t) for t in st]
+                self.states.append((refs, sum(map(operator.is_, refs, repeat(None)))))
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+    def _gather(self):
+        """(grads, states) for a step, or None when the plan does not fit."""
+        grads = list(map(_GRAD, self.params))
+        if not all(map(operator.is_not, grads, repeat(None))):
+            return None
+        if self.watched and any(map(operator.is_not, map(_GRAD, self.watched), repeat(None))):
+            return None
+        n = len(self.params)
+        states = []
+        for entry in self.states:
+            if entry is None:
+                states.append([None] * n)
+                continue
+            refs, nones = entry
+            st = [None if r is None else r() for r in refs]
+            if sum(map(operator.is_, st, repeat(None))) != nones:  # a state died
+                return None
+            states.append(st)
+        return grads, states
+
+    def ready(self) -> bool:
+        """True when ``step`` would find the grads and states it needs (the
+        launch tables are looked up only by ``step``)."""
+        return self._gather() is not None
+
+    def step(self, table, counter, grad_scale, found_inf) -> bool:
+        if _resolved_launch_key() is None:
+            # the key in Python leaves out the grads' dtypes and sizes, which
+            # the list path checks before each step: no plans without _C
+            return False
+        gathered = self._gather()
+        if gathered is None:
+            return False
+        grads, states = gathered
+        return _launcher.run(self.algo, self.params, grads, *states, self.steps, self.group_ids, table, counter,
+                             grad_scale, found_inf, quiet=True)
+
+
 class TritonBackend:
     """``backend="triton"``: the kernels of ``triton_kernels.py``."""
 
@@ -512,14 +633,23 @@ class TritonBackend:
     def launch_config(dtype: torch.dtype) -> LaunchConfig:
         return _launcher.config[dtype]
 
-    def step(self, batch: StepBatch) -> None:
+    @staticmethod
+    def _states(batch: StepBatch):
         n = len(batch.params)
         if batch.algo == "sgd":
-            states = (batch.momentum_buffers, [None] * n, [None] * n)
-        elif batch.algo in ("adam", "adamw"):
-            states = (batch.exp_avgs, batch.exp_avg_sqs, batch.max_exp_avg_sqs)
-        else:
-            raise ValueError(f"batch.algo must be one of 'sgd', 'adam', 'adamw', got {batch.algo!r}")
+            return batch.momentum_buffers, [None] * n, [None] * n
+        if batch.algo in ("adam", "adamw"):
+            return batch.exp_avgs, batch.exp_avg_sqs, batch.max_exp_avg_sqs
+        raise ValueError(f"batch.algo must be one of 'sgd', 'adam', 'adamw', got {batch.algo!r}")
+
+    def make_plan(self, batch: StepBatch, watched: list) -> TritonPlan:
+        """A ``TritonPlan`` of ``batch``'s lists; ``watched``: the device's
+        parameters that have no grad now."""
+        return TritonPlan(batch.algo, batch.params, self._states(batch), batch.steps, batch.group_ids, watched)
+
+    def step(self, batch: StepBatch) -> None:
+        n = len(batch.params)
+        states = self._states(batch)
         if any(len(s) != n for s in states) or len(batch.grads) != n or len(batch.steps) != n or len(batch.group_ids) != n:
             raise ValueError("batch lists (params, grads, steps, group_ids, states) must have equal lengths")
         rest = (batch.steps, list(batch.group_ids), batch.table, batch.counter, batch.grad_scale, batch.found_inf)
@@ -533,4 +663,4 @@ class TritonBackend:
             _run_eager(batch.algo, batch.params, batch.grads, states, rest)
 
 
-__all__ = ["TritonBackend", "LaunchConfig", "interpreting", "step_op"]
+__all__ = ["TritonBackend", "TritonPlan", "LaunchConfig", "interpreting", "step_op"]
