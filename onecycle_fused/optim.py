@@ -886,7 +886,10 @@ class _FusedOneCycleOptimizer(_CheckpointMixin, _HostMirrorMixin, torch.optim.Op
         plans = []
         for device, batch in batches.items():
             watched = [p for p in without_grad if p.device == device]
-            plans.append((device, self._backend_for[device].make_plan(batch, watched)))
+            plan = self._backend_for[device].make_plan(batch, watched)
+            if plan is None:  # (the backend has no plan to offer now: triton without _C)
+                return
+            plans.append((device, plan))
         cache.build(plans, self.param_groups, self.state, self._table_rows.rows)
 
     def _planned_step(self, grad_scale, found_inf):
@@ -902,7 +905,9 @@ class _FusedOneCycleOptimizer(_CheckpointMixin, _HostMirrorMixin, torch.optim.Op
         if not cache.valid_for(self.param_groups, self.state, self._table_rows.rows):  # (dropped them)
             return self._counters.keys()
         plans = cache.plans
-        if len(plans) > 1 and not all(plan.ready() for _, plan in plans):
+        if len(plans) > 1 and not all(
+            _step_plan.plan_ready(plan, self._tables[device], self._counters[device]) for device, plan in plans
+        ):
             cache.drop()  # several devices step all through plans or none
             return self._counters.keys()
         left = []

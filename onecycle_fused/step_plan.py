@@ -26,12 +26,18 @@ Anything else falls back to the list path, which raises the usual errors or
 builds a new plan.
 
 The triton backend keeps a plan of its own in Python
-(``backends/triton.py``, ``TritonPlan``): the same rules, with the
-launch-table cache key (every tensor's address and layout, in C++) standing
-in for the C++ checks of the grads.
+(``backends/triton.py``, ``TritonPlan``), validated here the same way. It
+reads the grads in Python and steps through the backend's launch tables:
+a cached one is hit only by tensors at its addresses in its layouts, dtypes
+and devices (``_C.launch_key``), and a new one's build checks every grad
+against its parameter; a table that cannot be built sends the step to the
+list path (which raises, or copies tensors the kernels cannot walk). With
+several devices every plan is asked first (``plan_ready``, tables built),
+so that all devices step through plans or none does.
 
 Never used under ``torch.compile`` (the list path is what compiles), for
-DTensor parameters, or for the reference backend. ``ONECYCLE_FUSED_STEP_PLAN=0`` turns plans off (the list path on every
+DTensor or complex parameters, for the reference backend, or for triton
+when ``_C`` did not load. ``ONECYCLE_FUSED_STEP_PLAN=0`` turns plans off (the list path on every
 step); so does ``optimizer._step_plan_enabled = False``.
 """
 from __future__ import annotations
@@ -159,6 +165,14 @@ class PlanCache:
 
 
 _step_planned = None
+
+
+def plan_ready(plan, table, counter) -> bool:
+    """Whether ``run_planned`` would step this device (asked of every device
+    first when there are several: all step through plans or none does)."""
+    if not isinstance(plan, torch.ScriptObject):  # a plan in Python (backends/triton.py's TritonPlan)
+        return plan.ready(table, counter)
+    return plan.ready()
 
 
 def run_planned(plan, table, counter, grad_scale, found_inf) -> bool:

@@ -590,8 +590,8 @@ def launch_key(request, monkeypatch):
 
 def test_compiled_launch_key_tells_tensors_apart():
     """_C.launch_key: equal bytes for the same tensors in the same places,
-    different for any change of address, dtype, device, size, stride, None, or
-    of where one list ends; None (the Python key then) for what is not a
+    different for any change of address, dtype, device, size, stride,
+    negative bit, None, or of where one list ends; None (the Python key then) for what is not a
     tensor or None, or has no address to read."""
     key = tb._compiled_launch_key()
     if key is None:
@@ -607,6 +607,7 @@ def test_compiled_launch_key_tells_tensors_apart():
         "size": key([a, b.view(6, 4)], [None, a]),
         "stride": key([a, b.t()], [None, a]),
         "offset": key([a, b[1:]], [None, a]),
+        "negative bit": key([a, torch._neg_view(b)], [None, a]),
         "none": key([a, b], [a, a]),
         "list ends": key([a, b, None], [a]),
         "0-d": key([a, b], [None, a[0, 0]]),
@@ -1411,3 +1412,71 @@ def test_plans_hold_states_weakly():
         _plan_grads(params, 3)
         opt.step()
     _assert_twins_equal(twins)
+
+
+def test_plans_with_several_devices_step_all_or_none():
+    """With parameters on two devices every plan is asked first: a grad that
+    the triton device's launch table refuses sends both devices to the list
+    path, which raises before either is stepped. A meta parameter stands for
+    the second device, served by a plan-capable stand-in of the reference
+    backend."""
+    from onecycle_fused.backends.reference import ReferenceBackend
+
+    stepped = []
+
+    class StandInPlan:
+        def ready(self, table, counter):
+            return True
+
+        def step(self, table, counter, grad_scale, found_inf):
+            stepped.append(1)
+            counter.add_(1)
+            return True
+
+    class StandIn(ReferenceBackend):
+        def make_plan(self, batch, watched):
+            return StandInPlan()
+
+    m = torch.nn.Parameter(torch.empty(4, device="meta"))
+    c = torch.nn.Parameter(torch.randn(5, device=DEVICE))
+    opt = FusedOneCycleAdamW([{"params": [c]}, {"params": [m]}], backend="reference", **SCHED)
+    opt._counters[DEVICE] = opt._counters.pop(DEVICE)  # the meta device's plan first
+    opt._backend_for[torch.device("meta")] = StandIn()
+    opt._backend_for[DEVICE] = get_backend("triton")
+    for _ in range(3):
+        m.grad, c.grad = torch.empty_like(m), torch.randn(5, device=DEVICE)
+        opt.step()
+    assert len(stepped) == 2 and opt._plan.planned_steps == 2
+    c.grad_dtype = None  # torch's own check would refuse a float16 grad
+    c.grad = torch.zeros(5, dtype=torch.float16, device=DEVICE)
+    m.grad = torch.empty_like(m)
+    before = (c.detach().clone(), int(opt.step_counter(DEVICE)))
+    with pytest.raises(ValueError, match=r"grads\[0\] must match params\[0\]"):
+        opt.step()
+    assert len(stepped) == 2  # the meta device was not stepped either
+    assert torch.equal(c.detach(), before[0]) and int(opt.step_counter(DEVICE)) == before[1]
+
+
+@pytest.mark.parametrize("which", ["grad", "state", "grad-at-a-cached-address"])
+def test_tensors_with_the_negative_bit_step_as_their_values(which, launch_key):
+    """A tensor with its negative bit set (``torch._neg_view``, the imaginary
+    part of a conjugate) holds the negation of its memory: the kernels read
+    it from a copy, and a cached table of the plain tensor at that address
+    is no hit. The reference backend is the oracle."""
+    x = torch.randn(40, generator=torch.Generator().manual_seed(6))
+    g = torch.arange(40, dtype=torch.float32).sin()
+    out = {}
+    for backend in ("triton", "reference"):
+        p = torch.nn.Parameter(x.to(DEVICE).clone())
+        opt = FusedOneCycleAdamW([p], backend=backend, **SCHED)
+        grad = g.to(DEVICE).clone()
+        for k in range(4):
+            p.grad = grad
+            if which == "grad" or which == "grad-at-a-cached-address" and k == 3:
+                p.grad = torch._neg_view(grad)
+            if which == "state" and k == 2:
+                st = opt.state[p]["exp_avg"]
+                opt.state[p]["exp_avg"] = torch._neg_view(st.neg())  # the same values
+            opt.step()
+        out[backend] = [p.detach().clone(), opt.state[p]["exp_avg"].resolve_neg(), opt.state[p]["exp_avg_sq"]]
+    assert_ulps(out["triton"], out["reference"], ulps=4)

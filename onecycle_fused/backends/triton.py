@@ -14,8 +14,9 @@ Importing this module without triton raises ImportError: the registry logs it
 and skips the backend.
 
 Host cost per step: the cache key per bucket (every tensor's address,
-layout and dtype: ``_C.launch_key``, a few tens of ns a tensor, or the same
-in Python at ~2 us a tensor when ``_C`` did not load), then the launches.
+layout, dtype and device: ``_C.launch_key``, a few tens of ns a tensor; a
+narrower key in Python at ~2 us a tensor when ``_C`` did not load), then
+the launches.
 With ``_C``, a ``TritonPlan`` (step_plan.py) also spares later steps the
 optimizer's Python loop over the parameters. A changed storage (new grads after
 ``zero_grad(set_to_none=True)`` landing elsewhere, a loaded checkpoint)
@@ -108,6 +109,7 @@ _NUMEL = torch.Tensor.numel
 _STRIDE = torch.Tensor.stride
 _SIZE = torch.Tensor.size
 _DTYPE = operator.attrgetter("dtype")
+_IS_NEG = torch.Tensor.is_neg
 
 
 def _compiled_launch_key():
@@ -140,11 +142,12 @@ def _ptrs(tensors) -> tuple:
 
 
 def _layouts(tensors) -> tuple:
-    """Strides, sizes and dtypes of a list of tensors (None for None), for the cache key."""
+    """Strides, sizes, dtypes and negative bits of a list of tensors (None for None), for the cache key."""
     try:
-        return tuple(map(_STRIDE, tensors)), tuple(map(_SIZE, tensors)), tuple(map(_DTYPE, tensors))
+        return (tuple(map(_STRIDE, tensors)), tuple(map(_SIZE, tensors)), tuple(map(_DTYPE, tensors)),
+                tuple(map(_IS_NEG, tensors)))
     except (TypeError, AttributeError):  # a None in the list
-        return tuple(None if t is None else (t.stride(), t.shape, t.dtype) for t in tensors)
+        return tuple(None if t is None else (t.stride(), t.shape, t.dtype, t.is_neg()) for t in tensors)
 
 
 class _LayoutError(ValueError):
@@ -232,6 +235,8 @@ class _Launcher:
                     )
                 if not dense(t):
                     raise _LayoutError(f"{what}: the triton backend needs dense (non-overlapping) tensors")
+                if t.is_neg():  # (its elements are the negation of its memory)
+                    raise _LayoutError(f"{what}: a tensor with its negative bit set is read from a copy")
                 aligned = aligned and t.data_ptr() % 16 == 0
             s = steps[i]
             if s.dtype != torch.int64 or s.numel() != 1 or s.device != device:
@@ -310,11 +315,16 @@ class _Launcher:
         # (``state['exp_avg'].t()``, a slice) would be walked in the
         # parameter's order, or past its end; and their dtypes: a view in
         # another dtype (``exp_avg.view(torch.float16)`` of a bf16 state)
-        # keeps all of that. ``_C.launch_key`` takes all of it for every
-        # tensor in one C++ pass; the Python fallback (~0.12 us an address
-        # with map over the unbound method, ~0.09 a stride, ~0.18 the states'
-        # sizes and strides, ~0.05 a dtype, and as much again to hash and
-        # compare the nested tuples) keeps only what is listed above.
+        # keeps all of that. And every tensor's negative bit: a neg view at
+        # the address of a plain tensor (``torch._neg_view(g)``) must go
+        # through conform's copy. ``_C.launch_key`` takes all of it, and the
+        # devices, for every tensor in one C++ pass; the Python fallback
+        # (~0.12 us an address with map over the unbound method, ~0.09 a
+        # stride, ~0.18 the states' sizes and strides, ~0.05 a dtype or a
+        # bit, and as much again to hash and compare the nested tuples) keeps
+        # only what is listed above: the grads' dtypes and sizes are checked
+        # by the optimizer before each list-path step, and there are no
+        # step plans without _C.
         launch_key = _resolved_launch_key()
         tensors = launch_key(params, grads, *states, steps) if launch_key is not None else None
         if tensors is not None:
@@ -323,6 +333,7 @@ class _Launcher:
             key = (
                 _ptrs(params), _ptrs(grads), _ptrs(states[0]), _ptrs(states[1]), _ptrs(states[2]), _ptrs(steps),
                 tuple(map(_NUMEL, params)), tuple(map(_STRIDE, params)), tuple(map(_STRIDE, grads)),
+                tuple(map(_IS_NEG, params)), tuple(map(_IS_NEG, grads)),
                 _layouts(states[0]), _layouts(states[1]), _layouts(states[2]),
                 tuple(group_ids), chunk,
             )
@@ -356,11 +367,10 @@ class _Launcher:
         return launch
 
     # -- the step ---------------------------------------------------------
-    def run(self, algo, params, grads, state1, state2, state3, steps, group_ids, table, counter, grad_scale, found_inf,
-            cache=True, quiet=False) -> bool:
-        """One step. ``quiet`` (a step plan's step): False, with nothing
-        launched, instead of the error of tensors whose launch table cannot
-        be built (the list path then raises it, or conforms the tensors)."""
+    def _prepare(self, algo, params, grads, states, steps, group_ids, table, counter, cache):
+        """Checks, the dtype buckets and every bucket's launch table, before
+        anything is launched: a bucket that raises must not leave others
+        stepped. Returns [(dtype, lists, launch)]."""
         if algo not in _KERNELS:
             raise ValueError(f"algo must be one of {tuple(_KERNELS)}, got {algo!r}")
         device = counter.device
@@ -371,37 +381,55 @@ class _Launcher:
         if not kinds.issubset(_DTYPES):
             raise ValueError(f"the triton backend supports {_DTYPES} parameters, got {sorted(map(str, kinds))}")
         if len(kinds) == 1:  # the common case: one bucket, the lists as given
-            lists = (params, grads, [state1, state2, state3], steps, group_ids)
-            buckets = {dtypes[0]: lists}
+            buckets = {dtypes[0]: (params, grads, list(states), steps, group_ids)}
         else:
             buckets = {}
             for dtype in kinds:
                 idx = [i for i, d in enumerate(dtypes) if d == dtype]
                 sel = lambda xs: [xs[i] for i in idx]  # noqa: E731
-                buckets[dtype] = (sel(params), sel(grads), [sel(state1), sel(state2), sel(state3)], sel(steps),
-                                  sel(group_ids))
-        kernel = _KERNELS[algo]
-        has_scale, has_inf = grad_scale is not None, found_inf is not None
-        guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-        with guard:
-            if not buckets:
-                K.advance_kernel[(1,)](counter, found_inf if has_inf else counter, HAS_INF=has_inf)
-                return True
-            # every bucket's table first: one that raises must not leave others stepped
+                buckets[dtype] = (sel(params), sel(grads), [sel(st) for st in states], sel(steps), sel(group_ids))
+        return [(dtype, lists, self._launch_table(algo, dtype, device, *lists, cache))
+                for dtype, lists in buckets.items()]
+
+    @staticmethod
+    def _guard(device):
+        return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+    def ready(self, algo, params, grads, states, steps, group_ids, table, counter) -> bool:
+        """Whether ``run(..., quiet=True)`` would step: every launch table
+        found or built (and cached), nothing launched."""
+        with self._guard(counter.device):
             try:
-                launches = [self._launch_table(algo, dtype, device, ps, gs, states, ss, gids, cache)
-                            for dtype, (ps, gs, states, ss, gids) in buckets.items()]
+                self._prepare(algo, params, grads, states, steps, group_ids, table, counter, True)
+            except (ValueError, RuntimeError):
+                return False
+        return True
+
+    def run(self, algo, params, grads, state1, state2, state3, steps, group_ids, table, counter, grad_scale, found_inf,
+            cache=True, quiet=False) -> bool:
+        """One step. ``quiet`` (a step plan's step): False, with nothing
+        launched, instead of the error of tensors that fail a check or whose
+        launch table cannot be built (the list path then raises it, or
+        conforms the tensors)."""
+        has_scale, has_inf = grad_scale is not None, found_inf is not None
+        with self._guard(counter.device):
+            try:
+                prepared = self._prepare(algo, params, grads, (state1, state2, state3), steps, group_ids, table,
+                                         counter, cache)
             except (ValueError, RuntimeError):
                 if quiet:
                     return False
                 raise
-            last = len(buckets) - 1
-            for b, (dtype, (ps, gs, states, ss, gids)) in enumerate(buckets.items()):
-                launch = launches[b]
+            if not prepared:
+                K.advance_kernel[(1,)](counter, found_inf if has_inf else counter, HAS_INF=has_inf)
+                return True
+            kernel = _KERNELS[algo]
+            last = len(prepared) - 1
+            for b, (dtype, lists, launch) in enumerate(prepared):
                 cfg = self.config[dtype]
                 kernel[(max(launch.n_chunks, 1),)](
                     launch.table, launch.n_tensors, launch.chunks, launch.n_chunks, table, counter,
-                    grad_scale if has_scale else counter, found_inf if has_inf else counter, launch.done, ps[0],
+                    grad_scale if has_scale else counter, found_inf if has_inf else counter, launch.done, lists[0][0],
                     HAS_SCALE=has_scale, HAS_INF=has_inf, ADVANCE_COUNTER=b == last, ALIGNED=launch.aligned,
                     ROUND_BF16=dtype == torch.bfloat16 and interpreting(),
                     BLOCK=cfg.block, ITERS=cfg.iters, num_warps=cfg.num_warps, enable_fp_fusion=False,
@@ -477,8 +505,11 @@ def conform(params, grads, states):
     cannot be walked at all. Tensors that do not fit are replaced by copies
     that do (a non-dense parameter and its states: contiguous ones); returns
     the lists to launch with and the (original, copy) pairs to write back
-    after the launch. The usual layouts (states made by ``zeros_like(p)``,
-    autograd's grads) copy nothing. A tensor of another shape than its
+    after the launch. A tensor with its negative bit set (``torch._neg_view``,
+    ``c.conj().imag``) stands for the negation of its memory, which the
+    kernels would read as it is: it is copied too (``copy_`` and
+    ``resolve_neg`` apply the negation). The usual layouts (states made by
+    ``zeros_like(p)``, autograd's grads) copy nothing. A tensor of another shape than its
     parameter is left as it is, for the launch to refuse (ValueError, nothing
     written): a copy into the parameter's shape would broadcast it, step, and
     fail only when writing it back."""
@@ -486,23 +517,23 @@ def conform(params, grads, states):
     grads, states = list(grads), [list(st) for st in states]
     params_out = None
     for i, p in enumerate(params):
-        if dense(p):
+        if dense(p) and not p.is_neg():
             def fits(t):
-                return same_layout(t, p) and dense(t)
+                return same_layout(t, p) and dense(t) and not t.is_neg()
 
             def like_p(t):
                 return torch.empty_strided(p.shape, p.stride(), dtype=t.dtype, device=t.device).copy_(t)
         else:
             if params_out is None:
                 params_out = list(params)
-            params_out[i] = p.contiguous()
+            params_out[i] = p.resolve_neg().contiguous()
             writebacks.append((p, params_out[i]))
 
             def fits(t):
-                return t.is_contiguous()
+                return t.is_contiguous() and not t.is_neg()
 
             def like_p(t):
-                return t.contiguous()
+                return t.resolve_neg().contiguous()
         g = grads[i]
         # a grad sharing part of its parameter's memory is read from a copy
         # too (layout.py), as if read whole first, as torch.optim reads it;
@@ -592,16 +623,23 @@ class TritonPlan:
             states.append(st)
         return grads, states
 
-    def ready(self) -> bool:
-        """True when ``step`` would find the grads and states it needs (the
-        launch tables are looked up only by ``step``)."""
-        return self._gather() is not None
-
-    def step(self, table, counter, grad_scale, found_inf) -> bool:
-        if _resolved_launch_key() is None:
-            # the key in Python leaves out the grads' dtypes and sizes, which
-            # the list path checks before each step: no plans without _C
+    # (torch.compiler.disable: a compiled optimizer.step() whose graph
+    # breaks runs the optimizer's plan code eagerly, and dynamo would trace
+    # every frame called from there, the interpreter's kernels included)
+    @torch.compiler.disable
+    def ready(self, table, counter) -> bool:
+        """True when ``step`` would step: the grads and states are there and
+        every launch table is found or built (nothing launched). With several
+        devices every plan is asked first, so that one device is not stepped
+        before another one's plan falls back to the list path, which raises."""
+        gathered = self._gather()
+        if gathered is None:
             return False
+        grads, states = gathered
+        return _launcher.ready(self.algo, self.params, grads, states, self.steps, self.group_ids, table, counter)
+
+    @torch.compiler.disable
+    def step(self, table, counter, grad_scale, found_inf) -> bool:
         gathered = self._gather()
         if gathered is None:
             return False
@@ -642,9 +680,13 @@ class TritonBackend:
             return batch.exp_avgs, batch.exp_avg_sqs, batch.max_exp_avg_sqs
         raise ValueError(f"batch.algo must be one of 'sgd', 'adam', 'adamw', got {batch.algo!r}")
 
-    def make_plan(self, batch: StepBatch, watched: list) -> TritonPlan:
+    def make_plan(self, batch: StepBatch, watched: list) -> Optional[TritonPlan]:
         """A ``TritonPlan`` of ``batch``'s lists; ``watched``: the device's
-        parameters that have no grad now."""
+        parameters that have no grad now. None without ``_C``: the key in
+        Python leaves out the grads' dtypes and sizes, which the list path
+        checks before each step."""
+        if _resolved_launch_key() is None:
+            return None
         return TritonPlan(batch.algo, batch.params, self._states(batch), batch.steps, batch.group_ids, watched)
 
     def step(self, batch: StepBatch) -> None:
