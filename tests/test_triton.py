@@ -1479,4 +1479,6 @@ def test_tensors_with_the_negative_bit_step_as_their_values(which, launch_key):
                 opt.state[p]["exp_avg"] = torch._neg_view(st.neg())  # the same values
             opt.step()
         out[backend] = [p.detach().clone(), opt.state[p]["exp_avg"].resolve_neg(), opt.state[p]["exp_avg_sq"]]
-    assert_ulps(out["triton"], out["reference"], ulps=4)
+    # a grad read with the wrong sign moves the step by ~1e6 ulps; 32 leaves
+    # room for triton 3.6's interpreter, which rounds tl.fma's product first
+    assert_ulps(out["triton"], out["reference"], ulps=32)
