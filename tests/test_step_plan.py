@@ -10,6 +10,7 @@ import torch
 
 from onecycle_fused import FusedOneCycleAdam, FusedOneCycleAdamW, FusedOneCycleSGD, ops
 from onecycle_fused import step_plan
+from conftest import assert_same_optimizers
 
 pytestmark = pytest.mark.skipif(not ops.cpu_library_loaded(), reason="onecycle_fused._C is not built")
 
@@ -48,22 +49,6 @@ def set_grads(params, k):
         p.grad = grad_for(p, k, i)  # new tensors each step, as zero_grad(set_to_none=True)
 
 
-def assert_same(a, b):
-    (pa, oa), (pb, ob) = a, b
-    assert int(oa.step_counter()) == int(ob.step_counter())
-    assert len(oa.param_groups) == len(ob.param_groups)
-    for ga, gb in zip(oa.param_groups, ob.param_groups):
-        for p, q in zip(ga["params"], gb["params"]):
-            assert torch.equal(p, q)
-            sa, sb = oa.state.get(p, {}), ob.state.get(q, {})
-            assert sa.keys() == sb.keys()
-            for key in sa:
-                if isinstance(sa[key], torch.Tensor):
-                    assert torch.equal(sa[key], sb[key]), key
-                else:
-                    assert sa[key] == sb[key], key
-
-
 def run_both(cls, kw, steps, action=None, layout=LAYOUT):
     """Steps a planned and a list-path optimizer alike; ``action(k, params,
     opt)`` runs before each step (grads are set before it). Compares after
@@ -75,7 +60,7 @@ def run_both(cls, kw, steps, action=None, layout=LAYOUT):
             if action is not None:
                 action(k, params, opt)
             opt.step()
-        assert_same(*both)
+        assert_same_optimizers(*both)
     assert both[1][1]._plan.planned_steps == 0
     return both[0][1]
 

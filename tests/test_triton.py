@@ -33,6 +33,7 @@ tl = pytest.importorskip("triton.language")
 from onecycle_fused import (  # noqa: E402
     FusedOneCycleAdam, FusedOneCycleAdamW, FusedOneCycleSGD, LRRangeTest, OneCycle, TorchOneCycle,
 )
+from conftest import assert_same_optimizers  # noqa: E402
 from onecycle_fused.backends import get_backend  # noqa: E402
 from onecycle_fused.backends import triton as tb  # noqa: E402
 from onecycle_fused.backends import triton_kernels as tk  # noqa: E402
@@ -1323,17 +1324,6 @@ def _plan_grads(params, k):
         p.grad = torch.randn(p.shape, generator=gen).to(DEVICE, p.dtype)
 
 
-def _assert_twins_equal(twins):
-    (pa, oa), (pb, ob) = twins
-    assert int(oa.step_counter()) == int(ob.step_counter())
-    for p, q in zip(pa, pb):
-        assert torch.equal(p, q)
-        sa, sb = oa.state.get(p, {}), ob.state.get(q, {})
-        assert sa.keys() == sb.keys()
-        for key in sa:
-            assert torch.equal(sa[key], sb[key]), key
-
-
 @pytest.mark.parametrize("cls,kw", PLAN_ALGOS, ids=["sgd", "adam-amsgrad", "adamw"])
 def test_plans_step_bit_for_bit_like_the_list_path(cls, kw, launch_key):
     twins = _plan_twins(cls, kw)
@@ -1341,7 +1331,7 @@ def test_plans_step_bit_for_bit_like_the_list_path(cls, kw, launch_key):
         for params, opt in twins:
             _plan_grads(params, k)
             opt.step()
-        _assert_twins_equal(twins)
+        assert_same_optimizers(*twins)
     planned = twins[0][1]._plan.planned_steps
     # every step but the first goes through the plan; without _C (the key in
     # Python leaves out the grads' dtypes and sizes) none does
@@ -1388,7 +1378,7 @@ def test_plans_fall_back_on_every_change_and_match_the_list_path():
                 assert all(torch.equal(a, b) for a, b in zip(before, params))
                 params[0].grad = torch.ones_like(params[0])
             opt.step()
-        _assert_twins_equal(twins)
+        assert_same_optimizers(*twins)
     assert twins[0][1]._plan.planned_steps == 7  # steps 1, 4, 6, 8, 10, 12 and 13
 
 
@@ -1411,7 +1401,7 @@ def test_plans_hold_states_weakly():
     for params, opt in twins:
         _plan_grads(params, 3)
         opt.step()
-    _assert_twins_equal(twins)
+    assert_same_optimizers(*twins)
 
 
 def test_plans_with_several_devices_step_all_or_none():
