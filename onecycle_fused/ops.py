@@ -63,6 +63,19 @@ def cuda_library_loaded() -> bool:
     return cpu_library_loaded() and _load("_C_cuda")
 
 
+def c_function(name: str):
+    """A function of the ``_C`` module itself, not an op (step_plan.py's
+    ``plan_fingerprint``, the triton backend's ``launch_key``); None when
+    ``_C`` is not loaded."""
+    if not cpu_library_loaded():
+        return None
+    try:
+        from . import _C  # the library loaded above: the same file, now as a module
+    except ImportError:
+        return None
+    return getattr(_C, name, None)
+
+
 def cpu_capability() -> str | None:
     """Instruction set of the CPU kernels in use ("AVX2", or "AVX2/AVX512" when
     float32/float64 and bfloat16/float16 use different variants), or None when

@@ -78,12 +78,9 @@ def _snapshot_py(groups: list[dict], state: dict):
 
 
 def _fingerprint_function():
-    try:
-        from . import _C  # the library ops.py loaded: same file, now as a module
+    from .ops import c_function
 
-        return _C.plan_fingerprint
-    except (ImportError, AttributeError):
-        return _snapshot_py
+    return c_function("plan_fingerprint") or _snapshot_py
 
 
 def snapshot(groups: list[dict], state: dict):

@@ -35,6 +35,7 @@ from typing import List, Optional
 import torch
 import triton  # noqa: F401  (ImportError here: the registry skips this backend)
 
+from ..ops import c_function
 from ..schedule import ROW_WIDTH
 from . import StepBatch
 from .layout import check_batch_states_apart, check_states_apart, dense, partially_overlap, same_layout
@@ -114,16 +115,11 @@ _IS_NEG = torch.Tensor.is_neg
 
 def _compiled_launch_key():
     """csrc/launch_key.cpp's key function, None when ``_C`` did not load."""
-    try:
-        from .. import _C  # the library ops.py loaded: same file, now as a module
-
-        return _C.launch_key
-    except (ImportError, AttributeError):
-        return None
+    return c_function("launch_key")
 
 
 _UNSET = object()
-_launch_key = _UNSET  # resolved on first use (importing _C here would load it before ops.py does)
+_launch_key = _UNSET  # resolved on first use, after ops.py has loaded the libraries
 
 
 def _resolved_launch_key():
