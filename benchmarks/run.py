@@ -218,6 +218,19 @@ def _count_launches(row: dict, step, device) -> None:
         row["note"] = (row["note"] + "; " if row["note"] else "") + counts["launches_note"]
 
 
+_T0 = time.perf_counter()  # (the import: the run's start, for the --no-progress lines)
+
+
+def _status(progress, text: str) -> None:
+    """What the run is doing: the progress bar's postfix, or with --no-progress
+    a timestamped line on stderr (a log cut by a time limit then says which
+    implementation took the time, e.g. a cold torch.compile)."""
+    if progress.disable:
+        print(f"[{time.perf_counter() - _T0:7.1f} s] {text}", file=sys.stderr, flush=True)
+    else:
+        progress.set_postfix_str(text, refresh=True)
+
+
 def bench_case(set_name, shapes, dtype_name, algo, params, impl_list, device, cfg, progress) -> list[dict]:
     """Every implementation on one (set, dtype, optimizer) case, plus the copy roofline.
 
@@ -241,7 +254,7 @@ def bench_case(set_name, shapes, dtype_name, algo, params, impl_list, device, cf
         _free(device)  # the copy's two buffers (up to half the free memory) back to the device
     rows, built, graphs_before = [], {}, {}
     for impl in impl_list:
-        progress.set_postfix_str(f"{set_name}/{dtype_name}/{algo}: {impl.name}", refresh=True)
+        _status(progress, f"{set_name}/{dtype_name}/{algo}: {impl.name}")
         row = dict(base, impl=impl.name, family=impl.family, scheduler=impl.scheduler, backend=impl.backend,
                    status="ok", note="")
         rows.append(row)
@@ -264,6 +277,7 @@ def bench_case(set_name, shapes, dtype_name, algo, params, impl_list, device, cf
             step()  # the first step: state allocation, compilation
             measure.sync(device)
             row["first_step_s"] = time.perf_counter() - t0
+            _status(progress, f"{set_name}/{dtype_name}/{algo}: {impl.name} first step {row['first_step_s']:.2f} s")
             if impl.family == "torch-compiled":
                 # the warm-up steps first (a changed Python float may compile a
                 # second, dynamic graph on step 2), then count graphs: the timed
@@ -295,7 +309,7 @@ def bench_case(set_name, shapes, dtype_name, algo, params, impl_list, device, cf
         if not interleave or row["status"] != "ok":
             progress.update(1)
     if interleave:
-        progress.set_postfix_str(f"{set_name}/{dtype_name}/{algo}: timing {len(built)} interleaved", refresh=True)
+        _status(progress, f"{set_name}/{dtype_name}/{algo}: timing {len(built)} interleaved")
         # the copy roofline joins the rounds: the same bytes, the same background load
         n = max(1, nbytes // 2)
         src = torch.ones(n, dtype=torch.uint8, device=device)

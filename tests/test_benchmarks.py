@@ -9,6 +9,7 @@ that one CLI run writes a complete, parseable results folder.
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -374,6 +375,8 @@ def test_gpu_targets_report_unmeasured_cases():
 
 
 class _Progress:
+    disable = False  # (tqdm's attribute: a shown bar)
+
     def set_postfix_str(self, *a, **k):
         pass
 
@@ -445,7 +448,7 @@ def test_gpu_session_commands_fit_the_cli():
 
     phases = _gpu_session_steps()
     assert [n for n, _, _ in phases[1]] == ["build", "pytest_gpu", "error_probe", "e2e", "bench"]
-    assert [n for n, _, _ in phases[2]] == ["build", "bench", "bench_compiled", "host_overhead", "tune_triton"]
+    assert [n for n, _, _ in phases[2]] == ["build", "bench_compiled", "bench", "host_overhead"]
     names = [i.name for i in impls.all_impls(torch.device("cuda"))]  # the CUDA rows (built lazily: no GPU needed)
     seen_sets = set()
     for phase, steps in phases.items():
@@ -473,7 +476,9 @@ def test_gpu_session_commands_fit_the_cli():
                     assert {"ours-cuda", "ours-triton", "ours-cuda+graph", "torch-fused+OneCycleLR"} <= set(chosen)
                     assert "torch-compiled+OneCycleLR" not in chosen
                 if name == "bench_compiled":
-                    assert chosen == ["torch-compiled+OneCycleLR"]
+                    # the compiled row side by side with every peer, in one run
+                    assert "torch-compiled+OneCycleLR" in chosen and {"ours-cuda", "torch-fused+OneCycleLR"} <= set(chosen)
+                    assert phase == 2 and steps[1][0] == name  # first after the build (the cut keeps it)
                 if phase == 2 and name == "bench":
                     # a cut phase 2 (the session's 15 minutes) must keep the 1B fp32 cases: they come first
                     assert sets[0] == "llama1b" and run._csv(a.dtype)[0] == "fp32", sets
@@ -769,6 +774,20 @@ def test_back_to_back_case_survives_a_failing_copy_roofline(monkeypatch):
     from benchmarks import report
 
     assert "copy not measured" in report.case_title([row]) and report.text_table([row])
+
+
+def test_no_progress_logs_each_implementation_with_its_time(monkeypatch, capsys):
+    """With --no-progress (the GPU session's logs) each implementation's start
+    and first step are timestamped lines on stderr: a step cut by its time
+    limit still says which implementation took the time."""
+    monkeypatch.setattr(_Progress, "disable", True)
+    _tiny_case_back_to_back(["torch-fused+OneCycleLR", "ours-cpu"])
+    lines = capsys.readouterr().err.splitlines()
+    for name in ("torch-fused+OneCycleLR", "ours-cpu"):
+        started = [l for l in lines if l.endswith(f"tiny/fp32/sgd: {name}")]
+        first = [l for l in lines if re.search(rf"tiny/fp32/sgd: {re.escape(name)} first step \d+\.\d\d s$", l)]
+        assert len(started) == 1 and len(first) == 1, lines
+        assert re.match(r"\[ *\d+\.\d s\] ", started[0]), started
 
 
 def test_a_failing_profiler_costs_the_launch_counts_not_the_timings(monkeypatch):

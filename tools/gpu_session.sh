@@ -6,8 +6,9 @@
 #
 #   bash tools/gpu_wheels.sh        # here, first: DeepSpeed's wheels into .whl/ (carry=[".whl"])
 #   bash tools/gpu_session.sh 1     # build, gpu tests, error probe, e2e, ResNet-50 + small sets (~5 min)
-#   bash tools/gpu_session.sh 2     # at once, warm: 1B + GPT-2 sets, torch.compile rows (ResNet-50 fp32), host overhead,
-#                                   # Triton tuning (~4-8 min); then here: python -m benchmarks.report DIR1 DIR2
+#   bash tools/gpu_session.sh 2     # at once, warm: torch.compile rows (ResNet-50 fp32, every implementation), 1B + GPT-2
+#                                   # sets, host overhead (~4-9 min); then here:
+#                                   # python -m benchmarks.report DIR1 DIR2 (DIR2's ResNet-50 fp32 rows replace DIR1's)
 #
 # Measured on the first H100 session (2026-11-27, held_s from the device tool):
 # a start ~30 s, phase 1 242 s (build 63, pytest cut by a crash 27, e2e 17,
@@ -17,7 +18,7 @@
 # Everything it writes goes under $OUT, at most 8 files, as many as the device
 # tool brings back: env.txt (device and versions), build.log,
 # pytest_gpu.log, error_probe.log, e2e.log, bench.log (phase 2: bench_compiled.log, host_overhead.log
-# and tune_triton.log instead of pytest_gpu.log, error_probe.log and e2e.log) and bench/results.{json,md}. Plots are skipped there; make
+# instead of pytest_gpu.log, error_probe.log and e2e.log) and bench/results.{json,md}. Plots are skipped there; make
 # them here with `python -m benchmarks.report DIR`. Commit what comes back
 # under benchmarks/results/<device>_<date>/ (pytest's log included): that is
 # how the README's GPU status gets updated. MERGE_FROM: an earlier results
@@ -26,15 +27,18 @@
 # output; the exit status is the first failure's.
 #
 # Budget: the two phases do NOT both fit 15 device-minutes at their limits
-# (570 s + 570 s, plus a machine start of 1-2 min), but at the times measured
-# above they do, with ~4 minutes to spare for the compiled rows. The machine stays warm only
+# (570 s + 565 s, plus a machine start of 1-2 min), but at the times measured
+# above they do: phase 1 ~330 s with the whole pytest run (51 s uncut) and the
+# error probe (<= 80 s), phase 2 ~110 s plus the compiled rows (<= 300 s), so
+# ~30 + 330 + 410 = 770 of the 900 s. The machine stays warm only
 # ~30 s after a call: call phase 2 at once after phase 1 returns (no analysis
 # in between, no MERGE_FROM: merge afterwards here, at no device time, with
 # `python -m benchmarks.report PHASE1_DIR PHASE2_DIR`) or it starts bare
 # (another start, a rebuild, a cold Triton cache). The device tool cuts a call at the session's remaining time, so
-# phase 2's steps are in order of value: the 1B set first (its fp32 cases carry
-# the copy-bandwidth target), then GPT-2, then the compiled rows, host
-# overhead and Triton tuning; every step's output up to the cut comes back.
+# phase 2's steps are in order of value: the compiled rows first (the one
+# figure still missing after the first H100 session), then the 1B set (its
+# fp32 cases carry the copy-bandwidth target), GPT-2 and host overhead;
+# every step's output up to the cut comes back.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PHASE=${1:-1}
@@ -115,20 +119,24 @@ if [ "$PHASE" = 1 ]; then
   step bench 180 "$PY" -m benchmarks.run --no-progress --sets resnet50,small --skip-impls compiled \
     --iters 50 --budget 1 --e2e-steps 0 --no-plots --out "$OUT/bench" --note "tools/gpu_session.sh phase 1"
 else
-  # the 1B set first: a cut run keeps the 1B fp32 cases (~25 s each at ~3 TB/s: 8 implementations, ~70 steps
-  # of 7-30 ms each, a profiled stretch), GPT-2's are cheaper
+  # first the torch.compile rows, the one figure the first H100 session lacked
+  # (its 120 s ran out while compiling, no row came back): ResNet-50 fp32, SGD
+  # and AdamW, with every implementation in the same run so that the compiled
+  # row stands side by side with torch fused and ours. Each compiled case
+  # compiles cold (inductor + Triton; SGD twice, its momentum a Python float
+  # that becomes dynamic on step 2); the log's timestamped lines say how long
+  # (benchmarks/run.py --no-progress). bf16 would not fit.
+  step bench_compiled 300 "$PY" -m benchmarks.run --no-progress --sets resnet50 --dtype fp32 \
+    --iters 50 --budget 1 --e2e-steps 0 --no-plots --out "$OUT/bench" \
+    --note "tools/gpu_session.sh phase 2: torch.compile rows, every implementation in one run"
+  # then the 1B set (its fp32 cases carry the copy-bandwidth target; ~25 s each at ~3 TB/s: 8
+  # implementations, ~70 steps of 7-30 ms each, a profiled stretch), then GPT-2's cheaper ones
   step bench 100 "$PY" -m benchmarks.run --no-progress --sets llama1b,gpt2 --skip-impls compiled \
     --iters 50 --budget 1 --e2e-steps 0 --no-plots --out "$OUT/bench" --note "tools/gpu_session.sh phase 2"
-  # fp32 only: each case compiles cold (inductor + Triton; SGD compiles twice, its momentum a Python
-  # float that becomes dynamic on step 2). 120 s was too short on the first H100 (no row came back);
-  # bf16 too would not fit
-  step bench_compiled 250 "$PY" -m benchmarks.run --no-progress --sets resnet50 --dtype fp32 --impls compiled \
-    --iters 50 --budget 1 --e2e-steps 0 --no-plots --out "$OUT/bench" \
-    --note "tools/gpu_session.sh phase 2: torch.compile rows"
   step host_overhead 45 "$PY" -m benchmarks.host_overhead --device cuda --full
-  # the default grid over every algo/dtype/set is ~10 min: here one set, fp32,
-  # SGD and AdamW (2 x 18 configurations, ~1 min), enough to check the defaults
-  step tune_triton 55 "$PY" benchmarks/tune_triton.py --algos sgd adamw --dtypes fp32 --sets resnet50
+  # (benchmarks/tune_triton.py is not run: the first H100 session found the
+  # default block within 2-4% of the best tried, fp32 ResNet-50; the compiled
+  # rows took its time)
 fi
 echo "gpu_session phase $PHASE: exit $status"
 exit $status
