@@ -275,6 +275,7 @@ class Batch {
                       t.sizes(), " on ", t.device());
     // (overlap.h; on the tensors as given, before a copy could hide it)
     const bool is_grad = !mutated;  // (the one tensor the op only reads)
+    if (mutated) check_writable(t, name, i, op_);
     if (mutated && !t.is_same(p)) {
       check_state_apart(p, "params", t, name, i, op_);
       check_state_apart(grads_[i], "grads", t, name, i, op_);

@@ -41,4 +41,17 @@ inline void check_state_apart(const at::Tensor& a, const char* a_name, const at:
               "state memory of its own (clone() it)");
 }
 
+// a tensor the op writes (the parameter or a state) whose elements share
+// memory: a stride-0 dimension of more than one element (expand()), ATen's
+// has_internal_overlap "yes", which its in-place ops refuse. The op would
+// write it through a contiguous copy, written back after the kernel: refused
+// before anything is written. (Dense tensors, the usual ones, are skipped on
+// a flag.) The CUDA table needs dense tensors anyway.
+inline void check_writable(const at::Tensor& t, const char* name, size_t i, const char* op) {
+  TORCH_CHECK(t.is_non_overlapping_and_dense() || at::has_internal_overlap(t) != at::MemOverlap::Yes,
+              "onecycle_fused::", op, ": ", name, "[", i, "] has elements that share one memory location (a ",
+              "stride-0 dimension, as expand() makes): the step writes every element, which torch.optim refuses ",
+              "too; give it memory of its own (clone() it)");
+}
+
 }  // namespace onecycle_fused

@@ -1568,6 +1568,49 @@ def test_a_state_sharing_part_of_the_params_or_grads_memory_is_refused(opt_cls, 
     assert int(opt.step_counter()) == before[2] + 1
 
 
+@pytest.mark.parametrize("what", ["param", "state"])
+@pytest.mark.parametrize("opt_cls, key", [(FusedOneCycleSGD, "momentum_buffer"), (FusedOneCycleAdamW, "exp_avg_sq")])
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_a_written_tensor_whose_elements_share_memory_is_refused(opt_cls, key, backend, what):
+    """A parameter or state whose elements share one memory location (a
+    stride-0 dimension: expand()) cannot be written element by element.
+    torch.optim's in-place ops refuse it; so do ours, naming it, before
+    anything changes. The backends used to step the first group, then fail
+    writing it back (the counter advanced on one, not on another). Given
+    memory of its own, the run goes on as if nothing had happened."""
+    opt, p, q = _two_groups_stepped(opt_cls, backend)
+    twin, p2, q2 = _two_groups_stepped(opt_cls, backend)
+    with torch.no_grad():
+        p2.copy_(p), q2.copy_(q)
+    twin.load_state_dict(copy.deepcopy(opt.state_dict()))
+    g = torch.randn(3), torch.randn(4)
+    (p.grad, q.grad), (p2.grad, q2.grad) = g, g
+    if what == "param":
+        q.data = q.detach()[:1].expand(4)
+        q2.data = q.detach().clone()
+    else:
+        opt.state[q][key] = opt.state[q][key][:1].expand(4)
+        twin.state[q2][key] = opt.state[q][key].clone()
+    before = _snapshot(opt, [p, q])
+    name = "params" if what == "param" else key + "s"
+    with pytest.raises(RuntimeError, match=rf"{name}\[1\] has elements that share one memory location"):
+        opt.step()
+    _assert_unchanged(before, _snapshot(opt, [p, q]))
+    if opt_cls is FusedOneCycleSGD:  # the oracle refuses it too
+        sgd = torch.optim.SGD([q], lr=0.1, momentum=0.9)
+        buf = opt.state[q][key]
+        sgd.state[q]["momentum_buffer"] = buf if what == "state" else buf.clone()  # (torch writes it first)
+        with pytest.raises(RuntimeError, match="single memory location"):
+            sgd.step()
+    if what == "param":
+        q.data = q.detach().clone()
+    else:
+        opt.state[q][key] = opt.state[q][key].clone()
+    opt.step()
+    twin.step()
+    assert torch.equal(p, p2) and torch.equal(q, q2) and int(opt.step_counter()) == int(twin.step_counter()) == 3
+
+
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 @pytest.mark.parametrize("case", ["max_over_exp_avg_sq", "same_bytes_other_size1_stride"])
 def test_states_sharing_part_of_their_memory_are_refused_as_aten_rules(backend, case):

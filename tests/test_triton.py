@@ -983,6 +983,29 @@ def test_state_sharing_part_of_the_params_or_grads_memory_is_refused(state, othe
     assert all(torch.equal(x, y) for x, y in zip(before[:3], after[:3])) and before[3] == after[3]
 
 
+@pytest.mark.parametrize("what", ["param", "state"])
+def test_a_written_tensor_whose_elements_share_memory_is_refused(what):
+    """A parameter or state with a stride-0 dimension (expand()) cannot be
+    written element by element: RuntimeError naming it, as torch.optim's
+    in-place ops refuse it, and nothing stepped. The step used to launch,
+    advance the counter, and fail writing conform's copy back."""
+    p = torch.nn.Parameter(torch.randn(3, device=DEVICE))
+    q = torch.nn.Parameter(torch.randn(4, device=DEVICE))
+    opt = FusedOneCycleSGD([p, q], backend="triton", momentum=0.9, **SCHED)
+    p.grad, q.grad = torch.randn_like(p), torch.randn_like(q)
+    opt.step()
+    if what == "param":
+        q.data = q.detach()[:1].expand(4)
+    else:
+        opt.state[q]["momentum_buffer"] = opt.state[q]["momentum_buffer"][:1].expand(4)
+    before = [p.detach().clone(), q.detach().clone(), opt.state[p]["momentum_buffer"].clone(), int(opt.step_counter())]
+    name = "params" if what == "param" else "momentum_buffers"
+    with pytest.raises(RuntimeError, match=rf"{name}\[1\] has elements that share one memory location"):
+        opt.step()
+    after = [p.detach().clone(), q.detach().clone(), opt.state[p]["momentum_buffer"].clone(), int(opt.step_counter())]
+    assert all(torch.equal(x, y) for x, y in zip(before[:3], after[:3])) and before[3] == after[3] == 1
+
+
 def test_state_at_a_cached_address_in_another_dtype(launch_key):
     """A state replaced at its own address by a view of itself in another
     dtype of the same size keeps strides and sizes: the cache key has the

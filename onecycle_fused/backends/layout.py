@@ -71,6 +71,19 @@ def partially_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a_begin < b_end and b_begin < a_end
 
 
+def internally_overlaps(t: torch.Tensor) -> bool:
+    """True when several elements of ``t`` are one memory location: a
+    dimension of more than one element with stride 0 (``expand()``). ATen's
+    ``has_internal_overlap`` verdict "yes", which its in-place ops refuse
+    ("more than one element of the written-to tensor refers to a single
+    memory location"); other overlapping strides are "too hard" there and pass
+    here too. A step would write such a parameter or state element by element,
+    through a copy written back at the end: refused before anything is written."""
+    if t.is_contiguous():
+        return False
+    return any(st == 0 and n > 1 for n, st in zip(t.shape, strides(t)))
+
+
 # the state tensors of each algorithm, as StepBatch names their lists
 STATE_LISTS = {"sgd": ("momentum_buffers",), "adam": ("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs")}
 STATE_LISTS["adamw"] = STATE_LISTS["adam"]
@@ -79,9 +92,17 @@ STATE_LISTS["adamw"] = STATE_LISTS["adam"]
 def check_states_apart(i: int, param: torch.Tensor, grad: torch.Tensor, algo: str, states, where: str = "") -> None:
     """Refuse parameter ``i``'s states (``states``: tensors or None, in
     ``STATE_LISTS[algo]`` order) when one partially overlaps the parameter,
-    the grad or another state: RuntimeError, as torch.optim's in-place ops
-    raise, before anything is written. ``where`` starts the message."""
+    the grad or another state, and the parameter or a state whose elements
+    share memory (``internally_overlaps``): RuntimeError, as torch.optim's
+    in-place ops raise, before anything is written. ``where`` starts the message."""
     named = [(name, t) for name, t in zip(STATE_LISTS[algo], states) if t is not None]
+    for name, t in [("params", param)] + named:  # (the tensors a step writes)
+        if internally_overlaps(t):
+            raise RuntimeError(
+                f"{where}{name}[{i}] has elements that share one memory location (a stride-0 dimension, as "
+                f"expand() makes): the step writes every element, which torch.optim refuses too; give it memory "
+                "of its own (clone() it)"
+            )
     for j, (name, t) in enumerate(named):
         for other_name, other in [("params", param), ("grads", grad)] + named[:j]:
             if partially_overlap(other, t):
