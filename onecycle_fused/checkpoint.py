@@ -142,11 +142,25 @@ def _own_step(step, p: torch.Tensor, taken: set[int]) -> torch.Tensor:
     shared by several parameters would advance once per parameter each step,
     and the backends read it at different times: each gets its own copy."""
     fits = (isinstance(step, torch.Tensor) and step.dtype == torch.int64 and step.dim() == 0
-            and step.device == p.device and id(step) not in taken)
+            and step.device == p.device and id(step) not in taken and not step.is_inference())
     if not fits:
-        step = torch.as_tensor(step).to(device=p.device, dtype=torch.int64, copy=True).reshape(())
+        with torch.inference_mode(False):  # (see _writable)
+            step = torch.as_tensor(step).to(device=p.device, dtype=torch.int64, copy=True).reshape(())
     taken.add(id(step))
     return step
+
+
+def _writable(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a copy a step can write. A checkpoint loaded under
+    ``torch.inference_mode()`` holds inference tensors, which torch refuses
+    to update in place outside that mode: the reference backend raised
+    after stepping the parameters before it, while the compiled ones wrote
+    them through their pointers. A normal tensor made outside the mode
+    serves every backend alike (torch.optim keeps them, and fails at its step)."""
+    if not t.is_inference():
+        return t
+    with torch.inference_mode(False):
+        return t.clone()
 
 
 _CLASS_OF_ALGO = {"sgd": "FusedOneCycleSGD", "adam": "FusedOneCycleAdam", "adamw": "FusedOneCycleAdamW"}
@@ -312,6 +326,7 @@ class _CheckpointMixin:
                 if isinstance(t, torch.Tensor):
                     if id(t) in taken:
                         state[k] = t = t.clone()
+                    state[k] = t = _writable(t)
                     taken.add(id(t))
         for c in self._counters.values():
             c.fill_(counter)

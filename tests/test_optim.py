@@ -2,6 +2,7 @@
 step with the same lr and momentum, plus the torch.optim conventions:
 closures, param groups, state_dict / resume, zero_grad, GradScaler, errors."""
 import copy
+import io
 import fractions
 import inspect
 import itertools
@@ -841,6 +842,40 @@ def test_load_state_dict_gives_a_shared_state_tensor_one_copy_per_parameter(opt_
             out.append([p.detach().clone() for p in params])
     finally:
         torch.set_num_threads(before)
+    for a, b in zip(*out):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("load_in", ["inference_mode", "normal_mode"])
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("opt_cls", [FusedOneCycleSGD, FusedOneCycleAdamW])
+def test_a_checkpoint_read_under_inference_mode_loads_writable_state(opt_cls, backend, load_in):
+    """A checkpoint read under ``torch.inference_mode()`` holds inference
+    tensors, which torch refuses to update in place outside that mode: the
+    reference backend raised after stepping the parameters before the one
+    whose state it was, the compiled ones wrote them through pointers. Loaded,
+    every state tensor is a normal one, and the run equals one loaded from
+    normal tensors."""
+    out = []
+    for inference in (True, False):
+        params = [torch.nn.Parameter(t) for t in make_params(((5,), (3, 2)))]
+        opt = opt_cls(params, backend=backend, momentum=0.9, **SCHED) if opt_cls is FusedOneCycleSGD else \
+            opt_cls(params, backend=backend, **SCHED)
+        for k in range(4):
+            for i, p in enumerate(params):
+                p.grad = make_params(((5,), (3, 2)), seed=10 * k + i + 1)[i]
+            if k == 2:
+                buf = io.BytesIO()
+                torch.save(opt.state_dict(), buf)
+                buf.seek(0)
+                with torch.inference_mode(inference):
+                    sd = torch.load(buf, weights_only=True)
+                assert sd["state"][1]["step"].is_inference() == inference
+                with torch.inference_mode(inference and load_in == "inference_mode"):
+                    opt.load_state_dict(sd)
+                assert not any(t.is_inference() for st in opt.state.values() for t in st.values())
+            opt.step()
+        out.append([p.detach().clone() for p in params])
     for a, b in zip(*out):
         assert torch.equal(a, b)
 
