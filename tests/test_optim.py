@@ -176,6 +176,35 @@ def test_complex_and_real_parameters_in_one_step(backend):
     assert_close_ulps([torch.view_as_real(a[0]), a[1]], [torch.view_as_real(b[0]), b[1]])
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_complex_parameter_put_into_a_group_by_hand_steps_like_torch(backend):
+    """A complex parameter appended to ``param_groups[0]["params"]`` by hand
+    after real-only steps (torch.optim takes it): stepped as
+    torch.optim.SGD steps it, not refused as an unsupported dtype (only
+    add_param_group used to set up its real views)."""
+    gen = torch.Generator().manual_seed(3)
+    real = torch.nn.Parameter(torch.randn(6, generator=gen))
+    cplx = torch.nn.Parameter(_randn((4, 3), gen, torch.complex64))
+    twin = torch.nn.Parameter(cplx.detach().clone())
+    init = cplx.detach().clone()
+    opt = FusedOneCycleSGD([real], backend=backend, **SCHED)
+    for _ in range(2):
+        real.grad = torch.randn(6, generator=gen)
+        opt.step()
+    opt.param_groups[0]["params"].append(cplx)
+    ref = torch.optim.SGD([twin], lr=0.1, momentum=0.9)
+    for k in range(2, 6):
+        real.grad = torch.randn(6, generator=gen)
+        cplx.grad = _randn((4, 3), gen, torch.complex64)
+        twin.grad = cplx.grad.clone()
+        ref.param_groups[0].update(lr=opt.schedule.lr(k), momentum=opt.schedule.momentum(k))
+        opt.step()
+        ref.step()
+    assert int(opt.state[cplx]["step"]) == 4 and opt.state[cplx]["momentum_buffer"].dtype == torch.complex64
+    assert not torch.equal(cplx.detach(), init)
+    assert_close_ulps(torch.view_as_real(cplx.detach()), torch.view_as_real(twin.detach()))
+
+
 def test_complex_param_group_added_to_a_planned_optimizer_and_copied():
     """A complex group added after real-only steps (the cpu backend has a
     step plan by then) is stepped as torch.optim.AdamW steps it, and a
