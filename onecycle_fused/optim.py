@@ -27,6 +27,7 @@ What lives where:
 from __future__ import annotations
 
 import copy
+import difflib
 import inspect
 import numbers
 import os
@@ -55,6 +56,10 @@ try:  # public since torch 2.5
     from torch.distributed.tensor import DTensor as _DTensor
 except ImportError:  # older torch, or torch built without distributed
     _DTensor = ()  # isinstance(x, ()) is always False
+
+# the schedules' namespace in a group dict (DeepSpeed's names); torch's
+# own schedulers write none of these (OneCycleLR: initial_lr, max_lr, min_lr...)
+_SCHEDULE_PREFIXES = ("cycle_", "decay_", "lr_range_test_", "post_cycle_")
 
 _BATCH_TENSOR_LISTS = ("params", "grads", "steps", "momentum_buffers", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs")
 
@@ -217,6 +222,14 @@ class _FusedOneCycleOptimizer(_CheckpointMixin, _HostMirrorMixin, torch.optim.Op
         """The group's schedule config: the constructor's, reduced to this
         group, with any schedule keys the group dict sets on top."""
         overrides = {k: group.pop(k) for k in list(group) if k in _SCHEDULE_KEYS}
+        for k in group:
+            # torch.optim keeps unknown keys, and so do we, but not in the
+            # schedule's own namespace: a misspelt schedule key would be kept
+            # and never read, the group silently on the constructor's schedule
+            if isinstance(k, str) and k.startswith(_SCHEDULE_PREFIXES):
+                close = " or ".join(map(repr, difflib.get_close_matches(k, sorted(_SCHEDULE_KEYS), n=2)))
+                hint = f" (did you mean {close}?)" if close else ""
+                raise ValueError(f"param group {index}: {k!r} is not a schedule parameter{hint}")
         if "schedule" in group:
             given = group["schedule"]
             if isinstance(given, _Schedule):

@@ -978,6 +978,28 @@ def test_a_torch_cycliclr_left_attached_raises_or_warns_as_the_readme_says():
     assert torch.equal(p.detach(), q.detach())
 
 
+@pytest.mark.parametrize("key, hint", [("cycle_max_lrr", "cycle_max_lr"), ("cycle_max_momentum", "cycle_max_mom"),
+                                       ("decay_rate", "decay_lr_rate"), ("lr_range_test_minlr", "lr_range_test_min_lr"),
+                                       ("post_cycle_decay_steps", "post_cycle_decay_step_size")])
+def test_a_misspelt_schedule_key_in_a_group_is_refused(key, hint):
+    """torch.optim keeps a group's unknown keys, and so do we (a user's own
+    'name', torch's schedulers' 'initial_lr'), but not in the schedule's
+    namespace: a misspelt schedule key was kept and never read, the group
+    silently on the constructor's schedule. A ValueError suggesting the name,
+    at construction and in add_param_group, with nothing added."""
+    p, q = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    with pytest.raises(ValueError, match=rf"param group 0: '{key}' is not a schedule parameter .*'{hint}'"):
+        FusedOneCycleSGD([{"params": [p], key: 0.5}], cycle_min_lr=0.01, cycle_max_lr=0.1)
+    opt = FusedOneCycleSGD([p], cycle_min_lr=0.01, cycle_max_lr=0.1, cycle_first_step_size=4)
+    with pytest.raises(ValueError, match=rf"param group 1: '{key}'"):
+        opt.add_param_group({"params": [q], key: 0.5})
+    assert len(opt.param_groups) == 1
+    # other keys stay the user's, as in torch.optim
+    opt.add_param_group({"params": [q], "name": "head", "initial_lr": 0.3, "cycle_max_lr": 0.2})
+    assert opt.param_groups[1]["name"] == "head" and opt.param_groups[1]["initial_lr"] == 0.3
+    assert opt.param_groups[1]["schedule"]["params"]["cycle_max_lr"] == 0.2
+
+
 def test_a_group_schedule_value_must_be_a_scalar():
     """A list gives one value per group at the optimizer level; inside a group
     it has no meaning. It used to be kept: the device row took its first entry
