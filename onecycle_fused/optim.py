@@ -568,7 +568,13 @@ class _FusedOneCycleOptimizer(_CheckpointMixin, _HostMirrorMixin, torch.optim.Op
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:  # "cuda": the current device, as torch reads it
             device = torch.device("cuda", torch.cuda.current_device())
-        return self._counters[device]
+        counter = self._counters.get(device)
+        if counter is None:
+            raise ValueError(
+                f"no step counter on {device}: the optimizer counts steps on {[str(d) for d in self._counters]} "
+                "(one per device its parameters are on)"
+            )
+        return counter
 
     def _host_code_runs(self) -> bool:
         """False while a step is traced by torch.compile or captured in a CUDA

@@ -429,6 +429,10 @@ def test_counter_is_int64_on_device_and_counts_steps():
         opt.step()  # no grad at all: the schedule still advances, as a torch scheduler would
     assert int(c) == 3
     assert int(opt.state_dict()["step_counter"]) == 3
+    assert opt.step_counter("cpu") is c
+    # a device without parameters has no counter: a ValueError naming those that do, not a bare KeyError
+    with pytest.raises(ValueError, match=r"no step counter on meta: the optimizer counts steps on \['cpu'\]"):
+        opt.step_counter("meta")
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
