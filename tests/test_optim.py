@@ -1556,6 +1556,20 @@ def _two_groups_stepped(opt_cls, backend):
     return opt, p, q
 
 
+@pytest.mark.parametrize("bad", ["float", "two_elements"])
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_a_step_count_swapped_through_data_is_refused_alike(backend, bad):
+    """A parameter's step count made a float (or not one element) through
+    ``.data``: the compiled ops refuse it (ValueError, nothing moved); the
+    reference backend stepped a float count instead. Now every backend refuses."""
+    opt, p, q = _two_groups_stepped(FusedOneCycleAdamW, backend)
+    opt.state[q]["step"].data = torch.tensor(2.0) if bad == "float" else torch.tensor([2, 2])
+    before = _snapshot(opt, [p, q])
+    with pytest.raises(ValueError, match=r"steps\[1\] must be a.* int64 tensor with one element"):
+        opt.step()
+    _assert_unchanged(before, _snapshot(opt, [p, q]))
+
+
 @pytest.mark.parametrize("kind", ["shape", "dtype"])
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 @pytest.mark.parametrize("opt_cls, key", [(FusedOneCycleSGD, "momentum_buffer"), (FusedOneCycleAdamW, "exp_avg_sq")])

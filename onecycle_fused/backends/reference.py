@@ -192,6 +192,14 @@ class ReferenceBackend:
                 raise ValueError(
                     f"the reference backend supports {_DTYPES} parameters; params[{i}] has dtype {p.dtype}"
                 )
+        for i, (p, step) in enumerate(zip(batch.params, batch.steps)):
+            # (as the compiled ops and triton: a float count, set through .data,
+            # would be stepped here as a float, elsewhere refused)
+            if step.dtype != torch.int64 or step.numel() != 1 or step.device != p.device:
+                raise ValueError(
+                    f"steps[{i}] must be an int64 tensor with one element on {p.device}, got {step.dtype} "
+                    f"{tuple(step.shape)} on {step.device}"
+                )
         lists = [("grads", batch.grads)] + list(zip(STATE_LISTS[batch.algo], batch.state_lists()))
         for name, tensors in lists:
             for i, (p, t) in enumerate(zip(batch.params, tensors)):
