@@ -17,14 +17,22 @@ value, is caught like a wrong update.
 
 The measure is the error relative to the update: ||p - p_ref|| / ||p_ref - p0||.
 Rounding to the parameter dtype keeps it near the dtype's epsilon over the
-update's relative size (about 0.03 for bf16 here, 1e-6 for fp32); an
-implementation that skips or garbles the update scores about 1. The bound is
-per dtype: 0.25 for bf16/fp16, 1e-3 for fp32, where rounding leaves ~3e-7 and
-the bound also catches an SGD momentum that is not scheduled (~0.07 here,
-within bf16's bound; Adam's beta1 moves the update more). The probe's
-parameters are small (1e-3) next to their gradients, so even at the
+update's relative size; an implementation that skips or garbles the update
+scores about 1. The bound is per dtype: 0.25 for bf16/fp16, 1e-3 for fp32,
+where rounding leaves ~1e-4 and the bound also catches an SGD momentum that
+is not scheduled (~0.07 here, within bf16's bound; Adam's beta1 moves the
+update more).
+
+Each step gets fresh gradients (with one gradient throughout, Adam's
+bias-corrected second moment is g^2 whatever beta2 is). In fp32 the
+parameters are of order 1 next to gradients of order 1, so that AdamW's
+decoupled weight decay (1e-2, about 1% of its update) and Adam's L2 in its
+place are seen too; SGD's weight decay (1e-4 of its update) is below the
+probe's resolution (tests/ check it against torch.optim). In bf16/fp16 the
+parameters are small (1e-3) next to their gradients, so that even at the
 schedule's starting lr of 1e-4 each step moves them by about 10%, well above
-bf16's resolution.
+bf16's resolution; there only the schedule and the main update terms are
+seen.
 
 This is how the suite found that torch 2.13's fused CPU SGD leaves bf16 and
 fp16 parameters unchanged (pytorch/pytorch#191763): such a row is marked and
@@ -46,14 +54,23 @@ NOT_PROBED = {"torch-compiled": "compile time", "ours-graph": "CUDA-graph warm-u
 
 
 def probe_params(dtype: torch.dtype, device: torch.device, seed: int = 1) -> list[torch.Tensor]:
+    """The probe's parameters, with the first step's gradients."""
     g = torch.Generator(device="cpu").manual_seed(seed)
+    scale = 1.0 if dtype in (torch.float32, torch.float64) else 1e-3  # (see the module's docstring)
     params = []
     for s in PROBE_SHAPES:
-        p = (torch.randn(s, generator=g, dtype=torch.float64) * 1e-3).to(device=device, dtype=dtype)
+        p = (torch.randn(s, generator=g, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
         p.requires_grad_()
         p.grad = torch.randn(s, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
         params.append(p)
     return params
+
+
+def probe_grads(params: list[torch.Tensor], step: int, seed: int = 1) -> list[torch.Tensor]:
+    """Step ``step``'s gradients (``step`` >= 1; step 0's come with ``probe_params``),
+    in the parameters' dtype: the reference takes the same values."""
+    g = torch.Generator(device="cpu").manual_seed(1000 * seed + step)
+    return [torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype) for p in params]
 
 
 def _reference(start: list[torch.Tensor], algo: str, scheduler: str) -> list[torch.Tensor]:
@@ -65,7 +82,10 @@ def _reference(start: list[torch.Tensor], algo: str, scheduler: str) -> list[tor
         params.append(q)
     opt = impls_mod._torch_optimizer(params, algo, None, foreach=False)
     sched = (impls_mod.deepspeed_onecycle if scheduler == "DS-OneCycle" else impls_mod.onecyclelr)(opt, PROBE_HALF_CYCLE)
-    for _ in range(PROBE_STEPS):
+    for k in range(PROBE_STEPS):
+        if k:
+            for q, grad in zip(params, probe_grads(start, k)):
+                q.grad = grad.to(torch.float64)
         opt.step()
         sched.step()
     return [q.detach() for q in params]
@@ -89,7 +109,10 @@ def check(impl: impls_mod.Impl, algo: str, dtype: torch.dtype, device: torch.dev
     start = [p.detach().to(device="cpu", dtype=torch.float64) for p in params]
     ref = _reference(params, algo, impl.scheduler)
     step = impl.build(params, algo, device, half_cycle=PROBE_HALF_CYCLE)
-    for _ in range(PROBE_STEPS):
+    for k in range(PROBE_STEPS):
+        if k:  # in place: an implementation may hold on to the grad tensors
+            for p, grad in zip(params, probe_grads(params, k)):
+                p.grad.copy_(grad)
         step()
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -322,6 +322,27 @@ def test_agreement_probe_tells_right_from_wrong(algo, dtype):
     assert r["agrees"] is None and "not probed" in r["agreement_note"]
 
 
+@pytest.mark.parametrize("wrong", ["no_weight_decay", "10x_weight_decay", "adam_l2_for_adamw", "beta2_0.9"])
+def test_agreement_probe_sees_adamw_weight_decay_and_beta2_in_fp32(wrong):
+    """In fp32 the probe's parameters are of order 1 and each step has fresh
+    gradients, so AdamW's decoupled weight decay (~1% of its update), Adam's
+    L2 in its place and beta2 are seen. With parameters of 1e-3 and one
+    gradient throughout, all of these agreed (a review found it)."""
+    from benchmarks import agreement
+
+    def build(params, algo, device, half_cycle=impls.HALF_CYCLE):
+        kw = {"no_weight_decay": dict(weight_decay=0.0), "10x_weight_decay": dict(weight_decay=0.1),
+              "beta2_0.9": dict(betas=(impls.MAX_MOM, 0.9))}.get(wrong, {})
+        cls = torch.optim.Adam if wrong == "adam_l2_for_adamw" else torch.optim.AdamW
+        opt = cls(params, **{"lr": impls.MIN_LR, "weight_decay": impls.WEIGHT_DECAY["adamw"], "foreach": True, **kw})
+        sched = impls.onecyclelr(opt, half_cycle)
+        return lambda: (opt.step(), sched.step())
+
+    r = agreement.check(impls.Impl("x", "torch-foreach", "OneCycleLR", build), "adamw", torch.float32,
+                        torch.device("cpu"))
+    assert r["agrees"] is False and r["agreement_error"] > 5 * agreement.MAX_RELATIVE_ERROR_FP32, r
+
+
 def test_targets_ignore_wrong_peers_and_fail_wrong_ours():
     rows = [_row("torch-foreach+OneCycleLR", 10.0), _row("torch-fused+OneCycleLR", 5.0),
             _row("torch-fused+DS-OneCycle", 3.0), _row("ours-cpu", 4.0)]
