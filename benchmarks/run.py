@@ -349,6 +349,10 @@ def _load(out_dir):
         return json.load(f)
 
 
+INCOMPLETE = "INCOMPLETE: "  # (the checkpoint note of a run still going, or cut short)
+EARLIER_CUT = "an earlier run into this folder was cut short, its finished cases kept: "
+
+
 def _merge(old, meta, rows, e2e):
     if old is None:
         return meta, rows, e2e
@@ -356,7 +360,11 @@ def _merge(old, meta, rows, e2e):
     kept = [r for r in old["rows"] if (r["set"], r["dtype"], r["opt"], r["impl"]) not in keys]
     meta = dict(meta)
     meta["command"] = old["meta"]["command"] + "  &&  " + meta["command"]
-    meta["notes"] = list(dict.fromkeys(old["meta"].get("notes", []) + meta["notes"]))
+    # an earlier run's checkpoint note speaks of that run: merged with a later
+    # one (which may have measured what it lacked), it says so in the past
+    earlier = [EARLIER_CUT + n[len(INCOMPLETE):] if n.startswith(INCOMPLETE) else n
+               for n in old["meta"].get("notes", [])]
+    meta["notes"] = list(dict.fromkeys(earlier + meta["notes"]))
     before, now = old["meta"].get("device_name"), meta.get("device_name")
     if before and now and before != now:
         # (a GPU phase that found its machine gone may start on another kind):
@@ -376,6 +384,8 @@ def _write(out_dir, old, meta, rows, e2e, device_type, plots, partial=None):
     meta, rows, e2e = _merge(old, meta, [dict(r) for r in rows], e2e)
     if partial:
         meta = dict(meta, notes=meta["notes"] + [partial])
+    if plots:  # (an earlier run's "plots skipped" no longer holds)
+        meta = dict(meta, notes=[n for n in meta["notes"] if n != report.NO_PLOTS_NOTE])
     report.fill_vs_fused(rows)  # rows of earlier runs merged in may hold the peer, or lack the column
     targ = targets.evaluate(device_type, rows, e2e)
     report.write_all(out_dir, meta, rows, targ, e2e, plots=plots)
@@ -471,7 +481,7 @@ def main(argv=None) -> int:
                     sys.stdout.flush()
                     # a checkpoint: a run cut short still leaves the cases it finished
                     _write(out_dir, old, meta, rows, e2e, device.type, plots=False,
-                           partial=f"INCOMPLETE: checkpoint after {done} of {n_cases} cases (the run did not finish)")
+                           partial=f"{INCOMPLETE}checkpoint after {done} of {n_cases} cases (the run did not finish)")
                 del params
                 _free(device)
 

@@ -247,6 +247,39 @@ def test_gpu_targets_arithmetic(monkeypatch):
                       "end-to-end CUDA graph >= 2x eager torch + OneCycleLR (steps/s)"}
 
 
+def test_targets_fail_what_ran_wrong_and_say_what_is_missing(monkeypatch):
+    """A review found three soft spots: on CPU an ours-cpu row that raised
+    read "not measured" (a miss, as on CUDA, now), a run without a real set
+    printed an empty targets table (now a row says why), and the GPU graph
+    run not bit-equal to ours eager was only a remark (a miss now: replay
+    runs ours eager's kernels). On CPU the end-to-end run's agreement with
+    eager torch is a row of its own."""
+    from onecycle_fused import backends
+
+    peers = [_row("torch-foreach+OneCycleLR", 10.0), _row("torch-fused+OneCycleLR", 5.0)]
+    failed = dict(_row("ours-cpu", 1.0), status="error", note="RuntimeError: boom")
+    t = targets.evaluate("cpu", peers + [failed], None)
+    assert [x["met"] for x in t] == [False, False] and all("ours-cpu failed: RuntimeError: boom" in x["detail"] for x in t)
+    skipped = dict(_row("ours-cpu", 1.0), status="skipped", note="not built")
+    assert [x["met"] for x in targets.evaluate("cpu", peers + [skipped], None)] == [None, None]
+    t = targets.evaluate("cpu", [_row("ours-cpu", 1.0, set_name="tiny")], None)
+    assert [x["met"] for x in t] == [None] and "need a >= 10M-parameter set" in t[0]["detail"]
+    for agrees in (True, False):
+        e2e = {"variants": {"ours-eager": {"agrees_with_torch": agrees, "max_abs_diff_vs_torch": 0.0 if agrees else 0.5}}}
+        t = targets.evaluate("cpu", peers + [_row("ours-cpu", 1.0)], e2e)
+        assert t[-1]["target"].startswith("end-to-end") and t[-1]["met"] is agrees and t[-1]["value"] == (0.0 if agrees else 0.5)
+    assert "end-to-end" in targets.evaluate("cpu", peers, {"error": "boom"})[-1]["target"]
+    assert targets.evaluate("cpu", peers, {"error": "boom"})[-1]["met"] is False
+
+    monkeypatch.setitem(backends.AUTO_ORDER, "cuda", ("cuda", "triton", "reference"))
+    name = "end-to-end CUDA graph >= 2x eager torch + OneCycleLR (steps/s)"
+    for bitwise in (True, False):
+        e2e = {"variants": {"ours-cudagraph": {"speedup_vs_torch": 2.5, "agrees_with_torch": True,
+                                               "bitwise_equal_to_ours_eager": bitwise}}}
+        [t] = [x for x in targets.evaluate("cuda", [], e2e) if x["target"] == name]
+        assert t["met"] is bitwise, t
+
+
 def test_interleaved_timing_reports_errors():
     calls = []
 
@@ -580,8 +613,12 @@ def test_run_keeps_its_rows_when_cut_short_or_e2e_fails(tmp_path, monkeypatch):
     assert sorted((r["opt"], r["status"]) for r in data["rows"]) == [("adamw", "ok"), ("sgd", "ok")]
     assert data["e2e"]["error"] == "RuntimeError: capture failed"
     assert "FAILED" in (out / "results.md").read_text()
-    # the earlier (interrupted) command's note stays with its command; this one wrote no checkpoint note
-    assert sum(n.startswith("INCOMPLETE") for n in data["meta"]["notes"]) == 1
+    # the earlier (interrupted) command's note stays, in the past (this run
+    # measured what it lacked); this one wrote no checkpoint note
+    assert not any(n.startswith("INCOMPLETE") for n in data["meta"]["notes"])
+    assert any(n.startswith("an earlier run into this folder was cut short, its finished cases kept: checkpoint "
+                            "after 1 of 2 cases") for n in data["meta"]["notes"])
+    assert "INCOMPLETE" not in (out / "results.md").read_text()
     t = [x for x in targets.evaluate("cuda", data["rows"], data["e2e"]) if x["case"] == "e2e"]
     assert [x["met"] for x in t] == [False] and "capture failed" in t[0]["detail"]
     # a failed graph variant alone fails the target too
@@ -825,6 +862,23 @@ def test_a_failing_profiler_costs_the_launch_counts_not_the_timings(monkeypatch)
     for r in rows:
         assert r["median_ms"] > 0 and r["launches_per_step"] is None, r
         assert "launches not counted" in r["note"] and "INSUFFICIENT_PRIVILEGES" in r["note"], r
+
+
+def test_a_run_with_plots_drops_an_earlier_runs_plots_skipped_note(tmp_path):
+    """A folder first written with --no-plots, then by a run that draws them:
+    the merged notes no longer say the plots were skipped (a review found the
+    note next to the PNGs)."""
+    from benchmarks import report, run
+
+    meta = {"device_name": "x", "device": "cpu", "command": "c1", "date": "d", "cpu": "c", "cpu_count": 1,
+            "torch_threads": 1, "git": "g", "backends": [], "notes": []}
+    rows = [dict(_row("ours-cpu", 1.0, set_name="tiny"), n_tensors=1, n_params=1, bytes_per_step=20, family="ours",
+                 p10_ms=1.0, p90_ms=1.0)]
+    old = {"meta": dict(meta, notes=["first", report.NO_PLOTS_NOTE]), "rows": rows}
+    notes = run._write(str(tmp_path / "no"), old, dict(meta, command="c2"), rows, None, "cpu", plots=False)[0]["notes"]
+    assert notes == ["first", report.NO_PLOTS_NOTE]
+    notes = run._write(str(tmp_path / "yes"), old, dict(meta, command="c2"), rows, None, "cpu", plots=True)[0]["notes"]
+    assert notes == ["first"] and (tmp_path / "yes" / "step_time_tiny.png").exists()
 
 
 def test_report_merges_phase_folders(tmp_path):
