@@ -322,6 +322,12 @@ class _FusedOneCycleOptimizer(_CheckpointMixin, _HostMirrorMixin, torch.optim.Op
         self._count_without_parameters()
         self._table_rows.rows = []  # tables are rebuilt at the next step
         self._plan.drop()  # (the snapshot would see the new group too)
+        if self._host_code_runs() and (self._host.stale or self._host.replayable or self._host.pending):
+            # after compiled steps or graph replays the host count is behind:
+            # the new group's mirror (and the others') from the counter, as
+            # get_last_lr does (one read; adding a group is rare)
+            self._adopt_foreign_steps()
+            self._resolve_pending()
         self._update_mirror()
 
     def _count_without_parameters(self) -> None:

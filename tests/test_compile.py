@@ -364,3 +364,25 @@ def test_momentum_set_with_the_switch_off_after_compiled_steps_is_kept(cls):
             cls, lambda opt: torch.compile(opt.step, fullgraph=fullgraph), momentum=0.5)
         torch.testing.assert_close(got, expected)
         assert got_momentum == 0.5
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="onecycle_fused._C is not built")
+def test_a_group_added_after_compiled_steps_mirrors_the_current_lr():
+    """Compiled steps do not update the host lr mirror (get_last_lr brings it
+    up to date). A group added between compiled steps took its mirror from
+    the stale host count: its 'lr', and the others', read the schedule at
+    step 0 after 5 steps. add_param_group reads the counter first now."""
+    torch._dynamo.reset()
+    p, q, r = (torch.nn.Parameter(torch.randn(n)) for n in (4, 3, 2))
+    opt = FusedOneCycleSGD([p], **SCHEDULE, backend="cpu")
+    step = torch.compile(opt.step, backend="eager", fullgraph=True)
+    for added, steps in ((q, 5), (r, 3)):
+        for _ in range(steps):
+            for t in opt.param_groups:
+                for x in t["params"]:
+                    x.grad = torch.ones_like(x)
+            step()
+        opt.add_param_group({"params": [added]})
+        k = int(opt.step_counter())
+        assert [g["lr"] for g in opt.param_groups] == [opt.schedule.lr(k)] * len(opt.param_groups), k
+    assert k == 8
