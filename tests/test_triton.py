@@ -1175,9 +1175,12 @@ def test_state_packing_round_trip():
                          ids=["sgd", "adamw"])
 def test_torch_compile_optimizer_step(cls, kw):
     """torch.compile traces optimizer.step through the custom op (functionalised
-    mutations) and gives the eager result. aot_eager: no C++ compiler needed."""
+    mutations) in one graph (fullgraph=True: dynamo could not trace conform's
+    Tensor.is_neg() and broke the graph there, the step then running eagerly)
+    and gives the eager result. aot_eager: no C++ compiler needed."""
     if not INTERPRET:
         pytest.skip("inductor on the GPU: tests/test_triton_gpu.py")
+    torch._dynamo.reset()  # (every test compiles opt.step's code: its recompile limit would be shared)
     sizes = (5, 70)
     init = init_params(sizes)
     grads = make_grads(4, sizes)
@@ -1185,7 +1188,7 @@ def test_torch_compile_optimizer_step(cls, kw):
     for compiled in (False, True):
         params = [torch.nn.Parameter(t.float().clone()) for t in init]
         opt = cls(params, backend="triton", **dict(SCHED, **kw))
-        step = torch.compile(opt.step, backend="aot_eager") if compiled else opt.step
+        step = torch.compile(opt.step, backend="aot_eager", fullgraph=True) if compiled else opt.step
         for step_grads in grads:
             for p, g in zip(params, step_grads):
                 p.grad = g.float()
@@ -1215,6 +1218,7 @@ def test_torch_compile_step_with_layouts_to_conform(make_param, make_grad):
     step's values."""
     if not INTERPRET:
         pytest.skip("inductor on the GPU: tests/test_triton_gpu.py")
+    torch._dynamo.reset()  # (as above: unreset, the later cases hit the limit and ran eagerly)
     torch.manual_seed(0)
     grads = [make_grad() for _ in range(4)]
     out = []
@@ -1222,7 +1226,7 @@ def test_torch_compile_step_with_layouts_to_conform(make_param, make_grad):
         torch.manual_seed(1)
         p = torch.nn.Parameter(make_param())  # the same values and layout both times
         opt = FusedOneCycleSGD([p], backend="triton", **SCHED)
-        step = torch.compile(opt.step, backend="aot_eager") if compiled else opt.step
+        step = torch.compile(opt.step, backend="aot_eager", fullgraph=True) if compiled else opt.step
         for g in grads:
             p.grad = g  # as made: a view (dynamo follows its base)
             step()

@@ -494,6 +494,14 @@ def _step_fake(algo, params, grads, state1, state2, state3, present, steps, grou
     return None  # everything happens in place
 
 
+def _is_neg(t: torch.Tensor) -> bool:
+    """``t.is_neg()``, False while torch.compile traces (dynamo cannot trace it:
+    "torch.* op returned non-Tensor", which broke fullgraph=True); the op's
+    eager body sees the real tensors and conforms a negative one itself
+    (``_run_eager``)."""
+    return not torch.compiler.is_compiling() and t.is_neg()
+
+
 def conform(params, grads, states):
     """The kernels walk a tensor as ``numel`` elements from its data pointer, in
     its parameter's memory order: a dense parameter's grad and states must
@@ -513,9 +521,9 @@ def conform(params, grads, states):
     grads, states = list(grads), [list(st) for st in states]
     params_out = None
     for i, p in enumerate(params):
-        if dense(p) and not p.is_neg():
+        if dense(p) and not _is_neg(p):
             def fits(t):
-                return same_layout(t, p) and dense(t) and not t.is_neg()
+                return same_layout(t, p) and dense(t) and not _is_neg(t)
 
             def like_p(t):
                 return torch.empty_strided(p.shape, p.stride(), dtype=t.dtype, device=t.device).copy_(t)
@@ -526,7 +534,7 @@ def conform(params, grads, states):
             writebacks.append((p, params_out[i]))
 
             def fits(t):
-                return t.is_contiguous() and not t.is_neg()
+                return t.is_contiguous() and not _is_neg(t)
 
             def like_p(t):
                 return t.resolve_neg().contiguous()
