@@ -554,6 +554,22 @@ def test_gpu_session_commands_fit_the_cli():
                 assert tune_triton.main(argv[2:] + ["--dry-run"]) == 0
     # together the two phases measure every set the GPU targets need
     assert set(targets.GPU_SETS) <= seen_sets
+    # phase 1 compiles phase 2's torch.compile case in the background (the same
+    # case: inductor's caches then serve phase 2), and waits for it before the
+    # timed steps
+    import re
+    import shlex
+
+    text = open(os.path.join(ROOT, "tools", "gpu_session.sh")).read().replace("\\\n", " ")
+    one = text.split('if [ "$PHASE" = 1 ]; then', 1)[1].split("\nelse\n", 1)[0]
+    [line] = [ln for ln in one.splitlines() if "benchmarks.run" in ln and ln.rstrip().endswith("&")]
+    words = shlex.split(line.replace('"$PY"', "PY").split(">")[0])
+    warm = run.parse_args(words[words.index("benchmarks.run") + 1:])
+    [(_, _, argv)] = [st for st in phases[2] if st[0] == "bench_compiled"]
+    compiled = run.parse_args(argv[3:])
+    assert (warm.sets, warm.dtype, warm.opt) == (compiled.sets, compiled.dtype, compiled.opt)
+    assert warm.impls == "compiled" and warm.e2e_steps == 0 and warm.out != compiled.out
+    assert one.index("&\n") < one.index("step pytest_gpu") < one.index('wait "$warm_pid"') < one.index("step e2e")
 
 
 def test_gpu_session_step_cut_leaves_no_temporary_results_file(tmp_path):
