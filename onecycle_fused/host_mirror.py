@@ -78,7 +78,8 @@ class _HostMirrorMixin:
     """The host count and the lr / momentum mirror of ``_FusedOneCycleOptimizer``
     (listed in its bases before torch.optim.Optimizer). It reads the
     optimizer's counters and groups through the optimizer's own methods
-    (``_counter``, ``_host_code_runs``, ``_schedule_of``...); each algorithm
+    (``_counter``, ``_host_code_runs``, ``_schedule_of``, ``_constant_momentum``,
+    ``_validate_group``...); each algorithm
     says where its momentum mirror goes (``_set_momentum_mirror``). Its state,
     ``_host`` (a ``_HostStep``) and ``_lr_written`` (a ``_LrWritten``), is made
     by the optimizer (``__init__``, ``_reset_caches``, ``__setstate__``) and
@@ -140,7 +141,8 @@ class _HostMirrorMixin:
     def _warn_if_lr_written(self) -> None:
         """Warn once when a group's ``"lr"`` is not what the mirror wrote: a
         torch LR scheduler left attached (StepLR, LambdaLR, ReduceLROnPlateau...)
-        writes it and has no effect, which would otherwise go unnoticed."""
+        writes it and has no effect, which would otherwise go unnoticed. The
+        same for a cycled momentum / beta1 written by hand."""
         written = self._lr_written
         if written.warned:
             return
@@ -155,6 +157,29 @@ class _HostMirrorMixin:
                     UserWarning, stacklevel=_user_stacklevel(),
                 )
                 return
+        # the momentum / beta1 mirror of a group whose schedule still cycles
+        # it: a write there has no effect either (with cycling switched off in
+        # the same edit, the value written is the group's constant: no warning)
+        for i, (group, value) in enumerate(zip(self.param_groups, written.momenta)):
+            if value is None:
+                continue
+            try:
+                now = self._constant_momentum(group)
+                if now == value or self._schedule_of(group).momentum(0) is None:
+                    continue
+                self._validate_group({**self.defaults, **group}, mirrored=True)
+            except (KeyError, IndexError, TypeError, ValueError):
+                continue  # (malformed: the step's validation names it, no warning on top)
+            written.warned = True
+            where = f"param_groups[{i}]" + ("['betas'][0]" if "betas" in group else "['momentum']")
+            warnings.warn(
+                f"{type(self).__name__}: {where} was set to {now!r} from outside (the "
+                f"schedule gives {value!r}); it has no effect while the schedule cycles momentum: the "
+                "1-Cycle schedule computes it inside step() and the group holds only its mirror. To hold "
+                "it constant, set param_groups[i]['schedule']['params']['cycle_momentum'] = False with it",
+                UserWarning, stacklevel=_user_stacklevel(),
+            )
+            return
 
     def _set_momentum_mirror(self, group: dict, mom: float) -> None:
         raise NotImplementedError

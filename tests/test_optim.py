@@ -398,6 +398,36 @@ def test_lr_mirror_and_get_last_lr():
         opt.step()  # once per optimizer
 
 
+@pytest.mark.parametrize("cls, key", [(FusedOneCycleSGD, "momentum"), (FusedOneCycleAdamW, "betas")])
+def test_a_cycled_momentum_written_by_hand_is_warned_about_once(cls, key):
+    """Writing the momentum / beta1 mirror while the schedule cycles it has no
+    effect, as writing 'lr' has none: the step warns once, at the caller's
+    line, and steps as if nothing had been written (a twin oracle). Written
+    together with switching cycling off, it is the group's constant: no
+    warning, and it is used. Before, only 'lr' was warned about."""
+    p, q = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    opt, twin = cls([p], **SCHED), cls([q], **SCHED)
+    for o, x in ((opt, p), (twin, q)):
+        x.grad = torch.ones(3)
+        o.step()
+    opt.param_groups[0][key] = 0.5 if key == "momentum" else (0.5, opt.param_groups[0]["betas"][1])
+    where = r"\['momentum'\]" if key == "momentum" else r"\['betas'\]\[0\]"
+    with pytest.warns(UserWarning, match=rf"param_groups\[0\]{where} was set to 0.5 from outside") as caught:
+        opt.step()
+    assert [w.filename for w in caught] == [__file__]
+    twin.step()
+    assert torch.equal(p, q)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()  # once per optimizer
+        twin.step()
+        # switched off with it: the value written is the constant
+        twin.param_groups[0]["schedule"]["params"]["cycle_momentum"] = False
+        twin.param_groups[0][key] = 0.0 if key == "momentum" else (0.0, twin.param_groups[0]["betas"][1])
+        twin.step()
+    assert twin.param_groups[0][key] == (0.0 if key == "momentum" else (0.0, 0.999))
+
+
 @pytest.mark.parametrize("make_scheduler", [
     lambda opt: torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.1),
     lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5),
