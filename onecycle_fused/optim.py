@@ -821,8 +821,13 @@ class _FusedOneCycleOptimizer(_CheckpointMixin, _HostMirrorMixin, torch.optim.Op
             if not (isinstance(e, ValueError) and not stepped and not compiling
                     and len(batches) == len(counters) and self._parameters_changed_kind()):
                 raise
+            retry = True
+        else:
+            retry = False
+        if retry:
             # a parameter put into a group's list by hand needs what
-            # add_param_group would have set up: once that is done, the step again
+            # add_param_group would have set up: once that is done, the step
+            # again (outside the handler: its errors are its own)
             self._follow_param_devices()
             self._step(grad_scale, found_inf, mirror)
             return
