@@ -570,6 +570,10 @@ def test_gpu_session_commands_fit_the_cli():
     assert (warm.sets, warm.dtype, warm.opt) == (compiled.sets, compiled.dtype, compiled.opt)
     assert warm.impls == "compiled" and warm.e2e_steps == 0 and warm.out != compiled.out
     assert one.index("&\n") < one.index("step pytest_gpu") < one.index('wait "$warm_pid"') < one.index("step e2e")
+    # its limit (and 10 s to die) ends within the steps it runs beside: the wait adds no time to the phase
+    kill, limit = map(int, re.search(r"timeout -k (\d+) (\d+) PY -m benchmarks.run", line.replace('"$PY"', "PY")).groups())
+    beside = sum(lim for name, lim, _ in phases[1] if name in ("pytest_gpu", "error_probe"))
+    assert limit + kill <= beside, (limit, kill, beside)
 
 
 def test_gpu_session_step_cut_leaves_no_temporary_results_file(tmp_path):
