@@ -862,6 +862,20 @@ class _FusedOneCycleOptimizer(_CheckpointMixin, _HostMirrorMixin, torch.optim.Op
                     )
                 seen[id(p)] = (gi, j)
 
+    def _parameter_setup(self) -> tuple[dict, bool, bool]:
+        """What the parameters now in the groups need: a backend per device
+        (ValueError where none takes their dtypes there), and whether any is
+        a DTensor (stepped shard by shard) or complex (stepped as real views)."""
+        dtypes: dict[torch.device, set] = {}
+        has_dtensors = has_complex = False
+        for group in self.param_groups:
+            for p in group["params"]:
+                dtypes.setdefault(p.device, set()).add(p.dtype)
+                has_dtensors = has_dtensors or isinstance(p, _DTensor)
+                has_complex = has_complex or p.is_complex()
+        backends = {device: _backends.resolve(self.backend, device, d) for device, d in dtypes.items()}
+        return backends, has_dtensors, has_complex
+
     def _parameters_changed_kind(self) -> bool:
         """After a step refused its tensors: does a parameter put into a
         group's list by hand (torch.optim takes it; ``add_param_group`` sets
@@ -869,21 +883,12 @@ class _FusedOneCycleOptimizer(_CheckpointMixin, _HostMirrorMixin, torch.optim.Op
         complex one, shard-wise steps for a DTensor, or another backend for
         its dtype on its device? Checked only then: ``is_complex()`` on every
         parameter costs ~0.3 ms a step over 5,000."""
-        params = _step_plan.all_params(self.param_groups)
-        if (any(p.is_complex() for p in params) != self._has_complex
-                or any(isinstance(p, _DTensor) for p in params) != self._has_dtensors):
-            return True
-        dtypes: dict[torch.device, set] = {}
-        for p in params:
-            dtypes.setdefault(p.device, set()).add(p.dtype)
-        for device, d in dtypes.items():
-            try:
-                backend = _backends.resolve(self.backend, device, d)
-            except ValueError:
-                return False  # (the step's own error says it better)
-            if type(backend) is not type(self._backend_for.get(device)):
-                return True
-        return False
+        try:
+            backends, has_dtensors, has_complex = self._parameter_setup()
+        except ValueError:
+            return False  # (the step's own error says it better)
+        return (has_dtensors != self._has_dtensors or has_complex != self._has_complex
+                or any(type(b) is not type(self._backend_for.get(d)) for d, b in backends.items()))
 
     def _follow_param_devices(self) -> None:
         """Counters, backends and tables for the devices the parameters are on now.
@@ -898,18 +903,14 @@ class _FusedOneCycleOptimizer(_CheckpointMixin, _HostMirrorMixin, torch.optim.Op
         go on advancing alone, and ``step_counter()`` would report it). The
         dicts are changed in place (compiled steps drop or refuse attribute
         writes on an Optimizer)."""
-        dtypes: dict[torch.device, set] = {}
-        for group in self.param_groups:
-            for p in group["params"]:
-                dtypes.setdefault(p.device, set()).add(p.dtype)
-        if not dtypes:
-            return
         # every backend is resolved (or raises) before anything changes
-        backends = {device: _backends.resolve(self.backend, device, d) for device, d in dtypes.items()}
+        backends, has_dtensors, has_complex = self._parameter_setup()
+        if not backends:  # (no parameter at all)
+            return
         source = next(iter(self._counters.values()))
         counters = {
             device: self._counters[device] if device in self._counters else source.to(device, copy=True)
-            for device in dtypes
+            for device in backends
         }
         self._counters.clear()
         self._counters.update(counters)
@@ -919,10 +920,8 @@ class _FusedOneCycleOptimizer(_CheckpointMixin, _HostMirrorMixin, torch.optim.Op
             del self._tables[device]
         self._table_rows.rows = []  # tables for the new devices at the next step
         self._plan.drop()
-        has_dtensors = any(isinstance(p, _DTensor) for g in self.param_groups for p in g["params"])
         if has_dtensors != self._has_dtensors:
             self._has_dtensors = has_dtensors
-        has_complex = any(p.is_complex() for g in self.param_groups for p in g["params"])
         if has_complex != self._has_complex:
             self._has_complex = has_complex
 
