@@ -144,23 +144,10 @@ def _own_step(step, p: torch.Tensor, taken: set[int]) -> torch.Tensor:
     fits = (isinstance(step, torch.Tensor) and step.dtype == torch.int64 and step.dim() == 0
             and step.device == p.device and id(step) not in taken and not step.is_inference())
     if not fits:
-        with torch.inference_mode(False):  # (see _writable)
+        with torch.inference_mode(False):  # (an inference tensor: see _load_state_dict)
             step = torch.as_tensor(step).to(device=p.device, dtype=torch.int64, copy=True).reshape(())
     taken.add(id(step))
     return step
-
-
-def _writable(t: torch.Tensor) -> torch.Tensor:
-    """``t``, or a copy a step can write. A checkpoint loaded under
-    ``torch.inference_mode()`` holds inference tensors, which torch refuses
-    to update in place outside that mode: the reference backend raised
-    after stepping the parameters before it, while the compiled ones wrote
-    them through their pointers. A normal tensor made outside the mode
-    serves every backend alike (torch.optim keeps them, and fails at its step)."""
-    if not t.is_inference():
-        return t
-    with torch.inference_mode(False):
-        return t.clone()
 
 
 _CLASS_OF_ALGO = {"sgd": "FusedOneCycleSGD", "adam": "FusedOneCycleAdam", "adamw": "FusedOneCycleAdamW"}
@@ -324,9 +311,14 @@ class _CheckpointMixin:
             for k in self._state_tensors:
                 t = state.get(k)
                 if isinstance(t, torch.Tensor):
-                    if id(t) in taken:
-                        state[k] = t = t.clone()
-                    state[k] = t = _writable(t)
+                    if id(t) in taken or t.is_inference():
+                        # shared: a copy of its own; an inference tensor (a
+                        # checkpoint read under torch.inference_mode()), which
+                        # torch refuses to update in place outside that mode
+                        # (reference raised mid-step, the compiled backends wrote
+                        # it through pointers): a normal copy, made outside the mode
+                        with torch.inference_mode(False):
+                            state[k] = t = t.clone()
                     taken.add(id(t))
         for c in self._counters.values():
             c.fill_(counter)
