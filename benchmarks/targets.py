@@ -37,7 +37,12 @@ def _index(rows):
 
 
 def _index_all(rows):
-    return {(r["set"], r["dtype"], r["opt"], r["impl"]): r for r in rows if r.get("status") == "ok"}
+    return {k: r for k, r in _by_key(rows).items() if r.get("status") == "ok"}
+
+
+def _by_key(rows):
+    """Every row, of any status, by (set, dtype, opt, impl)."""
+    return {(r["set"], r["dtype"], r["opt"], r["impl"]): r for r in rows}
 
 
 def _wrong(rows, case, impl) -> bool:
@@ -67,6 +72,7 @@ def _target(name, case, value, threshold, le=True, detail=""):
 
 def cpu_targets(rows, e2e: Optional[dict] = None) -> list[dict]:
     idx = _index(rows)
+    by_key = _by_key(rows)
     out = []
     for case in _cases(rows):
         set_name, dtype, opt = case
@@ -76,8 +82,8 @@ def cpu_targets(rows, e2e: Optional[dict] = None) -> list[dict]:
         ours_ms = ours["median_ms"] if ours else None
         ours_wrong = _wrong(rows, case, "ours-cpu")
         # a row that ran and failed is a miss, as on CUDA; skipped (not built) is unmeasured
-        failed = next((r for r in rows if (r["set"], r["dtype"], r["opt"], r["impl"]) == case + ("ours-cpu",)
-                       and r.get("status") == "error"), None)
+        row = by_key.get(case + ("ours-cpu",), {})
+        failed = row if row.get("status") == "error" else None
         for family, threshold in (("foreach", 0.6), ("fused", 1.0)):
             peers = (f"torch-{family}+OneCycleLR", f"torch-{family}+DS-OneCycle")
             peer_ms, peer = _best(idx, case, peers)
@@ -140,7 +146,7 @@ def _ours_auto(by_key, case) -> Optional[str]:
 
 def gpu_targets(rows, e2e: Optional[dict]) -> list[dict]:
     idx = _index(rows)
-    by_key = {(r["set"], r["dtype"], r["opt"], r["impl"]): r for r in rows}
+    by_key = _by_key(rows)
     out = []
     fused = ("torch-fused+OneCycleLR", "torch-fused+DS-OneCycle")
     measured = _cases(rows)
