@@ -27,6 +27,20 @@ def test_sdist_ships_every_file_setup_py_compiles(tmp_path):
     assert not [name for name in listed if name.startswith("tests/")]
 
 
+def test_license_is_an_spdx_expression_and_the_file_ships(tmp_path):
+    """PEP 639 metadata: setuptools >= 77 deprecates the `{ text = ... }`
+    table, with a deadline (2027-02-18) after which its releases refuse it."""
+    done = subprocess.run([sys.executable, "setup.py", "egg_info", "--egg-base", str(tmp_path)],
+                          cwd=ROOT, check=True, capture_output=True, text=True)
+    assert "project.license" not in done.stderr, done.stderr
+    (info,) = glob.glob(str(tmp_path / "*.egg-info" / "PKG-INFO"))
+    with open(info) as f:
+        fields = f.read().splitlines()
+    assert "License-Expression: MIT" in fields and "License-File: LICENSE" in fields
+    with open(os.path.join(ROOT, "LICENSE")) as f:
+        assert f.readline().strip() == "MIT License"
+
+
 def test_required_dependencies_are_torch_alone():
     """triton (a ~290 MB wheel, ~1 GB installed) only serves GPUs, whose
     Linux torch wheels bring it already; matplotlib only draws plots. Both are
