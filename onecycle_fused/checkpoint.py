@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .schedule import _SCHEDULE_KEYS, MAX_START_STEP, schedule_from_config
+from .schedule import _SCHEDULE_KEYS, MAX_START_STEP, _keys_not_restating, schedule_from_config
 from .validation import _check_scalar_schedule, _plain
 
 
@@ -132,6 +132,15 @@ def _check_saved_state(state_dict: dict, groups: list, required: tuple = (), ten
         for (k, step), v in zip(items, values):
             if not 0 <= v < math.inf:  # (int64 steps past 2^53 round, but stay finite)
                 raise ValueError(f"state_dict state[{k!r}]['step'] must be a step count >= 0, got {step!r}")
+
+
+def _saved_schedule(group: dict):
+    """A saved group's schedule, or None when its config is bad (the load
+    names that itself, further on)."""
+    try:
+        return schedule_from_config(group["schedule"])
+    except (TypeError, ValueError, KeyError, AttributeError):
+        return None
 
 
 def _own_step(step, p: torch.Tensor, taken: set[int]) -> torch.Tensor:
@@ -268,8 +277,11 @@ class _CheckpointMixin:
         for i, g in enumerate(state_dict["param_groups"]):
             if "schedule" not in g:
                 raise ValueError(f"state_dict param_groups[{i}] has no 'schedule'")
-            if not _SCHEDULE_KEYS.isdisjoint(g):  # (every later step would refuse it, as _refresh_tables)
-                key = sorted(k for k in g if k in _SCHEDULE_KEYS)[0]
+            # (every later step would refuse it, as _refresh_tables; one that
+            # restates the group's schedule, as ZeroRedundancyOptimizer saves
+            # its groups, is dropped there)
+            if not _SCHEDULE_KEYS.isdisjoint(g) and (differing := _keys_not_restating(g, _saved_schedule(g))):
+                key = differing[0]
                 raise ValueError(
                     f"state_dict param_groups[{i}][{key!r}]: a schedule value in the group itself, which "
                     f"no step reads (a group's schedule is its 'schedule' config: set "

@@ -144,7 +144,7 @@ class _HostMirrorMixin:
         writes it and has no effect, which would otherwise go unnoticed. The
         same for a cycled momentum / beta1 written by hand."""
         written = self._lr_written
-        if written.warned:
+        if written.warned or not self._mirror_written_from_outside():
             return
         for i, (group, value) in enumerate(zip(self.param_groups, written.values)):
             if group.get("lr") != value:
@@ -180,6 +180,44 @@ class _HostMirrorMixin:
                 UserWarning, stacklevel=_user_stacklevel(),
             )
             return
+
+    def _mirror_written_from_outside(self) -> bool:
+        """Whether a group's lr or cycled momentum / beta1 differs from what
+        the mirror last wrote, once per-parameter steps that a loader put
+        into ``state`` are taken over. Loaders that bypass our
+        ``load_state_dict`` (ZeroRedundancyOptimizer's, DeepSpeed's
+        universal checkpoints) copy the saved groups' lr and momentum, the
+        mirror at the saved step, along with those steps: adopting the steps
+        moves the counter there and re-mirrors the groups, and the values
+        the loader wrote are then the mirror's own. Only on a difference
+        (rare), so a step costs two list comparisons."""
+        written = self._lr_written
+        groups = self.param_groups
+        lrs = [group.get("lr") for group in groups]
+        moms = []
+        for group in groups:
+            try:
+                moms.append(self._constant_momentum(group))
+            except (KeyError, IndexError, TypeError):
+                moms.append(None)  # (malformed: the step's validation names it)
+
+        def differs() -> bool:  # what the groups held against what the mirror wrote
+            return lrs != written.values or any(w is not None and m != w for m, w in zip(moms, written.momenta))
+
+        if not differs():
+            return False
+        if not self._host_code_runs():
+            return True
+        self._adopt_foreign_steps()  # (re-mirrors the groups when it moves the counter)
+        if not differs():
+            return False
+        # a write of someone's own: put back what adopting may have
+        # overwritten with the mirror, for the warning to name
+        for group, lr, mom in zip(groups, lrs, moms):
+            group["lr"] = lr
+            if mom is not None and mom != self._constant_momentum(group):
+                self._set_momentum_mirror(group, mom)
+        return True
 
     def _set_momentum_mirror(self, group: dict, mom: float) -> None:
         raise NotImplementedError

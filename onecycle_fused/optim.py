@@ -43,7 +43,7 @@ from .checkpoint import _CheckpointMixin, _called_by_dcp_init, _own_step
 from .host_mirror import _HostMirrorMixin, _HostStep, _LrWritten
 from .schedule import (
     KIND_LRRANGETEST, MAX_START_STEP, ROW_WIDTH, OneCycle, Row, TorchOneCycle, _SCHEDULE_KEYS, _Schedule,
-    schedule_from_config,
+    _keys_not_restating, schedule_from_config,
 )
 from .validation import (
     _STRIDED, _check_beta, _check_bool, _check_grad, _check_nonneg, _check_scalar_schedule,
@@ -440,6 +440,30 @@ class _FusedOneCycleOptimizer(_CheckpointMixin, _HostMirrorMixin, torch.optim.Op
                 row[col] = value if type(value) is float else _row_number(value)
         return row
 
+    def _drop_restated_schedule_keys(self, i: int, g: dict) -> None:
+        """Schedule keys in a group dict after it was added: read only when a
+        group is added, a value written later would be silently ignored, so
+        it is refused. One that restates the group's schedule goes quietly
+        (``_keys_not_restating``: ZeroRedundancyOptimizer's copies)."""
+        keys = sorted(k for k in g if k in _SCHEDULE_KEYS)
+        if "initial_lr" in g:  # torch's OneCycleLR writes max_lr, base_momentum... and this
+            raise ValueError(
+                f"param_groups[{i}][{keys[0]!r}]: a torch LR scheduler was attached to this optimizer; "
+                "the 1-Cycle schedule is computed inside step(): drop the scheduler"
+            )
+        try:
+            sched = self._schedule_of(g)
+        except (TypeError, ValueError, KeyError):
+            sched = None  # (a bad schedule: refused, and the step names it)
+        differing = _keys_not_restating(g, sched)
+        if differing:
+            raise ValueError(
+                f"param_groups[{i}][{differing[0]!r}]: schedule values in a group are read when it is added; "
+                f"to change one now, set param_groups[{i}]['schedule']['params'][{differing[0]!r}]"
+            )
+        for key in keys:
+            del g[key]
+
     def _refresh_tables(self) -> Optional[list[_Schedule]]:
         """Rebuild the per-device group tables when any group's values changed.
 
@@ -453,18 +477,7 @@ class _FusedOneCycleOptimizer(_CheckpointMixin, _HostMirrorMixin, torch.optim.Op
             # (traced too, with a loop dynamo can trace: compiled, such a key
             # was silently ignored where eager refuses it)
             if any(k in _SCHEDULE_KEYS for k in g) if compiling else not _SCHEDULE_KEYS.isdisjoint(g):
-                # read only at construction / add_param_group: written later, it
-                # would be silently ignored
-                key = sorted(k for k in g if k in _SCHEDULE_KEYS)[0]
-                if "initial_lr" in g:  # torch's OneCycleLR writes max_lr, base_momentum... and this
-                    raise ValueError(
-                        f"param_groups[{i}][{key!r}]: a torch LR scheduler was attached to this optimizer; "
-                        "the 1-Cycle schedule is computed inside step(): drop the scheduler"
-                    )
-                raise ValueError(
-                    f"param_groups[{i}][{key!r}]: schedule values in a group are read when it is added; "
-                    f"to change one now, set param_groups[{i}]['schedule']['params'][{key!r}]"
-                )
+                self._drop_restated_schedule_keys(i, g)
         if not compiling:
             self._warn_if_lr_written()  # (after the errors above: they name the scheduler more precisely)
         try:

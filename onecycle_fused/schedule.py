@@ -18,7 +18,7 @@ import json
 import math
 import numbers
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 __all__ = ["OneCycle", "LRRangeTest", "TorchOneCycle", "Row", "ROW_WIDTH", "schedule_from_config"]
 
@@ -662,6 +662,26 @@ _ONECYCLE_KEYS = tuple(OneCycle(0.0, 0.0).params())
 _RANGETEST_KEYS = tuple(LRRangeTest().params())
 _TORCH_ONECYCLE_KEYS = tuple(TorchOneCycle(0.0, total_steps=1).params())
 _SCHEDULE_KEYS = set(_ONECYCLE_KEYS) | set(_RANGETEST_KEYS) | set(_TORCH_ONECYCLE_KEYS) | {"post_cycle_decay_step_size"}
+
+
+def _keys_not_restating(group: Mapping[str, Any], schedule: Optional[_Schedule]) -> list[str]:
+    """The schedule keys a group dict holds (sorted) whose values are not the
+    group's ``schedule``'s own (all of them when it is None). Keys equal to
+    the schedule only restate it: torch's ZeroRedundancyOptimizer copies its
+    groups' keys, our constructor's schedule keywords among them, into ours
+    before every step, and into the groups its state_dict saves."""
+    params = {} if schedule is None else schedule.params()
+    if "decay_step_size" in params:
+        params["post_cycle_decay_step_size"] = params["decay_step_size"]
+    out = []
+    for key in sorted(k for k in group if k in _SCHEDULE_KEYS):
+        try:
+            same = key in params and bool(group[key] == params[key])
+        except (TypeError, ValueError, RuntimeError):  # (a list, a tensor of several elements...)
+            same = False
+        if not same:
+            out.append(key)
+    return out
 
 
 def schedule_from_config(config: str | os.PathLike | Mapping[str, Any]) -> OneCycle | LRRangeTest | TorchOneCycle:

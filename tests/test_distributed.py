@@ -1,6 +1,7 @@
-"""DDP and FSDP2 (fully_shard: parameters are DTensors, the step works on the
-local shards) with 2 processes on gloo on CPU: the trained parameters equal a
-single-process run on the whole batch.
+"""DDP, FSDP2 (fully_shard: parameters are DTensors, the step works on the
+local shards) and DDP with torch's ZeroRedundancyOptimizer (resumed from its
+checkpoint half-way) with 2 processes on gloo on CPU: the trained parameters
+equal a single-process run on the whole batch.
 
 The workers are this file run as a script (``python test_distributed.py RANK
 WORLD RENDEZVOUS_FILE OUT``), so nothing depends on how pytest imports tests. One pair of
@@ -30,12 +31,18 @@ def _data():
     return [(torch.randn(8, 6, generator=gen), torch.randn(8, 3, generator=gen)) for _ in range(STEPS)]
 
 
-def _optimizer(algo, params):
+def _optimizer_class(algo):
+    """The class and its keyword arguments."""
     from onecycle_fused import FusedOneCycleAdamW, FusedOneCycleSGD
 
     if algo == "sgd":
-        return FusedOneCycleSGD(params, **SCHEDULE, nesterov=True, weight_decay=1e-3)
-    return FusedOneCycleAdamW(params, **SCHEDULE)
+        return FusedOneCycleSGD, dict(SCHEDULE, nesterov=True, weight_decay=1e-3)
+    return FusedOneCycleAdamW, dict(SCHEDULE)
+
+
+def _optimizer(algo, params):
+    cls, kw = _optimizer_class(algo)
+    return cls(params, **kw)
 
 
 def _train(model, opt, data, rank=0, world=1):
@@ -56,10 +63,55 @@ def _single(algo):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, opt.get_last_lr()
 
 
-CONFIGS = [(mode, algo) for mode in ("ddp", "fsdp2") for algo in ("sgd", "adamw")]
+CONFIGS = [(mode, algo) for mode in ("ddp", "fsdp2", "zero") for algo in ("sgd", "adamw")]
+RESUME_AT = 3  # ZeroRedundancyOptimizer: saved and loaded into a fresh one after this many steps
 
 
-def _run_config(mode, algo, rank, world):
+def _run_zero(algo, rank, world, out):
+    """DDP with torch's ZeroRedundancyOptimizer around ours (each rank steps
+    its shard of the parameters), resumed half-way from ZeRO's own
+    checkpoint. ZeRO copies its groups' keys (our constructor's schedule
+    keywords, the saved lr / momentum mirror) into our groups before every
+    step, and its load_state_dict writes the per-parameter state, steps
+    included, straight into our ``state``: no error, no "set from outside"
+    warning, and the counter taken over from the steps."""
+    import warnings
+
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    cls, kw = _optimizer_class(algo)
+    data = _data()
+
+    def build(state=None):
+        model = _model()
+        if state is not None:
+            model.load_state_dict(state)
+        model = torch.nn.parallel.DistributedDataParallel(model)
+        return model, ZeroRedundancyOptimizer(model.parameters(), optimizer_class=cls, **kw)
+
+    model, opt = build()
+    _train(model, opt, data[:RESUME_AT], rank, world)
+    opt.consolidate_state_dict(to=0)
+    path = f"{out}.zero_{algo}.pt"
+    if rank == 0:
+        torch.save({"model": model.module.state_dict(), "optim": opt.state_dict()}, path)
+    dist.barrier()
+    saved = torch.load(path)
+    model, opt = build(saved["model"])
+    opt.load_state_dict(saved["optim"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _train(model, opt, data[RESUME_AT:], rank, world)
+    ours = [str(w.message) for w in caught if "onecycle_fused" in w.filename or "FusedOneCycle" in str(w.message)]
+    assert not ours, ours
+    state = {k.removeprefix("module."): v for k, v in model.state_dict().items()}
+    return {"state": {k: v.detach().clone() for k, v in state.items()},
+            "lr": opt.optim.get_last_lr(), "counter": int(opt.optim.step_counter())}
+
+
+def _run_config(mode, algo, rank, world, out):
+    if mode == "zero":
+        return _run_zero(algo, rank, world, out)
     model = _model()
     if mode == "ddp":
         model = torch.nn.parallel.DistributedDataParallel(model)
@@ -98,7 +150,7 @@ def _worker(rank, world, rendezvous, out):
                     if not hasattr(fsdp, "fully_shard"):
                         results[mode, algo] = "skip: this torch has no torch.distributed.fsdp.fully_shard"
                         continue
-                results[mode, algo] = _run_config(mode, algo, rank, world)
+                results[mode, algo] = _run_config(mode, algo, rank, world, out)
             except Exception:  # reported by the test of this configuration
                 results[mode, algo] = "error on rank %d:\n%s" % (rank, traceback.format_exc())
             dist.barrier()

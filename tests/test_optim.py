@@ -399,6 +399,52 @@ def test_lr_mirror_and_get_last_lr():
 
 
 @pytest.mark.parametrize("cls, key", [(FusedOneCycleSGD, "momentum"), (FusedOneCycleAdamW, "betas")])
+@pytest.mark.parametrize("written", [False, True])
+def test_group_keys_a_loader_restores_with_the_steps_are_no_write_from_outside(cls, key, written):
+    """Loaders that bypass our load_state_dict (ZeroRedundancyOptimizer's,
+    DeepSpeed's universal checkpoints) restore the saved groups' 'lr' and
+    momentum, the mirror at the saved step, along with the per-parameter
+    steps. Once the steps are taken over those values are the mirror's own:
+    no "set from outside" warning, and the run resumes as the uninterrupted
+    one (oracle: the same optimizer never interrupted). An 'lr' of the
+    user's own written with them is still warned about, naming its value."""
+    init = make_params()
+    a = [torch.nn.Parameter(t.clone()) for t in init]
+    b = [torch.nn.Parameter(t.clone()) for t in init]
+    full, fresh = cls(a, **SCHED), cls(b, **SCHED)
+    gen = torch.Generator().manual_seed(2)
+    grads = [[torch.randn(t.shape, generator=gen) for t in init] for _ in range(8)]
+    for k in range(5):
+        for p, g in zip(a, grads[k]):
+            p.grad = g.clone()
+        full.step()
+    saved = full.state_dict()
+    for p, q in zip(a, b):
+        with torch.no_grad():
+            q.copy_(p)
+    for q, st in zip(b, saved["state"].values()):  # as ZeRO's load_state_dict writes them
+        fresh.state[q] = {k: v.clone() for k, v in st.items()}
+    for group, saved_group in zip(fresh.param_groups, saved["param_groups"]):
+        group.update({k: v for k, v in saved_group.items() if k != "params"})
+    assert fresh.param_groups[0][key] != cls(make_params(), **SCHED).param_groups[0][key]  # (restored: not step 0's)
+    if written:
+        fresh.param_groups[0]["lr"] = 123.0
+        with pytest.warns(UserWarning, match=r"param_groups\[0\]\['lr'\] was set to 123.0 from outside"):
+            fresh.step()
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for k in range(5, 8):
+            for p, q, g in zip(a, b, grads[k]):
+                p.grad, q.grad = g.clone(), g.clone()
+            full.step()
+            fresh.step()
+    assert int(fresh.step_counter()) == 8 and fresh.get_last_lr() == full.get_last_lr()
+    for p, q in zip(a, b):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("cls, key", [(FusedOneCycleSGD, "momentum"), (FusedOneCycleAdamW, "betas")])
 def test_a_cycled_momentum_written_by_hand_is_warned_about_once(cls, key):
     """Writing the momentum / beta1 mirror while the schedule cycles it has no
     effect, as writing 'lr' has none: the step warns once, at the caller's
@@ -965,6 +1011,46 @@ def test_a_schedule_key_written_into_a_group_later_is_refused(key, value):
     opt.step()
     expected = OneCycle(cycle_min_lr=0.01, cycle_max_lr=0.5, cycle_first_step_size=4).lr(1)
     torch.testing.assert_close(p.detach(), before - expected, rtol=0, atol=1e-7)
+
+
+def test_a_schedule_key_restating_the_groups_schedule_goes_quietly():
+    """torch's ZeroRedundancyOptimizer copies its own groups' keys, our
+    constructor's schedule keywords among them, into our groups before every
+    step. A value equal to the group's schedule (an int for a float, the
+    decay_step_size alias) is dropped from the group, and the step is the
+    twin's without it. One that differs is refused with nothing dropped and
+    nothing stepped; the same in a loaded state_dict's groups
+    (tests/test_distributed.py runs ZeRO itself)."""
+    kw = dict(cycle_min_lr=0.01, cycle_max_lr=0.1, cycle_first_step_size=4, decay_step_size=2, momentum=0.9)
+    p, q = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    opt, twin = FusedOneCycleSGD([p], **kw), FusedOneCycleSGD([q], **kw)
+    restated = dict(cycle_min_lr=0.01, cycle_max_lr=0.1, cycle_first_step_size=4.0, post_cycle_decay_step_size=2,
+                    cycle_momentum=True)
+    for _ in range(3):
+        opt.param_groups[0].update(restated)
+        p.grad, q.grad = torch.ones(3), torch.ones(3)
+        opt.step()
+        twin.step()
+        assert not set(restated) & set(opt.param_groups[0])
+    assert torch.equal(p, q)
+    opt.param_groups[0].update(restated, cycle_max_lr=0.2)
+    before = p.detach().clone()
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['cycle_max_lr'\].*\['schedule'\]\['params'\]"):
+        opt.step()
+    assert set(restated) <= set(opt.param_groups[0])
+    assert torch.equal(p, before) and int(opt.step_counter()) == 3
+    # the same in a saved group (ZeRO's state_dict saves its groups so)
+    sd = copy.deepcopy(twin.state_dict())  # (its tensors are twin's own, as in torch.optim)
+    sd["param_groups"][0].update(restated)
+    loaded = FusedOneCycleSGD([torch.nn.Parameter(q.detach().clone())], **kw)
+    loaded.load_state_dict(sd)
+    sd["param_groups"][0]["cycle_max_lr"] = 0.2
+    with pytest.raises(ValueError, match=r"state_dict param_groups\[0\]\['cycle_max_lr'\]"):
+        loaded.load_state_dict(sd)
+    for o, x in ((loaded, loaded.param_groups[0]["params"][0]), (twin, q)):
+        x.grad = torch.ones(3)
+        o.step()
+    assert torch.equal(loaded.param_groups[0]["params"][0], q) and int(loaded.step_counter()) == 4
 
 
 def test_a_torch_onecyclelr_left_attached_is_named():
