@@ -8,7 +8,8 @@ ops raise normally here, on the CPU, with torch 2.11 and a _C_cuda built by
 nvcc (the op reached through redispatch; tools/check_gpu_versions.sh).
 
 Each case runs in a subprocess of its own, so one crash does not hide the
-others; the first case that crashes is run again under cuda-gdb (the GPU
+others (the profiler_then_* cases open a torch.profiler session first, as
+the crashed tests' process had); the first case that crashes is run again under cuda-gdb (the GPU
 image has no gdb) for a native backtrace. The loaded C++ runtime and the
 compilers are printed too: the GPU image builds with /opt/gcc (CC), this
 machine with the system GCC.
@@ -94,6 +95,41 @@ def case_cuda_overlap():
     _sgd_call([p], [torch.randn_like(p)], [base[1:]], torch.zeros((), dtype=torch.int64, device="cuda"), table)
 
 
+def _profile_our_steps():
+    """A torch.profiler (CUPTI) session around steps of ours, as
+    tests/test_cuda_backend.py's launch-count test opened one: on the first
+    H100 session both crashing tests ran after it in the same process. The
+    suspicion: c10::Error walks the stack when it is made (its lazy
+    backtrace), and the unwinder faults once CUPTI has been set up."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    p = torch.nn.Parameter(torch.zeros(1000, device="cuda"))
+    from onecycle_fused import FusedOneCycleAdamW
+
+    opt = FusedOneCycleAdamW([p], backend="cuda", cycle_min_lr=0.01, cycle_max_lr=0.1, cycle_first_step_size=10)
+    p.grad = torch.ones_like(p)
+    opt.step()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            opt.step()
+        torch.cuda.synchronize()
+    print("profiler: CUDA events", sum(e.device_type == torch.autograd.DeviceType.CUDA for e in prof.events()),
+          flush=True)
+
+
+def case_profiler_then_torch_own():
+    """torch's own error after a profiler session: if this crashes, no C++ error survives CUPTI here"""
+    _profile_our_steps()
+    case_torch_own()
+
+
+def case_profiler_then_cuda_prepare():
+    """prepare_step's ValueError after a profiler session (the crashed tests' order)"""
+    _profile_our_steps()
+    case_cuda_prepare()
+
+
 CASES = {name[5:]: fn for name, fn in globals().items() if name.startswith("case_")}
 
 
@@ -128,7 +164,7 @@ def main() -> int:
         r = subprocess.run([sys.executable, __file__, "--case", name], env=env, cwd=ROOT,
                            capture_output=True, text=True, timeout=120)
         last = (r.stdout.strip().splitlines() or ["(no output)"])[-1]
-        print(f"{name:14s} exit {r.returncode:4d}  {last}", flush=True)
+        print(f"{name:26s} exit {r.returncode:4d}  {last}", flush=True)
         if r.returncode != 0:
             crashed.append(name)
             print("   " + "\n   ".join(r.stderr.strip().splitlines()[-6:]), flush=True)
@@ -152,7 +188,7 @@ def main() -> int:
         try:
             r = subprocess.run([gdb, "-batch", "-ex", "run", "-ex", "bt 40", "--args", sys.executable, __file__,
                                 "--case", crashed[0]], env=env, cwd=ROOT, capture_output=True, text=True,
-                               timeout=90)
+                               timeout=50)
             lines = (r.stdout + r.stderr).splitlines()
             at = next((i for i, l in enumerate(lines) if "SIGSEGV" in l or "signal" in l.lower()), 0)
             print("\n".join(lines[max(0, at - 5):at + 50]))
