@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from .backends import layout as _layout
 from .schedule import _SCHEDULE_KEYS, MAX_START_STEP, _keys_not_restating, schedule_from_config
 from .validation import _check_scalar_schedule, _plain
 
@@ -330,7 +331,12 @@ class _CheckpointMixin:
                         # (reference raised mid-step, the compiled backends wrote
                         # it through pointers): a normal copy, made outside the mode
                         with torch.inference_mode(False):
-                            state[k] = t = t.clone()
+                            copy = _layout.in_param_layout(t, p)
+                            state[k] = t = copy if copy is not t else t.clone()
+                    else:
+                        # saved from a model in another memory format: laid
+                        # out as the parameter (the cuda op needs it so)
+                        state[k] = t = _layout.in_param_layout(t, p)
                     taken.add(id(t))
         for c in self._counters.values():
             c.fill_(counter)

@@ -771,6 +771,10 @@ class _FusedOneCycleOptimizer(_CheckpointMixin, _HostMirrorMixin, torch.optim.Op
         # max_exp_avg_sq switched on later): (param, state, key, step before)
         added = []
         compiling = torch.compiler.is_compiling()
+        if len(batches) > 1 and not compiling:
+            # one device may step before another refuses a state laid out
+            # unlike its parameter (cuda): laid out as the parameters first
+            self._states_to_param_layout()
         stepped = set()
         try:
             i = -1  # the parameter's position over all groups, as the ops count
@@ -832,15 +836,17 @@ class _FusedOneCycleOptimizer(_CheckpointMixin, _HostMirrorMixin, torch.optim.Op
                     self.state.pop(p, None)
             _undo_added([a for a in added if a[0].device not in stepped])
             if not (isinstance(e, ValueError) and not stepped and not compiling
-                    and len(batches) == len(counters) and self._parameters_changed_kind()):
+                    and len(batches) == len(counters)
+                    and (self._parameters_changed_kind() or self._states_to_param_layout())):
                 raise
             retry = True
         else:
             retry = False
         if retry:
             # a parameter put into a group's list by hand needs what
-            # add_param_group would have set up: once that is done, the step
-            # again (outside the handler: its errors are its own)
+            # add_param_group would have set up, or states were laid out
+            # unlike their parameters: once that is done, the step again
+            # (outside the handler: its errors are its own)
             self._follow_param_devices()
             self._step(grad_scale, found_inf, mirror)
             return
@@ -902,6 +908,30 @@ class _FusedOneCycleOptimizer(_CheckpointMixin, _HostMirrorMixin, torch.optim.Op
             return False  # (the step's own error says it better)
         return (has_dtensors != self._has_dtensors or has_complex != self._has_complex
                 or any(type(b) is not type(self._backend_for.get(d)) for d, b in backends.items()))
+
+    def _states_to_param_layout(self) -> bool:
+        """State tensors laid out unlike their parameters, copied into the
+        parameter's layout (``layout.in_param_layout``); True if any was.
+        ``model.to(memory_format=torch.channels_last)`` after the state was
+        made gives such states (load_state_dict lays out what it loads). The
+        ``cuda`` op refuses them; torch.optim's default path takes them.
+        Run after a step refused its tensors, and before a step over several
+        devices, where one device may step before another refuses. Never
+        while capturing."""
+        if not self._host_code_runs():
+            return False
+        changed = False
+        for p, state in self.state.items():
+            if not isinstance(p, torch.Tensor) or not isinstance(state, dict):
+                continue
+            for k in self._state_tensors:
+                t = state.get(k)
+                if isinstance(t, torch.Tensor):
+                    laid_out = _layout.in_param_layout(t, p)
+                    if laid_out is not t:
+                        state[k] = laid_out
+                        changed = True
+        return changed
 
     def _follow_param_devices(self) -> None:
         """Counters, backends and tables for the devices the parameters are on now.

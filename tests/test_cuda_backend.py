@@ -746,6 +746,53 @@ def test_state_sharing_part_of_the_params_memory_is_refused():
 
 
 @gpu
+@pytest.mark.parametrize("mixed", [False, True])
+def test_states_follow_parameters_into_another_memory_format(mixed):
+    """model.to(memory_format=torch.channels_last) after the state was made
+    left states the op refuses (it walks them with the parameter's offsets):
+    every later step raised. They are now copied into the parameter's
+    layout and stepped. ``mixed``: a CPU parameter too, whose device steps
+    first; the layouts are fixed before any device steps, so none is stepped
+    twice. Oracle: torch.optim.AdamW on the same schedule, which takes such
+    states, on the same devices."""
+    sched = OneCycle(**SCHED)
+
+    def model():
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Tanh(), torch.nn.Conv2d(8, 2, 3))
+        return m.to(DEV), (torch.nn.Parameter(torch.ones(5)) if mixed else None)
+
+    gen = torch.Generator().manual_seed(1)
+    data = [(torch.randn(4, 3, 9, 9, generator=gen).to(DEV), torch.randn(4, 2, 5, 5, generator=gen).to(DEV))
+            for _ in range(6)]
+
+    def train(m, extra, opt, fused):
+        for k, (x, y) in enumerate(data):
+            if k == 3:
+                m.to(memory_format=torch.channels_last)
+            if not fused:
+                opt.param_groups[0].update(lr=sched.lr(k), betas=(sched.momentum(k), 0.999))
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(m(x), y).backward()
+            if extra is not None:
+                extra.grad = torch.full_like(extra, 0.1 * (k + 1))
+            opt.step()
+
+    ours, ours_extra = model()
+    opt = FusedOneCycleAdamW(list(ours.parameters()) + ([ours_extra] if mixed else []), backend="auto", **SCHED)
+    train(ours, ours_extra, opt, True)
+    ref, ref_extra = model()
+    torch_opt = torch.optim.AdamW(list(ref.parameters()) + ([ref_extra] if mixed else []), lr=0.1)
+    train(ref, ref_extra, torch_opt, False)
+    for p, q in zip(ours.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    if mixed:
+        torch.testing.assert_close(ours_extra, ref_extra, rtol=1e-6, atol=1e-7)
+        assert int(opt.step_counter("cpu")) == len(data)
+    assert int(opt.step_counter(DEV)) == len(data)
+
+
+@gpu
 def test_groups_without_parameters_hand_their_count_to_the_gpu():
     """A group with no parameters keeps the count on the CPU; CUDA parameters
     added later take it over, and the CPU counter goes."""

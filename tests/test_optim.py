@@ -2679,3 +2679,109 @@ def test_torch_only_keywords_say_what_to_give_instead(cls, name, hint):
     params = inspect.signature(cls).parameters
     assert name not in params and not any(q.kind is q.VAR_KEYWORD for q in params.values())
     assert params["cycle_min_lr"].default is None and "maximize" in params
+
+
+# ---------------------------------------------------------------------------
+# states laid out unlike their parameters (another memory format)
+
+
+def _conv_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Tanh(), torch.nn.Conv2d(4, 2, 1))
+
+
+def _conv_data(n=6):
+    gen = torch.Generator().manual_seed(3)
+    return [(torch.randn(2, 3, 6, 6, generator=gen), torch.randn(2, 2, 4, 4, generator=gen)) for _ in range(n)]
+
+
+def _train_conv(model, opt, data):
+    for x, y in data:
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+
+
+def _torch_adamw_one_cycle(model, data, switch_at):
+    """torch.optim.AdamW with the schedule's lr and beta1 written before
+    each step (the host schedule, itself checked against DeepSpeed's), its
+    model switched to channels_last after ``switch_at`` steps: the oracle."""
+    sched = OneCycle(**_LAYOUT_SCHED)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, betas=(0.9, 0.999), weight_decay=0.01)
+    for k, (x, y) in enumerate(data):
+        if k == switch_at:
+            model.to(memory_format=torch.channels_last)
+        opt.param_groups[0].update(lr=sched.lr(k), betas=(sched.momentum(k), 0.999))
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    return model
+
+
+_LAYOUT_SCHED = dict(cycle_min_lr=1e-3, cycle_max_lr=1e-2, cycle_first_step_size=3, cycle_min_mom=0.85,
+                     cycle_max_mom=0.95)
+
+
+def test_a_checkpoint_from_another_memory_format_loads_in_the_parameters_layout():
+    """A state saved from a contiguous model and loaded into a channels_last
+    one kept the saved strides: the cuda op refuses such a state at every
+    step. load_state_dict now lays each state out as its parameter; the run
+    resumes as the uninterrupted one (oracle: the same optimizer, not
+    interrupted, on the contiguous model: the layout changes no value)."""
+    data = _conv_data()
+    full = _conv_model()
+    full_opt = FusedOneCycleAdamW(full.parameters(), **_LAYOUT_SCHED)
+    _train_conv(full, full_opt, data)
+
+    first = _conv_model()
+    opt = FusedOneCycleAdamW(first.parameters(), **_LAYOUT_SCHED)
+    _train_conv(first, opt, data[:3])
+    sd = copy.deepcopy(opt.state_dict())
+    resumed = _conv_model().to(memory_format=torch.channels_last)
+    resumed.load_state_dict(first.state_dict())
+    opt2 = FusedOneCycleAdamW(resumed.parameters(), **_LAYOUT_SCHED)
+    opt2.load_state_dict(sd)
+    weight = resumed[0].weight
+    assert weight.stride() != weight.contiguous().stride()  # (channels_last indeed)
+    for k in ("exp_avg", "exp_avg_sq"):
+        assert opt2.state[weight][k].stride() == weight.stride()
+    _train_conv(resumed, opt2, data[3:])
+    for p, q in zip(full.parameters(), resumed.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
+    assert int(opt2.step_counter()) == len(data)
+
+
+def test_states_are_laid_out_as_parameters_that_changed_memory_format(monkeypatch):
+    """model.to(memory_format=torch.channels_last) after the state was made:
+    a backend that refuses a state laid out unlike its parameter (as the
+    cuda op does: here the cpu backend made to refuse as it does) gets the
+    states copied into the parameters' layout and the step again, with
+    nothing stepped twice. Oracle: torch.optim.AdamW, which takes such
+    states, on the same schedule."""
+    from onecycle_fused.backends.layout import same_layout
+
+    data = _conv_data()
+    model = _conv_model()
+    opt = FusedOneCycleAdamW(model.parameters(), weight_decay=0.01, **_LAYOUT_SCHED)
+    backend = opt._backend_for[torch.device("cpu")]
+    real_step, refused = backend.step, []
+
+    def strict_step(batch):
+        for i, (p, m) in enumerate(zip(batch.params, batch.exp_avgs)):
+            if not same_layout(m, p):  # (the cuda op's rule: strides of size-1 dims are free)
+                refused.append(i)
+                raise ValueError(f"adam_step_: exp_avgs[{i}] must match params[{i}] in device, dtype, shape and strides")
+        real_step(batch)
+
+    monkeypatch.setattr(backend, "step", strict_step)
+    monkeypatch.setattr(opt, "_step_plan_enabled", False, raising=False)  # (every step through the backend)
+    _train_conv(model, opt, data[:3])
+    model.to(memory_format=torch.channels_last)
+    _train_conv(model, opt, data[3:])
+    assert refused  # (the refusal happened, and was recovered from)
+    oracle = _torch_adamw_one_cycle(_conv_model(), data, 3)
+    for p, q in zip(oracle.parameters(), model.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+    assert int(opt.step_counter()) == len(data)
+    weight = model[0].weight
+    assert all(opt.state[weight][k].stride() == weight.stride() for k in ("exp_avg", "exp_avg_sq"))

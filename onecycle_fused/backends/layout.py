@@ -45,6 +45,27 @@ def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
     return all(sa == sb for sa, sb, n in zip(strides(a), strides(b), a.shape) if n > 1)
 
 
+def in_param_layout(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """A copy of state ``t`` laid out as its parameter ``p`` when the two
+    walk their elements in different orders (``t`` itself otherwise, and
+    where ``p`` is not dense or the shapes or devices differ: the step's
+    checks name those). A checkpoint saved from a contiguous model and
+    loaded into a channels_last one, or ``model.to(memory_format=...)``
+    after the state was made, gives such a state; the ``cuda`` op walks a
+    parameter's states with the parameter's own offsets and refuses it.
+    A state that is a view (of the parameter, of a flat buffer someone
+    keeps) is left as it is: a copy would stop the updates reaching that
+    memory, and one sharing its parameter's is refused (``check_states_apart``).
+    Eager only."""
+    if type(t) is not torch.Tensor or p.layout != torch.strided or t.stride() == p.stride():  # (usual: ~0.3 us)
+        return t
+    if (t.shape != p.shape or t.device != p.device or same_layout(t, p)
+            or not dense(p) or t._base is not None
+            or t.untyped_storage()._cdata == p.untyped_storage()._cdata):
+        return t
+    return torch.empty_like(p, dtype=t.dtype).copy_(t)  # (preserve_format: a dense p's own strides)
+
+
 def partially_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
     """True when ``a`` and ``b`` share part of their memory: some elements of
     one are stored where other elements of the other are (the same elements
