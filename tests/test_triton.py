@@ -719,6 +719,10 @@ def test_grads_allocated_in_a_capture_get_a_table_from_the_warm_up_spare(monkeyp
     sizes = (5, 70, 300)
     init, grads = init_params(sizes), make_grads(4, sizes)
     kw = dict(SCHED, momentum=0.9, weight_decay=0.01)
+    # every grad kept alive: new ones must get new addresses (a freed one's
+    # address, reused, would find that grad's table: a valid hit, but not the
+    # new table this test follows; it failed so about 1 run in 30)
+    kept = []
     params = [torch.nn.Parameter(t.to(DEVICE).clone()) for t in init]
     opt = FusedOneCycleSGD(params, backend="triton", **kw)
     for p, g in zip(params, grads[0]):
@@ -730,6 +734,7 @@ def test_grads_allocated_in_a_capture_get_a_table_from_the_warm_up_spare(monkeyp
     spare_ptr = warm.spare.data_ptr()
 
     capturing[0] = True
+    kept += [p.grad for p in params]
     for p, g in zip(params, grads[1]):
         p.grad = g.float().to(DEVICE)  # "allocated in the capture": new addresses
     opt.step()
@@ -748,6 +753,7 @@ def test_grads_allocated_in_a_capture_get_a_table_from_the_warm_up_spare(monkeyp
     # capture (new grads again, as in a new graph) finds one
     assert captured.spare is not None and captured.spare.numel() == captured.table.numel()
     capturing[0] = True
+    kept += [p.grad for p in params]
     for p, g in zip(params, grads[3]):
         p.grad = g.float().to(DEVICE)
     opt.step()
