@@ -645,11 +645,20 @@ class _FusedOneCycleOptimizer(_CheckpointMixin, _HostMirrorMixin, torch.optim.Op
             # state_dict's copy of the counter in each saved group, which such
             # a loader copies into the live groups with the other saved keys
             g.pop("step_counter", None)
-        foreign = [(p, st) for p, st in self.state.items()
-                   if isinstance(p, torch.Tensor) and isinstance(st, dict) and "step" in st and known.steps.get(id(st["step"])) is not st["step"]]
+        # also foreign: a step of ours now shared by a second parameter
+        # (opt.state[q]["step"] = opt.state[p]["step"]): it would advance
+        # once per parameter, or once per block of them (triton): split
+        foreign, ours = [], set()
+        for p, st in self.state.items():
+            if isinstance(p, torch.Tensor) and isinstance(st, dict) and "step" in st:
+                step = st["step"]
+                if known.steps.get(id(step)) is not step or id(step) in ours:
+                    foreign.append((p, st))
+                else:
+                    ours.add(id(step))
         if foreign:
             by_device: dict[torch.device, list[torch.Tensor]] = {}
-            seen: set[int] = set()
+            seen: set[int] = ours  # (taken: a foreign step that is one of these gets a copy)
             for p, st in foreign:
                 # one that fits is kept (a compiled step made it, say)
                 st["step"] = step = _own_step(st["step"], p, seen)

@@ -2785,3 +2785,32 @@ def test_states_are_laid_out_as_parameters_that_changed_memory_format(monkeypatc
     assert int(opt.step_counter()) == len(data)
     weight = model[0].weight
     assert all(opt.state[weight][k].stride() == weight.stride() for k in ("exp_avg", "exp_avg_sq"))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("cls", [FusedOneCycleSGD, FusedOneCycleAdamW])
+def test_a_step_count_shared_by_hand_is_split(cls, backend):
+    """``opt.state[q]["step"] = opt.state[p]["step"]`` made one step tensor
+    count for two parameters: it advanced once per parameter (reference,
+    cpu) or once per block of them (triton: tests/test_triton.py), and Adam's
+    bias correction read it. Each parameter now gets its own copy at the
+    next step, as load_state_dict gives one, and the run is the one where
+    nothing was shared (the oracle: a twin optimizer)."""
+    kw = dict(momentum=0.9) if cls is FusedOneCycleSGD else {}
+    runs = []
+    for share in (True, False):
+        params = [torch.nn.Parameter(t.clone()) for t in make_params()]
+        opt = cls(params, backend=backend, **SCHED, **kw)
+        gen = torch.Generator().manual_seed(4)
+        for k in range(5):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+            if k == 0 and share:
+                opt.state[params[2]]["step"] = opt.state[params[0]]["step"]
+        runs.append((params, opt))
+    (shared, opt), (plain, twin) = runs
+    assert [int(opt.state[p]["step"]) for p in shared] == [5] * len(shared)
+    assert opt.state[shared[2]]["step"] is not opt.state[shared[0]]["step"]
+    for p, q in zip(shared, plain):
+        assert torch.equal(p, q)

@@ -1505,3 +1505,29 @@ def test_tensors_with_the_negative_bit_step_as_their_values(which, launch_key):
     # a grad read with the wrong sign moves the step by ~1e6 ulps; 32 leaves
     # room for triton 3.6's interpreter, which rounds tl.fma's product first
     assert_ulps(out["triton"], out["reference"], ulps=32)
+
+
+def test_a_step_count_shared_by_hand_is_split():
+    """``opt.state[q]["step"] = opt.state[p]["step"]``: the kernel's last
+    block advances the step counts a block of them at a time, so a count
+    shared by two parameters of one block went up once a step, and by two
+    parameters further apart twice (reference and cpu: twice). Each
+    parameter now gets its own copy at the next step (tests/test_optim.py
+    checks the other backends): every count is the number of steps, and the
+    run is the one where nothing was shared."""
+    runs = []
+    for share in (True, False):
+        params = [torch.nn.Parameter(torch.full((2,), float(i), device=DEVICE)) for i in range(130)]
+        opt = FusedOneCycleAdamW(params, backend="triton", **SCHED)
+        for k in range(3):
+            for i, p in enumerate(params):
+                p.grad = torch.full_like(p, 0.01 * (i + k + 1))
+            opt.step()
+            if k == 0 and share:
+                opt.state[params[1]]["step"] = opt.state[params[0]]["step"]
+                opt.state[params[129]]["step"] = opt.state[params[2]]["step"]
+        runs.append((params, opt))
+    (shared, opt), (plain, _) = runs
+    assert [int(opt.state[p]["step"]) for p in shared] == [3] * 130
+    for p, q in zip(shared, plain):
+        assert torch.equal(p, q)
