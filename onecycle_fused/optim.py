@@ -825,11 +825,14 @@ class _FusedOneCycleOptimizer(_CheckpointMixin, _HostMirrorMixin, torch.optim.Op
                 self._step(grad_scale, found_inf, mirror)  # again, on the devices the parameters are on now
                 return
             if len(batches) > 1 and not compiling and not self._has_dtensors:
-                # a backend refuses overlapping states before it writes, but
-                # only on its device: the others would be stepped already
+                # a backend refuses overlapping states (and cuda a strided
+                # parameter) before it writes, but only on its device: the
+                # others would be stepped already
                 for device, batch in batches.items():
                     _layout.check_batch_states_apart(batch.params, batch.grads, batch.algo, batch.state_lists(),
                                                      where=f"on {device}: ")
+                    if getattr(self._backend_for[device], "dense_params_only", False):
+                        _layout.check_dense(batch.params, where=f"on {device}: ")
             # every device's counter advances, even where no parameter has a grad
             for device, batch in batches.items():
                 if self._has_dtensors or has_complex:

@@ -2814,3 +2814,24 @@ def test_a_step_count_shared_by_hand_is_split(cls, backend):
     assert opt.state[shared[2]]["step"] is not opt.state[shared[0]]["step"]
     for p, q in zip(shared, plain):
         assert torch.equal(p, q)
+
+
+def test_a_strided_parameter_on_a_device_whose_op_refuses_it_leaves_the_others_unstepped(monkeypatch):
+    """The cuda op refuses a parameter that is not dense, but only on its
+    device: with parameters on several devices the ones stepped before it
+    had moved. The optimizer now checks first (a meta parameter stands in
+    for the CUDA one, its backend made to need dense parameters as cuda's
+    does), and nothing moves."""
+    c = torch.nn.Parameter(torch.randn(4))
+    m = torch.nn.Parameter(torch.empty(4, 6, device="meta"))
+    opt = FusedOneCycleAdamW([{"params": [c]}, {"params": [m]}], backend="reference", **SCHED)
+    c.grad, m.grad = torch.randn(4), torch.empty_like(m)
+    opt.step()
+    monkeypatch.setattr(opt._backend_for[m.device], "dense_params_only", True, raising=False)
+    m.data = torch.empty(4, 12, device="meta")[:, ::2]
+    opt.state[m].update({k: torch.empty_like(m) for k in ("exp_avg", "exp_avg_sq")})
+    c.grad, m.grad = torch.randn(4), torch.empty_like(m)
+    before = (c.detach().clone(), int(opt.step_counter("cpu")))
+    with pytest.raises(ValueError, match=r"on meta: params\[0\] must be dense in memory"):
+        opt.step()
+    assert torch.equal(c.detach(), before[0]) and int(opt.step_counter("cpu")) == before[1]

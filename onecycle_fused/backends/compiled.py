@@ -90,6 +90,10 @@ class CUDABackend(_CompiledBackend):
     name = "cuda"
     device_type = "cuda"
     dtypes = _FLOATS
+    # the op walks a parameter's elements in memory order (tensor_table.cu):
+    # a strided view is refused (the optimizer checks it first when several
+    # devices step, see _step)
+    dense_params_only = True
 
     def available(self) -> bool:
         return ops.cuda_library_loaded() and torch.cuda.is_available()

@@ -105,6 +105,18 @@ def internally_overlaps(t: torch.Tensor) -> bool:
     return any(st == 0 and n > 1 for n, st in zip(t.shape, strides(t)))
 
 
+def check_dense(params, where: str = "") -> None:
+    """Refuse a parameter that is not dense (a strided view): ValueError, as
+    the cuda op raises it, for a step over several devices to raise before
+    any device is stepped. ``where`` starts the message."""
+    for i, p in enumerate(params):
+        if not dense(p):
+            raise ValueError(
+                f"{where}params[{i}] must be dense in memory (contiguous, or permuted like channels_last), got "
+                f"sizes {list(p.shape)} strides {list(strides(p))}"
+            )
+
+
 # the state tensors of each algorithm, as StepBatch names their lists
 STATE_LISTS = {"sgd": ("momentum_buffers",), "adam": ("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs")}
 STATE_LISTS["adamw"] = STATE_LISTS["adam"]
