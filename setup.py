@@ -112,6 +112,42 @@ CPU_CAPABILITY_FLAGS = {
 }
 
 
+# Symbols of the C++ runtime's exception machinery (libsupc++): a library
+# that defines them was linked with its own static copy of libstdc++.
+_OWN_RUNTIME_SYMBOLS = ("__cxa_throw", "__gxx_personality_v0")
+
+
+def _warn_if_own_cxx_runtime(path: str) -> None:
+    """Warn when the built library carries its own C++ runtime.
+
+    A compiler that links libstdc++ statically (a wrapper adding it, or one
+    whose library path holds only libstdc++.a: the image of this project's
+    GPU machine) gives the extension its own __cxa_throw; an error our ops
+    raise then crashes the process (SIGSEGV) on its way through torch's
+    frames instead of reaching Python. Seen on an H100 machine; the system
+    compiler there built a library whose errors raise. Linux only (nm)."""
+    import shutil
+    import subprocess
+    import sys
+
+    nm = shutil.which("nm")
+    if nm is None or not os.path.exists(path) or sys.platform != "linux":
+        return
+    try:
+        out = subprocess.run([nm, "-D", "--defined-only", path], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return
+    found = [name for name in _OWN_RUNTIME_SYMBOLS if any(line.split()[-1:] == [name] for line in out.splitlines())]
+    if found:
+        print(
+            f"\nWARNING: {os.path.basename(path)} carries its own C++ runtime ({', '.join(found)} defined in it): "
+            "the compiler linked libstdc++ statically. Errors raised by its ops will crash the process instead "
+            "of raising in Python. Rebuild with a compiler that links libstdc++ dynamically, e.g. "
+            "CC=/usr/bin/gcc CXX=/usr/bin/g++ pip install --no-build-isolation -e .\n",
+            file=sys.stderr,
+        )
+
+
 def _cmdclass():
     import platform
 
@@ -128,6 +164,7 @@ def _cmdclass():
                     )
                 ext.extra_compile_args["cxx"].append("-DONECYCLE_FUSED_CPU_CAPABILITIES")
             super().build_extension(ext)
+            _warn_if_own_cxx_runtime(self.get_ext_fullpath(ext.name))
 
     return {"build_ext": Build.with_options(use_ninja=True)}
 

@@ -110,3 +110,39 @@ def test_readme_fresh_machine_commands_run_in_the_venv_setup_makes():
         assert "VENV=${VENV:-.venv}" in f.read()
     for c in commands:
         assert not re.match(r"(python3?|pip) ", c), f"{c!r} would not run in .venv"
+
+
+def _setup_py_function(name):
+    """A function of setup.py with what it needs (setup.py itself cannot be
+    imported: it runs setup())."""
+    import ast
+
+    with open(os.path.join(ROOT, "setup.py")) as f:
+        tree = ast.parse(f.read())
+    keep = [node for node in tree.body if isinstance(node, ast.Import)
+            or (isinstance(node, ast.FunctionDef) and node.name == name)
+            or (isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "_OWN_RUNTIME_SYMBOLS" for t in node.targets))]
+    ns = {}
+    exec(compile(ast.Module(body=keep, type_ignores=[]), "setup.py", "exec"), ns)
+    return ns[name]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="nm and -static-libstdc++ on Linux")
+@pytest.mark.parametrize("static", [False, True])
+def test_setup_warns_when_a_library_carries_its_own_cxx_runtime(tmp_path, capfd, static):
+    """The H100 image's compiler linked libstdc++ statically into our
+    libraries: every C++ error then crashed the process instead of raising.
+    setup.py checks each built library's dynamic symbols and says so. Oracle:
+    a one-function library built with and without -static-libstdc++."""
+    import shutil
+
+    if shutil.which("g++") is None or shutil.which("nm") is None:
+        pytest.skip("needs g++ and nm")
+    src = tmp_path / "thrower.cpp"
+    src.write_text('#include <stdexcept>\nextern "C" void thrower() { throw std::runtime_error("x"); }\n')
+    lib = tmp_path / "libthrower.so"
+    flags = ["-static-libstdc++"] if static else []
+    subprocess.run(["g++", "-shared", "-fPIC", *flags, str(src), "-o", str(lib)], check=True)
+    _setup_py_function("_warn_if_own_cxx_runtime")(str(lib))
+    err = capfd.readouterr().err
+    assert ("carries its own C++ runtime" in err) == static, err

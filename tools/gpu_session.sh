@@ -80,7 +80,12 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run, log to $OUT/NAME.log, remember 
 
 # Limits: each phase's steps add up to < 600 s, the device tool's cap on one
 # command; a step past its limit is cut, the files already written come back.
-# the extension, in place (_C and _C_cuda); a warm machine keeps the build
+# the extension, in place (_C and _C_cuda); a warm machine keeps the build.
+# The image's CC/CXX (/opt/gcc/bin, a wrapper) link libstdc++ statically into
+# the extension, and every C++ error our ops raised then crashed the process
+# (the second H100 session, error_probe.log); the system compilers link it
+# dynamically, and the same errors raise (setup.py warns on a static one)
+if [ -x /usr/bin/gcc ] && [ -x /usr/bin/g++ ]; then export CC=/usr/bin/gcc CXX=/usr/bin/g++; fi
 step build 120 "$PY" setup.py build_ext --inplace
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
