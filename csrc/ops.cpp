@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "cpu/kernels.h"
+#include "layout.h"
 #include "overlap.h"
 #include "schedule.h"
 
@@ -502,9 +503,9 @@ struct StepPlan : torch::CustomClassHolder {
   // grad when the plan was built.
   StepPlan(std::string algo, std::vector<Tensor> params, std::vector<Tensor> state0, std::vector<Tensor> state1,
            std::vector<Tensor> state2, std::vector<Tensor> steps, std::vector<int64_t> group_ids,
-           std::vector<Tensor> watched)
-      : adam_(algo == "adam"), params_(std::move(params)), group_ids_(std::move(group_ids)),
-        watched_(std::move(watched)) {
+           std::vector<Tensor> watched, bool check_layout)
+      : adam_(algo == "adam"), check_layout_(check_layout), params_(std::move(params)),
+        group_ids_(std::move(group_ids)), watched_(std::move(watched)) {
     TORCH_CHECK_VALUE(algo == "sgd" || algo == "adam", "StepPlan: algo must be 'sgd' or 'adam', got '", algo, "'");
     const size_t n = params_.size();
     const size_t n_states = adam_ ? 3 : 1;
@@ -620,6 +621,17 @@ struct StepPlan : torch::CustomClassHolder {
     for (size_t s = 0; s < 3; ++s) {
       if (!lock_all(states_[s], states[s])) return false;
     }
+    if (check_layout_) {
+      // a parameter whose memory format changed since the plan was built
+      // (p.data replaced: model.to(memory_format=...)) while its states kept
+      // theirs: the CUDA op would refuse them; the list path lays them out
+      for (size_t s = 0; s < 3; ++s) {
+        for (size_t i = 0; i < states[s].size(); ++i) {
+          const Tensor& t = states[s][i];
+          if (t.numel() != 0 && !same_layout(t, params_[i])) return false;  // (empty: "none")
+        }
+      }
+    }
     return true;
   }
 
@@ -639,6 +651,7 @@ struct StepPlan : torch::CustomClassHolder {
   }
 
   bool adam_;
+  bool check_layout_;  // states must keep their parameter's layout (the CUDA op's rule)
   std::vector<Tensor> params_;
   std::vector<WeakTensor> states_[3];
   // held strongly: 0-dim, nothing to offload, and a C++ reference kept
@@ -682,7 +695,7 @@ TORCH_LIBRARY(onecycle_fused, m) {
   m.class_<onecycle_fused::StepPlan>("StepPlan")
       .def(torch::init<std::string, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
                        std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<int64_t>,
-                       std::vector<at::Tensor>>())
+                       std::vector<at::Tensor>, bool>())
       .def("__len__", &onecycle_fused::StepPlan::size)
       .def("ready", &onecycle_fused::StepPlan::ready);
   m.def(

@@ -281,7 +281,8 @@ class _CheckpointMixin:
             # (every later step would refuse it, as _refresh_tables; one that
             # restates the group's schedule, as ZeroRedundancyOptimizer saves
             # its groups, is dropped there)
-            if not _SCHEDULE_KEYS.isdisjoint(g) and (differing := _keys_not_restating(g, _saved_schedule(g))):
+            if not _SCHEDULE_KEYS.isdisjoint(g) and (differing := _keys_not_restating(g, _saved_schedule(g),
+                                                                                  self._given_schedule_keys)):
                 key = differing[0]
                 raise ValueError(
                     f"state_dict param_groups[{i}][{key!r}]: a schedule value in the group itself, which "

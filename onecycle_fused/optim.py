@@ -147,6 +147,11 @@ class _TableRows:
         self.rows: list = []
 
 
+def _given_schedule_keys(arguments: dict) -> dict:
+    """The schedule keywords among a constructor's ``locals()``."""
+    return {k: v for k, v in arguments.items() if k in _SCHEDULE_KEYS}
+
+
 class _KnownSteps:
     """The per-parameter ``step`` tensors this optimizer made, loaded or was
     told about (``set_step``), by id, held strongly so that no other tensor
@@ -178,7 +183,8 @@ class _FusedOneCycleOptimizer(_CheckpointMixin, _HostMirrorMixin, torch.optim.Op
         caller = sys._getframe(1).f_globals.get("__name__", "")
         return caller == "torch" or caller.startswith("torch.")
 
-    def __init__(self, params, schedule: _Schedule, defaults: dict[str, Any], backend: str):
+    def __init__(self, params, schedule: _Schedule, defaults: dict[str, Any], backend: str,
+                 given_schedule_keys: Optional[dict] = None):
         if backend not in _backends.backend_names():
             raise ValueError(f"backend must be one of {_backends.backend_names()}, got {backend!r}")
         if not isinstance(schedule, _Schedule):
@@ -193,6 +199,10 @@ class _FusedOneCycleOptimizer(_CheckpointMixin, _HostMirrorMixin, torch.optim.Op
         schedule.check_num_groups(n_groups)
         self.schedule = schedule
         self.backend = backend
+        # the schedule keywords as the constructor was given them (None for
+        # a default too): ZeroRedundancyOptimizer copies them into our groups
+        # before every step, after a schedule edit too (_keys_not_restating)
+        self._given_schedule_keys = dict(given_schedule_keys or {})
         self._host = _HostStep()
         self._has_dtensors = False  # FSDP2 / tensor-parallel parameters
         self._has_complex = False  # complex parameters: the backends get real views (_real)
@@ -455,7 +465,7 @@ class _FusedOneCycleOptimizer(_CheckpointMixin, _HostMirrorMixin, torch.optim.Op
             sched = self._schedule_of(g)
         except (TypeError, ValueError, KeyError):
             sched = None  # (a bad schedule: refused, and the step names it)
-        differing = _keys_not_restating(g, sched)
+        differing = _keys_not_restating(g, sched, self._given_schedule_keys)
         if differing:
             raise ValueError(
                 f"param_groups[{i}][{differing[0]!r}]: schedule values in a group are read when it is added; "
@@ -780,10 +790,13 @@ class _FusedOneCycleOptimizer(_CheckpointMixin, _HostMirrorMixin, torch.optim.Op
         # max_exp_avg_sq switched on later): (param, state, key, step before)
         added = []
         compiling = torch.compiler.is_compiling()
-        if len(batches) > 1 and not compiling:
-            # one device may step before another refuses a state laid out
-            # unlike its parameter (cuda): laid out as the parameters first
-            self._states_to_param_layout()
+        strict = [d for d in batches if getattr(self._backend_for[d], "needs_param_layout", False)]
+        if strict and not compiling:
+            # states laid out unlike their parameters (model.to(memory_format=
+            # ...) after they were made), which the cuda op refuses: laid out
+            # as the parameters first. The list path only: a step plan finds
+            # such a state itself and sends the step here
+            self._states_to_param_layout(strict)
         stepped = set()
         try:
             i = -1  # the parameter's position over all groups, as the ops count
@@ -831,7 +844,7 @@ class _FusedOneCycleOptimizer(_CheckpointMixin, _HostMirrorMixin, torch.optim.Op
                 for device, batch in batches.items():
                     _layout.check_batch_states_apart(batch.params, batch.grads, batch.algo, batch.state_lists(),
                                                      where=f"on {device}: ")
-                    if getattr(self._backend_for[device], "dense_params_only", False):
+                    if device in strict:
                         _layout.check_dense(batch.params, where=f"on {device}: ")
             # every device's counter advances, even where no parameter has a grad
             for device, batch in batches.items():
@@ -848,17 +861,15 @@ class _FusedOneCycleOptimizer(_CheckpointMixin, _HostMirrorMixin, torch.optim.Op
                     self.state.pop(p, None)
             _undo_added([a for a in added if a[0].device not in stepped])
             if not (isinstance(e, ValueError) and not stepped and not compiling
-                    and len(batches) == len(counters)
-                    and (self._parameters_changed_kind() or self._states_to_param_layout())):
+                    and len(batches) == len(counters) and self._parameters_changed_kind()):
                 raise
             retry = True
         else:
             retry = False
         if retry:
             # a parameter put into a group's list by hand needs what
-            # add_param_group would have set up, or states were laid out
-            # unlike their parameters: once that is done, the step again
-            # (outside the handler: its errors are its own)
+            # add_param_group would have set up: once that is done, the step
+            # again (outside the handler: its errors are its own)
             self._follow_param_devices()
             self._step(grad_scale, found_inf, mirror)
             return
@@ -921,20 +932,17 @@ class _FusedOneCycleOptimizer(_CheckpointMixin, _HostMirrorMixin, torch.optim.Op
         return (has_dtensors != self._has_dtensors or has_complex != self._has_complex
                 or any(type(b) is not type(self._backend_for.get(d)) for d, b in backends.items()))
 
-    def _states_to_param_layout(self) -> bool:
-        """State tensors laid out unlike their parameters, copied into the
-        parameter's layout (``layout.in_param_layout``); True if any was.
-        ``model.to(memory_format=torch.channels_last)`` after the state was
-        made gives such states (load_state_dict lays out what it loads). The
-        ``cuda`` op refuses them; torch.optim's default path takes them.
-        Run after a step refused its tensors, and before a step over several
-        devices, where one device may step before another refuses. Never
-        while capturing."""
+    def _states_to_param_layout(self, devices) -> None:
+        """The states of parameters on ``devices`` that are laid out unlike
+        their parameters, copied into the parameter's layout
+        (``layout.in_param_layout``). ``model.to(memory_format=
+        torch.channels_last)`` after the state was made gives such states
+        (load_state_dict lays out what it loads). The ``cuda`` op refuses
+        them; torch.optim's default path takes them. Never while capturing."""
         if not self._host_code_runs():
-            return False
-        changed = False
+            return
         for p, state in self.state.items():
-            if not isinstance(p, torch.Tensor) or not isinstance(state, dict):
+            if not isinstance(p, torch.Tensor) or not isinstance(state, dict) or p.device not in devices:
                 continue
             for k in self._state_tensors:
                 t = state.get(k)
@@ -942,8 +950,6 @@ class _FusedOneCycleOptimizer(_CheckpointMixin, _HostMirrorMixin, torch.optim.Op
                     laid_out = _layout.in_param_layout(t, p)
                     if laid_out is not t:
                         state[k] = laid_out
-                        changed = True
-        return changed
 
     def _follow_param_devices(self) -> None:
         """Counters, backends and tables for the devices the parameters are on now.
@@ -1051,6 +1057,7 @@ class _FusedOneCycleOptimizer(_CheckpointMixin, _HostMirrorMixin, torch.optim.Op
             "counters": self._counters,
             "host_step": self._host.step,
             "has_dtensors": self._has_dtensors,
+            "given_schedule_keys": self._given_schedule_keys,
         }
         return state
 
@@ -1071,6 +1078,7 @@ class _FusedOneCycleOptimizer(_CheckpointMixin, _HostMirrorMixin, torch.optim.Op
             return
         self.schedule = ours["schedule"]
         self.backend = ours["backend"]
+        self._given_schedule_keys = ours.get("given_schedule_keys", {})  # (absent: pickled before it existed)
         # keyed by where each counter is now: torch.load(map_location=...)
         # moves the tensors, not the dict's keys
         self._counters = {c.device: c for c in ours["counters"].values()}
@@ -1215,7 +1223,7 @@ class FusedOneCycleSGD(_FusedOneCycleOptimizer):
         )
         defaults = dict(momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize)
-        super().__init__(params, sched, defaults, backend)
+        super().__init__(params, sched, defaults, backend, _given_schedule_keys(locals()))
 
     def _validate_group(self, group, mirrored=False):
         if not (mirrored and self._schedule_of(group).cycles_momentum):
@@ -1333,7 +1341,7 @@ class FusedOneCycleAdam(_FusedOneCycleOptimizer):
             weight_decay = 1e-2 if self.algo == "adamw" else 0.0
         defaults = dict(betas=tuple(betas) if isinstance(betas, (list, tuple)) else betas, eps=eps,
                         weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize)
-        super().__init__(params, sched, defaults, backend)
+        super().__init__(params, sched, defaults, backend, _given_schedule_keys(locals()))
 
     def _validate_group(self, group, mirrored=False):
         betas = group["betas"]

@@ -664,21 +664,28 @@ _TORCH_ONECYCLE_KEYS = tuple(TorchOneCycle(0.0, total_steps=1).params())
 _SCHEDULE_KEYS = set(_ONECYCLE_KEYS) | set(_RANGETEST_KEYS) | set(_TORCH_ONECYCLE_KEYS) | {"post_cycle_decay_step_size"}
 
 
-def _keys_not_restating(group: Mapping[str, Any], schedule: Optional[_Schedule]) -> list[str]:
-    """The schedule keys a group dict holds (sorted) whose values are not the
-    group's ``schedule``'s own (all of them when it is None). Keys equal to
-    the schedule only restate it: torch's ZeroRedundancyOptimizer copies its
-    groups' keys, our constructor's schedule keywords among them, into ours
-    before every step, and into the groups its state_dict saves."""
+def _keys_not_restating(group: Mapping[str, Any], schedule: Optional[_Schedule],
+                        given: Optional[Mapping[str, Any]] = None) -> list[str]:
+    """The schedule keys a group dict holds (sorted) whose values restate
+    neither the group's ``schedule`` (none when it is None) nor ``given``,
+    the optimizer's constructor keywords as given (``decay_step_size=None``
+    is 0 in the schedule). Such keys only restate: torch's
+    ZeroRedundancyOptimizer copies its groups' keys, the constructor's
+    schedule keywords among them, into ours before every step (also after a
+    documented edit of the group's schedule) and into the groups its
+    state_dict saves."""
     params = {} if schedule is None else schedule.params()
     if "decay_step_size" in params:
         params["post_cycle_decay_step_size"] = params["decay_step_size"]
+    given = given or {}
     out = []
     for key in sorted(k for k in group if k in _SCHEDULE_KEYS):
-        try:
-            same = key in params and bool(group[key] == params[key])
-        except (TypeError, ValueError, RuntimeError):  # (a list, a tensor of several elements...)
-            same = False
+        same = False
+        for source in (params, given):
+            try:
+                same = same or (key in source and bool(group[key] == source[key]))
+            except (TypeError, ValueError, RuntimeError):  # (a list, a tensor of several elements...)
+                pass
         if not same:
             out.append(key)
     return out

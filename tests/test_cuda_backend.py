@@ -360,12 +360,10 @@ def _profiled_steady_steps() -> list[str]:
 
 @gpu
 def test_steady_state_one_launch_per_dtype_and_no_host_copies():
-    """The profiler session runs in a subprocess. On the first H100 session
-    the two gpu tests whose op raises a C++ error, which ran after it in the
-    same process, died with SIGSEGV. The suspected cause: c10::Error walks
-    the stack when it is made, and after a CUPTI session the unwinder
-    faulted. tools/gpu_error_probe.py checks that suspicion (its
-    profiler_then_* cases)."""
+    """The profiler session runs in a subprocess, so that CUPTI stays out of
+    the process the other gpu tests share. (It was suspected of the
+    SIGSEGVs of the first H100 session; the second showed the cause was a
+    statically linked libstdc++, see tools/gpu_error_probe.py.)"""
     import json
     import subprocess
     import sys

@@ -108,7 +108,7 @@ def test_step_plan_class_and_op_registered():
     schema = str(torch.ops.onecycle_fused.step_planned_.default._schema)
     assert "__torch__.torch.classes.onecycle_fused.StepPlan plan" in schema and "Tensor(a!) counter" in schema
     assert schema.endswith("-> bool")
-    plan = torch.classes.onecycle_fused.StepPlan("sgd", [], [], [], [], [], [], [])
+    plan = torch.classes.onecycle_fused.StepPlan("sgd", [], [], [], [], [], [], [], False)
     assert len(plan) == 0
 
 

@@ -2752,12 +2752,14 @@ def test_a_checkpoint_from_another_memory_format_loads_in_the_parameters_layout(
 
 
 def test_states_are_laid_out_as_parameters_that_changed_memory_format(monkeypatch):
-    """model.to(memory_format=torch.channels_last) after the state was made:
-    a backend that refuses a state laid out unlike its parameter (as the
-    cuda op does: here the cpu backend made to refuse as it does) gets the
-    states copied into the parameters' layout and the step again, with
-    nothing stepped twice. Oracle: torch.optim.AdamW, which takes such
-    states, on the same schedule."""
+    """model.to(memory_format=torch.channels_last) after the state was made
+    left states laid out unlike their parameters, which the cuda op refuses:
+    every later step raised. Here the cpu backend is made to need the
+    layout as cuda's does (its step plans then check it every step, and a
+    list step refuses as the op would): the plans built before the switch
+    find the mismatch and send the step to the list path, which lays the
+    states out first, so the op never sees one. Oracle: torch.optim.AdamW,
+    which takes such states, on the same schedule."""
     from onecycle_fused.backends.layout import same_layout
 
     data = _conv_data()
@@ -2774,16 +2776,18 @@ def test_states_are_laid_out_as_parameters_that_changed_memory_format(monkeypatc
         real_step(batch)
 
     monkeypatch.setattr(backend, "step", strict_step)
-    monkeypatch.setattr(opt, "_step_plan_enabled", False, raising=False)  # (every step through the backend)
+    monkeypatch.setattr(backend, "needs_param_layout", True, raising=False)
     _train_conv(model, opt, data[:3])
+    assert opt._plan.planned_steps > 0  # (the plans were stepping before the switch)
     model.to(memory_format=torch.channels_last)
     _train_conv(model, opt, data[3:])
-    assert refused  # (the refusal happened, and was recovered from)
+    assert not refused
     oracle = _torch_adamw_one_cycle(_conv_model(), data, 3)
     for p, q in zip(oracle.parameters(), model.parameters()):
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
     assert int(opt.step_counter()) == len(data)
     weight = model[0].weight
+    assert weight.stride() != weight.contiguous().stride()
     assert all(opt.state[weight][k].stride() == weight.stride() for k in ("exp_avg", "exp_avg_sq"))
 
 
@@ -2820,14 +2824,14 @@ def test_a_strided_parameter_on_a_device_whose_op_refuses_it_leaves_the_others_u
     """The cuda op refuses a parameter that is not dense, but only on its
     device: with parameters on several devices the ones stepped before it
     had moved. The optimizer now checks first (a meta parameter stands in
-    for the CUDA one, its backend made to need dense parameters as cuda's
-    does), and nothing moves."""
+    for the CUDA one, its backend made to need them as cuda's does), and
+    nothing moves."""
     c = torch.nn.Parameter(torch.randn(4))
     m = torch.nn.Parameter(torch.empty(4, 6, device="meta"))
     opt = FusedOneCycleAdamW([{"params": [c]}, {"params": [m]}], backend="reference", **SCHED)
     c.grad, m.grad = torch.randn(4), torch.empty_like(m)
     opt.step()
-    monkeypatch.setattr(opt._backend_for[m.device], "dense_params_only", True, raising=False)
+    monkeypatch.setattr(opt._backend_for[m.device], "needs_param_layout", True, raising=False)
     m.data = torch.empty(4, 12, device="meta")[:, ::2]
     opt.state[m].update({k: torch.empty_like(m) for k in ("exp_avg", "exp_avg_sq")})
     c.grad, m.grad = torch.randn(4), torch.empty_like(m)
@@ -2835,3 +2839,32 @@ def test_a_strided_parameter_on_a_device_whose_op_refuses_it_leaves_the_others_u
     with pytest.raises(ValueError, match=r"on meta: params\[0\] must be dense in memory"):
         opt.step()
     assert torch.equal(c.detach(), before[0]) and int(opt.step_counter("cpu")) == before[1]
+
+
+def test_constructor_keywords_copied_into_groups_after_a_schedule_edit_go_quietly():
+    """torch's ZeroRedundancyOptimizer copies the keywords our constructor
+    got into our groups before every step. After the documented edit of a
+    group's schedule (param_groups[i]['schedule']['params'][...]) those
+    copies no longer equal the schedule, and every step raised; so did a
+    keyword given as its default None (decay_step_size=None is 0 in the
+    schedule). Keys equal to the constructor's keywords as given are now
+    dropped quietly too, and the edit takes effect (oracle: a twin with the
+    same edit and no copies). A value that is neither is still refused."""
+    kw = dict(cycle_min_lr=0.01, cycle_max_lr=0.1, cycle_first_step_size=4, decay_step_size=None,
+              post_cycle_decay_step_size=None, momentum=0.9)
+    p, q = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    opt, twin = FusedOneCycleSGD([p], **kw), FusedOneCycleSGD([q], **kw)
+    zero_copies = {k: v for k, v in kw.items() if k != "momentum"}
+    for k in range(6):
+        if k == 2:
+            for o in (opt, twin):
+                o.param_groups[0]["schedule"]["params"]["cycle_max_lr"] = 0.2
+        opt.param_groups[0].update(zero_copies)
+        p.grad, q.grad = torch.ones(3), torch.ones(3)
+        opt.step()
+        twin.step()
+    assert torch.equal(p, q) and opt.get_last_lr() == twin.get_last_lr()
+    assert opt.get_last_lr()[0] != FusedOneCycleSGD([torch.nn.Parameter(torch.ones(1))], **kw).schedule.lr(6)
+    opt.param_groups[0]["cycle_max_lr"] = 0.3
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['cycle_max_lr'\]"):
+        opt.step()

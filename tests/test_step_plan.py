@@ -358,7 +358,7 @@ def test_step_plan_op_directly():
     opt._refresh_tables()
     table = opt._tables[torch.device("cpu")]
     c1, c2 = torch.zeros((), dtype=torch.int64), torch.zeros((), dtype=torch.int64)
-    plan = torch.classes.onecycle_fused.StepPlan("sgd", p, bufs, [], [], steps, [0, 0], [watched])
+    plan = torch.classes.onecycle_fused.StepPlan("sgd", p, bufs, [], [], steps, [0, 0], [watched], False)
     assert len(plan) == 2
     assert torch.ops.onecycle_fused.step_planned_(plan, table, c1, None, None) is True
     torch.ops.onecycle_fused.sgd_step_(q, [t.grad for t in q], bufs_q, steps_q, [0, 0], table, c2, None, None)
@@ -372,9 +372,9 @@ def test_step_plan_op_directly():
     assert torch.ops.onecycle_fused.step_planned_(plan, table, c1, None, None) is False
     assert all(torch.equal(a, b) for a, b in zip(before, p + bufs + steps + [c1]))
     with pytest.raises(ValueError, match="algo"):
-        torch.classes.onecycle_fused.StepPlan("lamb", p, bufs, [], [], steps, [0, 0], [])
+        torch.classes.onecycle_fused.StepPlan("lamb", p, bufs, [], [], steps, [0, 0], [], False)
     with pytest.raises(ValueError, match="state list"):
-        torch.classes.onecycle_fused.StepPlan("adam", p, bufs, [], [], steps, [0, 0], [])
+        torch.classes.onecycle_fused.StepPlan("adam", p, bufs, [], [], steps, [0, 0], [], False)
 
 
 @pytest.mark.parametrize("cls,kw", ALGOS, ids=ALGO_IDS)

@@ -7,6 +7,12 @@ from prepare_step (csrc/cuda/tensor_table.cu): a strided parameter
 ops raise normally here, on the CPU, with torch 2.11 and a _C_cuda built by
 nvcc (the op reached through redispatch; tools/check_gpu_versions.sh).
 
+Found in the second H100 session: the image's compiler wrapper
+(/opt/gcc/bin) linked libstdc++ statically into our libraries, which then
+define __cxa_throw (printed below): their errors crashed, torch's did not,
+with or without a profiler session first. Built with /usr/bin/g++ there
+(tools/gpu_session.sh now does), they raise.
+
 Each case runs in a subprocess of its own, so one crash does not hide the
 others (the profiler_then_* cases open a torch.profiler session first, as
 the crashed tests' process had); the first case that crashes is run again under cuda-gdb (the GPU
@@ -98,9 +104,8 @@ def case_cuda_overlap():
 def _profile_our_steps():
     """A torch.profiler (CUPTI) session around steps of ours, as
     tests/test_cuda_backend.py's launch-count test opened one: on the first
-    H100 session both crashing tests ran after it in the same process. The
-    suspicion: c10::Error walks the stack when it is made (its lazy
-    backtrace), and the unwinder faults once CUPTI has been set up."""
+    H100 session both crashing tests ran after it in the same process (a
+    suspicion the second session cleared: see the module docstring)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 

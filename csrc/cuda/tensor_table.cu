@@ -25,6 +25,7 @@
 // (a run whose grads land elsewhere every step leaves one stale table per
 // step behind: 64 bytes per tensor each).
 #include "tensor_table.cuh"
+#include "../layout.h"
 #include "../overlap.h"
 
 #include <ATen/ops/empty_like.h>
@@ -86,17 +87,6 @@ bool is_capturing(cudaStream_t stream) {
   cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
   C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
   return status != cudaStreamCaptureStatusNone;
-}
-
-// Same element <-> address correspondence as the parameter: same sizes, and
-// the same strides wherever a size is > 1 (a size-1 dim's stride is free).
-bool same_layout(const at::Tensor& a, const at::Tensor& b) {
-  if (a.sizes() != b.sizes()) return false;
-  if (a.numel() == 0) return true;  // no element: any strides
-  for (int64_t d = 0; d < a.dim(); ++d) {
-    if (a.size(d) > 1 && a.stride(d) != b.stride(d)) return false;
-  }
-  return true;
 }
 
 // Copies up to kUploadWords 8-byte words into device memory from the

@@ -23,6 +23,13 @@ class _CompiledBackend:
     # the ops check every tensor of a call before they write any (csrc/ops.cpp
     # Batch, csrc/cuda/tensor_table.cu): the optimizer need not check grads first
     checks_before_writing = True
+    # the op walks a parameter's elements in memory order, its states with the
+    # parameter's offsets (cuda/tensor_table.cu): a strided parameter, or a
+    # state laid out otherwise, is refused. The optimizer lays the states out
+    # as their parameters before such a backend's list step, checks the
+    # parameters first when several devices step, and its step plans check
+    # the layouts every step (csrc/layout.h)
+    needs_param_layout = False
 
     def __init__(self):
         # one shared empty tensor per device stands for "no buffer"
@@ -70,6 +77,7 @@ class _CompiledBackend:
         s0, s1, s2 = self._state_lists(batch)
         return torch.classes.onecycle_fused.StepPlan(
             "sgd" if batch.algo == "sgd" else "adam", batch.params, s0, s1, s2, batch.steps, batch.group_ids, watched,
+            self.needs_param_layout,
         )
 
 
@@ -90,10 +98,7 @@ class CUDABackend(_CompiledBackend):
     name = "cuda"
     device_type = "cuda"
     dtypes = _FLOATS
-    # the op walks a parameter's elements in memory order (tensor_table.cu):
-    # a strided view is refused (the optimizer checks it first when several
-    # devices step, see _step)
-    dense_params_only = True
+    needs_param_layout = True
 
     def available(self) -> bool:
         return ops.cuda_library_loaded() and torch.cuda.is_available()
