@@ -627,8 +627,9 @@ struct StepPlan : torch::CustomClassHolder {
       // theirs: the CUDA op would refuse them; the list path lays them out
       for (size_t s = 0; s < 3; ++s) {
         for (size_t i = 0; i < states[s].size(); ++i) {
+          // (equal strides first: the usual case, a few ns; empty: "none")
           const Tensor& t = states[s][i];
-          if (t.numel() != 0 && !same_layout(t, params_[i])) return false;  // (empty: "none")
+          if (t.numel() != 0 && t.strides() != params_[i].strides() && !same_layout(t, params_[i])) return false;
         }
       }
     }
