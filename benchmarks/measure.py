@@ -53,21 +53,29 @@ def time_steps(
     iters: int,
     budget_s: float,
     min_iters: int = 3,
-    host_bursts: int = 10,
+    host_bursts: int = 25,
     burst_len: int = 1,
 ) -> dict:
     """Median wall time per step over back-to-back steps, and host CPU time per step.
 
     Runs ``warmup`` steps, then up to ``iters`` timed steps, stopping early
     (after at least ``min_iters``) once ``budget_s`` seconds have passed.
-    Host CPU time is ``time.process_time`` (all threads of the process): on
-    CPU it is measured over the timed steps themselves; on CUDA over bursts
-    of ``burst_len`` steps, each started after a synchronisation, so a full
-    launch queue cannot make the host spin inside the measurement. One step
-    per burst by default: a device-bound step that launches hundreds of
-    kernels (torch foreach on the 1B set: ~50 launches per foreach op, ~420
-    per AdamW step) fills the ~1,000-entry queue within 3 steps, and the
-    host's wait for the device would be counted as its CPU time.
+    Host CPU time: on CPU ``time.process_time`` (all threads of the
+    process: the kernels run there) over the timed steps themselves. On
+    CUDA ``time.thread_time``, the CPU time of the thread that calls the
+    step (where every implementation's host work happens), over bursts of
+    ``burst_len`` steps, each started after a synchronisation, so a full
+    launch queue cannot make the host spin inside the measurement; the
+    process's CPU time over the same bursts is kept as
+    ``host_cpu_process_ms``. The thread's: on the second H100 session the
+    process's moved 3x between two runs of one case (torch fused 0.33-1.02
+    ms), background threads (the CUDA driver's, CUPTI's after the previous
+    row's launch count, OpenMP workers spinning after a CPU op) counted in.
+    One step per burst by default: a device-bound step that launches
+    hundreds of kernels (torch foreach on the 1B set: ~50 launches per
+    foreach op, ~420 per AdamW step) fills the ~1,000-entry queue within 3
+    steps, and the host's wait for the device would be counted as its CPU
+    time.
     """
     for _ in range(warmup):
         step()
@@ -88,12 +96,14 @@ def time_steps(
             times += [events[i].elapsed_time(events[i + 1]) / 1e3 for i in range(n)]
             if len(times) >= min_iters and time.perf_counter() - start > budget_s:
                 break
+        process: list[float] = []
         for _ in range(host_bursts):
             torch.cuda.synchronize(device)
-            c0 = time.process_time()
+            c0, p0 = time.thread_time(), time.process_time()
             for _ in range(burst_len):
                 step()
-            cpu.append((time.process_time() - c0) / burst_len)
+            cpu.append((time.thread_time() - c0) / burst_len)
+            process.append((time.process_time() - p0) / burst_len)
         torch.cuda.synchronize(device)
     else:
         while len(times) < iters:
@@ -104,13 +114,17 @@ def time_steps(
             cpu.append(c1 - c0)
             if len(times) >= min_iters and t1 - start > budget_s:
                 break
-    return {
+    out = {
         "median_ms": statistics.median(times) * 1e3,
         "p10_ms": _percentile(times, 0.1) * 1e3,
         "p90_ms": _percentile(times, 0.9) * 1e3,
         "iters": len(times),
         "host_cpu_ms": statistics.median(cpu) * 1e3,
     }
+    if device.type == "cuda":
+        out["host_cpu_process_ms"] = statistics.median(process) * 1e3
+        out["host_cpu_clock"] = "thread"
+    return out
 
 
 # host-side CUDA API calls that put work on the device

@@ -1029,3 +1029,44 @@ def test_run_does_the_end_to_end_run_before_any_case(tmp_path, monkeypatch):
                   "--out", str(out)])
     assert order == ["e2e", "case", "case"]
     assert json.loads((out / "results.json").read_text())["e2e"]["steps"] == 8
+
+
+def test_cuda_host_time_is_the_calling_threads(monkeypatch):
+    """On CUDA the host CPU time per step is the calling thread's: the
+    process's counted background threads (the CUDA driver's, CUPTI's after
+    a launch count) and moved torch fused's 3x between two runs on an H100.
+    Here a thread spins beside a step that only sleeps (CUDA's events and
+    syncs stood in for): the thread's time is ~0, the process's is not, and
+    both are reported."""
+    import threading
+    import time
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            self.t = 0.0
+
+        def record(self, *args):
+            self.t = time.perf_counter()
+
+        def elapsed_time(self, other):
+            return (other.t - self.t) * 1e3
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: None)
+    monkeypatch.setattr(measure, "sync", lambda device: None)
+    stop = threading.Event()
+
+    def spin():
+        while not stop.is_set():
+            sum(range(1000))
+
+    spinner = threading.Thread(target=spin)
+    spinner.start()
+    try:
+        r = measure.time_steps(lambda: time.sleep(0.003), torch.device("cuda"), warmup=1, iters=5, budget_s=0.5,
+                               host_bursts=8)
+    finally:
+        stop.set()
+        spinner.join()
+    assert r["host_cpu_clock"] == "thread"
+    assert r["host_cpu_ms"] < 0.5 < 1.0 < r["host_cpu_process_ms"], r
