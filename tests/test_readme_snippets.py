@@ -65,9 +65,11 @@ def test_every_snippet_runs_as_written_and_gives_deepspeeds_numbers(tmp_path, mo
     for i, code in enumerate(_snippets()):
         if "deepspeed.initialize" in code:
             continue
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # (a range test this short warns about it)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             exec(compile(code, f"README.md python block {i}", "exec"), ns)
+        ours = [str(w.message) for w in caught if "onecycle_fused" in w.filename or "FusedOneCycle" in str(w.message)]
+        assert not ours, (i, ours)  # a README example that our own code warns about
         ran.append(code)
         opt = ns.get("opt")
         if "for x, y in loader:" in code:
