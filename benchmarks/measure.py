@@ -124,6 +124,12 @@ def time_steps(
     if device.type == "cuda":
         out["host_cpu_process_ms"] = statistics.median(process) * 1e3
         out["host_cpu_clock"] = "thread"
+        if out["host_cpu_ms"] == 0.0 and out["host_cpu_process_ms"] > 0.0:
+            # a thread clock that does not tick at this scale (a sandbox's
+            # coarse accounting, say) would make every host ratio 0 or
+            # undefined: the process's time then, marked
+            out["host_cpu_ms"] = out["host_cpu_process_ms"]
+            out["host_cpu_clock"] = "process"
     return out
 
 

@@ -178,7 +178,14 @@ def gpu_targets(rows, e2e: Optional[dict]) -> list[dict]:
             ratio = r["median_ms"] / f["median_ms"] if r and f else None
             out.append(_target("ResNet-50 step time <= 0.7x torch fused + OneCycleLR", case, ratio, 0.7,
                                detail=said(miss or str(ours))))
-            ratio = r["host_cpu_ms"] / f["host_cpu_ms"] if r and f and f["host_cpu_ms"] else None
+            if r and f and r.get("host_cpu_clock") != f.get("host_cpu_clock"):
+                # rows merged from runs that timed the host differently (the
+                # process's time before 2026-11-27's second session, the
+                # calling thread's since): no ratio between them
+                miss = "host CPU times measured with different clocks (rows of different runs): not measured"
+                ratio = None
+            else:
+                ratio = r["host_cpu_ms"] / f["host_cpu_ms"] if r and f and f["host_cpu_ms"] else None
             out.append(_target("ResNet-50 host CPU time <= 0.5x torch fused + OneCycleLR", case, ratio, 0.5,
                                detail=said(miss or str(ours))))
         if set_name == "small":

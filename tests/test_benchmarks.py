@@ -1070,3 +1070,45 @@ def test_cuda_host_time_is_the_calling_threads(monkeypatch):
         spinner.join()
     assert r["host_cpu_clock"] == "thread"
     assert r["host_cpu_ms"] < 0.5 < 1.0 < r["host_cpu_process_ms"], r
+
+
+def test_host_ratio_needs_one_clock():
+    """Rows merged from runs that timed the host with different clocks (the
+    process's before 2026-11-27's second H100 session, the calling thread's
+    since) give no host ratio: not measured, with the reason, where the
+    same clock gives the ratio."""
+    def rows(ours_clock):
+        fused, ours = _row("torch-fused+OneCycleLR", 8.0, host=4.0), _row("ours-cuda", 6.0, host=1.0)
+        fused["host_cpu_clock"], ours["host_cpu_clock"] = "process", ours_clock
+        return [fused, ours]
+
+    name = "ResNet-50 host CPU time <= 0.5x torch fused + OneCycleLR"
+    same = {x["target"]: x for x in targets.evaluate("cuda", rows("process"), None) if x["case"] == "resnet50 / fp32 / sgd"}
+    assert same[name]["value"] == pytest.approx(0.25) and same[name]["met"]
+    mixed = {x["target"]: x for x in targets.evaluate("cuda", rows("thread"), None) if x["case"] == "resnet50 / fp32 / sgd"}
+    assert mixed[name]["value"] is None and "different clocks" in mixed[name]["detail"]
+
+
+def test_a_thread_clock_that_does_not_tick_falls_back_to_the_process_clock(monkeypatch):
+    """A thread clock reading 0 for every burst (coarse accounting in a
+    sandbox) would make host ratios 0 or undefined: the process's time is
+    used then, and the row says which clock it is."""
+    import time
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            self.t = 0.0
+
+        def record(self, *args):
+            self.t = time.perf_counter()
+
+        def elapsed_time(self, other):
+            return (other.t - self.t) * 1e3
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: None)
+    monkeypatch.setattr(measure, "sync", lambda device: None)
+    monkeypatch.setattr(time, "thread_time", lambda: 0.0)
+    r = measure.time_steps(lambda: sum(range(20000)), torch.device("cuda"), warmup=1, iters=3, budget_s=0.5,
+                           host_bursts=5)
+    assert r["host_cpu_clock"] == "process" and r["host_cpu_ms"] == r["host_cpu_process_ms"] > 0
