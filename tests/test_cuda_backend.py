@@ -791,6 +791,28 @@ def test_states_follow_parameters_into_another_memory_format(mixed):
 
 
 @gpu
+def test_a_strided_cuda_parameter_beside_a_cpu_one_is_refused_before_either_steps():
+    """The cuda op refuses a parameter that is not dense, but only for its
+    device: beside a CPU parameter (whose device steps first) the CPU one
+    had moved. The optimizer checks first now: ValueError, nothing moved on
+    either device."""
+    c = torch.nn.Parameter(torch.randn(4))
+    g = torch.nn.Parameter(torch.randn(4, 6, device=DEV))
+    opt = FusedOneCycleAdamW([c, g], backend="auto", **SCHED)
+    c.grad, g.grad = torch.randn(4), torch.randn(4, 6, device=DEV)
+    opt.step()
+    g.data = torch.randn(4, 12, device=DEV)[:, ::2]
+    opt.state[g]["exp_avg"] = torch.zeros_like(g)
+    opt.state[g]["exp_avg_sq"] = torch.zeros_like(g)
+    c.grad, g.grad = torch.randn(4), torch.randn(4, 6, device=DEV)
+    before = (c.detach().clone(), g.detach().clone(), int(opt.step_counter("cpu")), int(opt.step_counter(DEV)))
+    with pytest.raises(ValueError, match=r"params\[0\] must be dense in memory"):
+        opt.step()
+    assert torch.equal(c.detach(), before[0]) and torch.equal(g.detach(), before[1])
+    assert (int(opt.step_counter("cpu")), int(opt.step_counter(DEV))) == before[2:]
+
+
+@gpu
 def test_groups_without_parameters_hand_their_count_to_the_gpu():
     """A group with no parameters keeps the count on the CPU; CUDA parameters
     added later take it over, and the CPU counter goes."""

@@ -13,7 +13,12 @@
 # Measured on the first H100 session (2026-11-27, held_s from the device tool):
 # a start ~30 s, phase 1 242 s (build 63, pytest cut by a crash 27, e2e 17,
 # bench 121), phase 2 279 s (build 8, bench 63, compiled cut at 120,
-# host overhead 34, tuning 38).
+# host overhead 34, tuning 38). The second (same day): phase 1 456 s held,
+# 428 s running (pytest 82 with four crashes, error probe cut at 100 in
+# cuda-gdb, compile warm-up cut at 210, e2e 17, bench 123), phase 2 245 s
+# (build 7, compiled rows 127 with the warm-up's caches, bench 65, host
+# overhead 30). Built with the /usr/bin compilers the crashes (and with them
+# cuda-gdb) should be gone: ~300 s for phase 1.
 #
 # Everything it writes goes under $OUT, at most 8 files, as many as the device
 # tool brings back: env.txt (device and versions), build.log (phase 1: with
