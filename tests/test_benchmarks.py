@@ -1036,24 +1036,12 @@ def test_cuda_host_time_is_the_calling_threads(monkeypatch):
     process's counted background threads (the CUDA driver's, CUPTI's after
     a launch count) and moved torch fused's 3x between two runs on an H100.
     Here a thread spins beside a step that only sleeps (CUDA's events and
-    syncs stood in for): the thread's time is ~0, the process's is not, and
-    both are reported."""
+    syncs stood in for, _fake_cuda): the thread's time is ~0, the
+    process's is not, and both are reported."""
     import threading
     import time
 
-    class Event:
-        def __init__(self, enable_timing=False):
-            self.t = 0.0
-
-        def record(self, *args):
-            self.t = time.perf_counter()
-
-        def elapsed_time(self, other):
-            return (other.t - self.t) * 1e3
-
-    monkeypatch.setattr(torch.cuda, "Event", Event)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: None)
-    monkeypatch.setattr(measure, "sync", lambda device: None)
+    device = _fake_cuda(monkeypatch, _FakeCudaQueue(launches_per_step=0, drain_s=0.0))
     stop = threading.Event()
 
     def spin():
@@ -1063,8 +1051,7 @@ def test_cuda_host_time_is_the_calling_threads(monkeypatch):
     spinner = threading.Thread(target=spin)
     spinner.start()
     try:
-        r = measure.time_steps(lambda: time.sleep(0.003), torch.device("cuda"), warmup=1, iters=5, budget_s=0.5,
-                               host_bursts=8)
+        r = measure.time_steps(lambda: time.sleep(0.003), device, warmup=1, iters=5, budget_s=0.5, host_bursts=8)
     finally:
         stop.set()
         spinner.join()
@@ -1095,20 +1082,7 @@ def test_a_thread_clock_that_does_not_tick_falls_back_to_the_process_clock(monke
     used then, and the row says which clock it is."""
     import time
 
-    class Event:
-        def __init__(self, enable_timing=False):
-            self.t = 0.0
-
-        def record(self, *args):
-            self.t = time.perf_counter()
-
-        def elapsed_time(self, other):
-            return (other.t - self.t) * 1e3
-
-    monkeypatch.setattr(torch.cuda, "Event", Event)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: None)
-    monkeypatch.setattr(measure, "sync", lambda device: None)
+    device = _fake_cuda(monkeypatch, _FakeCudaQueue(launches_per_step=0, drain_s=0.0))
     monkeypatch.setattr(time, "thread_time", lambda: 0.0)
-    r = measure.time_steps(lambda: sum(range(20000)), torch.device("cuda"), warmup=1, iters=3, budget_s=0.5,
-                           host_bursts=5)
+    r = measure.time_steps(lambda: sum(range(20000)), device, warmup=1, iters=3, budget_s=0.5, host_bursts=5)
     assert r["host_cpu_clock"] == "process" and r["host_cpu_ms"] == r["host_cpu_process_ms"] > 0
