@@ -7,6 +7,8 @@ device-bound one its kernel time, as a training loop would see them.
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import math
 import os
 import re
@@ -25,6 +27,15 @@ def bytes_per_step(algo: str, numel: int, dtype: torch.dtype) -> int:
     """Bytes one step must move: params, grads and states all in ``dtype``."""
     elem = torch.empty((), dtype=dtype).element_size()
     return BYTES_PER_PARAM_FP32[algo] * numel * elem // 4
+
+
+# optimizer states per parameter: SGD's momentum buffer; Adam's two moments
+STATES_PER_PARAM = {"sgd": 1, "adam": 2, "adamw": 2}
+
+
+def state_bytes(algo: str, numel: int, dtype: torch.dtype) -> int:
+    """Bytes of one optimizer's states, kept in the parameters' ``dtype``."""
+    return STATES_PER_PARAM[algo] * numel * torch.empty((), dtype=dtype).element_size()
 
 
 def dynamo_graphs() -> int:
@@ -46,6 +57,95 @@ def _percentile(values: list[float], q: float) -> float:
     return s[i]
 
 
+@contextlib.contextmanager
+def _gc_paused():
+    """No cyclic garbage collection inside a timed stretch (as ``timeit``):
+    a collection pass over the process's objects (torch's and dynamo's are
+    many) lands on whichever step triggers it."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def _cuda_step_times(step: Callable[[], object], device: torch.device, iters: int, budget_s: float,
+                     min_iters: int = 3, min_time_s: float = 0.0, max_iters: Optional[int] = None,
+                     chunk: int = 10) -> list[float]:
+    """Seconds per step of back-to-back steps on CUDA, from events recorded
+    between them (no synchronisation inside a chunk). At least ``iters``
+    steps, and more (up to ``max_iters``) until ``min_time_s`` seconds of
+    steps were timed; fewer (at least ``min_iters``) once ``budget_s`` wall
+    seconds passed.
+
+    Each chunk of ``chunk`` steps follows a synchronisation, so its first
+    step would start on an idle device and carry the host's time to issue it
+    on top of its own: one untimed lead step goes first, and the timed ones
+    find work queued ahead of them as in a training loop. (Without it every
+    tenth sample held the host's latency: p90 measured the chunking.)
+    """
+    max_iters = max(iters, max_iters or iters)
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < max_iters:
+        n = min(chunk, max_iters - len(times))
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(n + 1)]
+        step()  # the lead step (see above)
+        events[0].record()
+        for i in range(n):
+            step()
+            events[i + 1].record()
+        torch.cuda.synchronize(device)
+        times += [events[i].elapsed_time(events[i + 1]) / 1e3 for i in range(n)]
+        if len(times) >= iters and sum(times) >= min_time_s:
+            break
+        if len(times) >= min_iters and time.perf_counter() - start > budget_s:
+            break
+    return times
+
+
+def _cuda_host_times(step: Callable[[], object], device: torch.device, bursts: int,
+                     burst_len: int = 1) -> tuple[list[float], list[float]]:
+    """Host CPU seconds per step on CUDA, (the calling thread's, the
+    process's), over ``bursts`` bursts of ``burst_len`` steps, each started
+    after a synchronisation (see :func:`time_steps`)."""
+    thread: list[float] = []
+    process: list[float] = []
+    for _ in range(bursts):
+        torch.cuda.synchronize(device)
+        c0, p0 = time.thread_time(), time.process_time()
+        for _ in range(burst_len):
+            step()
+        thread.append((time.thread_time() - c0) / burst_len)
+        process.append((time.process_time() - p0) / burst_len)
+    torch.cuda.synchronize(device)
+    return thread, process
+
+
+def _stats(times: list[float], cpu: list[float], process: Optional[list[float]] = None) -> dict:
+    """The row figures from per-step seconds (wall or device), host CPU
+    seconds per step and, on CUDA, the process's host CPU seconds."""
+    out = {
+        "median_ms": statistics.median(times) * 1e3,
+        "p10_ms": _percentile(times, 0.1) * 1e3,
+        "p90_ms": _percentile(times, 0.9) * 1e3,
+        "iters": len(times),
+        "host_cpu_ms": statistics.median(cpu) * 1e3,
+    }
+    if process is not None:
+        out["host_cpu_process_ms"] = statistics.median(process) * 1e3
+        out["host_cpu_clock"] = "thread"
+        if out["host_cpu_ms"] == 0.0 and out["host_cpu_process_ms"] > 0.0:
+            # a thread clock that does not tick at this scale (a sandbox's
+            # coarse accounting, say) would make every host ratio 0 or
+            # undefined: the process's time then, marked
+            out["host_cpu_ms"] = out["host_cpu_process_ms"]
+            out["host_cpu_clock"] = "process"
+    return out
+
+
 def time_steps(
     step: Callable[[], object],
     device: torch.device,
@@ -55,11 +155,16 @@ def time_steps(
     min_iters: int = 3,
     host_bursts: int = 25,
     burst_len: int = 1,
+    min_time_s: float = 0.0,
 ) -> dict:
     """Median wall time per step over back-to-back steps, and host CPU time per step.
 
     Runs ``warmup`` steps, then up to ``iters`` timed steps, stopping early
     (after at least ``min_iters``) once ``budget_s`` seconds have passed.
+    On CUDA, steps are timed with events (:func:`_cuda_step_times`), and
+    more than ``iters`` of them (up to 20x) while less than ``min_time_s``
+    seconds of steps were timed: a ResNet-50 step of 0.2 ms would otherwise
+    be timed over 20 ms, where one hiccup of the machine moves the median.
     Host CPU time: on CPU ``time.process_time`` (all threads of the
     process: the kernels run there) over the timed steps themselves. On
     CUDA ``time.thread_time``, the CPU time of the thread that calls the
@@ -75,37 +180,19 @@ def time_steps(
     hundreds of kernels (torch foreach on the 1B set: ~50 launches per
     foreach op, ~420 per AdamW step) fills the ~1,000-entry queue within 3
     steps, and the host's wait for the device would be counted as its CPU
-    time.
+    time. No garbage collection inside the timed stretches.
     """
     for _ in range(warmup):
         step()
     sync(device)
-    times: list[float] = []
-    cpu: list[float] = []
-    start = time.perf_counter()
-    if device.type == "cuda":
-        chunk = 10
-        while len(times) < iters:
-            n = min(chunk, iters - len(times))
-            events = [torch.cuda.Event(enable_timing=True) for _ in range(n + 1)]
-            events[0].record()
-            for i in range(n):
-                step()
-                events[i + 1].record()
-            torch.cuda.synchronize(device)
-            times += [events[i].elapsed_time(events[i + 1]) / 1e3 for i in range(n)]
-            if len(times) >= min_iters and time.perf_counter() - start > budget_s:
-                break
-        process: list[float] = []
-        for _ in range(host_bursts):
-            torch.cuda.synchronize(device)
-            c0, p0 = time.thread_time(), time.process_time()
-            for _ in range(burst_len):
-                step()
-            cpu.append((time.thread_time() - c0) / burst_len)
-            process.append((time.process_time() - p0) / burst_len)
-        torch.cuda.synchronize(device)
-    else:
+    with _gc_paused():
+        if device.type == "cuda":
+            times = _cuda_step_times(step, device, iters, budget_s, min_iters, min_time_s, 20 * iters)
+            cpu, process = _cuda_host_times(step, device, host_bursts, burst_len)
+            return _stats(times, cpu, process)
+        times: list[float] = []
+        cpu: list[float] = []
+        start = time.perf_counter()
         while len(times) < iters:
             t0, c0 = time.perf_counter(), time.process_time()
             step()
@@ -114,23 +201,64 @@ def time_steps(
             cpu.append(c1 - c0)
             if len(times) >= min_iters and t1 - start > budget_s:
                 break
-    out = {
-        "median_ms": statistics.median(times) * 1e3,
-        "p10_ms": _percentile(times, 0.1) * 1e3,
-        "p90_ms": _percentile(times, 0.9) * 1e3,
-        "iters": len(times),
-        "host_cpu_ms": statistics.median(cpu) * 1e3,
-    }
-    if device.type == "cuda":
-        out["host_cpu_process_ms"] = statistics.median(process) * 1e3
-        out["host_cpu_clock"] = "thread"
-        if out["host_cpu_ms"] == 0.0 and out["host_cpu_process_ms"] > 0.0:
-            # a thread clock that does not tick at this scale (a sandbox's
-            # coarse accounting, say) would make every host ratio 0 or
-            # undefined: the process's time then, marked
-            out["host_cpu_ms"] = out["host_cpu_process_ms"]
-            out["host_cpu_clock"] = "process"
-    return out
+    return _stats(times, cpu)
+
+
+def time_rounds(steps: dict, device: torch.device, warmup: int, iters: int, budget_s: float,
+                min_iters: int = 3, min_time_s: float = 0.0, rounds: int = 5,
+                host_bursts: int = 25) -> tuple[dict, dict]:
+    """:func:`time_steps` for several implementations on CUDA, in rounds.
+
+    Each round times a block of back-to-back steps of every implementation
+    still being timed (the order rotating from round to round), then its
+    host bursts; every figure is over all of an implementation's blocks. So
+    a change in the machine's state (on the H100 sessions a row's median
+    moved up to 2x between runs, and torch fused with two host schedulers
+    of like cost differed 2x within one) falls on all of them alike,
+    instead of on whichever was timed at that moment. Each implementation
+    gets a ``1 / rounds`` share of ``iters``, ``min_time_s``, ``budget_s``
+    and ``host_bursts`` per round.
+
+    Returns (stats by name, error message by name for any that raised), as
+    :func:`time_interleaved`.
+    """
+    if device.type != "cuda":
+        raise ValueError("time_rounds is for CUDA devices; use time_interleaved on CPU")
+    errors: dict[str, str] = {}
+    times: dict[str, list] = {k: [] for k in steps}
+    cpu: dict[str, list] = {k: [] for k in steps}
+    process: dict[str, list] = {k: [] for k in steps}
+    live = dict(steps)
+
+    def fail(name, e):
+        errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        del live[name]
+
+    for name, fn in list(live.items()):
+        try:
+            for _ in range(warmup):
+                fn()
+            sync(device)
+        except Exception as e:  # reported as this implementation's error
+            fail(name, e)
+    per_iters = max(1, math.ceil(iters / rounds))
+    per_bursts = max(1, math.ceil(host_bursts / rounds))
+    with _gc_paused():
+        for r in range(rounds):
+            names = list(live)
+            k = r % len(names) if names else 0
+            for name in names[k:] + names[:k]:
+                try:
+                    times[name] += _cuda_step_times(live[name], device, per_iters, budget_s / rounds,
+                                                    max(1, math.ceil(min_iters / rounds)), min_time_s / rounds,
+                                                    20 * per_iters)
+                    t, p = _cuda_host_times(live[name], device, per_bursts)
+                except Exception as e:
+                    fail(name, e)
+                    continue
+                cpu[name] += t
+                process[name] += p
+    return {name: _stats(times[name], cpu[name], process[name]) for name in live}, errors
 
 
 # host-side CUDA API calls that put work on the device
@@ -183,7 +311,7 @@ def count_launches(step: Callable[[], object], device: torch.device, steps: int 
             "copies_per_step": copies / steps}
 
 
-def _free_bytes(device: torch.device) -> int:
+def free_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return free
@@ -193,7 +321,8 @@ def _free_bytes(device: torch.device) -> int:
         return 4 << 30
 
 
-def copy_roofline(total_bytes: int, device: torch.device, warmup: int, iters: int, budget_s: float) -> dict:
+def copy_roofline(total_bytes: int, device: torch.device, warmup: int, iters: int, budget_s: float,
+                  min_time_s: float = 0.0) -> dict:
     """A copy moving ``total_bytes`` (read half, write half), timed like a step.
 
     On CUDA a device-to-device copy; on CPU ``Tensor.copy_`` (torch's parallel
@@ -201,11 +330,12 @@ def copy_roofline(total_bytes: int, device: torch.device, warmup: int, iters: in
     is shrunk and its time scaled linearly (``capped`` says so).
     """
     n = max(1, total_bytes // 2)
-    limit = max(1 << 20, _free_bytes(device) // 4)  # two buffers in half the free memory
+    limit = max(1 << 20, free_bytes(device) // 4)  # two buffers in half the free memory
     m = min(n, limit)
     src = torch.ones(m, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    t = time_steps(lambda: dst.copy_(src), device, warmup, iters, budget_s, host_bursts=1, burst_len=1)
+    t = time_steps(lambda: dst.copy_(src), device, warmup, iters, budget_s, host_bursts=1, burst_len=1,
+                   min_time_s=min_time_s)
     del src, dst
     scale = n / m
     ms = t["median_ms"] * scale
@@ -226,13 +356,13 @@ def time_interleaved(steps: dict, device: torch.device, warmup: int, iters: int,
     change in background load (other processes on shared cores) hits all of
     them alike instead of whichever happened to run at that moment. An
     implementation stops after ``iters`` steps, or after ``min_iters`` once
-    its own timed steps exceed ``budget_s``. CPU only (on CUDA steps are
-    timed back to back, see :func:`time_steps`).
+    its own timed steps exceed ``budget_s``. CPU only (on CUDA, blocks of
+    back-to-back steps take turns: :func:`time_rounds`).
 
     Returns (stats by name, error message by name for any that raised).
     """
     if device.type == "cuda":
-        raise ValueError("time_interleaved is for CPU devices; use time_steps on CUDA")
+        raise ValueError("time_interleaved is for CPU devices; use time_rounds on CUDA")
     errors: dict[str, str] = {}
     times: dict[str, list] = {k: [] for k in steps}
     cpu: dict[str, list] = {k: [] for k in steps}
@@ -250,28 +380,19 @@ def time_interleaved(steps: dict, device: torch.device, warmup: int, iters: int,
         for name, fn in list(live.items()):
             if not call(name, fn):
                 del live[name]
-    while live:
-        for name, fn in list(live.items()):
-            t0, c0 = time.perf_counter(), time.process_time()
-            ok = call(name, fn)
-            t1, c1 = time.perf_counter(), time.process_time()
-            if not ok:
-                del live[name]
-                continue
-            times[name].append(t1 - t0)
-            cpu[name].append(c1 - c0)
-            n = len(times[name])
-            if n >= iters or (n >= min_iters and sum(times[name]) > budget_s):
-                del live[name]
-    stats = {}
-    for name, ts in times.items():
-        if name in errors or not ts:
-            continue
-        stats[name] = {
-            "median_ms": statistics.median(ts) * 1e3,
-            "p10_ms": _percentile(ts, 0.1) * 1e3,
-            "p90_ms": _percentile(ts, 0.9) * 1e3,
-            "iters": len(ts),
-            "host_cpu_ms": statistics.median(cpu[name]) * 1e3,
-        }
+    with _gc_paused():
+        while live:
+            for name, fn in list(live.items()):
+                t0, c0 = time.perf_counter(), time.process_time()
+                ok = call(name, fn)
+                t1, c1 = time.perf_counter(), time.process_time()
+                if not ok:
+                    del live[name]
+                    continue
+                times[name].append(t1 - t0)
+                cpu[name].append(c1 - c0)
+                n = len(times[name])
+                if n >= iters or (n >= min_iters and sum(times[name]) > budget_s):
+                    del live[name]
+    stats = {name: _stats(ts, cpu[name]) for name, ts in times.items() if name not in errors and ts}
     return stats, errors

@@ -64,8 +64,10 @@ def _fmt(key, row) -> str:
 def case_title(case_rows) -> str:
     r = case_rows[0]
     copy = f"copy {r['copy_ms']:.3g} ms = {r['copy_gbps']:.3g} GB/s" if r.get("copy_ms") else "copy not measured"
+    # (rows of runs before 2026-11-27 say nothing: interleaved on CPU, back to back on CUDA)
+    how = {True: ", timed in interleaved rounds", False: ", timed back to back"}.get(r.get("interleaved"), "")
     return (f"{r['set']} ({r['n_tensors']} tensors, {r['n_params'] / 1e6:.1f}M params) / {r['dtype']} / {r['opt']}"
-            f" - {r['bytes_per_step'] / 1e6:.0f} MB per step, {copy}")
+            f" - {r['bytes_per_step'] / 1e6:.0f} MB per step, {copy}{how}")
 
 
 def group_cases(rows) -> list[list[dict]]:

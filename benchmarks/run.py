@@ -68,8 +68,12 @@ def parse_args(argv=None):
                    "an existing one is merged into")
     p.add_argument("--note", action="append", default=[], help="a note stored with the results (repeatable)")
     p.add_argument("--interleave", default="auto", choices=["auto", "on", "off"],
-                   help="time implementations in interleaved rounds (auto: on for CPU, where cores are often shared; "
-                   "off for CUDA, where each is timed back to back and freed before the next)")
+                   help="time a case's implementations in interleaved rounds, so that a change in the machine's state "
+                   "falls on all of them alike (CPU: one step each per round; CUDA: a block of back-to-back steps "
+                   "each). auto: every case on CPU; on CUDA each case whose implementations' states fit in device "
+                   "memory together (all but the 1B set's), the others back to back, each freed before the next")
+    p.add_argument("--min-time", type=float, default=None, help="CUDA: seconds of timed steps per implementation at "
+                   "least, with more steps than --iters (up to 20x) when they are fast (default 0.25; 0 with --quick)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -231,24 +235,42 @@ def _status(progress, text: str) -> None:
         progress.set_postfix_str(text, refresh=True)
 
 
+def _interleaves(cfg, device, algo, numel, dtype, nbytes, n_impls) -> bool:
+    """Whether a case's implementations are built together and timed in
+    interleaved rounds (``cfg["interleave"]``: True, False or "auto"). Auto:
+    always on CPU; on CUDA when every implementation's states, counted twice
+    (a compiled step's buffers, a graph's memory pool), and the copy's two
+    buffers fit in half the free device memory: not the 1B set's (~9 GB of
+    AdamW states per implementation in fp32)."""
+    mode = cfg["interleave"]
+    if mode != "auto":
+        return bool(mode)
+    if device.type != "cuda":
+        return True
+    need = n_impls * 2 * measure.state_bytes(algo, numel, dtype) + nbytes
+    return need < measure.free_bytes(device) // 2
+
+
 def bench_case(set_name, shapes, dtype_name, algo, params, impl_list, device, cfg, progress) -> list[dict]:
     """Every implementation on one (set, dtype, optimizer) case, plus the copy roofline.
 
-    On CUDA each implementation is built, timed back to back and freed in
-    turn (the 1B set's states would not fit all at once). On CPU all are
-    built first and timed in interleaved rounds together with the copy
-    (``measure.time_interleaved``), so background load on shared cores
-    falls on all of them alike.
+    Interleaved (:func:`_interleaves`): all are built first and timed in
+    rounds together with the copy, so a change in the machine's state falls
+    on all of them alike (``measure.time_interleaved`` on CPU, one step each
+    per round; ``measure.time_rounds`` on CUDA, a block of back-to-back steps
+    each). Otherwise (the 1B set on a GPU, whose states would not fit all at
+    once) each is built, timed back to back and freed in turn.
     """
     dtype = DTYPES[dtype_name]
     numel = param_sets.numel(shapes)
     nbytes = measure.bytes_per_step(algo, numel, dtype)
+    interleave = _interleaves(cfg, device, algo, numel, dtype, nbytes, len(impl_list))
     base = {"set": set_name, "n_tensors": len(shapes), "n_params": numel, "dtype": dtype_name, "opt": algo,
-            "bytes_per_step": nbytes}
-    interleave = cfg["interleave"]
+            "bytes_per_step": nbytes, "interleaved": interleave}
+    min_time = cfg.get("min_time", 0.0)
     if not interleave:
         try:
-            base.update(measure.copy_roofline(nbytes, device, cfg["warmup"], cfg["iters"], cfg["budget"]))
+            base.update(measure.copy_roofline(nbytes, device, cfg["warmup"], cfg["iters"], cfg["budget"], min_time))
         except Exception as e:  # (e.g. out of memory next to the 1B set) the case's rows are still measured
             base.update(copy_ms=None, copy_gbps=None, copy_capped=None, copy_note=f"copy not measured: {_error(e)}")
         _free(device)  # the copy's two buffers (up to half the free memory) back to the device
@@ -289,7 +311,8 @@ def bench_case(set_name, shapes, dtype_name, algo, params, impl_list, device, cf
             if interleave:
                 built[impl.name] = step
             else:
-                row.update(measure.time_steps(step, device, max(0, cfg["warmup"] - 1), cfg["iters"], cfg["budget"]))
+                row.update(measure.time_steps(step, device, max(0, cfg["warmup"] - 1), cfg["iters"], cfg["budget"],
+                                              min_time_s=min_time))
                 if impl.name in graphs_before:
                     _recompiles(row, measure.dynamo_graphs() - graphs_before[impl.name])
                 _count_launches(row, step, device)
@@ -315,7 +338,12 @@ def bench_case(set_name, shapes, dtype_name, algo, params, impl_list, device, cf
         src = torch.ones(n, dtype=torch.uint8, device=device)
         dst = torch.empty_like(src)
         built["__copy__"] = lambda: dst.copy_(src)
-        stats, errors = measure.time_interleaved(built, device, max(0, cfg["warmup"] - 1), cfg["iters"], cfg["budget"])
+        if device.type == "cuda":
+            stats, errors = measure.time_rounds(built, device, max(0, cfg["warmup"] - 1), cfg["iters"], cfg["budget"],
+                                                min_time_s=min_time)
+        else:
+            stats, errors = measure.time_interleaved(built, device, max(0, cfg["warmup"] - 1), cfg["iters"],
+                                                     cfg["budget"])
         copy = stats.pop("__copy__")
         n_timed = len(built) - 1
         for row in rows:
@@ -435,10 +463,9 @@ def main(argv=None) -> int:
         "budget": args.budget if args.budget is not None else (1.0 if args.quick else 5.0 if on_gpu else 2.5),
         "compiled_max_tensors": args.compiled_max_tensors if args.compiled_max_tensors is not None else
         (1000 if on_gpu else 200),
-        "interleave": (not on_gpu) if args.interleave == "auto" else args.interleave == "on",
+        "min_time": args.min_time if args.min_time is not None else (0.0 if args.quick or not on_gpu else 0.25),
+        "interleave": "auto" if args.interleave == "auto" else args.interleave == "on",
     }
-    if cfg["interleave"] and on_gpu:
-        raise SystemExit("--interleave on: CPU only (on CUDA implementations are timed back to back)")
     e2e_steps = args.e2e_steps if args.e2e_steps is not None else (10 if args.quick else 500 if on_gpu else 60)
     include = _csv(args.impls) if args.impls else None
     impl_list = [i for i in impls_mod.all_impls(device) if _selected(i, include, _csv(args.skip_impls), device)]

@@ -145,7 +145,10 @@ if [ "$PHASE" = 1 ]; then
   # eager rows and flatter the graph's ratio; the cases then merge into its folder
   step e2e 40 "$PY" -m benchmarks.run --no-progress --sets none --no-plots --out "$OUT/bench" \
     --note "tools/gpu_session.sh phase 1: the end-to-end run, in its own process"
-  # the step-time suite on the launch-bound and mid-size sets; compile rows in phase 2
+  # the step-time suite on the launch-bound and mid-size sets; compile rows in phase 2.
+  # Each case's implementations are timed in interleaved rounds, each for at
+  # least 0.25 s of steps (benchmarks/README.md): ~10 s more than the 121-123 s
+  # the two H100 sessions took here, timed back to back over 50 steps
   step bench 180 "$PY" -m benchmarks.run --no-progress --sets resnet50,small --skip-impls compiled \
     --iters 50 --budget 1 --e2e-steps 0 --no-plots --out "$OUT/bench" --note "tools/gpu_session.sh phase 1"
 else
