@@ -236,6 +236,13 @@ class _Schedule:
             return None
         return self._evaluate(step, group, 1)
 
+    def values(self, step: int) -> tuple[float, float | None]:
+        """``(lr(step), momentum(step))`` in one evaluation and without their
+        checks: for a schedule whose values are all scalars and a ``step``
+        known to be an int >= 0. The optimizer's host mirror calls it every
+        step: ~1 us, where the two checked calls cost ~5."""
+        return self._eval(step, 0)
+
     # -- device row --------------------------------------------------------
     def row(self, group: int = 0) -> list[float]:
         """The schedule columns (``Row.KIND`` .. ``Row.MOMENTUM``) for one group."""

@@ -287,6 +287,22 @@ def test_tensor_schedule_equals_host(sched):
             assert mom.item() == expected_mom, k
 
 
+@pytest.mark.parametrize("sched", [OneCycle(**c) for c in ONECYCLE_CONFIGS] + [
+    OneCycle(cycle_min_lr=0.01, cycle_max_lr=0.1, cycle_first_step_size=5, decay_step_size=2, decay_mom_rate=0.5),
+    OneCycle(cycle_min_lr=0.01, cycle_max_lr=0.1, cycle_first_step_size=5, cycle_momentum=False),
+    LRRangeTest(lr_range_test_min_lr=1e-4, lr_range_test_step_size=10, lr_range_test_step_rate=2.0),
+], ids=repr)
+def test_values_is_lr_and_momentum_in_one(sched):
+    """``values(k)``, the optimizer's host mirror's one evaluation per step,
+    is ``(lr(k), momentum(k))`` exactly, momentum None where not cycled."""
+    from onecycle_fused.schedule import TorchOneCycle
+
+    for s in (sched, TorchOneCycle(max_lr=0.1, total_steps=50), TorchOneCycle(max_lr=0.1, total_steps=50,
+                                                                                 cycle_momentum=False)):
+        for k in list(range(0, 60)) + [10**6 + 3, 2**40]:
+            assert s.values(k) == (s.lr(k), s.momentum(k)), (s, k)
+
+
 def test_host_schedule_float64_large_steps():
     sched = OneCycle.from_config(SEED_CONFIG)
     k = 10**9
