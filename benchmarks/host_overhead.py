@@ -18,6 +18,8 @@ for torch). On CPU that is the whole step, kernels included (negligible for
 one-element tensors). On CUDA nothing synchronises inside the timed region,
 so it is the host's time to issue the step; the device is synchronised
 between iterations, outside it, so the launch queue never fills up.
+``plan: op`` is the plan's own call alone (``plan_op``): the rest of
+``ours: plan`` is the Python around it.
 
 ``--backend triton`` (default: ``cpu`` on CPU, ``cuda`` on CUDA) times the
 Triton backend's host side; on CPU that needs the interpreter, whose kernels
@@ -28,6 +30,7 @@ key and lookup), the same code as on a GPU.
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 
@@ -78,6 +81,25 @@ def ours(algo, shapes, device, plan, backend):
     opt = cls(params, backend=backend, **SCHED, **kw)
     opt._step_plan_enabled = plan
     return opt.step, opt
+
+
+def plan_op(opt):
+    """The planned step without the optimizer's Python around it: the plan's
+    own call (C++ for cpu and cuda: the grads gathered, the op's checks, the
+    launch), as ``step()`` makes it. What is left of ``ours: plan`` is
+    Python: torch.optim's step wrapper (profiler range, hooks, no_grad) and
+    ours (hyper-parameter and plan checks, the lr mirror). Steps the device
+    counters and not the host's mirror: the optimizer is not stepped again."""
+    from onecycle_fused import step_plan
+
+    [(device, plan)] = opt._plan.plans
+    table, counter = opt._tables[device], opt._counters[device]
+
+    def step():
+        if not step_plan.run_planned(plan, table, counter, None, None):
+            raise RuntimeError("the plan no longer fits")
+
+    return step
 
 
 def torch_fused(algo, shapes, device):
@@ -147,7 +169,7 @@ def main(argv=None):
         print("(torch's CPU steps include their kernels, ours do not: plan/torch means something only for the "
               "one-element sets)")
     print(f"{'set':28} {'algo':6} {'torch fused+sched':>18} {'ours: lists':>12} {'ours: plan':>11} "
-          f"{'plan/torch':>10} {'plan/lists':>10}")
+          f"{'plan/torch':>10} {'plan/lists':>10} {'plan: op':>9}")
     for name, shapes in param_sets(args.full).items():
         for algo in args.algos.split(","):
             iters = args.iters if len(shapes) < 1000 or shapes[0] == (1,) else max(20, args.iters // 5)
@@ -156,8 +178,9 @@ def main(argv=None):
             step, opt = ours(algo, shapes, device, True, backend)
             t_plan = time_steps(step, device, args.warmup, iters)
             assert args.python_key or opt._plan.planned_steps >= args.warmup + iters - 1, "the plan was not used"
+            t_op = time_steps(plan_op(opt), device, args.warmup, iters) if opt._plan.plans else math.nan
             print(f"{name:28} {algo:6} {t_torch * 1e6:18.1f} {t_list * 1e6:12.1f} {t_plan * 1e6:11.1f} "
-                  f"{t_plan / t_torch:10.2f} {t_plan / t_list:10.2f}")
+                  f"{t_plan / t_torch:10.2f} {t_plan / t_list:10.2f} {t_op * 1e6:9.1f}")
 
 
 if __name__ == "__main__":

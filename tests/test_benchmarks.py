@@ -1189,3 +1189,17 @@ def test_a_thread_clock_that_does_not_tick_falls_back_to_the_process_clock(monke
     monkeypatch.setattr(time, "thread_time", lambda: 0.0)
     r = measure.time_steps(lambda: sum(range(20000)), device, warmup=1, iters=3, budget_s=0.5, host_bursts=5)
     assert r["host_cpu_clock"] == "process" and r["host_cpu_ms"] == r["host_cpu_process_ms"] > 0
+
+
+def test_host_overhead_splits_the_planned_step(capsys):
+    """benchmarks.host_overhead reports the plan's own call beside the whole
+    planned step (the rest is Python): both timed, the call the smaller part
+    of a one-element step."""
+    from benchmarks import host_overhead
+
+    host_overhead.main(["--iters", "30", "--warmup", "3", "--algos", "sgd"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split()[-3:] == ["plan/lists", "plan:", "op"], lines
+    row = next(line for line in lines if line.startswith("161 x 1"))
+    plan, op = float(row.split()[-4]), float(row.split()[-1])
+    assert 0 < op < plan, row
