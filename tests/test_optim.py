@@ -989,6 +989,43 @@ def test_a_checkpoint_read_under_inference_mode_loads_writable_state(opt_cls, ba
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("key", ["momentum_buffer", "exp_avg", "exp_avg_sq"])
+def test_an_inference_state_written_by_hand_is_refused_by_reference_before_anything_moves(key):
+    """A state tensor made under ``torch.inference_mode()`` and written into
+    ``optimizer.state`` by hand (load_state_dict would have copied it):
+    torch refuses its in-place update, and the reference backend raised
+    after stepping the parameters before it. Now a ValueError names it and
+    nothing moved: parameters, states, counter. Made normal, it steps as
+    the cpu backend does, which writes it through its pointer."""
+    cls = FusedOneCycleSGD if key == "momentum_buffer" else FusedOneCycleAdamW
+    kw = dict(momentum=0.9) if cls is FusedOneCycleSGD else {}
+    runs = {}
+    for backend in ("reference", "cpu"):
+        params = [torch.nn.Parameter(t) for t in make_params(((5,), (3, 2), (4,)))]
+        for i, p in enumerate(params):
+            p.grad = make_params(((5,), (3, 2), (4,)), seed=7)[i]
+        opt = cls(params, backend=backend, **SCHED, **kw)
+        opt.step()
+        with torch.inference_mode():
+            opt.state[params[1]][key] = opt.state[params[1]][key].clone()
+        if backend == "reference":
+            before = copy.deepcopy(([p.detach() for p in params], opt.state_dict()))
+            with pytest.raises(ValueError, match=r"\[1\] is an inference tensor"):
+                opt.step()
+            assert all(torch.equal(a, p) for a, p in zip(before[0], params))
+            after = opt.state_dict()
+            assert opt.step_counter().item() == 1
+            for i in range(3):
+                for k, v in before[1]["state"][i].items():
+                    assert torch.equal(after["state"][i][k], v), (i, k)
+            with torch.inference_mode(False):
+                opt.state[params[1]][key] = opt.state[params[1]][key].clone()
+        opt.step()
+        runs[backend] = [p.detach().clone() for p in params]
+    for a, b in zip(runs["reference"], runs["cpu"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("key,value", [("cycle_max_lr", 0.5), ("max_lr", 0.5), ("cycle_first_step_size", 2)])
 def test_a_schedule_key_written_into_a_group_later_is_refused(key, value):
     """Schedule keys in a group dict are read when the group is added (they

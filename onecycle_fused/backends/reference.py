@@ -210,6 +210,22 @@ class ReferenceBackend:
                     )
         if torch.compiler.is_compiling():
             return  # (FakeTensors have no data pointers to compare)
+        # a tensor this backend writes that was made under
+        # torch.inference_mode() (a state written into optimizer.state by
+        # hand; load_state_dict makes such states normal copies): torch
+        # refuses its in-place update outside that mode, which raised after
+        # the parameters before it were stepped. (The compiled ops and triton
+        # write it through its pointer.)
+        written = [("params", batch.params), ("steps", batch.steps)] + list(
+            zip(STATE_LISTS[batch.algo], batch.state_lists()))
+        for name, tensors in written:
+            for i, t in enumerate(tensors):
+                if t is not None and t.is_inference():
+                    raise ValueError(
+                        f"{name}[{i}] is an inference tensor (made under torch.inference_mode()), which torch "
+                        "does not let the step update in place: give the optimizer a normal copy, cloned outside "
+                        "inference mode (load_state_dict() makes one of each state it loads)"
+                    )
         # (a grad that partially overlaps its parameter needs nothing here:
         # this backend reads it whole, into a temporary, before writing)
         check_batch_states_apart(batch.params, batch.grads, batch.algo, batch.state_lists())
