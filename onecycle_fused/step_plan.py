@@ -6,8 +6,9 @@ handing them to the op another ~0.6 us (pybind converts every tensor). On a
 GPU that host time *is* the step time when there are many tensors. So after a
 list-path step the optimizer keeps, per device, a ``StepPlan`` (a C++ object,
 ``csrc/ops.cpp``) holding those lists but the grads, and later steps call
-``onecycle_fused::step_planned_(plan, table, counter, grad_scale, found_inf)``,
-which reads the grads in C++ and calls the same ``sgd_step_`` / ``adam_step_``.
+its ``step(table, counter, grad_scale, found_inf)`` (what the op
+``onecycle_fused::step_planned_`` calls), which reads the grads in C++ and
+calls the same ``sgd_step_`` / ``adam_step_``.
 
 A plan is reused only while nothing it was built from changed. Checked here
 per step, in C-level passes (no Python call per parameter), by ``snapshot``:
@@ -161,9 +162,6 @@ class PlanCache:
         self.fresh = True
 
 
-_step_planned = None
-
-
 def plan_ready(plan, table, counter) -> bool:
     """Whether ``run_planned`` would step this device (asked of every device
     first when there are several: all step through plans or none does)."""
@@ -174,13 +172,8 @@ def plan_ready(plan, table, counter) -> bool:
 
 def run_planned(plan, table, counter, grad_scale, found_inf) -> bool:
     """One device's step through its plan; False: nothing done, take the list path."""
-    if not isinstance(plan, torch.ScriptObject):  # a plan in Python (backends/triton.py's TritonPlan)
-        return plan.step(table, counter, grad_scale, found_inf)
-    global _step_planned
-    if _step_planned is None:  # resolved once: torch.ops attribute lookups cost ~1 us
-        overload = torch.ops.onecycle_fused.step_planned_.default
-        # the C++ callable behind it: TorchBindOpOverload.__call__ first walks
-        # the args in Python looking for FakeScriptObjects (a few us), which a
-        # plan made here in eager mode never is
-        _step_planned = getattr(overload, "_op", overload)
-    return _step_planned(plan, table, counter, grad_scale, found_inf)
+    # A C++ StepPlan's method (what the op step_planned_ calls), a Python
+    # TritonPlan's (backends/triton.py). Not the op: torch would look for
+    # __torch_function__ on each argument, and on a ScriptObject that lookup
+    # fails through a C++ exception, ~7 us a call (csrc/ops.cpp)
+    return plan.step(table, counter, grad_scale, found_inf)

@@ -370,7 +370,14 @@ def test_step_plan_op_directly():
     watched.grad = None
     p[1].grad = None
     assert torch.ops.onecycle_fused.step_planned_(plan, table, c1, None, None) is False
+    assert plan.step(table, c1, None, None) is False
     assert all(torch.equal(a, b) for a, b in zip(before, p + bufs + steps + [c1]))
+    # the method (what the optimizer calls) steps as the op does
+    p[1].grad = q[1].grad
+    assert plan.step(table, c1, None, None) is True
+    torch.ops.onecycle_fused.sgd_step_(q, [t.grad for t in q], bufs_q, steps_q, [0, 0], table, c2, None, None)
+    assert all(torch.equal(a, b) for a, b in zip(p + bufs + steps + [c1], q + bufs_q + steps_q + [c2]))
+    assert c1.item() == 2
     with pytest.raises(ValueError, match="algo"):
         torch.classes.onecycle_fused.StepPlan("lamb", p, bufs, [], [], steps, [0, 0], [], False)
     with pytest.raises(ValueError, match="state list"):
