@@ -1203,3 +1203,28 @@ def test_host_overhead_splits_the_planned_step(capsys):
     row = next(line for line in lines if line.startswith("161 x 1"))
     plan, op = float(row.split()[-4]), float(row.split()[-1])
     assert 0 < op < plan, row
+
+
+def test_cuda_rounds_keep_a_slow_implementation_within_its_budget(monkeypatch):
+    """A slow step (torch foreach on 5,000 tensors: ~90 ms) gets no more
+    steps a round than fit in its share of the budget, as measured in its
+    warm-up: a fixed chunk of 10 a round took it to ~5 s a case, where the
+    budget says 1."""
+    import time
+
+    device = _fake_cuda(monkeypatch, _FakeCudaQueue(launches_per_step=0, drain_s=0.0))
+    calls = {"slow": 0, "fast": 0}
+
+    def make(name, sleep_s):
+        def step():
+            calls[name] += 1
+            time.sleep(sleep_s)
+        return step
+
+    stats, errors = measure.time_rounds({"slow": make("slow", 0.01), "fast": make("fast", 0.0005)}, device,
+                                        warmup=2, iters=50, budget_s=0.2, rounds=5, host_bursts=5)
+    assert not errors
+    # 0.2 s over 5 rounds: up to 3 timed steps a round of a >= 10 ms step
+    # (10 a round, 50 in all, without the cap)
+    assert 5 <= stats["slow"]["iters"] <= 15, stats
+    assert stats["fast"]["iters"] == 50, stats
