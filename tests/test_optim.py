@@ -2076,6 +2076,64 @@ def test_step_hooks_run_around_the_step():
     assert seen == [("pre", 0), ("post", 1)]
 
 
+@pytest.mark.parametrize("cls", [FusedOneCycleSGD, FusedOneCycleAdamW])
+def test_step_hooks_and_profiler_range_as_torch_gives_them(cls, monkeypatch):
+    """torch.optim's step wrapper (hooks, the profiler's range, the Python
+    tracer's _optimizer_step_code) as torch runs it: the optimizer's and the
+    global hooks in order, a pre-hook's new (args, kwargs) passed on, the
+    range "Optimizer.step#<class>.step" in a profile. Without hooks or a
+    profiler no range is opened (~6 us a step), and torch does not wrap the
+    step a second time."""
+    from torch.optim import optimizer as torch_optimizer
+
+    ranges = []
+    real = torch.autograd.profiler.record_function
+
+    def counting(name, *a, **k):
+        ranges.append(name)
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(torch.autograd.profiler, "record_function", counting)
+    p = torch.nn.Parameter(torch.randn(3))
+    opt = cls([p], **SCHED)
+    cls([torch.nn.Parameter(torch.randn(2))], **SCHED)  # (a second instance: no second wrapping)
+    assert getattr(type(opt).step, "hooked", False)
+    traced = []
+    monkeypatch.setattr(opt, "_optimizer_step_code", lambda: traced.append(int(opt.step_counter())))
+    p.grad = torch.randn(3)
+    opt.step()
+    assert ranges == [] and traced == [1]
+
+    seen = []
+
+    def pre(o, args, kwargs):  # (args: the step's, self first)
+        seen.append("pre")
+        return (args[0], lambda: seen.append("closure") or 1.5), {}
+
+    handles = [
+        torch_optimizer.register_optimizer_step_pre_hook(lambda o, a, k: seen.append("global pre")),
+        opt.register_step_pre_hook(pre),
+        opt.register_step_post_hook(lambda o, a, k: seen.append("post")),
+        torch_optimizer.register_optimizer_step_post_hook(lambda o, a, k: seen.append("global post")),
+    ]
+    try:
+        assert opt.step() == 1.5  # the pre-hook's closure was the one called
+        assert seen == ["global pre", "pre", "closure", "post", "global post"]
+        assert ranges == [f"Optimizer.step#{cls.__name__}.step"] and traced == [1, 2]
+    finally:
+        for h in handles:
+            h.remove()
+    seen.clear()
+    ranges.clear()
+    opt.step()
+    assert seen == [] and ranges == [] and traced == [1, 2, 3]
+    monkeypatch.setattr(torch.autograd.profiler, "record_function", real)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        opt.step()
+    assert f"Optimizer.step#{cls.__name__}.step" in {e.name for e in prof.events()}
+    assert traced == [1, 2, 3, 4] and int(opt.step_counter()) == 4
+
+
 def test_state_dict_is_a_snapshot_of_the_schedule():
     """state_dict()'s groups hold their own copy of the nested 'schedule'
     config (torch copies a group dict shallowly): editing the state dict, say
