@@ -2134,6 +2134,40 @@ def test_step_hooks_and_profiler_range_as_torch_gives_them(cls, monkeypatch):
     assert traced == [1, 2, 3, 4] and int(opt.step_counter()) == 4
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_step_runs_without_grad_and_restores_grad_mode(backend):
+    """step() runs under no_grad (the reference backend's in-place updates of
+    leaf parameters need it), the closure with grad, and grad mode is what
+    it was afterwards, also when the step raises."""
+    p = torch.nn.Parameter(torch.randn(3))
+    opt = FusedOneCycleSGD([p], backend=backend, **SCHED)
+    seen = []
+
+    def closure():
+        seen.append(torch.is_grad_enabled())
+        loss = (p * p).sum()
+        loss.backward()
+        return loss
+
+    for enabled in (True, False):
+        with torch.set_grad_enabled(enabled):
+            opt.zero_grad()
+            opt.step(closure)
+            assert torch.is_grad_enabled() is enabled
+    assert seen == [True, True] and int(opt.step_counter()) == 2
+
+    def failing():
+        raise RuntimeError("closure failed")
+
+    with pytest.raises(RuntimeError, match="closure failed"):
+        opt.step(failing)
+    assert torch.is_grad_enabled()
+    opt.param_groups[0]["weight_decay"] = -1.0  # the step refuses it, with grad switched off
+    with pytest.raises(ValueError, match="weight_decay"):
+        opt.step()
+    assert torch.is_grad_enabled()
+
+
 def test_state_dict_is_a_snapshot_of_the_schedule():
     """state_dict()'s groups hold their own copy of the nested 'schedule'
     config (torch copies a group dict shallowly): editing the state dict, say
