@@ -17,6 +17,8 @@ Ops (schemas in ``csrc/ops.cpp``)::
         through a cached plan (class ``torch.classes.onecycle_fused.StepPlan``, see
         ``onecycle_fused/step_plan.py``); False, changing nothing, when the plan no longer fits.
         Eager only: no fake kernel, never traced (the optimizer uses the list ops under compile).
+        The optimizer calls the same code as the plan's method, ``plan.step(table, counter,
+        grad_scale, found_inf)``, which skips torch.ops' argument checks (see step_plan.run_planned).
 
 An empty tensor in ``momentum_buffers`` / ``max_exp_avg_sqs`` means "this
 parameter has none". Both step ops advance every ``steps[i]`` and ``counter``

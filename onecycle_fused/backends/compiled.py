@@ -72,7 +72,7 @@ class _CompiledBackend:
 
     def make_plan(self, batch: StepBatch, watched: list[torch.Tensor]):
         """A ``StepPlan`` (csrc/ops.cpp) holding ``batch``'s lists but the
-        grads, for ``torch.ops.onecycle_fused.step_planned_``; ``watched``: the
+        grads, stepped by its ``step`` method (``step_plan.run_planned``); ``watched``: the
         device's parameters that have no grad now."""
         s0, s1, s2 = self._state_lists(batch)
         return torch.classes.onecycle_fused.StepPlan(
