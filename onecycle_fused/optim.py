@@ -98,7 +98,11 @@ def _hooked(step: Callable) -> Callable:
     for ``__torch_function__`` through a C++ exception), about a tenth of
     a planned step's host time. With a hook registered (the optimizer's or
     the global ones), a profiler on, or while torch.compile traces, it is
-    torch's own wrapper that runs."""
+    torch's own wrapper that runs. (A standalone ExecutionTraceObserver,
+    without torch.profiler, records no range then: a step hook, any, brings
+    torch's wrapper back.) Called from a subclass's own ``step`` (which
+    ``Optimizer.__init__`` wrapped, hooks and range included), only the
+    step itself runs: hooks once, as torch.optim's own subclasses get them."""
     wrapped = torch.optim.Optimizer.profile_hook_step(step)
     from torch.optim import optimizer as torch_optimizer
 
@@ -110,6 +114,8 @@ def _hooked(step: Callable) -> Callable:
 
     @functools.wraps(step)
     def hooked_step(self, *args, **kwargs):
+        if type(self).step is not hooked_step:  # (super().step() from a subclass's wrapped step)
+            return step(self, *args, **kwargs)
         if (torch.compiler.is_compiling() or self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks
                 or torch_optimizer._global_optimizer_pre_hooks or torch_optimizer._global_optimizer_post_hooks
                 or torch._C._autograd._profiler_enabled()):
