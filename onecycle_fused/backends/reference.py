@@ -216,8 +216,9 @@ class ReferenceBackend:
         # refuses its in-place update outside that mode, which raised after
         # the parameters before it were stepped. (The compiled ops and triton
         # write it through its pointer.)
-        written = [("params", batch.params), ("steps", batch.steps)] + list(
-            zip(STATE_LISTS[batch.algo], batch.state_lists()))
+        # (inside inference mode such updates are allowed: nothing to refuse)
+        written = [] if torch.is_inference_mode_enabled() else [("params", batch.params), ("steps", batch.steps)] + \
+            list(zip(STATE_LISTS[batch.algo], batch.state_lists()))
         for name, tensors in written:
             for i, t in enumerate(tensors):
                 if t is not None and t.is_inference():
