@@ -130,7 +130,7 @@ class _HostMirrorMixin:
         momenta = []
         groups = self.param_groups
         for group, sched in zip(groups, schedules or map(self._schedule_of, groups)):
-            group["lr"], mom = sched.values(k)  # (a group's schedule is scalar, _check_scalar_schedule)
+            group["lr"], mom = sched._values(k)  # (a group's schedule is scalar, _check_scalar_schedule)
             if mom is not None:
                 self._set_momentum_mirror(group, mom)
             momenta.append(mom)

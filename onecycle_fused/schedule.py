@@ -236,7 +236,7 @@ class _Schedule:
             return None
         return self._evaluate(step, group, 1)
 
-    def values(self, step: int) -> tuple[float, float | None]:
+    def _values(self, step: int) -> tuple[float, float | None]:
         """``(lr(step), momentum(step))`` in one evaluation and without their
         checks: for a schedule whose values are all scalars and a ``step``
         known to be an int >= 0. The optimizer's host mirror calls it every

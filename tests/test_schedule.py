@@ -293,14 +293,14 @@ def test_tensor_schedule_equals_host(sched):
     LRRangeTest(lr_range_test_min_lr=1e-4, lr_range_test_step_size=10, lr_range_test_step_rate=2.0),
 ], ids=repr)
 def test_values_is_lr_and_momentum_in_one(sched):
-    """``values(k)``, the optimizer's host mirror's one evaluation per step,
+    """``_values(k)``, the optimizer's host mirror's one evaluation per step,
     is ``(lr(k), momentum(k))`` exactly, momentum None where not cycled."""
     from onecycle_fused.schedule import TorchOneCycle
 
     for s in (sched, TorchOneCycle(max_lr=0.1, total_steps=50), TorchOneCycle(max_lr=0.1, total_steps=50,
                                                                                  cycle_momentum=False)):
         for k in list(range(0, 60)) + [10**6 + 3, 2**40]:
-            assert s.values(k) == (s.lr(k), s.momentum(k)), (s, k)
+            assert s._values(k) == (s.lr(k), s.momentum(k)), (s, k)
 
 
 def test_host_schedule_float64_large_steps():
