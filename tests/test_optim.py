@@ -1022,8 +1022,13 @@ def test_an_inference_state_written_by_hand_is_refused_by_reference_before_anyth
             for i in range(3):
                 for k, v in before[1]["state"][i].items():
                     assert torch.equal(after["state"][i][k], v), (i, k)
+            with torch.inference_mode():  # (there torch allows such updates: so does the check)
+                opt.step()
+            assert opt.step_counter().item() == 2
             with torch.inference_mode(False):
                 opt.state[params[1]][key] = opt.state[params[1]][key].clone()
+        else:
+            opt.step()
         opt.step()
         runs[backend] = [p.detach().clone() for p in params]
     for a, b in zip(runs["reference"], runs["cpu"]):
@@ -2132,6 +2137,36 @@ def test_step_hooks_and_profiler_range_as_torch_gives_them(cls, monkeypatch):
         opt.step()
     assert f"Optimizer.step#{cls.__name__}.step" in {e.name for e in prof.events()}
     assert traced == [1, 2, 3, 4] and int(opt.step_counter()) == 4
+
+
+def test_a_subclass_step_calling_super_runs_the_hooks_once():
+    """A subclass with its own step() that calls super().step() gets each
+    hook and the profiler range once, as torch.optim's own subclasses do:
+    torch wraps the subclass's step, and ours then runs only the step."""
+    calls = []
+
+    class Sub(FusedOneCycleSGD):
+        def step(self, closure=None):
+            calls.append("sub")
+            return super().step(closure)
+
+    p = torch.nn.Parameter(torch.randn(3))
+    opt = Sub([p], **SCHED)
+    seen = []
+    opt.register_step_pre_hook(lambda o, a, k: seen.append("pre"))
+    opt.register_step_post_hook(lambda o, a, k: seen.append("post"))
+    p.grad = torch.randn(3)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        opt.step()
+    assert seen == ["pre", "post"] and calls == ["sub"] and int(opt.step_counter()) == 1
+    names = [e.name for e in prof.events() if e.name.startswith("Optimizer.step#")]
+    assert names == ["Optimizer.step#Sub.step"], names
+    # and with no hook: the step, once (grad off inside, on again after)
+    seen.clear()
+    opt._optimizer_step_pre_hooks.clear()
+    opt._optimizer_step_post_hooks.clear()
+    opt.step()
+    assert seen == [] and calls == ["sub", "sub"] and int(opt.step_counter()) == 2 and torch.is_grad_enabled()
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
