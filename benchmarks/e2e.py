@@ -23,7 +23,7 @@ from torch import nn
 import onecycle_fused
 
 from . import impls
-from .measure import sync
+from .measure import error_text, sync
 
 
 def make_model(width: int = 256, depth: int = 8, classes: int = 10) -> nn.Module:
@@ -109,8 +109,7 @@ def run(device: torch.device, steps: int, warmup: int = 5, batch: int = 64, widt
             sps = timed(graph.replay, steps - warmup)
             results["ours-cudagraph"] = {"steps_per_s": sps, "params": _params(model), "backend": backend}
         except Exception as e:  # recorded: the eager variants' results still stand
-            failed["ours-cudagraph"] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}",
-                                        "backend": backend}
+            failed["ours-cudagraph"] = {"error": error_text(e), "backend": backend}
 
     ref = results["torch-eager+OneCycleLR"]["params"]
     ours_eager = results["ours-eager"]["params"]

@@ -46,6 +46,12 @@ def dynamo_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
+def error_text(e: BaseException) -> str:
+    """An exception as a row's one-line note: its type and the first line
+    of its message, cut at 200 characters."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -232,7 +238,7 @@ def time_rounds(steps: dict, device: torch.device, warmup: int, iters: int, budg
     live = dict(steps)
 
     def fail(name, e):
-        errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        errors[name] = error_text(e)
         del live[name]
 
     per_iters = max(1, math.ceil(iters / rounds))
@@ -383,7 +389,7 @@ def time_interleaved(steps: dict, device: torch.device, warmup: int, iters: int,
             fn()
             return True
         except Exception as e:  # reported as this implementation's error
-            errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            errors[name] = error_text(e)
             return False
 
     live = dict(steps)

@@ -191,8 +191,7 @@ def make_params(shapes, dtype, device, seed=0):
     return params
 
 
-def _error(e: Exception) -> str:
-    return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+_error = measure.error_text
 
 
 def _recompiles(row: dict, n: int) -> None:
