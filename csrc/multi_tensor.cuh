@@ -38,8 +38,8 @@
 namespace onecycle_fused {
 namespace mt {
 
-// 512 threads x 4 vectors of 16 bytes per chunk: 8192 fp32 / 16384 bf16
-// elements, i.e. 32 KiB of each array per chunk. Small enough that a few
+// 512 threads x 4 vectors of 16 bytes per chunk: 8192 fp32 / 16384 bf16 /
+// 4096 fp64 elements, i.e. 32 KiB of each array per chunk. Small enough that a few
 // thousand small tensors spread over the grid, large enough that the
 // per-chunk scalar work (schedule and bias corrections on one thread) is
 // noise next to the memory traffic.
@@ -144,20 +144,35 @@ struct LaunchArgs {
 };
 
 // ---------------------------------------------------------------------------
-// element conversions: fp32 "opmath", stored back with round-to-nearest-even
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+// element conversions: to the "opmath" type (float for fp32/bf16/fp16, double
+// for fp64, as torch.optim computes), stored back with round-to-nearest-even
 
 template <typename T>
-__device__ __forceinline__ T from_float(float x);
+struct OpMath {
+  using type = float;
+};
 template <>
-__device__ __forceinline__ float from_float<float>(float x) { return x; }
+struct OpMath<double> {
+  using type = double;
+};
+template <typename T>
+using opmath_t = typename OpMath<T>::type;
+
+__device__ __forceinline__ float to_opmath(float x) { return x; }
+__device__ __forceinline__ float to_opmath(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_opmath(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ double to_opmath(double x) { return x; }
+
+template <typename T>
+__device__ __forceinline__ T from_opmath(opmath_t<T> x);
 template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+__device__ __forceinline__ float from_opmath<float>(float x) { return x; }
 template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+__device__ __forceinline__ __half from_opmath<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_opmath<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+template <>
+__device__ __forceinline__ double from_opmath<double>(double x) { return x; }
 
 // The CPU emulation of this kernel (csrc/cuda/cpu_emulation.cuh) defines
 // this to count, and skip, any vector access off a 16-byte boundary, which
@@ -171,7 +186,7 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { re
 // the address is 16-byte aligned (the slot's vec_ok and a chunk-aligned
 // offset guarantee it).
 template <typename T>
-__device__ __forceinline__ void load_vec(const void* base, int64_t i, float* out) {
+__device__ __forceinline__ void load_vec(const void* base, int64_t i, opmath_t<T>* out) {
   constexpr int N = vec_elems<T>();
   union {
     uint4 raw;
@@ -180,30 +195,30 @@ __device__ __forceinline__ void load_vec(const void* base, int64_t i, float* out
   ONECYCLE_CHECK_VEC_ALIGNED(static_cast<const T*>(base) + i);
   u.raw = *reinterpret_cast<const uint4*>(static_cast<const T*>(base) + i);
 #pragma unroll
-  for (int j = 0; j < N; ++j) out[j] = to_float(u.v[j]);
+  for (int j = 0; j < N; ++j) out[j] = to_opmath(u.v[j]);
 }
 
 template <typename T>
-__device__ __forceinline__ void store_vec(void* base, int64_t i, const float* in) {
+__device__ __forceinline__ void store_vec(void* base, int64_t i, const opmath_t<T>* in) {
   constexpr int N = vec_elems<T>();
   union {
     uint4 raw;
     T v[N];
   } u;
 #pragma unroll
-  for (int j = 0; j < N; ++j) u.v[j] = from_float<T>(in[j]);
+  for (int j = 0; j < N; ++j) u.v[j] = from_opmath<T>(in[j]);
   ONECYCLE_CHECK_VEC_ALIGNED(static_cast<T*>(base) + i);
   *reinterpret_cast<uint4*>(static_cast<T*>(base) + i) = u.raw;
 }
 
 template <typename T>
-__device__ __forceinline__ float load_one(const void* base, int64_t i) {
-  return to_float(static_cast<const T*>(base)[i]);
+__device__ __forceinline__ opmath_t<T> load_one(const void* base, int64_t i) {
+  return to_opmath(static_cast<const T*>(base)[i]);
 }
 
 template <typename T>
-__device__ __forceinline__ void store_one(void* base, int64_t i, float x) {
-  static_cast<T*>(base)[i] = from_float<T>(x);
+__device__ __forceinline__ void store_one(void* base, int64_t i, opmath_t<T> x) {
+  static_cast<T*>(base)[i] = from_opmath<T>(x);
 }
 
 // The tensor that global chunk c belongs to: the last t with
@@ -224,18 +239,21 @@ __device__ __forceinline__ int find_tensor(const int64_t* chunk_start, int n, in
 // ---------------------------------------------------------------------------
 // The kernel.
 //
-// Op (an algorithm: csrc/cuda/sgd_step.cu, adam_step.cu) provides
-//   struct Coef;  per-chunk scalars, trivially copyable (lives in shared memory)
+// Op (an algorithm: csrc/cuda/step_ops.cuh) provides, for the opmath type S
+// (opmath_t<T>: float, or double for fp64 parameters)
+//   template <typename S> using Coef;  per-chunk scalars, trivially copyable
+//       (lives in shared memory)
+//   template <typename S>
 //   static __device__ void coefficients(const double* row, int64_t k, int64_t step,
-//                                       int flags, bool scaled, float scale, Coef& c);
+//                                       int flags, bool scaled, float scale, Coef<S>& c);
 //       k: optimizer steps applied (the counter); step: this tensor's step
 //       count before this step; flags: kHasS0 / kHasS2 (which optional states
 //       the tensor has); scale: GradScaler's scale when `scaled`. A function
 //       of its arguments only, so a block reuses it while (group, step,
 //       flags) stay the same. Runs on one thread per chunk.
-//   static __device__ void update(const Coef& c, float& p, float g,
-//                                 float& s0, float& s1, float& s2);
-//       one element in fp32 (grad not yet unscaled: Coef carries the scale);
+//   template <typename S>
+//   static __device__ void update(const Coef<S>& c, S& p, S g, S& s0, S& s1, S& s2);
+//       one element in opmath (grad not yet unscaled: Coef carries the scale);
 //       states the tensor lacks are passed as 0 and not stored.
 
 constexpr int kHasS0 = 1;
@@ -245,13 +263,17 @@ __device__ __forceinline__ int slot_flags(const TensorSlot& s) {
   return (s.s0 != nullptr ? kHasS0 : 0) | (s.s2 != nullptr ? kHasS2 : 0);
 }
 
+template <typename Op, typename S>
+using coef_t = typename Op::template Coef<S>;
+
 template <typename T, typename Op>
-__device__ __forceinline__ void update_scalar(const typename Op::Coef& c, const TensorSlot& s, int64_t i) {
-  float p = load_one<T>(s.param, i);
-  const float g = load_one<T>(s.grad, i);
-  float a = s.s0 ? load_one<T>(s.s0, i) : 0.f;
-  float b = s.s1 ? load_one<T>(s.s1, i) : 0.f;
-  float m = s.s2 ? load_one<T>(s.s2, i) : 0.f;
+__device__ __forceinline__ void update_scalar(const coef_t<Op, opmath_t<T>>& c, const TensorSlot& s, int64_t i) {
+  using S = opmath_t<T>;
+  S p = load_one<T>(s.param, i);
+  const S g = load_one<T>(s.grad, i);
+  S a = s.s0 ? load_one<T>(s.s0, i) : S(0);
+  S b = s.s1 ? load_one<T>(s.s1, i) : S(0);
+  S m = s.s2 ? load_one<T>(s.s2, i) : S(0);
   Op::update(c, p, g, a, b, m);
   store_one<T>(s.param, i, p);
   if (s.s0) store_one<T>(s.s0, i, a);
@@ -260,18 +282,19 @@ __device__ __forceinline__ void update_scalar(const typename Op::Coef& c, const 
 }
 
 template <typename T, typename Op>
-__device__ __forceinline__ void update_vector(const typename Op::Coef& c, const TensorSlot& s, int64_t i) {
+__device__ __forceinline__ void update_vector(const coef_t<Op, opmath_t<T>>& c, const TensorSlot& s, int64_t i) {
+  using S = opmath_t<T>;
   constexpr int N = vec_elems<T>();
-  float p[N], g[N], a[N], b[N], m[N];
+  S p[N], g[N], a[N], b[N], m[N];
   // all loads first, then the math, then all stores: the loads of one
   // vector are in flight together
   load_vec<T>(s.param, i, p);
   load_vec<T>(s.grad, i, g);
 #pragma unroll
   for (int j = 0; j < N; ++j) {
-    a[j] = 0.f;
-    b[j] = 0.f;
-    m[j] = 0.f;
+    a[j] = S(0);
+    b[j] = S(0);
+    m[j] = S(0);
   }
   if (s.s0) load_vec<T>(s.s0, i, a);
   if (s.s1) load_vec<T>(s.s1, i, b);
@@ -287,9 +310,9 @@ __device__ __forceinline__ void update_vector(const typename Op::Coef& c, const 
 // Out of line: the float64 schedule and pow() of the bias corrections need
 // many registers, the element loop few; inlined, the loop would be
 // allocated (and spill) for the worst of both.
-template <typename Op>
+template <typename Op, typename S>
 __device__ __noinline__ void compute_coefficients(const double* row, int64_t k, int64_t step, int flags, bool scaled,
-                                                  float scale, typename Op::Coef* out) {
+                                                  float scale, coef_t<Op, S>* out) {
   Op::coefficients(row, k, step, flags, scaled, scale, *out);
 }
 
@@ -307,7 +330,8 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSM) multi_tensor_s
 
   const bool scaled = args.grad_scale != nullptr;
 
-  __shared__ typename Op::Coef coef_shared;
+  using S = opmath_t<T>;
+  __shared__ coef_t<Op, S> coef_shared;
   __shared__ int is_last_block;
 
   // coef_shared keeps the last (group, step, flags) thread 0 evaluated, so
@@ -329,7 +353,7 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSM) multi_tensor_s
       const int64_t step = *s.step;
       const int flags = slot_flags(s);
       if (s.group != cached_group || step != cached_step || flags != cached_flags) {
-        compute_coefficients<Op>(args.rows + static_cast<int64_t>(s.group) * row::WIDTH, k, step, flags, scaled,
+        compute_coefficients<Op, S>(args.rows + static_cast<int64_t>(s.group) * row::WIDTH, k, step, flags, scaled,
                                  scaled ? *args.grad_scale : 1.f, &coef_shared);
         cached_group = s.group;
         cached_step = step;
@@ -337,7 +361,7 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSM) multi_tensor_s
       }
     }
     __syncthreads();
-    const typename Op::Coef coef = coef_shared;
+    const coef_t<Op, S> coef = coef_shared;
 
     const int64_t begin = (c - chunk_start[t]) * kChunk;
     const int64_t end = begin + kChunk < s.numel ? begin + kChunk : s.numel;

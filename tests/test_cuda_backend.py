@@ -119,8 +119,12 @@ STATE_KEYS = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 
 def assert_close_fp32(ours, ref):
-    # a few ulps of the values' scale after a dozen steps
-    torch.testing.assert_close(ours, ref, rtol=4e-6, atol=1e-6)
+    """A few ulps of the values' scale after a dozen steps (float32 or, with
+    the same number of ulps, float64)."""
+    if ours.dtype == torch.float64:
+        torch.testing.assert_close(ours, ref, rtol=8e-15, atol=2e-15)
+    else:
+        torch.testing.assert_close(ours, ref, rtol=4e-6, atol=1e-6)
 
 
 def assert_flash_rule(ours, ref_lowp, ref64, what):
@@ -141,7 +145,7 @@ def compare_runs(cls, kw, dtype, sizes=SIZES, misaligned=(), steps=STEPS, groups
     ours, opt = run(cls, "cuda", inits, grads, dtype, misaligned, groups, **kw)
     ref, ref_opt = run(cls, "reference", inits, grads, dtype, misaligned, groups, **kw)
     assert int(opt.step_counter()) == steps == int(ref_opt.step_counter())
-    if dtype == torch.float32:
+    if dtype in (torch.float32, torch.float64):
         for i, (p, q) in enumerate(zip(ours, ref)):
             assert_close_fp32(p, q)
             for k in STATE_KEYS:
@@ -164,7 +168,7 @@ def compare_runs(cls, kw, dtype, sizes=SIZES, misaligned=(), steps=STEPS, groups
 
 
 @gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
 @pytest.mark.parametrize("name,cls,kw", CASES, ids=[c[0] for c in CASES])
 def test_matches_reference(name, cls, kw, dtype):
     compare_runs(cls, kw, dtype)
@@ -179,14 +183,15 @@ def test_misaligned_scalar_path(cls, dtype):
 
 
 def many_tensors_case(n_tensors, device, steps=4):
-    """n_tensors of 0..299 elements, fp32 / bf16 / fp16 in turn, three AdamW
-    groups (one with amsgrad): three launches per step (only the last
-    advances the counter), many tensors per block."""
+    """n_tensors of 0..299 elements, fp32 / bf16 / fp16 in turn and every
+    seventh fp64, three AdamW groups (one with amsgrad): four launches per
+    step (only the last advances the counter), many tensors per block."""
     g = torch.Generator().manual_seed(3)
     sizes = [(int(torch.randint(0, 300, (1,), generator=g)),) for _ in range(n_tensors)]
     inits = init_values(sizes, device=device)
     grads = grad_values(steps, sizes, device=device)
-    dtypes = [(torch.float32, torch.bfloat16, torch.float16)[i % 3] for i in range(len(sizes))]
+    dtypes = [torch.float64 if i % 7 == 6 else (torch.float32, torch.bfloat16, torch.float16)[i % 3]
+              for i in range(len(sizes))]
     groups = [dict(weight_decay=0.0), dict(weight_decay=0.1, amsgrad=True), dict(cycle_max_lr=0.05)]
 
     def go(backend):
@@ -204,7 +209,7 @@ def many_tensors_case(n_tensors, device, steps=4):
     ref, ref_opt = go("reference")
     assert int(opt.step_counter()) == steps
     for p, q in zip(ours, ref):
-        if p.dtype == torch.float32:
+        if p.dtype in (torch.float32, torch.float64):
             assert_close_fp32(p, q)
         else:  # same math, low-precision rounding of the result: an ulp or two apart
             torch.testing.assert_close(p, q, rtol=2 * 2**-8, atol=1e-3)
@@ -847,9 +852,9 @@ def test_clear_errors():
         call(p, torch.randn(6, 5, device=DEV))
     with pytest.raises(ValueError, match=r"grads\[0\] must match params\[0\]"):
         call(p, torch.randn(6, 4, device=DEV, dtype=torch.bfloat16))
-    p64 = torch.randn(3, device=DEV, dtype=torch.float64)
+    p_int = torch.arange(3, device=DEV, dtype=torch.int32)
     with pytest.raises(ValueError, match=r"params\[0\] has dtype"):
-        call(p64, torch.randn_like(p64))
+        call(p_int, p_int.clone())
     with pytest.raises(ValueError, match=r"group_ids\[0\]"):
         torch.ops.onecycle_fused.sgd_step_([p], [p.clone()], [torch.zeros_like(p)],
                                            [torch.zeros((), dtype=torch.int64, device=DEV)], [5], table, counter,
@@ -1000,16 +1005,29 @@ def test_step_counter_of_plain_cuda():
 
 
 @pytest.mark.gpu
-def test_float64_on_the_gpu_goes_to_the_reference_backend_with_one_counter():
-    p32 = torch.nn.Parameter(torch.randn(10, device=DEV))
-    p64 = torch.nn.Parameter(torch.randn(10, device=DEV, dtype=torch.float64))
-    opt = FusedOneCycleAdamW([p32, p64], **SCHED)
-    assert opt._backend_for[p32.device].name == "reference"
-    for _ in range(3):
-        p32.grad, p64.grad = torch.randn_like(p32), torch.randn_like(p64)
-        opt.step()
-    assert int(opt.step_counter()) == 3 and list(opt._counters) == [p32.device]
+def test_float64_with_float32_on_the_gpu_steps_in_the_cuda_backend_with_one_counter():
+    """float64 parameters are the cuda backend's too (float64 math): with
+    float32 ones on the same GPU, two launches a step advance one counter,
+    and both match the reference."""
+    inits = init_values(((10,), (1031,)))
+    grads = grad_values(3, ((10,), (1031,)))
+
+    def go(backend):
+        params = [make_param(inits[0], torch.float32), make_param(inits[1], torch.float64)]
+        opt = FusedOneCycleAdamW(params, backend=backend, **SCHED)
+        for step_grads in grads:
+            for p, g in zip(params, step_grads):
+                p.grad = g.to(p.dtype)
+            opt.step()
+        return params, opt
+
+    ours, opt = go("auto")
+    assert opt._backend_for[ours[0].device].name == "cuda"
+    assert int(opt.step_counter()) == 3 and list(opt._counters) == [ours[0].device]
     _mirror_matches_counter(opt, SCHED)
+    ref, _ = go("reference")
+    for p, q in zip(ours, ref):
+        assert_close_fp32(p, q)
 
 
 @pytest.mark.gpu
@@ -1070,8 +1088,8 @@ def emulated_kernel(tmp_path_factory):
 
 class EmulatedCUDABackend:
     """The "cuda" backend for CPU tensors: buckets by dtype like
-    cuda_impl::prepare_step (float32, float16, bfloat16; the last bucket
-    advances the counter) and runs the emulated kernel once per bucket."""
+    cuda_impl::prepare_step (float32, float16, bfloat16, float64; the last
+    bucket advances the counter) and runs the emulated kernel once per bucket."""
 
     name = "cuda"
     grid = 0  # blocks per launch; 0: as the CUDA launcher would (min(chunks, 4) here)
@@ -1079,8 +1097,10 @@ class EmulatedCUDABackend:
     def available(self):
         return True
 
+    order = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
     def supports(self, device, dtype):
-        return dtype in (torch.float32, torch.float16, torch.bfloat16)
+        return dtype in self.order
 
     def step(self, batch):
         n = len(batch.params)
@@ -1089,8 +1109,7 @@ class EmulatedCUDABackend:
             states = ([none if b is None else b for b in batch.momentum_buffers], [none] * n, [none] * n)
         else:
             states = (batch.exp_avgs, batch.exp_avg_sqs, [none if m is None else m for m in batch.max_exp_avg_sqs])
-        order = (torch.float32, torch.float16, torch.bfloat16)
-        buckets = [[i for i, p in enumerate(batch.params) if p.dtype == dt] for dt in order]
+        buckets = [[i for i, p in enumerate(batch.params) if p.dtype == dt] for dt in self.order]
         buckets = [b for b in buckets if b] or [[]]
         for j, idx in enumerate(buckets):
             def pick(xs):
@@ -1111,11 +1130,12 @@ def emulated(emulated_kernel, monkeypatch):
 
 
 CPU = torch.device("cpu")
-# the emulation runs 32-thread blocks: chunks of 512 fp32 / 1024 16-bit
-# elements. Empty, single, odd, one vector short of a chunk, a chunk and a
+# the emulation runs 32-thread blocks: chunks of 512 fp32 / 1024 16-bit /
+# 256 fp64 elements. Empty, single, odd, one vector short of a chunk, a chunk and a
 # bit, many chunks with a ragged tail.
 EMU_SIZES = ((0,), (1,), (7,), (33, 5), (511,), (1027,), (20011,))
-EMU_CASES = [(name, cls, kw, dt) for name, cls, kw in CASES for dt in (torch.float32, torch.bfloat16, torch.float16)]
+EMU_CASES = [(name, cls, kw, dt) for name, cls, kw in CASES
+             for dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64)]
 
 
 @pytest.mark.parametrize("name,cls,kw,dtype", EMU_CASES, ids=[f"{c[0]}-{c[3]}" for c in EMU_CASES])
@@ -1123,7 +1143,7 @@ def test_emulated_kernel_matches_reference(emulated, name, cls, kw, dtype):
     compare_runs(cls, kw, dtype, sizes=EMU_SIZES, device=CPU)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=str)
 def test_emulated_misaligned_scalar_path(emulated, dtype):
     compare_runs(FusedOneCycleAdamW, dict(SCHED, amsgrad=True), dtype, sizes=((1,), (8,), (9001,), (4, 1031)),
                  misaligned=(0, 2, 3), steps=4, device=CPU)
@@ -1160,7 +1180,7 @@ def _offset_view(value, dtype, offset):
     return view
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("cls,kw", [(FusedOneCycleSGD, dict(SCHED, nesterov=True, weight_decay=0.01)),
                                     (FusedOneCycleAdamW, dict(SCHED, weight_decay=0.1, amsgrad=True))],
                          ids=["sgd", "adamw"])
@@ -1172,7 +1192,8 @@ def test_emulated_mixed_alignment_in_one_launch(emulated, cls, kw, dtype):
     tensor is updated like the reference does."""
     emulated.grid = 3
     sizes = ((1031,), (4, 517), (2053,), (16,), (1,), (9,))
-    # (param offset, grad offset) in elements; 16-bit: 2, 8, 14 bytes; fp32: 4, 16 (aligned), 28
+    # (param offset, grad offset) in elements; 16-bit: 2, 8, 14 bytes; fp32: 4, 16 (aligned), 28;
+    # fp64: 8, 32 (aligned), 56
     offsets = ((1, 0), (0, 1), (4, 4), (7, 0), (0, 0), (1, 1))
     inits = init_values(sizes, device=CPU)
     grads = grad_values(4, sizes, device=CPU)
@@ -1195,7 +1216,7 @@ def test_emulated_mixed_alignment_in_one_launch(emulated, cls, kw, dtype):
     ref, ref_opt = go("reference")
     assert int(opt.step_counter()) == 4
     for p, q in zip(ours, ref):
-        if dtype == torch.float32:
+        if dtype in (torch.float32, torch.float64):
             assert_close_fp32(p, q)
         else:
             torch.testing.assert_close(p, q, rtol=2 * 2**-8, atol=1e-3)
@@ -1203,11 +1224,11 @@ def test_emulated_mixed_alignment_in_one_launch(emulated, cls, kw, dtype):
 
 
 @pytest.mark.parametrize("grid", [1, 7])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 def test_emulated_chunk_boundaries(emulated, grid, dtype):
-    """Sizes at and around multiples of the chunk (512 fp32 / 1024 16-bit
-    elements in the emulation) and of the vector, with one block or more
-    blocks than some tensors have chunks."""
+    """Sizes at and around multiples of the chunk (512 fp32 / 1024 16-bit /
+    256 fp64 elements in the emulation) and of the vector, with one block or
+    more blocks than some tensors have chunks."""
     emulated.grid = grid
     sizes = ((511,), (512,), (513,), (1023,), (1024,), (1025,), (2048,), (3,), (0,), (4,))
     compare_runs(FusedOneCycleAdam, dict(SCHED, amsgrad=True), dtype, sizes=sizes, steps=3, device=CPU)

@@ -173,7 +173,9 @@ inline void emulated_step(const std::string& algo, at::TensorList params, at::Te
     s.vec_ok = mt::slot_vec_ok(s);
     slots.push_back(s);
   }
-  const int64_t chunk = dtype == at::kFloat ? mt::chunk_elems<float>() : mt::chunk_elems<__half>();
+  const int64_t chunk = dtype == at::kFloat    ? mt::chunk_elems<float>()
+                        : dtype == at::kDouble ? mt::chunk_elems<double>()
+                                               : mt::chunk_elems<__half>();
   int64_t total = 0;
   const std::vector<uint64_t> words = mt::build_table_image(slots, chunk, &total);
   // torch's CPU allocator aligns to 64 bytes, like a device allocation
@@ -206,6 +208,11 @@ inline void emulated_step(const std::string& algo, at::TensorList params, at::Te
     case at::kBFloat16:
       launch(sgd ? &mt::multi_tensor_step_kernel<__nv_bfloat16, cuda_impl::SgdOp>
                  : &mt::multi_tensor_step_kernel<__nv_bfloat16, cuda_impl::AdamOp>,
+             blocks, mt::kBlockThreads, args);
+      break;
+    case at::kDouble:
+      launch(sgd ? &mt::multi_tensor_step_kernel<double, cuda_impl::SgdOp>
+                 : &mt::multi_tensor_step_kernel<double, cuda_impl::AdamOp>,
              blocks, mt::kBlockThreads, args);
       break;
     default:

@@ -78,6 +78,8 @@ int64_t chunk_elems(at::ScalarType dtype) {
       return mt::chunk_elems<__half>();
     case at::kBFloat16:
       return mt::chunk_elems<__nv_bfloat16>();
+    case at::kDouble:
+      return mt::chunk_elems<double>();
     default:
       TORCH_CHECK(false, "internal error: no chunk size for ", dtype);
   }
@@ -259,18 +261,18 @@ Prepared prepare_step(const StepInputs& in, const c10::cuda::CUDAStream& stream)
   prep.args.advance_counter = 0;
 
   // slots per dtype, in the order the parameters came
-  const at::ScalarType kDtypes[3] = {at::kFloat, at::kHalf, at::kBFloat16};
-  std::vector<mt::TensorSlot> by_dtype[3];
+  constexpr int kNumDtypes = 4;
+  const at::ScalarType kDtypes[kNumDtypes] = {at::kFloat, at::kHalf, at::kBFloat16, at::kDouble};
+  std::vector<mt::TensorSlot> by_dtype[kNumDtypes];
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = in.params[i];
     TORCH_CHECK_VALUE(p.defined(), op, ": params[", i, "] is undefined");
     TORCH_CHECK_VALUE(p.device() == device, op, ": params[", i, "] is on ", p.device(),
                       " but the step counter is on ", device);
     const at::ScalarType dtype = p.scalar_type();
-    const int d = dtype == at::kFloat ? 0 : dtype == at::kHalf ? 1 : dtype == at::kBFloat16 ? 2 : -1;
-    TORCH_CHECK_VALUE(d >= 0, op, ": params[", i, "] has dtype ", dtype,
-                      "; the cuda backend handles float32, float16 and bfloat16 parameters"
-                      " (backend='reference' handles float64)");
+    const int d = static_cast<int>(std::find(kDtypes, kDtypes + kNumDtypes, dtype) - kDtypes);
+    TORCH_CHECK_VALUE(d < kNumDtypes, op, ": params[", i, "] has dtype ", dtype,
+                      "; the cuda backend handles float32, float16, bfloat16 and float64 parameters");
     TORCH_CHECK_VALUE(p.layout() == at::kStrided && p.is_non_overlapping_and_dense(), op, ": params[", i,
                       "] must be dense in memory (contiguous, or permuted like channels_last), got sizes ",
                       p.sizes(), " strides ", p.strides());
@@ -327,7 +329,7 @@ Prepared prepare_step(const StepInputs& in, const c10::cuda::CUDAStream& stream)
     by_dtype[d].push_back(s);
   }
 
-  for (int d = 0; d < 3; ++d) {
+  for (int d = 0; d < kNumDtypes; ++d) {
     if (by_dtype[d].empty()) continue;
     Bucket b;
     b.dtype = kDtypes[d];

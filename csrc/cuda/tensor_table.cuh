@@ -97,6 +97,9 @@ void launch_step(const StepInputs& in) {
       case at::kBFloat16:
         mt::multi_tensor_step_kernel<__nv_bfloat16, Op><<<grid, block, 0, stream>>>(args);
         break;
+      case at::kDouble:
+        mt::multi_tensor_step_kernel<double, Op><<<grid, block, 0, stream>>>(args);
+        break;
       default:
         TORCH_CHECK(false, in.op, ": internal error, unexpected bucket dtype ", bucket.dtype);
     }

@@ -137,11 +137,10 @@ _WARNED_FALLBACK: set = set()
 def _warn_slow_fallback(device: torch.device, dtypes, order) -> None:
     """``auto`` fell back to the per-tensor reference backend although a fused
     one would serve these dtypes if it were built or importable (a GPU
-    without ``_C_cuda`` and without triton): say so once per device type,
-    since it runs many kernels per parameter. float64 on a GPU is expected
-    (no fused backend takes it) and not warned about."""
-    fused_dtypes = {torch.float32, torch.bfloat16, torch.float16}
-    if device.type in _WARNED_FALLBACK or not dtypes <= fused_dtypes:
+    without ``_C_cuda`` and without triton, or a float64 parameter on a GPU
+    without ``_C_cuda``, which triton does not take): say so once per device
+    type, since it runs many kernels per parameter."""
+    if device.type in _WARNED_FALLBACK:
         return
     _WARNED_FALLBACK.add(device.type)
     why = []

@@ -97,7 +97,7 @@ class CUDABackend(_CompiledBackend):
 
     name = "cuda"
     device_type = "cuda"
-    dtypes = _FLOATS
+    dtypes = _FLOATS + (torch.float64,)  # float64 computes in float64, as torch.optim does
     needs_param_layout = True
 
     def available(self) -> bool:
