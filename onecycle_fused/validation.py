@@ -119,6 +119,9 @@ _TORCH_ONLY_KWARGS = {
     "fused": "each step is one fused launch per (device, dtype) already; choose the kernels with backend=",
     "capturable": "every step is CUDA-graph capturable already (the schedule is read on the device)",
     "differentiable": "the fused step is not differentiable",
+    # torch.optim.Adam(decoupled_weight_decay=True) is torch.optim.AdamW
+    "decoupled_weight_decay": "FusedOneCycleAdamW is Adam with decoupled weight decay, FusedOneCycleAdam "
+                              "takes weight_decay as L2 (torch.optim.Adam's default)",
 }
 
 

@@ -2829,10 +2829,12 @@ def test_reference_sqrt_rn_is_one_op_off_the_cpu():
 @pytest.mark.parametrize("cls", [FusedOneCycleSGD, FusedOneCycleAdam, FusedOneCycleAdamW])
 @pytest.mark.parametrize("name,hint", [("lr", "cycle_min_lr and cycle_max_lr"), ("foreach", "backend="),
                                        ("fused", "backend="), ("capturable", "capturable already"),
-                                       ("differentiable", "not differentiable")])
+                                       ("differentiable", "not differentiable"),
+                                       ("decoupled_weight_decay", "FusedOneCycleAdamW is Adam with decoupled")])
 def test_torch_only_keywords_say_what_to_give_instead(cls, name, hint):
     """Swapping torch.optim.SGD(params, lr=0.1, momentum=0.9) for ours: lr=
-    (and foreach=, fused=, capturable=, differentiable=) is still a TypeError,
+    (and foreach=, fused=, capturable=, differentiable=, and Adam's
+    decoupled_weight_decay=) is still a TypeError,
     as any unexpected keyword, but one that names the class the user called
     (not the parent whose __init__ AdamW inherits) and says what to give
     instead; it used to be Python's bare message. Other unknown keywords keep
