@@ -118,6 +118,23 @@ def e2e_text(e2e: Optional[dict]) -> str:
     return "\n".join(lines)
 
 
+def _md_cell(text) -> str:
+    """``text`` as one Markdown table cell: a ``|`` in it (``max |diff|``)
+    would otherwise end the cell and shift the row's columns."""
+    return str(text).replace("|", "\\|")
+
+
+def _host_clock_text(rows) -> str:
+    """Which CPU clock the rows' host time is: the stepping thread's on CUDA
+    (measure._stats), the process's on CPU or where the thread clock did not tick."""
+    clocks = {r.get("host_cpu_clock") for r in rows if r.get("host_cpu_ms") is not None}
+    if "thread" in clocks:
+        return ("host CPU = CPU time per step of the thread that steps" +
+                (" (rows marked 'process': the process's, where that clock did not tick)"
+                 if "process" in clocks else ""))
+    return "host CPU = process CPU time per step"
+
+
 def markdown(meta, rows, targets, e2e) -> str:
     md = [f"# Benchmark results: {meta['device_name']}", ""]
     md.append(f"Command: `{meta['command']}`  ")
@@ -129,21 +146,22 @@ def markdown(meta, rows, targets, e2e) -> str:
     md.append(f"Load average (1, 5, 15 min) at start {meta.get('load_avg_start')}, at end {meta.get('load_avg_end')}")
     for n in meta.get("notes", []):
         md.append(f"\n> {n}")
-    md += ["", "Median step time over back-to-back steps after warm-up (schedule included); host CPU = "
-           "process CPU time per step; GB/s from DESIGN.md §5's bytes model; 'of copy' = copy time of the same "
-           "bytes / step time; 'x fused+1cyc' = step time / torch fused + OneCycleLR; launches = kernel and graph "
+    md += ["", "Median step time over back-to-back steps after warm-up (schedule included); "
+           f"{_host_clock_text(rows)}; GB/s from the bytes a step must move (fp32: SGD-momentum 20, Adam/AdamW 28 "
+           "per parameter; half that in bf16/fp16); 'of copy' = copy time of the same bytes / step time; 'x fused+1cyc' = step time / torch fused + OneCycleLR; launches = kernel and graph "
            "launches per step from torch.profiler (CUDA only: '-' on CPU).", ""]
     md += ["## Targets", "", "| | target | case | value | threshold | detail |", "|---|---|---|---|---|---|"]
     for t in targets:
         mark = {True: "met", False: "**missed**", None: "not measured"}[t["met"]]
         v = "-" if t["value"] is None else f"{t['value']:.3f}"
-        md.append(f"| {mark} | {t['target']} | {t['case']} | {v} | {t['op']} {t['threshold']} | {t['detail']} |")
+        cells = (mark, t["target"], t["case"], v, f"{t['op']} {t['threshold']}", t["detail"])
+        md.append("| " + " | ".join(map(_md_cell, cells)) + " |")
     md += ["", "## End-to-end", "", "```", e2e_text(e2e), "```", "", "## Step times", ""]
     for case in group_cases(rows):
         md += [f"### {case_title(case)}", "", "| " + " | ".join(h for _, h in COLUMNS) + " |",
                "|" + "---|" * len(COLUMNS)]
         for r in case:
-            md.append("| " + " | ".join(_fmt(k, r).replace("|", "/") for k, _ in COLUMNS) + " |")
+            md.append("| " + " | ".join(_md_cell(_fmt(k, r)) for k, _ in COLUMNS) + " |")
         md.append("")
     return "\n".join(md)
 

@@ -1258,3 +1258,40 @@ def test_cuda_rounds_keep_a_slow_implementation_within_its_budget(monkeypatch):
     # (10 a round, 50 in all, without the cap)
     assert 5 <= stats["slow"]["iters"] <= 15, stats
     assert stats["fast"]["iters"] == 50, stats
+
+
+def _markdown_cells(line):
+    """The cells of a Markdown table row, split where GitHub splits them: at
+    every ``|`` not escaped as ``\\|``."""
+    return [c.strip() for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
+
+
+def test_results_md_tables_keep_their_columns_and_name_the_host_clock():
+    """results.md: the end-to-end target's threshold, 'allclose (value: max
+    |diff|)', stays one cell (its '|' had shifted the row by two columns, the
+    detail lost), and the text says which clock the host time is: the
+    stepping thread's on CUDA rows, the process's on CPU ones."""
+    from benchmarks import report
+
+    e2e = {"model": "m", "steps": 8, "timed_steps": 4, "variants": {
+        "ours-eager": {"steps_per_s": 10.0, "speedup_vs_torch": 1.0, "max_abs_diff_vs_torch": 0.0,
+                       "agrees_with_torch": True, "bitwise_equal_to_ours_eager": True}}}
+    case = dict(n_tensors=3, n_params=1e6, bytes_per_step=2e7, p10_ms=1.0, p90_ms=6.0)
+    rows = [dict(_row("torch-fused+OneCycleLR", 5.0), host_cpu_clock="thread", **case),
+            dict(_row("ours-cuda", 2.0), host_cpu_clock="thread", note="a | b", **case)]
+    meta = dict(device_name="dev", command="cmd", date="d", cpu="c", cpu_count=2, torch_threads=2, git="g",
+                backends=["cpu"])
+    md = report.markdown(meta, rows, targets._e2e_agreement(e2e), e2e).splitlines()
+    header = md.index("| | target | case | value | threshold | detail |")
+    [e2e_line] = [line for line in md[header:] if line.startswith("| met | end-to-end")]
+    cells = _markdown_cells(e2e_line)
+    assert len(cells) == len(_markdown_cells(md[header])) == 6, cells
+    assert cells[4] == r"allclose (value: max \|diff\|)" and cells[5] == "final params agree with eager torch"
+    step_header = next(i for i, line in enumerate(md) if line.startswith("| impl"))
+    for line in md[step_header + 2:step_header + 4]:
+        assert len(_markdown_cells(line)) == len(_markdown_cells(md[step_header])), line
+    text = "\n".join(md)
+    assert "CPU time per step of the thread that steps" in text and "DESIGN.md" not in text
+    for r in rows:
+        del r["host_cpu_clock"]
+    assert "host CPU = process CPU time per step" in report.markdown(meta, rows, [], None)
