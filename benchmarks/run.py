@@ -70,8 +70,9 @@ def parse_args(argv=None):
     p.add_argument("--interleave", default="auto", choices=["auto", "on", "off"],
                    help="time a case's implementations in interleaved rounds, so that a change in the machine's state "
                    "falls on all of them alike (CPU: one step each per round; CUDA: a block of back-to-back steps "
-                   "each). auto: every case on CPU; on CUDA each case whose implementations' states fit in device "
-                   "memory together (all but the 1B set's), the others back to back, each freed before the next")
+                   "each). auto: each case whose implementations' states fit in free memory together (on an "
+                   "H100 all but the 1B set's; on CPU the default sets), the others back to back, each freed before "
+                   "the next")
     p.add_argument("--min-time", type=float, default=None, help="CUDA: seconds of timed steps per implementation at "
                    "least, with more steps than --iters (up to 20x) when they are fast (default 0.25; 0 with --quick)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
@@ -237,15 +238,15 @@ def _status(progress, text: str) -> None:
 def _interleaves(cfg, device, algo, numel, dtype, nbytes, n_impls) -> bool:
     """Whether a case's implementations are built together and timed in
     interleaved rounds (``cfg["interleave"]``: True, False or "auto"). Auto:
-    always on CPU; on CUDA when every implementation's states, counted twice
-    (a compiled step's buffers, a graph's memory pool), and the copy's two
-    buffers fit in half the free device memory: not the 1B set's (~9 GB of
-    AdamW states per implementation in fp32)."""
+    when every implementation's states, counted twice (a compiled step's
+    buffers, a graph's memory pool), and the copy's two buffers fit in half
+    the free memory of the device (on CPU, of the host): not the 1B set's on
+    an H100 (~9 GB of AdamW states per implementation in fp32), nor GPT-2's
+    or the 1B set's on a small host, which would otherwise be killed for
+    memory. The default sets (CPU: ResNet-50 and the small tensors) fit."""
     mode = cfg["interleave"]
     if mode != "auto":
         return bool(mode)
-    if device.type != "cuda":
-        return True
     need = n_impls * 2 * measure.state_bytes(algo, numel, dtype) + nbytes
     return need < measure.free_bytes(device) // 2
 
