@@ -479,7 +479,14 @@ def main(argv=None) -> int:
     }
     e2e_steps = args.e2e_steps if args.e2e_steps is not None else (10 if args.quick else 500 if on_gpu else 60)
     include = _csv(args.impls) if args.impls else None
-    impl_list = [i for i in impls_mod.all_impls(device) if _selected(i, include, _csv(args.skip_impls), device)]
+    everything = impls_mod.all_impls(device)
+    impl_list = [i for i in everything if _selected(i, include, _csv(args.skip_impls), device)]
+    unmatched = [x for x in include or () if not any(x in i.name for i in everything)]
+    if unmatched:  # a typo would otherwise run nothing, or less, and say nothing
+        raise SystemExit(f"--impls {', '.join(map(repr, unmatched))} matches no implementation; they are: "
+                         f"{', '.join(i.name for i in everything)}")
+    if sets and not impl_list:
+        raise SystemExit("--impls / --skip-impls leave no implementation to run")
 
     meta = metadata(device, argv)
     meta["config"] = dict(cfg, sets=sets, opts=opts, dtypes=dtypes, e2e_steps=e2e_steps)

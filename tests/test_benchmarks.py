@@ -193,6 +193,11 @@ def test_cli_rejects_bad_options():
         run.main(["--opt", "rmsprop", "--no-progress"])
     with pytest.raises(ValueError, match="parameter set"):
         run.main(["--sets", "vgg", "--no-progress"])
+    # a typo in --impls used to run nothing (0 rows, exit 0)
+    with pytest.raises(SystemExit, match="'ours-cdua' matches no implementation; they are: .*ours-cuda"):
+        run.main(["--quick", "--device", "cpu", "--impls", "ours-cpu,ours-cdua", "--no-progress"])
+    with pytest.raises(SystemExit, match="leave no implementation"):
+        run.main(["--quick", "--device", "cpu", "--impls", "ours-cpu", "--skip-impls", "ours", "--no-progress"])
 
 
 def test_report_command_line_help_and_errors(tmp_path, capsys):
