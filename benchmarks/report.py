@@ -294,8 +294,14 @@ def main(argv=None) -> int:
     parser.add_argument("more", nargs="*", metavar="more_dirs", help="folders whose rows are merged in, in order")
     args = parser.parse_args(argv)
     for folder in [args.results_dir] + args.more:
-        if not os.path.isfile(os.path.join(folder, "results.json")):
+        path = os.path.join(folder, "results.json")
+        if not os.path.isfile(path):
             parser.error(f"{folder!r} holds no results.json")
+        with open(path) as f:
+            data = json.load(f)
+        if not isinstance(data, dict) or not {"meta", "rows"} <= set(data):
+            # (benchmarks/results/convergence holds the convergence study's own results.json)
+            parser.error(f"{path!r} is not a benchmarks.run results file (no 'meta' and 'rows')")
     if args.more:
         merge(args.results_dir, args.more)
     for path in rewrite(args.results_dir):

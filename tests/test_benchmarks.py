@@ -203,7 +203,7 @@ def test_cli_rejects_bad_options():
 def test_report_command_line_help_and_errors(tmp_path, capsys):
     """`python -m benchmarks.report --help` prints its usage (it used to take
     '--help' for a folder and end in a traceback); a folder without
-    results.json is a one-line usage error."""
+    results.json, or with another tool's, is a one-line usage error."""
     from benchmarks import report
 
     with pytest.raises(SystemExit) as exc:
@@ -212,6 +212,11 @@ def test_report_command_line_help_and_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         report.main([str(tmp_path)])
     assert exc.value.code == 2 and "holds no results.json" in capsys.readouterr().err
+    # another tool's results.json (the convergence study's): a usage error, not a KeyError
+    (tmp_path / "results.json").write_text(json.dumps({"arms": {}}))
+    with pytest.raises(SystemExit) as exc:
+        report.main([str(tmp_path)])
+    assert exc.value.code == 2 and "is not a benchmarks.run results file" in capsys.readouterr().err
 
 
 def test_gpu_targets_arithmetic(monkeypatch):
