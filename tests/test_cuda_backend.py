@@ -104,14 +104,20 @@ def make_param(value, dtype, misaligned=False):
     return torch.nn.Parameter(view)
 
 
+def take_steps(opt, params, grads):
+    """One step per entry of ``grads``, each grad in its parameter's dtype
+    (None: that parameter has no grad in that step)."""
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = None if g is None else g.to(p.dtype)
+        opt.step()
+
+
 def run(cls, backend, inits, grads, dtype, misaligned=(), groups=None, **kw):
     params = [make_param(v, dtype, i in misaligned) for i, v in enumerate(inits)]
     spec = params if groups is None else [dict(params=[params[i] for i in idx], **o) for idx, o in groups]
     opt = cls(spec, backend=backend, **kw)
-    for step_grads in grads:
-        for p, g in zip(params, step_grads):
-            p.grad = None if g is None else g.to(dtype)
-        opt.step()
+    take_steps(opt, params, grads)
     return params, opt
 
 
@@ -199,10 +205,7 @@ def many_tensors_case(n_tensors, device, steps=4):
         spec = [dict(params=params[j::4] + params[j + 3::4] if j == 0 else params[j::4], **groups[j])
                 for j in range(3)]
         opt = FusedOneCycleAdamW(spec, backend=backend, **SCHED)
-        for step_grads in grads:
-            for p, gr in zip(params, step_grads):
-                p.grad = gr.to(p.dtype)
-            opt.step()
+        take_steps(opt, params, grads)
         return params, opt
 
     ours, opt = go("cuda")
@@ -1015,10 +1018,7 @@ def test_float64_with_float32_on_the_gpu_steps_in_the_cuda_backend_with_one_coun
     def go(backend):
         params = [make_param(inits[0], torch.float32), make_param(inits[1], torch.float64)]
         opt = FusedOneCycleAdamW(params, backend=backend, **SCHED)
-        for step_grads in grads:
-            for p, g in zip(params, step_grads):
-                p.grad = g.to(p.dtype)
-            opt.step()
+        take_steps(opt, params, grads)
         return params, opt
 
     ours, opt = go("auto")
