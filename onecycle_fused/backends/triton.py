@@ -663,7 +663,7 @@ class TritonBackend:
     def supports(self, device, dtype) -> bool:
         device = torch.device(device)
         if dtype not in _DTYPES:
-            return False  # float64 stays with the reference backend
+            return False  # float64: the cuda backend (float64 math), or reference without _C_cuda
         return device.type == ("cpu" if interpreting() else "cuda")
 
     @staticmethod
