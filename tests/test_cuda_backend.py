@@ -26,6 +26,7 @@ import torch
 
 from onecycle_fused import FusedOneCycleAdam, FusedOneCycleAdamW, FusedOneCycleSGD, LRRangeTest, OneCycle, TorchOneCycle
 from onecycle_fused import backends as _backends
+from onecycle_fused import ops as _ops
 from onecycle_fused.backends import get_backend
 from onecycle_fused.schedule import Row
 
@@ -561,13 +562,13 @@ def test_graph_captured_before_add_param_group_still_replays():
 # GradScaler
 
 
-def grad_scaler_case(cls, device):
+def grad_scaler_case(cls, device, dtype=torch.float32):
     """Steps 2 and 5 get an inf gradient: they change nothing and do not
     count, the others equal the reference backend's under the same scaler."""
     inits = init_values(((16, 8), (8,), (1001,)), device=device)
 
     def go(backend):
-        params = [make_param(v, torch.float32) for v in inits]
+        params = [make_param(v, dtype) for v in inits]
         opt = cls(params, backend=backend, **SCHED)
         scaler = torch.amp.GradScaler(device.type, init_scale=1024.0, growth_interval=3)
         counts = []
@@ -594,9 +595,10 @@ def grad_scaler_case(cls, device):
 
 
 @gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("cls", [FusedOneCycleSGD, FusedOneCycleAdam])
-def test_grad_scaler_with_forced_infs(cls):
-    grad_scaler_case(cls, DEV)
+def test_grad_scaler_with_forced_infs(cls, dtype):
+    grad_scaler_case(cls, DEV, dtype)
 
 
 # ---------------------------------------------------------------------------
@@ -1143,6 +1145,24 @@ def test_emulated_kernel_matches_reference(emulated, name, cls, kw, dtype):
     compare_runs(cls, kw, dtype, sizes=EMU_SIZES, device=CPU)
 
 
+@pytest.mark.skipif(not _ops.cpu_library_loaded(), reason="onecycle_fused._C is not built")
+@pytest.mark.parametrize("name,cls,kw", CASES, ids=[c[0] for c in CASES])
+def test_emulated_float64_equals_the_cpu_op(emulated, name, cls, kw):
+    """In float64 the kernel (emulated) and the cpu op share update.h's
+    math and the float64 schedule: the same bits, params and states, as the
+    README says."""
+    inits = init_values(EMU_SIZES, device=CPU)
+    grads = grad_values(STEPS, EMU_SIZES, device=CPU)
+    ours, opt = run(cls, "cuda", inits, grads, torch.float64, **kw)
+    cpu, cpu_opt = run(cls, "cpu", inits, grads, torch.float64, **kw)
+    for p, q in zip(ours, cpu):
+        assert torch.equal(p, q)
+        assert opt.state[p].keys() == cpu_opt.state[q].keys()
+        for k in STATE_KEYS:
+            if k in opt.state[p]:
+                assert torch.equal(opt.state[p][k], cpu_opt.state[q][k]), k
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=str)
 def test_emulated_misaligned_scalar_path(emulated, dtype):
     compare_runs(FusedOneCycleAdamW, dict(SCHED, amsgrad=True), dtype, sizes=((1,), (8,), (9001,), (4, 1031)),
@@ -1162,9 +1182,10 @@ def test_emulated_params_without_grads(emulated):
     params_without_grads_case(CPU)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("cls", [FusedOneCycleSGD, FusedOneCycleAdam])
-def test_emulated_grad_scaler_with_forced_infs(emulated, cls):
-    grad_scaler_case(cls, CPU)
+def test_emulated_grad_scaler_with_forced_infs(emulated, cls, dtype):
+    grad_scaler_case(cls, CPU, dtype)
 
 
 # ---------------------------------------------------------------------------
@@ -1267,8 +1288,8 @@ def test_emulated_skipped_step_with_several_buckets(emulated, grid):
     """found_inf set: no launch of any dtype bucket changes a parameter, a
     state, a step count or the counter; the next step runs normally."""
     emulated.grid = grid
-    sizes = ((700,), (33, 5), (0,), (2100,))
-    dtypes = (torch.float32, torch.bfloat16, torch.float16, torch.float16)
+    sizes = ((700,), (33, 5), (0,), (2100,), (300,))
+    dtypes = (torch.float32, torch.bfloat16, torch.float16, torch.float16, torch.float64)
     inits = init_values(sizes, device=CPU)
     params = [make_param(v, dt) for v, dt in zip(inits, dtypes)]
     opt = FusedOneCycleAdamW(params, backend="cuda", **dict(SCHED, amsgrad=True))

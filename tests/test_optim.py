@@ -2804,8 +2804,8 @@ def test_reference_adam_fp64_bias_correction_sqrt_matches_torch():
 
 def test_reference_sqrt_rn_is_one_op_off_the_cpu():
     """CUDA's float64 sqrt is IEEE already; the CPU correction (~50 ops) on a
-    GPU, where ``auto`` gives float64 parameters the reference backend, was
-    ~50 kernel launches per tensor and step for nothing. (meta: a device
+    GPU, where the reference backend runs float64 parameters when _C_cuda is
+    not built, was ~50 kernel launches per tensor and step for nothing. (meta: a device
     that is not the CPU, here without one.)"""
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -2841,6 +2841,10 @@ def test_torch_only_keywords_say_what_to_give_instead(cls, name, hint):
     that message, and the signature (inspect, DeepSpeed-style tooling) is the
     same."""
     p = torch.nn.Parameter(torch.ones(2))
+    if name == "decoupled_weight_decay" and cls is FusedOneCycleSGD:  # Adam's keyword: no Adam hint for SGD
+        with pytest.raises(TypeError, match=f"unexpected keyword argument '{name}'$"):
+            cls([p], cycle_min_lr=0.01, cycle_max_lr=0.1, **{name: True})
+        return
     with pytest.raises(TypeError, match=rf"^{cls.__name__}\(\) got an unexpected keyword argument '{name}': .*"
                                         + re.escape(hint)):
         cls([p], cycle_min_lr=0.01, cycle_max_lr=0.1, **{name: True if name != "lr" else 0.1})
