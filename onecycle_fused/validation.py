@@ -119,10 +119,11 @@ _TORCH_ONLY_KWARGS = {
     "fused": "each step is one fused launch per (device, dtype) already; choose the kernels with backend=",
     "capturable": "every step is CUDA-graph capturable already (the schedule is read on the device)",
     "differentiable": "the fused step is not differentiable",
-    # torch.optim.Adam(decoupled_weight_decay=True) is torch.optim.AdamW
+    # torch.optim.Adam(decoupled_weight_decay=True) is torch.optim.AdamW (Adam-type classes only)
     "decoupled_weight_decay": "FusedOneCycleAdamW is Adam with decoupled weight decay, FusedOneCycleAdam "
                               "takes weight_decay as L2 (torch.optim.Adam's default)",
 }
+_ADAM_ONLY_KWARGS = {"decoupled_weight_decay"}
 
 
 def _explain_torch_only_kwargs(init):
@@ -134,6 +135,8 @@ def _explain_torch_only_kwargs(init):
     @functools.wraps(init)
     def wrapper(self, *args, **kwargs):
         for name in kwargs:
+            if name in _ADAM_ONLY_KWARGS and getattr(self, "algo", None) not in ("adam", "adamw"):
+                continue  # (SGD: Python's own message below, torch.optim.SGD has no such keyword either)
             if name in _TORCH_ONLY_KWARGS and name not in accepted:
                 raise TypeError(f"{type(self).__name__}() got an unexpected keyword argument {name!r}: "
                                 f"{_TORCH_ONLY_KWARGS[name]}")
