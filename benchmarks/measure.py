@@ -18,7 +18,7 @@ from typing import Callable, Optional
 
 import torch
 
-# bytes moved per parameter per step at fp32 (DESIGN.md §5): SGD-momentum
+# bytes moved per parameter per step at fp32 (the bytes model of issue 5): SGD-momentum
 # reads p, g, buf and writes p, buf; Adam/AdamW read p, g, m, v and write p, m, v
 BYTES_PER_PARAM_FP32 = {"sgd": 20, "adam": 28, "adamw": 28}
 
@@ -328,21 +328,44 @@ def count_launches(step: Callable[[], object], device: torch.device, steps: int 
             "copies_per_step": copies / steps}
 
 
+# a container's memory limit and use: cgroup v2, then v1 (a v1 "no limit" is a huge number)
+_CGROUP_MEMORY = (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                  ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"))
+
+
+def _read_int(path: str) -> Optional[int]:
+    try:
+        with open(path) as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):  # (v2's "max": no limit)
+        return None
+
+
 def free_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return free
+    free = None
     try:  # Linux: what can be had without swapping, page cache included
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    free = int(line.split()[1]) * 1024
+                    break
     except (OSError, ValueError, IndexError):
         pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 4 << 30
+    if free is None:
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            free = 4 << 30
+    for limit_path, usage_path in _CGROUP_MEMORY:
+        limit, usage = _read_int(limit_path), _read_int(usage_path)
+        if limit is not None and usage is not None:
+            # in a container the host's free memory is not the process's: past
+            # its limit the run is killed
+            return max(0, min(free, limit - usage))
+    return free
 
 
 def copy_roofline(total_bytes: int, device: torch.device, warmup: int, iters: int, budget_s: float,

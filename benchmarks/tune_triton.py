@@ -40,7 +40,7 @@ from onecycle_fused import FusedOneCycleAdam, FusedOneCycleAdamW, FusedOneCycleS
 OPTIMIZERS = {"sgd": FusedOneCycleSGD, "adam": FusedOneCycleAdam, "adamw": FusedOneCycleAdamW}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # tensors touched per parameter: SGD-momentum reads p, g, buf, writes p, buf;
-# Adam/AdamW read p, g, m, v, write p, m, v (DESIGN.md §5)
+# Adam/AdamW read p, g, m, v, write p, m, v
 TENSOR_PASSES = {"sgd": 5, "adam": 7, "adamw": 7}
 SCHEDULE = dict(cycle_min_lr=1e-3, cycle_max_lr=1e-2, cycle_first_step_size=1000)
 

@@ -1282,7 +1282,8 @@ def test_results_md_tables_keep_their_columns_and_name_the_host_clock():
     """results.md: the end-to-end target's threshold, 'allclose (value: max
     |diff|)', stays one cell (its '|' had shifted the row by two columns, the
     detail lost), and the text says which clock the host time is: the
-    stepping thread's on CUDA rows, the process's on CPU ones."""
+    stepping thread's on CUDA rows, the process's on CPU ones; a CUDA row
+    that fell back to the process's clock is marked in its cell."""
     from benchmarks import report
 
     e2e = {"model": "m", "steps": 8, "timed_steps": 4, "variants": {
@@ -1304,6 +1305,10 @@ def test_results_md_tables_keep_their_columns_and_name_the_host_clock():
         assert len(_markdown_cells(line)) == len(_markdown_cells(md[step_header])), line
     text = "\n".join(md)
     assert "CPU time per step of the thread that steps" in text and "DESIGN.md" not in text
+    assert "(process)" not in text
+    rows[1]["host_cpu_clock"] = "process"  # its thread clock did not tick: the row says so
+    md = report.markdown(meta, rows, [], None)
+    assert "rows marked 'process'" in md and "| 2 (process) |" in md
     for r in rows:
         del r["host_cpu_clock"]
     assert "host CPU = process CPU time per step" in report.markdown(meta, rows, [], None)
@@ -1311,10 +1316,25 @@ def test_results_md_tables_keep_their_columns_and_name_the_host_clock():
 
 def test_host_free_memory_counts_what_can_be_had(monkeypatch):
     """On CPU the memory checks (interleaving, the copy's buffers) take
-    Linux's MemAvailable, page cache included: MemFree alone would send a
-    case back to back on a host whose memory is mostly cache."""
+    Linux's MemAvailable, page cache included (MemFree alone would send a
+    case back to back on a host whose memory is mostly cache), or less where
+    a container's memory limit leaves less."""
     import io
 
-    meminfo = "MemTotal:       24000000 kB\nMemFree:         1000000 kB\nMemAvailable:   20000000 kB\n"
-    monkeypatch.setattr(measure, "open", lambda path, *a, **k: io.StringIO(meminfo), raising=False)
-    assert measure.free_bytes(torch.device("cpu")) == 20000000 * 1024
+    files = {"/proc/meminfo": "MemTotal:       24000000 kB\nMemFree:         1000000 kB\nMemAvailable:   20000000 kB\n"}
+
+    def fake_open(path, *args, **kwargs):
+        if path not in files:
+            raise FileNotFoundError(path)
+        return io.StringIO(files[path])
+
+    monkeypatch.setattr(measure, "open", fake_open, raising=False)
+    cpu = torch.device("cpu")
+    assert measure.free_bytes(cpu) == 20000000 * 1024
+    # in a container, what its memory limit leaves (cgroup v2; v1 alike), when that is less
+    files["/sys/fs/cgroup/memory.max"], files["/sys/fs/cgroup/memory.current"] = "8000000000\n", "3000000000\n"
+    assert measure.free_bytes(cpu) == 5000000000
+    files["/sys/fs/cgroup/memory.max"] = "max\n"  # no limit: v1 below is read
+    files["/sys/fs/cgroup/memory/memory.limit_in_bytes"] = "9223372036854771712\n"
+    files["/sys/fs/cgroup/memory/memory.usage_in_bytes"] = "3711041536\n"
+    assert measure.free_bytes(cpu) == 20000000 * 1024
