@@ -315,13 +315,14 @@ def test_step_counter_of_plain_cuda_means_the_current_device(monkeypatch):
 def test_auto_falling_back_to_reference_on_a_gpu_warns_once(monkeypatch, caplog):
     """A GPU without _C_cuda and without a usable triton: 'auto' gives the
     per-tensor reference backend, with one warning saying why. float64
-    parameters warn too (the cuda backend would take them; triton does not),
-    and the warning is said once per device type."""
-    cuda = _backends.get_backend("cuda")
-    if cuda is not None and cuda.available():
-        pytest.skip("the cuda backend is available here")
-    monkeypatch.setattr(_backends, "_WARNED_FALLBACK", set())
+    parameters warn too (before, no fused GPU backend took them, and they
+    were not warned about), and the warning is said once per device type."""
     dev = torch.device("cuda", 0)
+    for name in ("cuda", "triton"):
+        b = _backends.get_backend(name)
+        if b is not None and b.available() and b.supports(dev, torch.float32):
+            pytest.skip(f"the {name} backend serves CUDA tensors here")
+    monkeypatch.setattr(_backends, "_WARNED_FALLBACK", set())
     with caplog.at_level(logging.WARNING, logger="onecycle_fused"):
         assert _backends.resolve("auto", dev, {torch.float64}).name == "reference"
         assert _backends.resolve("auto", dev, {torch.float64, torch.float32}).name == "reference"

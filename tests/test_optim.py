@@ -2804,8 +2804,8 @@ def test_reference_adam_fp64_bias_correction_sqrt_matches_torch():
 
 def test_reference_sqrt_rn_is_one_op_off_the_cpu():
     """CUDA's float64 sqrt is IEEE already; the CPU correction (~50 ops) on a
-    GPU, where the reference backend runs float64 parameters when _C_cuda is
-    not built, was ~50 kernel launches per tensor and step for nothing. (meta: a device
+    GPU, where the reference backend runs without _C_cuda and triton, was ~50
+    kernel launches per tensor and step for nothing. (meta: a device
     that is not the CPU, here without one.)"""
     from torch.utils._python_dispatch import TorchDispatchMode
 

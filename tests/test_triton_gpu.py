@@ -90,6 +90,29 @@ def test_kernels_compile_for_sm90(kernel, dtype, aligned, has_scale):
     assert vector == aligned
 
 
+@pytest.mark.skipif(INTERPRET, reason="kernels are interpreted in this process (TRITON_INTERPRET=1)")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the gpu tests below compile and run the kernels")
+@pytest.mark.parametrize("kernel", ["sgd_kernel", "adam_kernel"])
+def test_float64_kernels_compile_for_sm90_in_float64(kernel):
+    """float64 parameters: the update in float64 with IEEE division and
+    square root, FMAs only where the float32 kernels have them (4 a element,
+    4 elements a thread, masked and unmasked blocks) besides libdevice's
+    cos, no float32 math, and 16-byte element accesses only where the host
+    says the addresses are aligned."""
+    try:
+        aligned = _compile(getattr(tk, kernel), "fp64", True, True).asm["ptx"]
+        unaligned = _compile(getattr(tk, kernel), "fp64", False, True).asm["ptx"]
+    except (ImportError, AttributeError, TypeError) as e:  # another triton's AOT API
+        pytest.skip(f"triton {triton.__version__} AOT API differs: {e}")
+    for ptx in (aligned, unaligned):
+        assert ptx.count("fma.rn.f64") == _libdevice_cos_fmas() + 4 * 4 * 2
+        assert "fma.rn.f32" not in ptx and "div.rn.f32" not in ptx
+        assert "approx" not in ptx and "div.full" not in ptx
+        assert "div.rn.f64" in ptx and ("sqrt.rn.f64" in ptx) == (kernel == "adam_kernel")
+    vectors = [len(re.findall(r"ld\.global(\.[a-z]+)*\.v2\.b64", ptx)) for ptx in (aligned, unaligned)]
+    assert vectors[0] > vectors[1], vectors
+
+
 # ---------------------------------------------------------------------------
 # on the GPU
 
@@ -131,12 +154,12 @@ CASES = [
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
 @pytest.mark.parametrize("cls,kw", CASES, ids=["sgd-nesterov", "sgd-dampening", "adam-amsgrad", "adamw"])
 def test_against_reference(cls, kw, dtype):
     a, b, oa, ob = _pair(cls, dict(SCHED, **kw), dtype)
     assert int(oa.step_counter()) == int(ob.step_counter()) == 12
-    _assert_ulps(a, b, ulps=8 if dtype == torch.float32 else 2)
+    _assert_ulps(a, b, ulps=8 if dtype in (torch.float32, torch.float64) else 2)
 
 
 @pytest.mark.gpu

@@ -137,9 +137,8 @@ _WARNED_FALLBACK: set = set()
 def _warn_slow_fallback(device: torch.device, dtypes, order) -> None:
     """``auto`` fell back to the per-tensor reference backend although a fused
     one would serve these dtypes if it were built or importable (a GPU
-    without ``_C_cuda`` and without triton, or a float64 parameter on a GPU
-    without ``_C_cuda``, which triton does not take): say so once per device
-    type, since it runs many kernels per parameter."""
+    without ``_C_cuda`` and without triton): say so once per device type,
+    since it runs many kernels per parameter."""
     if device.type in _WARNED_FALLBACK:
         return
     _WARNED_FALLBACK.add(device.type)

@@ -51,7 +51,7 @@ def _sqrt_rn(x: torch.Tensor) -> torch.Tensor:
     between the two midpoints).
 
     On the CPU only: CUDA's float64 ``sqrt`` is IEEE (0 ulp) already, and on a
-    GPU (where this backend runs when the CUDA library is not built) each of
+    GPU (where this backend runs without the CUDA library and triton) each of
     the ~50 ops below is a kernel launch, per tensor and step. Exact for
     ``x >= 2**-968``: below, ``c*c`` underflows and the residuals are not
     (Adam's ``1 - beta2^t`` is 0 or at least ``2**-53``). Inductor's CPU code

@@ -41,7 +41,7 @@ from . import StepBatch
 from .layout import check_batch_states_apart, check_states_apart, dense, partially_overlap, same_layout
 from . import triton_kernels as K
 
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _KERNELS = {"sgd": K.sgd_kernel, "adam": K.adam_kernel, "adamw": K.adam_kernel}
 # launch tables kept per bucket: a few, so that grads alternating between two
 # storages (caching allocator) do not rebuild every step
@@ -182,8 +182,11 @@ class _Launcher:
     def __init__(self):
         # 16-bit types take 8 elements per thread for 16-byte accesses (see the PTX
         # check in tests/test_triton_gpu.py); all chunks hold 4096 elements
+        # (float64: 4 per thread, two 16-byte accesses, as float32's default;
+        # not tuned)
         half = LaunchConfig(block=1024, iters=4, num_warps=4)
-        self.config = {torch.float32: LaunchConfig(), torch.bfloat16: half, torch.float16: half}
+        self.config = {torch.float32: LaunchConfig(), torch.bfloat16: half, torch.float16: half,
+                       torch.float64: LaunchConfig()}
         self._cache: dict = {}
         # launches a captured CUDA graph uses: the graph holds raw addresses
         # of their tables, so these are never freed (the LRU above may drop
@@ -663,7 +666,7 @@ class TritonBackend:
     def supports(self, device, dtype) -> bool:
         device = torch.device(device)
         if dtype not in _DTYPES:
-            return False  # float64: the cuda backend (float64 math), or reference without _C_cuda
+            return False
         return device.type == ("cpu" if interpreting() else "cuda")
 
     @staticmethod

@@ -24,9 +24,11 @@ be 0 in a branch that is *not* selected are replaced by 1 so that the
 interpreter (numpy) raises no warnings; the selected values are unchanged.
 
 The element-wise math mirrors ``backends/reference.py`` (torch.optim's
-single-tensor code) in float32, with IEEE division and square root
+single-tensor code) in float32 (in float64 for float64 parameters:
+``_opmath``), with IEEE division and square root
 (``div_rn`` / ``sqrt_rn``) where torch uses them: Triton's plain ``/`` and
-``sqrt`` on float32 are the approximate PTX instructions, and an explicit
+``sqrt`` on float32 are the approximate PTX instructions (on float64 they
+are IEEE), and an explicit
 ``tl.fma`` exactly where torch's CPU kernels (and ``csrc/update.h``) fuse:
 ``add(x, alpha=a)``, ``lerp`` and ``addcmul``; so fp32 SGD equals
 ``torch.optim.SGD`` bit for bit (triton 3.9's interpreter rounds ``fma``
@@ -216,7 +218,8 @@ def _bias_corrections(beta1, beta2, t):
 
     ``libdevice.pow`` is not available in the interpreter; squaring runs the
     same code in CI and on the GPU. Its relative error (a few float64 ulp per
-    bit of ``t``) vanishes when the corrections are rounded to float32.
+    bit of ``t``) vanishes when the corrections are rounded to float32; for
+    float64 parameters it stays, a few ulps off the reference's ``pow``.
     """
     pow1 = beta1 * 0 + 1.0
     pow2 = beta2 * 0 + 1.0
@@ -286,6 +289,34 @@ def _narrow(x, elem_ty, ROUND_BF16: tl.constexpr):
 
 
 @triton.jit
+def _opmath(x, elem_ty):
+    """``x`` in the type the update computes in: float64 for float64
+    parameters, float32 for the others (torch.optim's opmath)."""
+    if elem_ty == tl.float64:
+        return x.to(tl.float64)
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
+def _div(x, y, elem_ty):
+    """IEEE division in the opmath type (float64's ``/`` already is)."""
+    if elem_ty == tl.float64:
+        return x / y
+    else:
+        return tl.div_rn(x, y)
+
+
+@triton.jit
+def _sqrt(x, elem_ty):
+    """IEEE square root in the opmath type (float64's ``sqrt`` already is)."""
+    if elem_ty == tl.float64:
+        return tl.sqrt(x)
+    else:
+        return tl.sqrt_rn(x)
+
+
+@triton.jit
 def _finish(tensors, n_tensors, counter_ptr, done_ptr, increment, ADVANCE_COUNTER: tl.constexpr):
     """Advance the step counts once every program has read them.
 
@@ -310,10 +341,10 @@ def _finish(tensors, n_tensors, counter_ptr, done_ptr, increment, ADVANCE_COUNTE
 
 
 @triton.jit
-def _scale_and_skip(scale_ptr, inf_ptr, k, HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr):
+def _scale_and_skip(scale_ptr, inf_ptr, k, elem_ty, HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr):
     """GradScaler's (grad divisor, step-applies flag, int64 step increment)."""
     if HAS_SCALE:
-        scale = tl.load(scale_ptr).to(tl.float32)
+        scale = _opmath(tl.load(scale_ptr), elem_ty)
     else:
         scale = 1.0  # unused
     if HAS_INF:
@@ -338,20 +369,20 @@ def _sgd_block(
     tensor: a mask that may change every element (``offs < numel``) stops the
     compiler from using vector loads."""
     if MASKED:
-        grad = tl.load(g_ptr + offs, mask=live, other=0).to(tl.float32)
-        param = tl.load(p_ptr + offs, mask=live, other=0).to(tl.float32)
+        grad = _opmath(tl.load(g_ptr + offs, mask=live, other=0), elem_ty)
+        param = _opmath(tl.load(p_ptr + offs, mask=live, other=0), elem_ty)
         buf_live = live & has_buf
         write = live & ok
     else:
-        grad = tl.load(g_ptr + offs).to(tl.float32)
-        param = tl.load(p_ptr + offs).to(tl.float32)
+        grad = _opmath(tl.load(g_ptr + offs), elem_ty)
+        param = _opmath(tl.load(p_ptr + offs), elem_ty)
         buf_live = has_buf
         write = ok
     if HAS_SCALE:
-        grad = tl.div_rn(grad, scale)
+        grad = _div(grad, scale, elem_ty)
     grad = tl.where(maximize, -grad, grad)
     grad = tl.where(decays, tl.fma(param, wd, grad), grad)  # grad.add(param, alpha=wd): fused
-    old = tl.load(b_ptr + offs, mask=buf_live, other=0).to(tl.float32)
+    old = _opmath(tl.load(b_ptr + offs, mask=buf_live, other=0), elem_ty)
     # torch's first step: buf = grad; afterwards mom*buf + (1-dampening)*grad
     # (buf.mul_(mom).add_(grad, alpha=keep): the add fused). A momentum of 0
     # leaves the buffer alone and steps with the gradient.
@@ -373,9 +404,9 @@ def sgd_kernel(
     """torch.optim.SGD (``reference.ReferenceBackend._sgd``) over one bucket."""
     pid = tl.program_id(0)
     k = tl.load(counter_ptr)
-    scale, ok, increment = _scale_and_skip(scale_ptr, inf_ptr, k, HAS_SCALE, HAS_INF)
+    elem_ty = dtype_ref.dtype.element_ty
+    scale, ok, increment = _scale_and_skip(scale_ptr, inf_ptr, k, elem_ty, HAS_SCALE, HAS_INF)
     if pid < n_chunks:
-        elem_ty = dtype_ref.dtype.element_ty
         start, numel, row, step, p_ptr, g_ptr, b_ptr, _s2, _s3, has_buf, _has3 = _chunk(
             tensors, chunks, pid, elem_ty, BLOCK, ALIGNED
         )
@@ -383,10 +414,10 @@ def sgd_kernel(
         lr64, mom64 = schedule_values(row, k)
         # torch hands lr / momentum to its kernels as Python floats rounded to
         # the compute type; (1 - dampening) likewise
-        lr = lr64.to(tl.float32)
-        mom = mom64.to(tl.float32)
-        wd = tl.load(row + _WEIGHT_DECAY).to(tl.float32)
-        keep = (1.0 - tl.load(row + _DAMPENING)).to(tl.float32)
+        lr = _opmath(lr64, elem_ty)
+        mom = _opmath(mom64, elem_ty)
+        wd = _opmath(tl.load(row + _WEIGHT_DECAY), elem_ty)
+        keep = _opmath(1.0 - tl.load(row + _DAMPENING), elem_ty)
         nesterov = tl.where(tl.load(row + _NESTEROV) != 0, True, False)
         maximize = tl.where(tl.load(row + _MAXIMIZE) != 0, True, False)
         first_step = tl.where(step == 0, True, False)
@@ -413,21 +444,21 @@ def _adam_block(
 ):
     """One block of Adam / AdamW (masked only where the tensor ends, see ``_sgd_block``)."""
     if MASKED:
-        grad = tl.load(g_ptr + offs, mask=live, other=0).to(tl.float32)
-        param = tl.load(p_ptr + offs, mask=live, other=0).to(tl.float32)
-        exp_avg = tl.load(m_ptr + offs, mask=live, other=0).to(tl.float32)
-        exp_avg_sq = tl.load(v_ptr + offs, mask=live, other=0).to(tl.float32)
+        grad = _opmath(tl.load(g_ptr + offs, mask=live, other=0), elem_ty)
+        param = _opmath(tl.load(p_ptr + offs, mask=live, other=0), elem_ty)
+        exp_avg = _opmath(tl.load(m_ptr + offs, mask=live, other=0), elem_ty)
+        exp_avg_sq = _opmath(tl.load(v_ptr + offs, mask=live, other=0), elem_ty)
         ams_live = live & amsgrad
         write = live & ok
     else:
-        grad = tl.load(g_ptr + offs).to(tl.float32)
-        param = tl.load(p_ptr + offs).to(tl.float32)
-        exp_avg = tl.load(m_ptr + offs).to(tl.float32)
-        exp_avg_sq = tl.load(v_ptr + offs).to(tl.float32)
+        grad = _opmath(tl.load(g_ptr + offs), elem_ty)
+        param = _opmath(tl.load(p_ptr + offs), elem_ty)
+        exp_avg = _opmath(tl.load(m_ptr + offs), elem_ty)
+        exp_avg_sq = _opmath(tl.load(v_ptr + offs), elem_ty)
         ams_live = amsgrad
         write = ok
     if HAS_SCALE:
-        grad = tl.div_rn(grad, scale)
+        grad = _div(grad, scale, elem_ty)
     grad = tl.where(maximize, -grad, grad)
     param = tl.where(decays_param, param * decay_factor, param)
     grad = tl.where(decays_grad, tl.fma(param, wd, grad), grad)  # grad.add(param, alpha=wd): fused
@@ -437,10 +468,10 @@ def _adam_block(
     exp_avg = tl.where(near_start, tl.fma(weight, diff, exp_avg), tl.fma(weight - 1, diff, grad))
     # mul_(beta2).addcmul_(grad, grad, value=1 - beta2): addcmul fused
     exp_avg_sq = tl.fma(one_minus_beta2 * grad, grad, exp_avg_sq * beta2)
-    old_max = tl.load(vmax_ptr + offs, mask=ams_live, other=0).to(tl.float32)
+    old_max = _opmath(tl.load(vmax_ptr + offs, mask=ams_live, other=0), elem_ty)
     second = tl.where(amsgrad, tl.maximum(old_max, exp_avg_sq, propagate_nan=tl.PropagateNan.ALL), exp_avg_sq)
-    denom = tl.div_rn(tl.sqrt_rn(second), bias_correction2_sqrt) + eps
-    new_param = param + tl.div_rn(exp_avg * -step_size, denom)
+    denom = _div(_sqrt(second, elem_ty), bias_correction2_sqrt, elem_ty) + eps
+    new_param = param + _div(exp_avg * -step_size, denom, elem_ty)
     tl.store(vmax_ptr + offs, _narrow(second, elem_ty, ROUND_BF16), mask=ams_live & ok)
     tl.store(m_ptr + offs, _narrow(exp_avg, elem_ty, ROUND_BF16), mask=write)
     tl.store(v_ptr + offs, _narrow(exp_avg_sq, elem_ty, ROUND_BF16), mask=write)
@@ -456,32 +487,32 @@ def adam_kernel(
     """torch.optim.Adam / AdamW (``reference.ReferenceBackend._adam``) over one bucket."""
     pid = tl.program_id(0)
     k = tl.load(counter_ptr)
-    scale, ok, increment = _scale_and_skip(scale_ptr, inf_ptr, k, HAS_SCALE, HAS_INF)
+    elem_ty = dtype_ref.dtype.element_ty
+    scale, ok, increment = _scale_and_skip(scale_ptr, inf_ptr, k, elem_ty, HAS_SCALE, HAS_INF)
     if pid < n_chunks:
-        elem_ty = dtype_ref.dtype.element_ty
         start, numel, row, step, p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, _has1, amsgrad = _chunk(
             tensors, chunks, pid, elem_ty, BLOCK, ALIGNED
         )
         row = rows + row
         lr64, beta1 = schedule_values(row, k)
         beta2 = tl.load(row + _BETA2)
-        eps = tl.load(row + _EPS).to(tl.float32)
+        eps = _opmath(tl.load(row + _EPS), elem_ty)
         wd64 = tl.load(row + _WEIGHT_DECAY)
-        wd = wd64.to(tl.float32)
+        wd = _opmath(wd64, elem_ty)
         maximize = tl.where(tl.load(row + _MAXIMIZE) != 0, True, False)
         decoupled = tl.load(row + _DECOUPLED)
         decays_param = tl.where((decoupled != 0) & (wd64 != 0), True, False)
         decays_grad = tl.where((decoupled == 0) & (wd64 != 0), True, False)
         # scalars in float64 where torch computes them with Python floats
-        decay_factor = (1 - lr64 * wd64).to(tl.float32)
-        weight = (1 - beta1).to(tl.float32)
+        decay_factor = _opmath(1 - lr64 * wd64, elem_ty)
+        weight = _opmath(1 - beta1, elem_ty)
         near_start = tl.where(tl.abs(weight) < 0.5, True, False)
-        one_minus_beta2 = (1 - beta2).to(tl.float32)
+        one_minus_beta2 = _opmath(1 - beta2, elem_ty)
         bias_correction1, bias_correction2 = _bias_corrections(beta1, beta2, step + 1)
-        step_size = (lr64 / bias_correction1).to(tl.float32)
+        step_size = _opmath(lr64 / bias_correction1, elem_ty)
         # float64 sqrt is IEEE (sqrt.rn.f64) compiled too
-        bias_correction2_sqrt = tl.sqrt(bias_correction2).to(tl.float32)
-        beta2 = beta2.to(tl.float32)
+        bias_correction2_sqrt = _opmath(tl.sqrt(bias_correction2), elem_ty)
+        beta2 = _opmath(beta2, elem_ty)
         if start + BLOCK * ITERS <= numel:
             for it in range(ITERS):
                 offs = start + it * BLOCK + tl.arange(0, BLOCK)
