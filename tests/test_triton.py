@@ -456,10 +456,11 @@ def test_low_precision(dtype, cls, kw):
                                     (FusedOneCycleAdamW, dict(weight_decay=0.1))], ids=["sgd", "adam", "adamw"])
 def test_float64_computes_in_float64(cls, kw):
     """float64 parameters step in float64 (as the reference and torch.optim
-    do), with IEEE division and square root: within a few float64 ulps of
-    the reference (Adam's bias corrections are powers by squaring here); the
+    do), with IEEE division and square root: SGD bit for bit with the
+    reference, Adam within a few float64 ulps (its bias corrections are
+    powers by squaring here; measured: 1.5 ulps of the tensor's scale); the
     float32 math these kernels use for the other dtypes would be ~1e-7 off."""
-    compare(cls, dict(STAIRS, **kw), dtype=torch.float64, ulps=8)
+    compare(cls, dict(STAIRS, **kw), dtype=torch.float64, ulps=0 if cls is FusedOneCycleSGD else 8)
 
 
 @triton.jit
