@@ -163,7 +163,11 @@ CASES = [
 def test_against_reference(cls, kw, dtype):
     a, b, oa, ob = _pair(cls, dict(SCHED, **kw), dtype)
     assert int(oa.step_counter()) == int(ob.step_counter()) == 12
-    _assert_ulps(a, b, ulps=8 if dtype in (torch.float32, torch.float64) else 2)
+    # float64: the reference's bias corrections take CUDA's pow (up to 2 ulps
+    # off), ours a correctly rounded one, and 1 - beta**t magnifies that
+    # difference up to ~100x in early steps; float32 math would be ~1e9 ulps off
+    ulps = {torch.float32: 8, torch.float64: 64}.get(dtype, 2)
+    _assert_ulps(a, b, ulps=ulps)
 
 
 @pytest.mark.gpu
