@@ -253,9 +253,10 @@ def _dd_mul(a_hi, a_lo, b_hi, b_lo):
 def _bias_corrections_dd(beta1, beta2, t):
     """``1 - beta1**t`` and ``1 - beta2**t`` for float64 parameters: powers
     by squaring in double-double arithmetic (~100-bit products), rounded to
-    float64 once, so ``beta**t`` is ``pow``'s value (correctly rounded, as
-    the reference's and the C++ kernels' ``pow`` are in practice) and
-    ``1 - beta**t`` the same exact subtraction. Plain squaring's error,
+    float64 once, so ``beta**t`` is correctly rounded, as the C library's
+    ``pow`` that the reference and the cpu op take on the CPU is in practice
+    (CUDA's ``pow``, up to 2 ulps, is not), and ``1 - beta**t`` the same
+    exact subtraction. Plain squaring's error,
     invisible in float32, would move float64 Adam ~400 ulps off the
     reference in 40 steps at ``beta2 = 0.9999``."""
     zero = beta1 * 0
