@@ -125,7 +125,7 @@ def run(cls, backend, inits, grads, dtype, misaligned=(), groups=None, **kw):
 STATE_KEYS = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 
-def assert_close_fp32(ours, ref):
+def assert_close_ulps(ours, ref):
     """A few ulps of the values' scale after a dozen steps (float32 or, with
     the same number of ulps, float64)."""
     if ours.dtype == torch.float64:
@@ -154,10 +154,10 @@ def compare_runs(cls, kw, dtype, sizes=SIZES, misaligned=(), steps=STEPS, groups
     assert int(opt.step_counter()) == steps == int(ref_opt.step_counter())
     if dtype in (torch.float32, torch.float64):
         for i, (p, q) in enumerate(zip(ours, ref)):
-            assert_close_fp32(p, q)
+            assert_close_ulps(p, q)
             for k in STATE_KEYS:
                 if k in ref_opt.state[q]:
-                    assert_close_fp32(opt.state[p][k], ref_opt.state[q][k])
+                    assert_close_ulps(opt.state[p][k], ref_opt.state[q][k])
             assert int(opt.state[p]["step"]) == int(ref_opt.state[q]["step"]) == steps
         return
     ref64, opt64 = run(cls, "reference", [v.to(dtype).double() for v in inits],
@@ -214,7 +214,7 @@ def many_tensors_case(n_tensors, device, steps=4):
     assert int(opt.step_counter()) == steps
     for p, q in zip(ours, ref):
         if p.dtype in (torch.float32, torch.float64):
-            assert_close_fp32(p, q)
+            assert_close_ulps(p, q)
         else:  # same math, low-precision rounding of the result: an ulp or two apart
             torch.testing.assert_close(p, q, rtol=2 * 2**-8, atol=1e-3)
         assert int(opt.state[p]["step"]) == steps
@@ -590,7 +590,7 @@ def grad_scaler_case(cls, device, dtype=torch.float32):
     ref, ref_opt, ref_counts = go("reference")
     assert counts == ref_counts == [1, 2, 2, 3, 4, 4, 5, 6]
     for p, q in zip(ours, ref):
-        assert_close_fp32(p, q)
+        assert_close_ulps(p, q)
         assert int(opt.state[p]["step"]) == 6
 
 
@@ -693,7 +693,7 @@ def test_channels_last_params_are_handled():
         q.grad = g.clone()
         opt.step()
         ref.step()
-    assert_close_fp32(p, q)
+    assert_close_ulps(p, q)
 
 
 @gpu
@@ -711,7 +711,7 @@ def test_grad_with_other_strides_is_read_in_param_layout():
         q.grad = g.contiguous()
         opt.step()
         ref.step()
-    assert_close_fp32(p, q)
+    assert_close_ulps(p, q)
 
 
 @gpu
@@ -1029,7 +1029,7 @@ def test_float64_with_float32_on_the_gpu_steps_in_the_cuda_backend_with_one_coun
     _mirror_matches_counter(opt, SCHED)
     ref, _ = go("reference")
     for p, q in zip(ours, ref):
-        assert_close_fp32(p, q)
+        assert_close_ulps(p, q)
 
 
 @pytest.mark.gpu
@@ -1238,7 +1238,7 @@ def test_emulated_mixed_alignment_in_one_launch(emulated, cls, kw, dtype):
     assert int(opt.step_counter()) == 4
     for p, q in zip(ours, ref):
         if dtype in (torch.float32, torch.float64):
-            assert_close_fp32(p, q)
+            assert_close_ulps(p, q)
         else:
             torch.testing.assert_close(p, q, rtol=2 * 2**-8, atol=1e-3)
         assert int(opt.state[p]["step"]) == 4
@@ -1279,7 +1279,7 @@ def test_emulated_step_counts_differ_within_a_block(emulated, cls, kw):
     ours, opt = go("cuda")
     ref, ref_opt = go("reference")
     for j, (p, q) in enumerate(zip(ours, ref)):
-        assert_close_fp32(p, q)
+        assert_close_ulps(p, q)
         assert int(opt.state[p]["step"]) == int(ref_opt.state[q]["step"]) == 6 - j
 
 

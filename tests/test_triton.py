@@ -52,8 +52,7 @@ STAIRS = dict(SCHED, cycle_first_stair_count=2, cycle_second_stair_count=3)
 @pytest.fixture(autouse=True)
 def _small_chunks():
     """64-element chunks (several per tensor) for every dtype, restored afterwards."""
-    saved = {dt: tb.TritonBackend.launch_config(dt)
-             for dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64)}
+    saved = {dt: tb.TritonBackend.launch_config(dt) for dt in tb._DTYPES}
     for dt in saved:
         tb.TritonBackend.configure(dt, block=32, iters=2, num_warps=1)
     yield
