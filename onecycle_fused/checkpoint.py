@@ -26,8 +26,8 @@ from typing import Any
 import torch
 
 from .backends import layout as _layout
-from .schedule import _SCHEDULE_KEYS, MAX_START_STEP, _keys_not_restating, schedule_from_config
-from .validation import _check_scalar_schedule, _plain
+from .schedule import _SCHEDULE_KEYS, MAX_START_STEP, _keys_not_restating, _plain, schedule_from_config
+from .validation import _check_scalar_schedule
 
 
 def _called_by_dcp_init() -> bool:

@@ -32,8 +32,7 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from .validation import _plain
-from .schedule import _as_int
+from .schedule import _as_int, _plain
 
 __all__ = ["load_torch_optimizer_state", "schedule_position"]
 
@@ -129,7 +128,8 @@ def load_torch_optimizer_state(
             # weight decay compute different steps with the same value
             decoupled = optimizer.algo == "adamw"
             if bool(s["decoupled_weight_decay"]) != decoupled:
-                want = "FusedOneCycleAdamW" if s["decoupled_weight_decay"] else "FusedOneCycleAdam"
+                want = ("FusedOneCycleAdamW (or FusedOneCycleAdam(decoupled_weight_decay=True))"
+                        if s["decoupled_weight_decay"] else "FusedOneCycleAdam")
                 raise ValueError(
                     f"torch_state_dict param_groups[{i}] has decoupled_weight_decay="
                     f"{bool(s['decoupled_weight_decay'])} (torch.optim.{'AdamW' if s['decoupled_weight_decay'] else 'Adam'}) "

@@ -44,11 +44,11 @@ from .checkpoint import _CheckpointMixin, _called_by_dcp_init, _own_step
 from .host_mirror import _HostMirrorMixin, _HostStep, _LrWritten
 from .schedule import (
     KIND_LRRANGETEST, MAX_START_STEP, ROW_WIDTH, OneCycle, Row, TorchOneCycle, _SCHEDULE_KEYS, _Schedule,
-    _keys_not_restating, schedule_from_config,
+    _keys_not_restating, _plain, schedule_from_config,
 )
 from .validation import (
     _STRIDED, _check_beta, _check_bool, _check_grad, _check_nonneg, _check_scalar_schedule,
-    _explain_torch_only_kwargs, _plain, _row_number,
+    _explain_torch_only_kwargs, _row_number,
 )
 
 __all__ = ["FusedOneCycleSGD", "FusedOneCycleAdam", "FusedOneCycleAdamW"]
@@ -1104,6 +1104,7 @@ class _FusedOneCycleOptimizer(_CheckpointMixin, _HostMirrorMixin, torch.optim.Op
             "host_step": self._host.step,
             "has_dtensors": self._has_dtensors,
             "given_schedule_keys": self._given_schedule_keys,
+            "algo": self.algo,  # (an instance's own: FusedOneCycleAdam(decoupled_weight_decay=True))
         }
         return state
 
@@ -1125,6 +1126,8 @@ class _FusedOneCycleOptimizer(_CheckpointMixin, _HostMirrorMixin, torch.optim.Op
         self.schedule = ours["schedule"]
         self.backend = ours["backend"]
         self._given_schedule_keys = ours.get("given_schedule_keys", {})  # (absent: pickled before it existed)
+        if ours.get("algo", self.algo) != self.algo:  # (absent: pickled before it existed, the class's)
+            self.algo = ours["algo"]
         # keyed by where each counter is now: torch.load(map_location=...)
         # moves the tensors, not the dict's keys
         self._counters = {c.device: c for c in ours["counters"].values()}
@@ -1342,6 +1345,10 @@ class FusedOneCycleAdam(_FusedOneCycleOptimizer):
     correction uses the current beta1, as torch does with ``OneCycleLR``);
     ``betas[0]`` is used when momentum is not cycled; ``betas[1]`` is never
     changed.
+
+    ``decoupled_weight_decay=True`` makes it AdamW, as with
+    ``torch.optim.Adam`` (the same as :class:`FusedOneCycleAdamW`, whose own
+    ``weight_decay`` default is 1e-2 where this one's stays 0).
     """
         + _SCHEDULE_DOC
     )
@@ -1374,7 +1381,14 @@ class FusedOneCycleAdam(_FusedOneCycleOptimizer):
         schedule=None,
         backend="auto",
         post_cycle_decay_step_size=None,
+        decoupled_weight_decay=None,
     ):
+        # None: the class's rule (torch.optim.Adam's default False, AdamW's True)
+        if decoupled_weight_decay is not None:
+            _check_bool("decoupled_weight_decay", decoupled_weight_decay)
+            if self.algo == "adamw" and not decoupled_weight_decay:
+                raise ValueError("FusedOneCycleAdamW always decouples weight decay (decoupled_weight_decay=False "
+                                 "is FusedOneCycleAdam, weight_decay as L2)")
         sched = _build_schedule(
             schedule, cycle_min_lr, cycle_max_lr, decay_lr_rate=decay_lr_rate,
             cycle_first_step_size=cycle_first_step_size, cycle_second_step_size=cycle_second_step_size,
@@ -1383,8 +1397,13 @@ class FusedOneCycleAdam(_FusedOneCycleOptimizer):
             cycle_max_mom=cycle_max_mom, decay_mom_rate=decay_mom_rate,
             post_cycle_decay_step_size=post_cycle_decay_step_size,
         )
-        if weight_decay is None:
+        if weight_decay is None:  # (the class's default: torch's Adam keeps 0 with decoupled_weight_decay=True)
             weight_decay = 1e-2 if self.algo == "adamw" else 0.0
+        if decoupled_weight_decay:
+            # torch.optim.Adam(decoupled_weight_decay=True) is AdamW: this
+            # instance's update rule (the table's DECOUPLED column, the
+            # state_dict's "algorithm"), kept by pickling (__getstate__)
+            self.algo = "adamw"
         defaults = dict(betas=tuple(betas) if isinstance(betas, (list, tuple)) else betas, eps=eps,
                         weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize)
         super().__init__(params, sched, defaults, backend, _given_schedule_keys(locals()))

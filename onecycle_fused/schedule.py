@@ -18,6 +18,7 @@ import json
 import math
 import numbers
 import os
+import sys
 from typing import Any, Mapping, Optional
 
 __all__ = ["OneCycle", "LRRangeTest", "TorchOneCycle", "Row", "ROW_WIDTH", "schedule_from_config"]
@@ -99,7 +100,21 @@ def _as_int(name: str, value: Any, minimum: int) -> int:
     return value
 
 
+def _plain(value: Any) -> Any:
+    """A one-element real tensor as its Python number (torch.optim takes a
+    Tensor lr and tensor betas, e.g. for capturable or compiled steps; here
+    they are constants of the schedule and the update); anything else as is.
+    torch is looked up, not imported: this file does not need it, and a
+    value can only be a tensor once torch is imported."""
+    torch = sys.modules.get("torch")
+    if (torch is not None and isinstance(value, torch.Tensor) and value.numel() == 1
+            and not value.dtype.is_complex):
+        return value.item()
+    return value
+
+
 def _as_float(name: str, value: Any) -> float:
+    value = _plain(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{name} must be a real number, got {value!r}")
     try:

@@ -1,6 +1,7 @@
 """Checks of what the optimizers are given: hyper-parameter values, a
-parameter group's schedule, grads; and the two readings of a value they rest
-on (a one-element tensor as its number, a table row's number).
+parameter group's schedule, grads; and the reading of a value they rest on
+(a table row's number; a one-element tensor as its number is schedule.py's
+``_plain``, which the schedules' own checks use).
 
 Each check raises the error that names the bad value before a constructor,
 step or load changes anything. Plain functions of values, with no optimizer
@@ -31,14 +32,6 @@ def _check_scalar_schedule(sched: _Schedule) -> _Schedule:
             "(a list gives one value per group only in the optimizer's arguments)"
         )
     return sched
-
-
-def _plain(value: Any) -> Any:
-    """A one-element real tensor (torch.optim takes tensor betas, e.g. for
-    capturable / compiled steps) as its Python number; anything else as is."""
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_complex:
-        return value.item()
-    return value
 
 
 def _is_number(value) -> bool:
@@ -119,11 +112,7 @@ _TORCH_ONLY_KWARGS = {
     "fused": "each step is one fused launch per (device, dtype) already; choose the kernels with backend=",
     "capturable": "every step is CUDA-graph capturable already (the schedule is read on the device)",
     "differentiable": "the fused step is not differentiable",
-    # torch.optim.Adam(decoupled_weight_decay=True) is torch.optim.AdamW (Adam-type classes only)
-    "decoupled_weight_decay": "FusedOneCycleAdamW is Adam with decoupled weight decay, FusedOneCycleAdam "
-                              "takes weight_decay as L2 (torch.optim.Adam's default)",
 }
-_ADAM_ONLY_KWARGS = {"decoupled_weight_decay"}
 
 
 def _explain_torch_only_kwargs(init):
@@ -135,8 +124,6 @@ def _explain_torch_only_kwargs(init):
     @functools.wraps(init)
     def wrapper(self, *args, **kwargs):
         for name in kwargs:
-            if name in _ADAM_ONLY_KWARGS and getattr(self, "algo", None) not in ("adam", "adamw"):
-                continue  # (SGD: Python's own message below, torch.optim.SGD has no such keyword either)
             if name in _TORCH_ONLY_KWARGS and name not in accepted:
                 raise TypeError(f"{type(self).__name__}() got an unexpected keyword argument {name!r}: "
                                 f"{_TORCH_ONLY_KWARGS[name]}")

@@ -260,6 +260,9 @@ def test_positions_of_any_integer_type():
 @pytest.mark.parametrize("torch_kind,fused_cls,ok", [
     ("adamw", FusedOneCycleAdamW, True),
     ("adam_decoupled", FusedOneCycleAdamW, True),  # torch.optim.Adam(decoupled_weight_decay=True) is AdamW
+    ("adam_decoupled", "adam_decoupled", True),  # and so is ours
+    ("adamw", "adam_decoupled", True),
+    ("adam_decoupled", FusedOneCycleAdam, False),
     ("adam", FusedOneCycleAdam, True),
     ("adamw", FusedOneCycleAdam, False),  # L2 instead of decoupled decay: another trajectory
     ("adam", FusedOneCycleAdamW, False),
@@ -286,7 +289,10 @@ def test_weight_decay_kind_must_match(torch_kind, fused_cls, ok):
 
     resumed = _model()
     resumed.load_state_dict(saved_model)
-    fused = fused_cls(resumed.parameters(), **SCHEDULE, backend="reference")
+    if fused_cls == "adam_decoupled":
+        fused = FusedOneCycleAdam(resumed.parameters(), **SCHEDULE, backend="reference", decoupled_weight_decay=True)
+    else:
+        fused = fused_cls(resumed.parameters(), **SCHEDULE, backend="reference")
     if not ok:
         with pytest.raises(ValueError, match="decoupled_weight_decay"):
             load_torch_optimizer_state(fused, saved_opt, saved_sched)

@@ -131,6 +131,49 @@ def test_reference_backend_is_bit_exact_with_torch(pair, opts, dtype):
         assert torch.equal(x, y), (x - y).abs().max()
 
 
+@pytest.mark.parametrize("decoupled", [False, True])
+def test_adam_decoupled_weight_decay_as_torch_adam_takes_it(decoupled):
+    """torch.optim.Adam(decoupled_weight_decay=True) is AdamW: ours takes the
+    keyword alike (bit for bit with torch's on the reference backend, the
+    default weight_decay staying Adam's 0), and the instance is an AdamW in
+    its state_dict and through pickling."""
+    if "decoupled_weight_decay" not in inspect.signature(torch.optim.Adam).parameters:
+        pytest.skip("this torch's Adam has no decoupled_weight_decay")
+    opts = dict(weight_decay=0.05, betas=(0.9, 0.99), eps=1e-6, decoupled_weight_decay=decoupled)
+    a, b, ours = drive_pair(FusedOneCycleAdam, torch.optim.Adam, {**SCHED, **opts}, dict(opts, foreach=False),
+                            dtype=torch.float64)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y), (x - y).abs().max()
+    p = torch.nn.Parameter(torch.ones(2))
+    assert FusedOneCycleAdam([p], **SCHED, decoupled_weight_decay=decoupled).defaults["weight_decay"] == 0.0
+    # the same trajectory as the class of that rule (FusedOneCycleAdamW, Adam)
+    same_cls = FusedOneCycleAdamW if decoupled else FusedOneCycleAdam
+    a2, _, _ = drive_pair(same_cls, torch.optim.Adam, {**SCHED, **dict(opts, decoupled_weight_decay=None)},
+                          dict(opts, foreach=False), dtype=torch.float64)
+    assert all(torch.equal(x, y) for x, y in zip(a, a2))
+    sd = ours.state_dict()
+    assert sd["algorithm"] == ("adamw" if decoupled else "adam")
+    other = FusedOneCycleAdam if decoupled else FusedOneCycleAdamW
+    with pytest.raises(ValueError, match="another update rule"):
+        other([torch.nn.Parameter(t.detach().clone()) for t in a], **SCHED).load_state_dict(sd)
+    same_cls([torch.nn.Parameter(t.detach().clone()) for t in a], **SCHED).load_state_dict(sd)
+    buf = io.BytesIO()
+    torch.save(ours, buf)
+    buf.seek(0)
+    assert torch.load(buf, weights_only=False).algo == ours.algo
+
+
+def test_decoupled_weight_decay_values_that_make_no_rule_are_refused():
+    p = torch.nn.Parameter(torch.ones(2))
+    with pytest.raises(ValueError, match="FusedOneCycleAdamW always decouples"):
+        FusedOneCycleAdamW([p], **SCHED, decoupled_weight_decay=False)
+    assert FusedOneCycleAdamW([p], **SCHED, decoupled_weight_decay=True).algo == "adamw"
+    with pytest.raises(ValueError, match="decoupled_weight_decay must be a bool"):
+        FusedOneCycleAdam([p], **SCHED, decoupled_weight_decay=1)
+    with pytest.raises(TypeError, match="decoupled_weight_decay"):  # as torch.optim.SGD
+        FusedOneCycleSGD([p], **SCHED, decoupled_weight_decay=True)
+
+
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 @pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])
 @pytest.mark.parametrize("ours_cls, torch_cls, kw", [
@@ -1204,12 +1247,11 @@ def test_a_group_schedule_value_must_be_a_scalar():
     (OneCycle(**dict(SCHED, decay_lr_rate=0.0)), "decay_lr_rate", False),  # over 0.0
     (LRRangeTest(lr_range_test_step_size=3), "lr_range_test_staircase", 0),  # over False
     (TorchOneCycle(max_lr=0.1, total_steps=50), "three_phase", 0),  # over False
-    (OneCycle(**dict(SCHED, cycle_max_lr=0.5)), "cycle_max_lr", torch.tensor(0.5)),  # over 0.5
+    # (a one-element tensor over a number is valid: it is taken as its number)
 ])
 def test_a_schedule_value_edited_to_the_bool_or_number_it_equals_is_refused(schedule, key, bad, backend):
     """A schedule value edited in place to a bool where a number belongs, or
-    the other way, or to a tensor, equal to the valid value it replaces
-    (True == 1, tensor(0.5) == 0.5): refused
+    the other way, equal to the valid value it replaces (True == 1): refused
     by the next step and get_last_lr(), as any invalid one, nothing changed.
     The parsed-schedule cache compared the config with ==, so these were
     taken as the schedule already parsed, and a checkpoint saved afterwards
@@ -2543,6 +2585,66 @@ def test_tensor_betas_as_torch_adam_takes_them(cls, backend):
     assert all(type(b) is float for b in runs[1][1])
 
 
+@pytest.mark.parametrize("cls", [FusedOneCycleSGD, FusedOneCycleAdamW])
+@pytest.mark.parametrize("kind", ["onecycle", "torch_onecycle"])
+def test_tensor_schedule_values_as_torch_takes_a_tensor_lr(cls, kind):
+    """torch.optim takes ``lr=torch.tensor(...)``; the schedule's values given
+    as one-element tensors (constructor keywords, a per-group list, a group's
+    override, TorchOneCycle's max_lr) step as the tensors' own numbers do, and
+    the groups' schedule configs hold those numbers (JSON-safe)."""
+    t32 = lambda x: torch.tensor(x, dtype=torch.float32)  # noqa: E731
+    num = lambda x: t32(x).item()  # noqa: E731  (what torch computes with)
+    runs = []
+    for as_tensor in (False, True):
+        v = t32 if as_tensor else num
+        torch.manual_seed(0)
+        p, q = torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(3))
+        if kind == "onecycle":
+            groups = [{"params": [p]}, {"params": [q], "cycle_max_lr": v(0.3)}]
+            opt = cls(groups, cycle_min_lr=[v(0.01), v(0.02)], cycle_max_lr=v(0.1), cycle_first_step_size=3,
+                      decay_step_size=2, decay_lr_rate=v(0.3), cycle_min_mom=v(0.8), cycle_max_mom=v(0.93),
+                      backend="reference")
+        else:
+            opt = cls([p, q], schedule=TorchOneCycle(max_lr=v(0.1), total_steps=10, base_momentum=v(0.8)),
+                      backend="reference")
+        for _ in range(8):
+            p.grad, q.grad = torch.randn(5), torch.randn(3)
+            opt.step()
+        runs.append((p.detach().clone(), q.detach().clone(), [g["schedule"] for g in opt.param_groups]))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    assert runs[0][2] == runs[1][2]
+    values = [x for s in runs[1][2] for x in s["params"].values()]
+    assert not any(isinstance(x, torch.Tensor) for x in values)
+
+
+def test_a_tensor_edited_into_a_group_schedule_steps_as_its_number():
+    """The schedule config edited in place to a one-element tensor (as
+    torch.optim takes ``group['lr'] = torch.tensor(...)``): the next steps use
+    its number, the same as a float edit, and the state_dict holding it
+    loads (the config's tensor stays where the user put it)."""
+    runs = []
+    for value in (torch.tensor(0.25).item(), torch.tensor(0.25)):
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(4))
+        opt = FusedOneCycleSGD([p], **SCHED, backend="reference")
+        for k in range(6):
+            if k == 2:
+                opt.param_groups[0]["schedule"]["params"]["cycle_max_lr"] = value
+            p.grad = torch.randn(4)
+            opt.step()
+        assert opt.param_groups[0]["lr"] == OneCycle(**dict(SCHED, cycle_max_lr=float(value))).lr(6)
+        opt.load_state_dict(opt.state_dict())
+        runs.append(p.detach().clone())
+    assert torch.equal(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("bad", [torch.tensor([0.1, 0.2]), torch.tensor(0.1 + 0j), torch.tensor(float("inf"))])
+def test_a_tensor_schedule_value_that_is_no_real_number_is_refused(bad):
+    p = torch.nn.Parameter(torch.randn(3))
+    with pytest.raises(ValueError, match="cycle_max_lr must be"):
+        FusedOneCycleSGD([p], cycle_min_lr=0.01, cycle_max_lr=bad)
+
+
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_tensor_betas_edited_in_stay_as_set_when_another_group_is_refused(backend):
     """Tensor betas edited into group 0 together with an invalid eps in group
@@ -2829,22 +2931,16 @@ def test_reference_sqrt_rn_is_one_op_off_the_cpu():
 @pytest.mark.parametrize("cls", [FusedOneCycleSGD, FusedOneCycleAdam, FusedOneCycleAdamW])
 @pytest.mark.parametrize("name,hint", [("lr", "cycle_min_lr and cycle_max_lr"), ("foreach", "backend="),
                                        ("fused", "backend="), ("capturable", "capturable already"),
-                                       ("differentiable", "not differentiable"),
-                                       ("decoupled_weight_decay", "FusedOneCycleAdamW is Adam with decoupled")])
+                                       ("differentiable", "not differentiable")])
 def test_torch_only_keywords_say_what_to_give_instead(cls, name, hint):
     """Swapping torch.optim.SGD(params, lr=0.1, momentum=0.9) for ours: lr=
-    (and foreach=, fused=, capturable=, differentiable=, and Adam's
-    decoupled_weight_decay=) is still a TypeError,
+    (and foreach=, fused=, capturable=, differentiable=) is still a TypeError,
     as any unexpected keyword, but one that names the class the user called
     (not the parent whose __init__ AdamW inherits) and says what to give
     instead; it used to be Python's bare message. Other unknown keywords keep
     that message, and the signature (inspect, DeepSpeed-style tooling) is the
     same."""
     p = torch.nn.Parameter(torch.ones(2))
-    if name == "decoupled_weight_decay" and cls is FusedOneCycleSGD:  # Adam's keyword: no Adam hint for SGD
-        with pytest.raises(TypeError, match=f"unexpected keyword argument '{name}'$"):
-            cls([p], cycle_min_lr=0.01, cycle_max_lr=0.1, **{name: True})
-        return
     with pytest.raises(TypeError, match=rf"^{cls.__name__}\(\) got an unexpected keyword argument '{name}': .*"
                                         + re.escape(hint)):
         cls([p], cycle_min_lr=0.01, cycle_max_lr=0.1, **{name: True if name != "lr" else 0.1})
