@@ -32,6 +32,7 @@ from typing import Any, Mapping, Optional
 
 import torch
 
+from .backends import decoupled_weight_decay
 from .schedule import _as_int, _plain
 
 __all__ = ["load_torch_optimizer_state", "schedule_position"]
@@ -126,7 +127,7 @@ def load_torch_optimizer_state(
         if not is_sgd and copy_hyperparameters and s.get("weight_decay", 0) != 0 and "decoupled_weight_decay" in s:
             # torch >= 2.5 marks AdamW groups; L2 (Adam) and decoupled (AdamW)
             # weight decay compute different steps with the same value
-            decoupled = optimizer.algo == "adamw"
+            decoupled = bool(decoupled_weight_decay(optimizer.algo, d))  # (d: a copy of the live group)
             if bool(s["decoupled_weight_decay"]) != decoupled:
                 want = ("FusedOneCycleAdamW (or FusedOneCycleAdam(decoupled_weight_decay=True))"
                         if s["decoupled_weight_decay"] else "FusedOneCycleAdam")

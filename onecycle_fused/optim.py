@@ -162,8 +162,8 @@ def _freeze(value):
 # the table columns that hold a flag: the user's (a bool), or one the
 # optimizer derives (a truth value: np.bool_ from a numpy momentum != 0, a
 # SymBool when compiled); the others hold a number
-_FLAG_COLUMNS = frozenset((Row.NESTEROV, Row.MAXIMIZE, Row.AMSGRAD))
-_DERIVED_FLAG_COLUMNS = frozenset((Row.DECOUPLED, Row.HAS_MOMENTUM_BUFFER))
+_FLAG_COLUMNS = frozenset((Row.NESTEROV, Row.MAXIMIZE, Row.AMSGRAD, Row.DECOUPLED))
+_DERIVED_FLAG_COLUMNS = frozenset((Row.HAS_MOMENTUM_BUFFER,))
 
 
 def _undo_added(added: list) -> None:
@@ -869,6 +869,8 @@ class _FusedOneCycleOptimizer(_CheckpointMixin, _HostMirrorMixin, torch.optim.Op
                         state.update(self._init_state(p, group))
                         if not compiling:
                             self._known_steps.steps[id(state["step"])] = state["step"]
+                    else:
+                        self._check_state_entries(i, p, state)
                     batch.params.append(p)
                     batch.grads.append(grad)
                     batch.steps.append(state["step"])
@@ -923,6 +925,20 @@ class _FusedOneCycleOptimizer(_CheckpointMixin, _HostMirrorMixin, torch.optim.Op
             self._build_plans(batches, without_grad)
         if mirror:
             self._advance_mirror(found_inf, schedules)
+
+    def _check_state_entries(self, i: int, p: torch.Tensor, state: dict) -> None:
+        """Refuse a parameter's state that lacks an entry the update reads
+        (set to None or deleted by hand) before anything is written: the
+        reference backend stepped the parameters before it and then failed on
+        None, triton stepped it without the entry, cpu named a schema type."""
+        for key in self._required_state:
+            if not isinstance(state.get(key), torch.Tensor):
+                what = "has no" if key not in state else f"holds {type(state[key]).__name__} as its"
+                raise RuntimeError(
+                    f"{type(self).__name__}: the state of params[{i}] ({tuple(p.shape)}) {what} {key!r}, which "
+                    f"the update reads: give it a tensor (as state_dict() saved it), or pop the parameter's state "
+                    f"(optimizer.state.pop(p)) to start it afresh"
+                )
 
     def _check_no_duplicate_params(self) -> None:
         """A parameter put into ``param_groups[i]['params']`` twice after the
@@ -1208,6 +1224,18 @@ def _build_schedule(schedule, cycle_min_lr, cycle_max_lr, **kw) -> _Schedule:
     return OneCycle(cycle_min_lr, cycle_max_lr, **kw)
 
 
+def _numbers_in_place(group: dict, keys: tuple[str, ...]) -> None:
+    """The group's one-element tensor values of ``keys`` (torch.optim.SGD
+    takes ``momentum=torch.tensor(0.9)``) made their numbers, in the group:
+    constants of the update, read into the table row. Other values are left
+    as they are, for the checks to name."""
+    for key in keys:
+        value = group.get(key)
+        plain = _plain(value)
+        if plain is not value:
+            group[key] = plain
+
+
 def _lowest_cycled_momentum(sched: _Schedule) -> tuple[str, float]:
     """(parameter name, value) of the smallest momentum a (one-group) schedule
     that cycles momentum reaches."""
@@ -1275,6 +1303,7 @@ class FusedOneCycleSGD(_FusedOneCycleOptimizer):
         super().__init__(params, sched, defaults, backend, _given_schedule_keys(locals()))
 
     def _validate_group(self, group, mirrored=False):
+        _numbers_in_place(group, ("momentum", "dampening", "weight_decay"))
         if not (mirrored and self._schedule_of(group).cycles_momentum):
             _check_nonneg("momentum", group["momentum"])
         _check_nonneg("dampening", group["dampening"])
@@ -1348,7 +1377,8 @@ class FusedOneCycleAdam(_FusedOneCycleOptimizer):
 
     ``decoupled_weight_decay=True`` makes it AdamW, as with
     ``torch.optim.Adam`` (the same as :class:`FusedOneCycleAdamW`, whose own
-    ``weight_decay`` default is 1e-2 where this one's stays 0).
+    ``weight_decay`` default is 1e-2 where this one's stays 0); a group's own
+    ``decoupled_weight_decay`` key decides for that group.
     """
         + _SCHEDULE_DOC
     )
@@ -1421,6 +1451,7 @@ class FusedOneCycleAdam(_FusedOneCycleOptimizer):
         if any(x is not y for x, y in zip(plain, betas)):
             group["betas"] = plain
         betas = plain
+        _numbers_in_place(group, ("eps", "weight_decay"))
         if not (mirrored and self._schedule_of(group).cycles_momentum):
             _check_beta("betas[0]", betas[0])
         _check_beta("betas[1]", betas[1])
@@ -1428,6 +1459,8 @@ class FusedOneCycleAdam(_FusedOneCycleOptimizer):
         _check_nonneg("weight_decay", group["weight_decay"])
         _check_bool("amsgrad", group["amsgrad"])
         _check_bool("maximize", group["maximize"])
+        if "decoupled_weight_decay" in group:  # (a group's own, as torch.optim.Adam reads it)
+            _check_bool("decoupled_weight_decay", group["decoupled_weight_decay"])
 
     def _constant_momentum(self, group):
         return group["betas"][0]
@@ -1442,7 +1475,7 @@ class FusedOneCycleAdam(_FusedOneCycleOptimizer):
             Row.BETA2: betas[1],
             Row.EPS: group["eps"],
             Row.AMSGRAD: group["amsgrad"],
-            Row.DECOUPLED: self.algo == "adamw",
+            Row.DECOUPLED: _backends.decoupled_weight_decay(self.algo, group),
         }
 
     def _set_momentum_mirror(self, group, mom):

@@ -85,7 +85,21 @@ _INT64_MAX = 2**63 - 1
 MAX_START_STEP = 2**62
 
 
+def _plain(value: Any) -> Any:
+    """A one-element real tensor as its Python number (torch.optim takes a
+    Tensor lr and tensor betas, e.g. for capturable or compiled steps; here
+    they are constants of the schedule and the update); anything else as is.
+    torch is looked up, not imported: this file does not need it, and a
+    value can only be a tensor once torch is imported."""
+    torch = sys.modules.get("torch")
+    if (torch is not None and isinstance(value, torch.Tensor) and value.numel() == 1
+            and not value.dtype.is_complex):
+        return value.item()
+    return value
+
+
 def _as_int(name: str, value: Any, minimum: int) -> int:
+    value = _plain(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     if not isinstance(value, numbers.Integral):  # an integral float, numpy's (np.float32(1000.0)) too
@@ -97,19 +111,6 @@ def _as_int(name: str, value: Any, minimum: int) -> int:
     if not minimum <= value <= _INT64_MAX:  # (the device counts steps in int64)
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}"
                          + (" (beyond int64)" if value > _INT64_MAX else ""))
-    return value
-
-
-def _plain(value: Any) -> Any:
-    """A one-element real tensor as its Python number (torch.optim takes a
-    Tensor lr and tensor betas, e.g. for capturable or compiled steps; here
-    they are constants of the schedule and the update); anything else as is.
-    torch is looked up, not imported: this file does not need it, and a
-    value can only be a tensor once torch is imported."""
-    torch = sys.modules.get("torch")
-    if (torch is not None and isinstance(value, torch.Tensor) and value.numel() == 1
-            and not value.dtype.is_complex):
-        return value.item()
     return value
 
 

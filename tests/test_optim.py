@@ -163,6 +163,50 @@ def test_adam_decoupled_weight_decay_as_torch_adam_takes_it(decoupled):
     assert torch.load(buf, weights_only=False).algo == ours.algo
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("cls", [FusedOneCycleAdam, FusedOneCycleAdamW])
+def test_a_groups_own_decoupled_weight_decay_as_torch_adam_reads_it(cls, backend):
+    """torch.optim.Adam reads decoupled_weight_decay per group: a group's own
+    key decides its rule (it was kept and ignored, L2 where torch decoupled),
+    one without the key follows the optimizer's, and an edit between steps
+    switches it. torch.optim.Adam with the same groups is the oracle."""
+    from onecycle_fused import available_backends
+    if "decoupled_weight_decay" not in inspect.signature(torch.optim.Adam).parameters:
+        pytest.skip("this torch's Adam has no decoupled_weight_decay")
+    if backend not in available_backends():
+        pytest.skip(f"{backend} backend not built")
+    own = cls is FusedOneCycleAdam  # the key each group sets: the other rule than the class's
+    init = make_params(shapes=((4, 3), (5,), (2,)), dtype=torch.float64)
+    a = [torch.nn.Parameter(t.clone()) for t in init]
+    b = [torch.nn.Parameter(t.clone()) for t in init]
+    keyed = {"decoupled_weight_decay": own}
+    ours = cls([{"params": a[:1], **keyed}, {"params": a[1:2]}, {"params": a[2:], **keyed}], **SCHED,
+               weight_decay=0.1, cycle_momentum=False, backend=backend)
+    ref = torch.optim.Adam([{"params": b[:1], **keyed}, {"params": b[1:2], "decoupled_weight_decay": not own},
+                            {"params": b[2:], **keyed}], lr=0.1, weight_decay=0.1, foreach=False)
+    gen = torch.Generator().manual_seed(1)
+    for k in range(12):
+        if k == 6:  # group 2 edited back to the optimizer's rule
+            ours.param_groups[2]["decoupled_weight_decay"] = not own
+            ref.param_groups[2]["decoupled_weight_decay"] = not own
+        for pa, pb in zip(a, b):
+            g = _randn(pa.shape, gen, torch.float64)
+            pa.grad, pb.grad = g.clone(), g.clone()
+        for group in ref.param_groups:
+            group["lr"] = ours.schedule.lr(k)
+        ours.step()
+        ref.step()
+    if backend == "reference":
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    else:
+        assert_close_ulps(a, b, ulps=8)
+    # (the L2 and decoupled trajectories differ by far more than that)
+    assert ours.param_groups[0]["decoupled_weight_decay"] is own
+    ours.param_groups[0]["decoupled_weight_decay"] = "yes"
+    with pytest.raises(ValueError, match=r"param_groups\[0\]: decoupled_weight_decay must be a bool"):
+        ours.step()
+
+
 def test_decoupled_weight_decay_values_that_make_no_rule_are_refused():
     p = torch.nn.Parameter(torch.ones(2))
     with pytest.raises(ValueError, match="FusedOneCycleAdamW always decouples"):
@@ -1716,6 +1760,39 @@ def _assert_unchanged(before, after):
     assert (c0, lr0) == (c1, lr1)
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("cls, key, how", [
+    (FusedOneCycleAdam, "exp_avg", "none"), (FusedOneCycleAdam, "exp_avg_sq", "deleted"),
+    (FusedOneCycleAdamW, "step", "deleted"), (FusedOneCycleSGD, "step", "none"),
+])
+def test_a_state_entry_set_to_none_or_deleted_is_refused_before_anything_moves(cls, key, how, backend):
+    """A state entry the update reads, set to None or deleted by hand in the
+    last parameter's state: a RuntimeError naming it, nothing moved. The
+    reference backend stepped the parameters before it and then failed on
+    None (AttributeError), triton stepped it without the entry, cpu named a
+    schema type; a missing 'step' was a bare KeyError."""
+    from onecycle_fused import available_backends
+    if backend not in available_backends():
+        pytest.skip(f"{backend} backend not built")
+    ps = [torch.nn.Parameter(torch.randn(4)) for _ in range(3)]
+    opt = cls(ps, **SCHED, backend=backend)
+    for p in ps:
+        p.grad = torch.randn(4)
+    opt.step()
+    if how == "none":
+        opt.state[ps[2]][key] = None
+    else:
+        del opt.state[ps[2]][key]
+    before = [p.detach().clone() for p in ps], [int(opt.state[p]["step"]) for p in ps[:2]], int(opt.step_counter())
+    with pytest.raises(RuntimeError, match=rf"state of params\[2\] .*'{key}'"):
+        opt.step()
+    after = [p.detach().clone() for p in ps], [int(opt.state[p]["step"]) for p in ps[:2]], int(opt.step_counter())
+    assert all(torch.equal(x, y) for x, y in zip(before[0], after[0])) and before[1:] == after[1:]
+    opt.state.pop(ps[2])  # what the message says: that parameter starts afresh
+    opt.step()
+    assert int(opt.state[ps[2]]["step"]) == 1 and int(opt.state[ps[0]]["step"]) == 2
+
+
 def _set_bad_grad(q, kind):
     q.grad = torch.zeros_like(q)  # the .grad setter refuses a mismatch; .data does not
     q.grad.data = torch.randn(q.shape[0] + 1) if kind == "shape" else torch.randn(q.shape, dtype=torch.float64)
@@ -2016,7 +2093,6 @@ def test_a_grad_that_is_its_parameter_steps_like_torch(opt_cls, torch_cls, backe
     (FusedOneCycleSGD, "maximize", 0, "maximize"),
     (FusedOneCycleSGD, "weight_decay", False, "weight_decay"),
     (FusedOneCycleAdam, "amsgrad", 0, "amsgrad"),
-    (FusedOneCycleAdam, "eps", torch.tensor(1e-8, dtype=torch.float64), "eps"),
     (FusedOneCycleAdam, "betas", (0.9, 0.999, 0.5), "betas must be a pair"),
     (FusedOneCycleAdamW, "weight_decay", "0.01", "weight_decay"),
     # an int beyond float range: it compared below inf, and the step raised
@@ -2643,6 +2719,37 @@ def test_a_tensor_schedule_value_that_is_no_real_number_is_refused(bad):
     p = torch.nn.Parameter(torch.randn(3))
     with pytest.raises(ValueError, match="cycle_max_lr must be"):
         FusedOneCycleSGD([p], cycle_min_lr=0.01, cycle_max_lr=bad)
+
+
+@pytest.mark.parametrize("cls", [FusedOneCycleSGD, FusedOneCycleAdam])
+def test_tensor_update_hyperparameters_as_torch_takes_them(cls):
+    """torch.optim.SGD(momentum=torch.tensor(0.9), weight_decay=tensor(...))
+    and Adam's tensor eps / weight_decay are valid torch; ours steps with the
+    tensors' numbers, as with those numbers given, and the groups then hold
+    numbers. Integer schedule values as tensors too (the README: any
+    schedule value)."""
+    t = lambda x: torch.tensor(x, dtype=torch.float32)  # noqa: E731
+    kw_of = {FusedOneCycleSGD: dict(momentum=0.9, dampening=0.1, weight_decay=0.01),
+             FusedOneCycleAdam: dict(eps=1e-3, weight_decay=0.01)}[cls]
+    runs = []
+    for as_tensor in (False, True):
+        kw = {k: t(v) if as_tensor else t(v).item() for k, v in kw_of.items()}
+        ints = dict(cycle_first_step_size=3, cycle_first_stair_count=2, decay_step_size=2)
+        if as_tensor:
+            ints = {k: torch.tensor(v) for k, v in ints.items()}
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(5))
+        opt = cls([p], cycle_min_lr=0.01, cycle_max_lr=0.1, cycle_momentum=False, **ints, **kw,
+                  backend="reference")
+        for _ in range(8):
+            p.grad = torch.randn(5)
+            opt.step()
+        group = {k: opt.param_groups[0][k] for k in kw_of}
+        runs.append((p.detach().clone(), group, opt.param_groups[0]["schedule"]))
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert runs[0][1] == runs[1][1] and all(type(v) is float for v in runs[1][1].values())
+    assert runs[0][2] == runs[1][2]
+    assert TorchOneCycle(max_lr=0.1, total_steps=torch.tensor(100)) == TorchOneCycle(max_lr=0.1, total_steps=100)
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])

@@ -65,6 +65,13 @@ class StepBatch:
         return [getattr(self, name) for name in STATE_LISTS[self.algo]]
 
 
+def decoupled_weight_decay(algo: str, group: dict):
+    """Whether an Adam-type group's weight decay is decoupled (AdamW's): the
+    group's own ``decoupled_weight_decay`` where it has one (torch.optim.Adam
+    reads the key per group), else the optimizer's rule (``algo``)."""
+    return group.get("decoupled_weight_decay", algo == "adamw")
+
+
 class Backend(Protocol):
     name: str
 

@@ -24,7 +24,7 @@ import math
 import torch
 
 from ..schedule import ANNEAL_LINEAR, KIND_LRRANGETEST, KIND_ONECYCLE, KIND_TORCH_ONECYCLE, Row
-from . import StepBatch
+from . import StepBatch, decoupled_weight_decay
 from .layout import STATE_LISTS, check_batch_states_apart
 
 
@@ -293,7 +293,7 @@ class ReferenceBackend:
         if group["maximize"]:
             grad = -grad
         if wd != 0:
-            if batch.algo == "adamw":
+            if decoupled_weight_decay(batch.algo, group):
                 param = param * (1 - lr * wd).to(compute)
             else:
                 grad = grad.add(param, alpha=wd)
