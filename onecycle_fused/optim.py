@@ -885,6 +885,10 @@ class _FusedOneCycleOptimizer(_CheckpointMixin, _HostMirrorMixin, torch.optim.Op
                 self._follow_param_devices()
                 self._step(grad_scale, found_inf, mirror)  # again, on the devices the parameters are on now
                 return
+            if not compiling and not self._has_dtensors:
+                for device, batch in batches.items():
+                    _layout.check_states_unshared(batch.params, batch.algo, batch.state_lists(),
+                                                  where=f"on {device}: " if len(batches) > 1 else "")
             if len(batches) > 1 and not compiling and not self._has_dtensors:
                 # a backend refuses overlapping states (and cuda a strided
                 # parameter) before it writes, but only on its device: the

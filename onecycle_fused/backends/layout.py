@@ -10,7 +10,14 @@ their launches in Python (``triton``) or step tensor by tensor
 """
 from __future__ import annotations
 
+from functools import partial
+from itertools import chain
+from operator import is_not
+
 import torch
+
+_data_ptr = torch.Tensor.data_ptr
+_is_not_none = partial(is_not, None)
 
 
 def strides(t: torch.Tensor):
@@ -55,7 +62,8 @@ def in_param_layout(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     parameter's states with the parameter's own offsets and refuses it.
     A state that is a view (of the parameter, of a flat buffer someone
     keeps) is left as it is: a copy would stop the updates reaching that
-    memory, and one sharing its parameter's is refused (``check_states_apart``).
+    memory, and one sharing its parameter's is refused (``check_states_unshared``,
+    ``check_states_apart``).
     Eager only."""
     if type(t) is not torch.Tensor or p.layout != torch.strided or t.stride() == p.stride():  # (usual: ~0.3 us)
         return t
@@ -151,3 +159,38 @@ def check_batch_states_apart(params, grads, algo: str, states, where: str = "") 
     (``states``: one list per ``STATE_LISTS[algo]`` entry)."""
     for i, (p, g) in enumerate(zip(params, grads)):
         check_states_apart(i, p, g, algo, [st[i] for st in states], where)
+
+
+def check_states_unshared(params, algo: str, states, where: str = "") -> None:
+    """Refuse a state tensor stored where a parameter or another state is
+    (the same first element: one state given to two parameters, or a
+    parameter's own memory, by hand): RuntimeError, before anything is
+    written. Element by element such aliases read and write one location
+    from several updates at once: the fused kernels' result depends on
+    their order (on the CPU's threads, from run to run), where torch.optim's
+    for-loop steps one tensor after the other. ``check_states_apart``
+    refuses partial overlaps within a parameter's tensors; parameters may
+    share memory among themselves (views of one buffer), as in torch.optim.
+    Eager only: it reads data pointers (not meaningful on the meta device)."""
+    if not params or params[0].device.type == "meta":
+        return
+    # the usual case in C-level passes (~0.1 us a tensor): no state's first
+    # element where any other tensor's is; else the loop below finds which
+    # (skipping empty tensors, whose pointers may coincide)
+    present = list(filter(_is_not_none, chain.from_iterable(states)))
+    state_ptrs = list(map(_data_ptr, present))
+    if len(set(state_ptrs)) == len(state_ptrs) and set(map(_data_ptr, params)).isdisjoint(state_ptrs):
+        return
+    where_is = {p.data_ptr(): ("params", i) for i, p in enumerate(params) if p.numel()}
+    for name, tensors in zip(STATE_LISTS[algo], states):
+        for i, t in enumerate(tensors):
+            if t is None or t.numel() == 0:
+                continue
+            ptr = t.data_ptr()
+            other = where_is.setdefault(ptr, (name, i))
+            if other != (name, i):
+                raise RuntimeError(
+                    f"{where}{name}[{i}] is stored where {other[0]}[{other[1]}] is: each parameter's state needs "
+                    "memory of its own (a state shared by two parameters, or a parameter's own memory, is written "
+                    "by two updates at once); give it a copy (clone() it)"
+                )
