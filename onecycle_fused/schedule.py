@@ -143,6 +143,18 @@ def _momentum(name: str, value: Any) -> float:
     return value
 
 
+def _fresh_start(name: str, value: Any) -> None:
+    """DeepSpeed's ``last_batch_iteration`` / torch's ``last_epoch`` (a
+    config's too): the resume position is not part of the schedule's shape.
+    A fresh start (-1, their default) is accepted; a position comes from the
+    optimizer's state_dict, ``set_step`` or ``load_torch_optimizer_state``."""
+    if isinstance(value, bool) or value != -1:
+        raise ValueError(
+            f"{name}={value!r} is not supported: a run resumes from the optimizer's state_dict "
+            "(or set_step / load_torch_optimizer_state)"
+        )
+
+
 def _per_group(name: str, value: Any, check) -> float | list[float]:
     """A scalar, or a list/tuple with one value per parameter group."""
     if isinstance(value, (list, tuple)):
@@ -302,7 +314,9 @@ class OneCycle(_Schedule):
         decay_mom_rate=0.0,
         *,
         post_cycle_decay_step_size=None,
+        last_batch_iteration=-1,
     ):
+        _fresh_start("last_batch_iteration", last_batch_iteration)
         # decay_step_size defaults to 0; None lets us tell "not given" from 0
         # so that giving it together with its alias is an error.
         if post_cycle_decay_step_size is not None:
@@ -456,7 +470,10 @@ class LRRangeTest(_Schedule):
         lr_range_test_step_size=2000,
         lr_range_test_step_rate=1.0,
         lr_range_test_staircase=False,
+        *,
+        last_batch_iteration=-1,
     ):
+        _fresh_start("last_batch_iteration", last_batch_iteration)
         self.lr_range_test_min_lr = _per_group("lr_range_test_min_lr", lr_range_test_min_lr, _nonneg)
         self.lr_range_test_step_size = _as_int("lr_range_test_step_size", lr_range_test_step_size, 1)
         self.lr_range_test_step_rate = _nonneg("lr_range_test_step_rate", lr_range_test_step_rate)
@@ -543,7 +560,10 @@ class TorchOneCycle(_Schedule):
         div_factor=25.0,
         final_div_factor=1e4,
         three_phase=False,
+        *,
+        last_epoch=-1,
     ):
+        _fresh_start("last_epoch", last_epoch)
         # torch: total_steps wins; epochs and steps_per_epoch are only read
         # (and checked) without it. The values are kept as given for params().
         if total_steps is not None:
@@ -746,14 +766,6 @@ def schedule_from_config(config: str | os.PathLike | Mapping[str, Any]) -> OneCy
     if not isinstance(params, Mapping):
         raise ValueError(f'scheduler "params" must be a dict of {kind} parameters, got {params!r}')
     params = dict(params)
-    # DeepSpeed's resume position is not part of the schedule's shape; a fresh
-    # start (-1) is accepted, anything else must come from a checkpoint.
-    position = "last_epoch" if kind in _TORCH_NAMES else "last_batch_iteration"
-    last = params.pop(position, -1)
-    if last != -1:
-        raise ValueError(
-            f"{position} in a config is not supported: a run resumes from the optimizer's state_dict"
-        )
     try:
         return _TYPES[_TORCH_NAMES.get(kind, kind)](**params)
     except TypeError as e:  # unknown keyword

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import SEED_CONFIG
-from onecycle_fused import LRRangeTest, OneCycle, schedule_from_config
+from onecycle_fused import LRRangeTest, OneCycle, TorchOneCycle, schedule_from_config
 from onecycle_fused.backends.reference import schedule_values
 
 ds = pytest.importorskip("deepspeed.runtime.lr_schedules")
@@ -158,6 +158,23 @@ def test_lr_range_test_from_config():
     assert sched.lr(250) == 1e-5 * (1 + 5 * 2)
     with pytest.raises(ValueError, match="not a OneCycle"):
         OneCycle.from_config(cfg)
+
+
+@pytest.mark.parametrize("cls, kw, position", [
+    (OneCycle, dict(cycle_min_lr=0.1, cycle_max_lr=1.0, cycle_first_step_size=4), "last_batch_iteration"),
+    (LRRangeTest, dict(lr_range_test_step_size=3), "last_batch_iteration"),
+    (TorchOneCycle, dict(max_lr=0.1, total_steps=10), "last_epoch"),
+])
+def test_the_constructors_take_a_fresh_start_position_as_deepspeed_and_torch_do(cls, kw, position):
+    """DeepSpeed's schedulers take last_batch_iteration=-1, torch's
+    OneCycleLR last_epoch=-1 (their defaults): a ported call that spells it
+    out builds the same schedule (it was a TypeError, where a config's -1 was
+    taken); any other position is a ValueError saying where a resume comes from."""
+    assert cls(**kw, **{position: -1}) == cls(**kw)
+    assert inspect.signature(cls).parameters[position].default == -1
+    for bad in (5, 0, True, [5]):
+        with pytest.raises(ValueError, match=rf"{position}=.* is not supported: a run resumes from"):
+            cls(**kw, **{position: bad})
 
 
 @pytest.mark.parametrize("config, match", [
