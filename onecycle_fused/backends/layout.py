@@ -181,14 +181,15 @@ def check_states_unshared(params, algo: str, states, where: str = "") -> None:
     state_ptrs = list(map(_data_ptr, present))
     if len(set(state_ptrs)) == len(state_ptrs) and set(map(_data_ptr, params)).isdisjoint(state_ptrs):
         return
-    where_is = {p.data_ptr(): ("params", i) for i, p in enumerate(params) if p.numel()}
+    where_is = {p.data_ptr(): ("params", i, p) for i, p in enumerate(params) if p.numel()}
     for name, tensors in zip(STATE_LISTS[algo], states):
         for i, t in enumerate(tensors):
             if t is None or t.numel() == 0:
                 continue
-            ptr = t.data_ptr()
-            other = where_is.setdefault(ptr, (name, i))
-            if other != (name, i):
+            other = where_is.setdefault(t.data_ptr(), (name, i, t))
+            if other[:2] != (name, i) and not (other[1] == i and partially_overlap(other[2], t)):
+                # (one of the same parameter laid out otherwise, a transposed
+                # view: check_states_apart names that partial overlap)
                 raise RuntimeError(
                     f"{where}{name}[{i}] is stored where {other[0]}[{other[1]}] is: each parameter's state needs "
                     "memory of its own (a state shared by two parameters, or a parameter's own memory, is written "
