@@ -1,7 +1,8 @@
 """DDP, FSDP2 (fully_shard: parameters are DTensors, the step works on the
 local shards) and DDP with torch's ZeroRedundancyOptimizer (resumed from its
-checkpoint half-way) with 2 processes on gloo on CPU: the trained parameters
-equal a single-process run on the whole batch.
+checkpoint half-way; also with a shard that missed the first steps, and the
+README's counter all_reduce) with 2 processes on gloo on CPU: the trained
+parameters equal a single-process run on the whole batch.
 
 The workers are this file run as a script (``python test_distributed.py RANK
 WORLD RENDEZVOUS_FILE OUT``), so nothing depends on how pytest imports tests. One pair of
@@ -63,7 +64,65 @@ def _single(algo):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, opt.get_last_lr()
 
 
-CONFIGS = [(mode, algo) for mode in ("ddp", "fsdp2", "zero") for algo in ("sgd", "adamw")]
+LATE = ("0.bias", "2.weight", "2.bias")  # zero_late: no grads before step LATE_FROM (a part trained later)
+LATE_FROM = 2
+
+
+def _train_late(model, opt, data, first_step):
+    """Every rank the whole batch (no DDP: the same grads everywhere), the
+    LATE parameters without grads before step LATE_FROM."""
+    for k, (x, y) in enumerate(data, start=first_step):
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        if k < LATE_FROM:
+            for name, p in model.named_parameters():
+                if name in LATE:
+                    p.grad = None
+        opt.step()
+
+
+def _single_late(algo):
+    model = _model()
+    opt = _optimizer(algo, model.parameters())
+    _train_late(model, opt, _data(), 0)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, opt.get_last_lr()
+
+
+def _run_zero_late(algo, rank, world, out):
+    """ZeroRedundancyOptimizer resumed from its checkpoint when one rank's
+    shard (ZeRO puts 2.weight, 0.bias and 2.bias together, apart from
+    0.weight) missed the first steps: that rank takes the counter from its
+    shard's step counts, behind the others; the README's all_reduce of the
+    counters puts every rank at the run's position again."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    cls, kw = _optimizer_class(algo)
+    data = _data()
+    model = _model()
+    opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=cls, **kw)
+    _train_late(model, opt, data[:RESUME_AT], 0)
+    opt.consolidate_state_dict(to=0)
+    path = f"{out}.zero_late_{algo}.pt"
+    if rank == 0:
+        torch.save({"model": model.state_dict(), "optim": opt.state_dict()}, path)
+    dist.barrier()
+    saved = torch.load(path)
+    model = _model()
+    model.load_state_dict(saved["model"])
+    zero = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=cls, **kw)
+    # the README's snippet, as written there
+    zero.load_state_dict(saved["optim"])
+    c = zero.optim.step_counter().clone()      # (reading it takes the restored counts over)
+    lowest = c.clone()
+    dist.all_reduce(lowest, op=dist.ReduceOp.MIN)
+    torch.distributed.all_reduce(c, op=torch.distributed.ReduceOp.MAX)
+    zero.optim.set_step(int(c))
+    _train_late(model, zero, data[RESUME_AT:], RESUME_AT)
+    return {"state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+            "lr": zero.optim.get_last_lr(), "counter": int(zero.optim.step_counter()), "lowest": int(lowest)}
+
+
+CONFIGS = [(mode, algo) for mode in ("ddp", "fsdp2", "zero") for algo in ("sgd", "adamw")] + [("zero_late", "adamw")]
 RESUME_AT = 3  # ZeroRedundancyOptimizer: saved and loaded into a fresh one after this many steps
 
 
@@ -112,6 +171,8 @@ def _run_zero(algo, rank, world, out):
 def _run_config(mode, algo, rank, world, out):
     if mode == "zero":
         return _run_zero(algo, rank, world, out)
+    if mode == "zero_late":
+        return _run_zero_late(algo, rank, world, out)
     model = _model()
     if mode == "ddp":
         model = torch.nn.parallel.DistributedDataParallel(model)
@@ -194,10 +255,12 @@ def test_two_processes_equal_single_process(mode, algo, distributed_results):
         if got.startswith("skip:"):
             pytest.skip(got[5:])
         pytest.fail(got)
-    expected, lr = _single(algo)
+    expected, lr = (_single_late if mode == "zero_late" else _single)(algo)
     for k, v in expected.items():
         torch.testing.assert_close(got["state"][k], v, msg=k)
     assert got["lr"] == lr and got["counter"] == STEPS
+    if mode == "zero_late":  # what the README's all_reduce is for: a rank came back behind
+        assert got["lowest"] == RESUME_AT - LATE_FROM
 
 
 if __name__ == "__main__":
