@@ -42,7 +42,28 @@ def image_target(path, name: str = "path") -> tuple[str, str]:
     formats = FigureCanvasBase.get_supported_filetypes()
     if ext and ext not in formats:
         raise ValueError(f"{name}: unknown image format {ext!r} (use one of {sorted(formats)})")
-    return path, ext or "png"
+    fmt = ext or "png"
+    if fmt not in _WRITABLE:
+        # a format matplotlib lists may still need a tool this machine lacks
+        # (pgf: LaTeX, to lay out text): a figure with a line of text written
+        # to memory first (once per format, ~0.2 s), not the real one after
+        # a long run
+        import io
+
+        from matplotlib.figure import Figure
+
+        try:
+            probe = Figure(figsize=(1, 1))
+            probe.text(0.5, 0.5, "lr")
+            probe.savefig(io.BytesIO(), format=fmt)
+        except Exception as e:  # (RuntimeError "xelatex not found", an OSError...)
+            raise ValueError(f"{name}: {fmt!r} images cannot be written here ({type(e).__name__}: {e}); "
+                             "use .png, .svg or .pdf") from None
+        _WRITABLE.add(fmt)
+    return path, fmt
+
+
+_WRITABLE: set[str] = set()  # formats image_target has written once in this process
 
 
 def _as_schedule(schedule) -> _Schedule:

@@ -194,6 +194,36 @@ def test_out_without_matplotlib_is_one_line_naming_it(args, capsys, tmp_path, mo
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("args", [["plot", "cycle_min_lr=1e-4", "cycle_max_lr=1e-3", "--out", "s.ps"],
+                                  ["range-test", "--steps", "20", "--out", "r.ps"]])
+def test_out_in_a_format_this_machine_cannot_write_fails_before_anything_runs(args, capsys, tmp_path, monkeypatch):
+    """A format matplotlib lists may need a tool the machine lacks (.pgf:
+    LaTeX to lay out text): the check of --out took it, the whole range test
+    ran, and the save then failed with a traceback, the result lost. Now a
+    one-line error before anything runs. (The missing tool is simulated for
+    .ps, so that the test does not depend on what is installed.)"""
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    from onecycle_fused import plotting
+
+    save = Figure.savefig
+
+    def savefig(self, fname, *a, format=None, **kw):
+        if format == "ps" or str(fname).endswith(".ps"):
+            raise RuntimeError("'ghostscript' not found")
+        return save(self, fname, *a, format=format, **kw)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    monkeypatch.setattr(plotting, "_WRITABLE", set())
+    monkeypatch.chdir(tmp_path)
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("error: --out: 'ps' images cannot be written here (RuntimeError: 'ghostscript'")
+    assert "Traceback" not in captured.err and captured.out == ""  # nothing ran
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("args", [["plot", "--at", "1,x"], ["plot", "--at", ""], ["plot", "--at=-1"],
                                   ["plot", "--steps", "0"], ["range-test", "--steps", "two"], ["range-test", "--steps", "1"],
                                   ["range-test", "--optimizer", "lamb"], ["plot", "--type", "Linear"], []])
