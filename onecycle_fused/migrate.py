@@ -66,6 +66,45 @@ def schedule_position(scheduler: Any) -> int:
     raise ValueError("scheduler state has neither 'last_batch_iteration' (DeepSpeed) nor 'last_epoch' (torch)")
 
 
+def _torch_onecycle_differences(optimizer, torch_groups, scheduler) -> list[str]:
+    """Where a torch ``OneCycleLR`` state (and the values it put into the
+    torch groups: ``initial_lr``, ``max_lr``, ``min_lr``, the momenta) and the
+    optimizer's ``TorchOneCycle`` of each group describe different curves,
+    compared as the schedule's device row holds them (phase end steps, lrs,
+    momenta, anneal strategy): a list of "name: torch's vs ours"; empty for
+    another kind of scheduler or schedule."""
+    from .schedule import ANNEAL_LINEAR, Row, TorchOneCycle
+
+    state = scheduler.state_dict() if hasattr(scheduler, "state_dict") else scheduler
+    phases = state.get("_schedule_phases") if isinstance(state, Mapping) else None
+    if not isinstance(phases, list) or not all(isinstance(ph, Mapping) for ph in phases):
+        return []  # not a OneCycleLR state
+    out = []
+    for gi, (s, live) in enumerate(zip(torch_groups, optimizer.param_groups)):
+        sched = optimizer._schedule_of(live)
+        if not isinstance(sched, TorchOneCycle):
+            return []  # another schedule: the README says only the position carries over
+        row = sched.row()
+        ours = {
+            "phase end steps": [row[Row.FIRST_STEP_SIZE]] + ([row[Row.SECOND_STEP_SIZE]] if row[Row.SECOND_STAIR_COUNT]
+                                                              else []) + [row[Row.DECAY_STEP_SIZE]],
+            "anneal_strategy": "linear" if row[Row.FIRST_STAIR_COUNT] == ANNEAL_LINEAR else "cos",
+            "initial_lr": row[Row.MIN_LR], "max_lr": row[Row.MAX_LR], "min_lr": row[Row.DECAY_LR_RATE],
+        }
+        theirs = {
+            "phase end steps": [_plain(ph.get("end_step")) for ph in phases],
+            "anneal_strategy": state.get("_anneal_func_type", ours["anneal_strategy"]),
+            **{k: _plain(s.get(k, ours[k])) for k in ("initial_lr", "max_lr", "min_lr")},
+        }
+        if state.get("cycle_momentum") and sched.cycles_momentum:
+            ours.update(base_momentum=row[Row.MIN_MOM], max_momentum=row[Row.MAX_MOM])
+            theirs.update({k: _plain(s.get(k, ours[k])) for k in ("base_momentum", "max_momentum")})
+        for key, value in ours.items():
+            if theirs[key] != value:
+                out.append(f"param_groups[{gi}] {key}: {theirs[key]!r} vs {value!r}")
+    return out
+
+
 def load_torch_optimizer_state(
     optimizer,
     torch_state_dict: Mapping[str, Any],
@@ -157,6 +196,17 @@ def load_torch_optimizer_state(
                     UserWarning,
                     stacklevel=2,
                 )
+
+    if scheduler is not None:
+        differing = _torch_onecycle_differences(optimizer, src_groups, scheduler)
+        if differing:
+            warnings.warn(
+                "the torch OneCycleLR state was made with other arguments than the optimizer's TorchOneCycle ("
+                + "; ".join(differing) + "): the run goes on with the optimizer's schedule from the position, "
+                "not as the torch run would have (the same arguments continue it exactly)",
+                UserWarning,
+                stacklevel=2,
+            )
 
     new_state = {}
     for gi, (s, d) in enumerate(zip(src_groups, dst["param_groups"])):

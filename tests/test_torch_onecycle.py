@@ -568,7 +568,9 @@ def test_migrate_from_torch_onecycle_lr_mid_run(algo, backend):
     cls = FusedOneCycleSGD if algo == "sgd" else FusedOneCycleAdam
     extra = dict(momentum=0.9) if algo == "sgd" else {}
     ours = cls(b, schedule=TorchOneCycle(**kw), backend=backend, **extra)
-    assert load_torch_optimizer_state(ours, ref.state_dict(), torch_sched.state_dict()) == 23
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same arguments: no "other arguments" warning
+        assert load_torch_optimizer_state(ours, ref.state_dict(), torch_sched.state_dict()) == 23
     assert ours.get_last_lr() == torch_sched.get_last_lr()
     for _ in range(27):
         for p, q, g in zip(a, b, grads()):
@@ -581,3 +583,31 @@ def test_migrate_from_torch_onecycle_lr_mid_run(algo, backend):
             assert torch.equal(x, y)
     else:
         assert max_ulps32(b, a) <= 4
+
+
+@pytest.mark.parametrize("change, named", [
+    (dict(total_steps=60), "phase end steps"), (dict(pct_start=0.4), "phase end steps"),
+    (dict(three_phase=False), "phase end steps"), (dict(anneal_strategy="linear"), "anneal_strategy"),
+    (dict(max_lr=0.08), "max_lr"), (dict(div_factor=10.0), "initial_lr"), (dict(final_div_factor=100.0), "min_lr"),
+    (dict(base_momentum=0.8), "base_momentum"), (dict(max_momentum=0.97), "max_momentum"),
+])
+def test_migrate_from_a_onecycle_lr_made_with_other_arguments_warns(change, named):
+    """The README: a OneCycleLR run continues exactly in a TorchOneCycle
+    with the same arguments. With others it went on silently with the other
+    curve (lr 0.0203 where torch's next was 0.0109); now a warning names
+    what differs, from the scheduler's state and the values it put into the
+    torch groups. The load itself still happens (a changed schedule may be
+    what the user wants)."""
+    kw = dict(max_lr=0.05, total_steps=50, three_phase=True)
+    a = [torch.nn.Parameter(torch.zeros(3))]
+    ref = torch.optim.SGD(a, lr=0.1, momentum=0.9)
+    torch_sched = OneCycleLR(ref, **kw)
+    for _ in range(7):
+        a[0].grad = torch.ones(3)
+        ref.step()
+        torch_sched.step()
+    ours = FusedOneCycleSGD([torch.nn.Parameter(torch.zeros(3))], schedule=TorchOneCycle(**dict(kw, **change)),
+                            momentum=0.9, backend="reference")
+    with pytest.warns(UserWarning, match=rf"other arguments .*param_groups\[0\] {named}: "):
+        assert load_torch_optimizer_state(ours, ref.state_dict(), torch_sched.state_dict()) == 7
+    assert int(ours.step_counter()) == 7
