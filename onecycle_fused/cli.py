@@ -60,20 +60,24 @@ def _steps_list(text: str) -> list[int]:
     return sorted(set(steps))  # one row per step, in order
 
 
-def _int_at_least(minimum: int):
+def _int_in(minimum: int, maximum: int):
+    """An argparse type: an integer in [minimum, maximum] (a step count past
+    2^62 or a seed past torch's range was an error from deep inside, naming
+    no flag)."""
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             value = minimum - 1
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        if not minimum <= value <= maximum:
+            raise argparse.ArgumentTypeError(f"expected an integer in [{minimum}, {maximum}], got {text!r}")
         return value
 
     return parse
 
 
-_positive_int = _int_at_least(1)
+_MAX_STEPS = 2**62  # (schedule.MAX_START_STEP: the counters' headroom)
+_positive_int = _int_in(1, _MAX_STEPS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,10 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("range-test", help="LR range test on a small built-in problem")
     r.add_argument("--min-lr", type=float, default=1e-3, help="lr of the first step (default 1e-3)")
     r.add_argument("--max-lr", type=float, default=3.0, help="lr of the last step (default 3); linear in between")
-    r.add_argument("--steps", type=_int_at_least(2), default=100, help="number of steps, at least 2 (default 100)")
+    r.add_argument("--steps", type=_int_in(2, _MAX_STEPS), default=100, help="number of steps, at least 2 (default 100)")
     r.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], default="sgd",
                    help="fused optimizer to run (default sgd, momentum 0.9)")
-    r.add_argument("--seed", type=int, default=0, help="seed of the built-in problem and model (default 0)")
+    r.add_argument("--seed", type=_int_in(-(2**63), 2**64 - 1), default=0,  # (torch.manual_seed's range)
+                   help="seed of the built-in problem and model (default 0)")
     r.add_argument("--backend", default="auto", help="auto, reference, cpu, cuda or triton (default auto)")
     r.add_argument("--max-lr-divisor", type=float, default=1.0,
                    help="suggest cycle_max_lr = (lr at the smoothed-loss minimum) / this (default 1: Smith's rule)")

@@ -226,7 +226,10 @@ def test_out_in_a_format_this_machine_cannot_write_fails_before_anything_runs(ar
 
 @pytest.mark.parametrize("args", [["plot", "--at", "1,x"], ["plot", "--at", ""], ["plot", "--at=-1"],
                                   ["plot", "--steps", "0"], ["range-test", "--steps", "two"], ["range-test", "--steps", "1"],
-                                  ["range-test", "--optimizer", "lamb"], ["plot", "--type", "Linear"], []])
+                                  ["range-test", "--optimizer", "lamb"], ["plot", "--type", "Linear"], [],
+                                  # beyond what the counters / torch.manual_seed take: errors from deep inside
+                                  ["plot", "cycle_min_lr=1e-4", "cycle_max_lr=1e-3", "--steps", str(2**62 + 1)],
+                                  ["range-test", "--seed", str(2**64)], ["range-test", "--steps", str(2**62 + 1)]])
 def test_bad_flags_are_argparse_errors(args, capsys):
     with pytest.raises(SystemExit) as exc:
         main(args)
