@@ -30,6 +30,8 @@ def image_target(path, name: str = "path") -> tuple[str, str]:
         raise ImportError(f"{name}: drawing an image needs matplotlib: pip install matplotlib "
                           "(or onecycle-fused[plot])") from e
 
+    if not isinstance(path, (str, os.PathLike)):  # (os.fspath's TypeError named no argument)
+        raise ValueError(f"{name} must be a file path, got {path!r}")
     path = os.fspath(path)
     if not isinstance(path, str) or not path:
         raise ValueError(f"{name} must be a file path, got {path!r}")
@@ -142,6 +144,13 @@ def plot_schedule(
     if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     n = int(n)
+    try:
+        given, marks = marks, [] if isinstance(marks, (str, bytes)) else list(marks)
+    except TypeError:  # (not iterable)
+        given, marks = marks, None
+    if marks is None or isinstance(given, (str, bytes)) or not all(
+            isinstance(k, numbers.Integral) and not isinstance(k, bool) for k in marks):
+        raise ValueError(f"marks must be a sequence of integer steps, got {given!r}")
     path, fmt = image_target(path)
     ks = list(range(n))
     rows = schedule_values_at(schedule, ks)

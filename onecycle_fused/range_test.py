@@ -229,6 +229,14 @@ def lr_range_test(
         from .plotting import image_target
 
         image_target(plot, "plot")  # a bad path fails now, not after the test
+    # the arguments' kinds, named before anything runs (a bare AttributeError
+    # or "'int' object is not iterable" from the first step, otherwise)
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not callable(loss_fn):
+        raise ValueError(f"loss_fn must be a callable loss_fn(model, batch), got {type(loss_fn).__name__}")
+    if not isinstance(data, Iterable):
+        raise ValueError(f"data must be an iterable of batches (a DataLoader, a list...), got {type(data).__name__}")
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("model has no parameter that requires grad")

@@ -264,6 +264,14 @@ def test_plot_schedule_function(tmp_path):
     assert schedule_values_at(json.load(open(SEED_CONFIG)), [0, 1000]) == rows
     path = plot_schedule(SEED_CONFIG, str(tmp_path / "c.png"), steps=300)
     assert open(path, "rb").read(8) == PNG
+    # a path or marks of the wrong kind: ValueError naming them, before drawing
+    # (os.fspath's TypeError, "'<=' not supported" before)
+    for kw, match in ((dict(path=None), "path must be a file path"), (dict(marks="5"), "marks must be"),
+                      (dict(marks=5), "marks must be"), (dict(marks=[1.5]), "marks must be")):
+        with pytest.raises(ValueError, match=match):
+            plot_schedule(sched, **{"path": str(tmp_path / "m.png"), "steps": 10, **kw})
+    path = plot_schedule(sched, str(tmp_path / "g.png"), steps=10, marks=(k for k in (0, 5)))  # an iterator too
+    assert open(path, "rb").read(8) == PNG
 
 
 def test_range_test_command_line(tmp_path):

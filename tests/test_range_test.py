@@ -229,6 +229,25 @@ def test_bad_plot_path_fails_before_training(tmp_path):
     assert result.plot_path == str(tmp_path / "rt") and (tmp_path / "rt").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.parametrize("which, bad, match", [
+    ("model", "a model", "model must be a torch.nn.Module"),
+    ("loss_fn", 0.5, "loss_fn must be a callable"),
+    ("data", 5, "data must be an iterable of batches"),
+    ("plot", 123, "plot must be a file path"),
+])
+def test_arguments_of_the_wrong_kind_name_themselves(which, bad, match):
+    """A model that is no Module, data that is no iterable, a plot that is
+    no path: a ValueError naming the argument before any step (they were an
+    AttributeError, "'int' object is not iterable", os.fspath's TypeError)."""
+    model, loss_fn, data = toy_problem(num_batches=1)
+    args = {"model": model, "loss_fn": loss_fn, "data": data}
+    kwargs = {"plot": bad} if which == "plot" else {}
+    if which != "plot":
+        args[which] = bad
+    with pytest.raises(ValueError, match=match):
+        lr_range_test(args["model"], args["loss_fn"], args["data"], num_steps=5, **kwargs)
+
+
 def test_restore_puts_back_modes_and_grads():
     """restore=True leaves the model as it was: weights and buffers, but also
     eval mode (the test trains in train mode) and the grads it had."""
