@@ -886,18 +886,18 @@ class _FusedOneCycleOptimizer(_CheckpointMixin, _HostMirrorMixin, torch.optim.Op
                 self._step(grad_scale, found_inf, mirror)  # again, on the devices the parameters are on now
                 return
             if not compiling and not self._has_dtensors:
+                several = len(batches) > 1
                 for device, batch in batches.items():
-                    _layout.check_states_unshared(batch.params, batch.algo, batch.state_lists(),
-                                                  where=f"on {device}: " if len(batches) > 1 else "")
-            if len(batches) > 1 and not compiling and not self._has_dtensors:
-                # a backend refuses overlapping states (and cuda a strided
-                # parameter) before it writes, but only on its device: the
-                # others would be stepped already
-                for device, batch in batches.items():
-                    _layout.check_batch_states_apart(batch.params, batch.grads, batch.algo, batch.state_lists(),
-                                                     where=f"on {device}: ")
-                    if device in strict:
-                        _layout.check_dense(batch.params, where=f"on {device}: ")
+                    where = f"on {device}: " if several else ""
+                    _layout.check_states_unshared(batch.params, batch.algo, batch.state_lists(), where=where)
+                    if several:
+                        # a backend refuses overlapping states (and cuda a strided
+                        # parameter) before it writes, but only on its device: the
+                        # others would be stepped already
+                        _layout.check_batch_states_apart(batch.params, batch.grads, batch.algo,
+                                                         batch.state_lists(), where=where)
+                        if device in strict:
+                            _layout.check_dense(batch.params, where=where)
             # every device's counter advances, even where no parameter has a grad
             for device, batch in batches.items():
                 if self._has_dtensors or has_complex:
