@@ -50,15 +50,21 @@ def _integer(name: str, value: Any, minimum: int) -> int:
     return _as_int(name, _plain(value), minimum)
 
 
+def _scheduler_state(scheduler: Any) -> Mapping:
+    """A scheduler's ``state_dict()``, or the state dict given."""
+    state = scheduler.state_dict() if hasattr(scheduler, "state_dict") else scheduler
+    if not isinstance(state, Mapping):
+        raise ValueError(f"scheduler must be a scheduler or its state_dict, got {type(scheduler).__name__}")
+    return state
+
+
 def schedule_position(scheduler: Any) -> int:
     """Optimizer steps taken so far according to a scheduler (object or its ``state_dict()``).
 
     DeepSpeed's schedulers store ``last_batch_iteration`` (-1 before the first
     step); torch's store ``last_epoch`` (0 before the first step).
     """
-    state = scheduler.state_dict() if hasattr(scheduler, "state_dict") else scheduler
-    if not isinstance(state, Mapping):
-        raise ValueError(f"scheduler must be a scheduler or its state_dict, got {type(scheduler).__name__}")
+    state = _scheduler_state(scheduler)
     if "last_batch_iteration" in state:
         return _integer("last_batch_iteration", state["last_batch_iteration"], -1) + 1
     if "last_epoch" in state:
@@ -66,7 +72,7 @@ def schedule_position(scheduler: Any) -> int:
     raise ValueError("scheduler state has neither 'last_batch_iteration' (DeepSpeed) nor 'last_epoch' (torch)")
 
 
-def _torch_onecycle_differences(optimizer, torch_groups, scheduler) -> list[str]:
+def _torch_onecycle_differences(optimizer, torch_groups, state: Mapping) -> list[str]:
     """Where a torch ``OneCycleLR`` state (and the values it put into the
     torch groups: ``initial_lr``, ``max_lr``, ``min_lr``, the momenta) and the
     optimizer's ``TorchOneCycle`` of each group describe different curves,
@@ -75,8 +81,7 @@ def _torch_onecycle_differences(optimizer, torch_groups, scheduler) -> list[str]
     another kind of scheduler or schedule."""
     from .schedule import ANNEAL_LINEAR, Row, TorchOneCycle
 
-    state = scheduler.state_dict() if hasattr(scheduler, "state_dict") else scheduler
-    phases = state.get("_schedule_phases") if isinstance(state, Mapping) else None
+    phases = state.get("_schedule_phases")
     if not isinstance(phases, list) or not all(isinstance(ph, Mapping) for ph in phases):
         return []  # not a OneCycleLR state
     out = []
@@ -136,6 +141,8 @@ def load_torch_optimizer_state(
         raise ValueError("torch_state_dict comes from a FusedOneCycle optimizer: use optimizer.load_state_dict")
     if scheduler is not None and step is not None:
         raise ValueError("give scheduler or step, not both")
+    if scheduler is not None:
+        scheduler = _scheduler_state(scheduler)  # (read once: the position and the OneCycleLR check)
 
     src_groups = torch_state_dict["param_groups"]
     dst = optimizer.state_dict()
