@@ -9,6 +9,7 @@ JSON file path, as :func:`~onecycle_fused.schedule_from_config`).
 from __future__ import annotations
 
 import numbers
+from collections.abc import Iterable
 from typing import Optional, Sequence
 
 from .schedule import OneCycle, TorchOneCycle, _Schedule, schedule_from_config
@@ -144,12 +145,10 @@ def plot_schedule(
     if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     n = int(n)
-    try:
-        given, marks = marks, [] if isinstance(marks, (str, bytes)) else list(marks)
-    except TypeError:  # (not iterable)
-        given, marks = marks, None
-    if marks is None or isinstance(given, (str, bytes)) or not all(
-            isinstance(k, numbers.Integral) and not isinstance(k, bool) for k in marks):
+    given = marks
+    iterable = isinstance(marks, Iterable) and not isinstance(marks, (str, bytes))
+    marks = list(marks) if iterable else []  # (an iterator too: read once)
+    if not iterable or not all(isinstance(k, numbers.Integral) and not isinstance(k, bool) for k in marks):
         raise ValueError(f"marks must be a sequence of integer steps, got {given!r}")
     path, fmt = image_target(path)
     ks = list(range(n))
