@@ -1783,6 +1783,7 @@ def test_a_state_entry_set_to_none_or_deleted_is_refused_before_anything_moves(c
         opt.state[ps[2]][key] = None
     else:
         del opt.state[ps[2]][key]
+    # (by hand: _snapshot clones every state entry, and this one is None or gone)
     before = [p.detach().clone() for p in ps], [int(opt.state[p]["step"]) for p in ps[:2]], int(opt.step_counter())
     with pytest.raises(RuntimeError, match=rf"state of params\[2\] .*'{key}'"):
         opt.step()
@@ -1817,10 +1818,10 @@ def test_a_state_stored_where_another_tensor_is_is_refused(cls, key, how, backen
     state = opt.state[ps[2]]
     state[key] = {"another_params_state": lambda: opt.state[ps[0]][key], "its_param": lambda: ps[2].detach(),
                   "its_own_exp_avg": lambda: state["exp_avg"]}[how]()
-    before = [p.detach().clone() for p in ps], int(opt.step_counter())
+    before = _snapshot(opt, ps)
     with pytest.raises(RuntimeError, match=rf"{key}s?\[2\] is stored where"):
         opt.step()
-    assert all(torch.equal(x, y) for x, y in zip(before[0], ps)) and int(opt.step_counter()) == before[1]
+    _assert_unchanged(before, _snapshot(opt, ps))
     state[key] = state[key].clone()  # memory of its own: steps
     opt.step()
     assert int(opt.step_counter()) == 4
