@@ -46,6 +46,20 @@ def dynamo_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
+def dynamo_limit_hits() -> int:
+    """Times torch.compile (dynamo) gave up recompiling a frame in this process
+    so far (its ``recompile_limit``, once ``cache_size_limit``): past it the
+    frame runs eagerly, uncompiled, and says so only in a logged warning. An
+    optimizer whose step guards on a Python float that a scheduler changes
+    every step gets there (torch's foreach SGD on its ``momentum``)."""
+    from torch._dynamo.utils import counters
+
+    # counted under the graph-break type's name, which has changed wording
+    # between torch versions ("recompile limit", "cache size limit")
+    return sum(n for reason, n in counters["unimplemented"].items()
+               if re.search(r"(recompile|cache)[ _](size[ _])?limit", reason, re.IGNORECASE))
+
+
 def error_text(e: BaseException) -> str:
     """An exception as a row's one-line note: its type and the first line
     of its message, cut at 200 characters."""

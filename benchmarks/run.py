@@ -195,12 +195,22 @@ def make_params(shapes, dtype, device, seed=0):
 _error = measure.error_text
 
 
-def _recompiles(row: dict, n: int) -> None:
-    """Record how many graphs a compiled row compiled after its warm-up, in the timed stretch (0 expected)."""
+def _recompiles(row: dict, n: int, limit_hits: int) -> None:
+    """Record how many graphs a compiled row compiled after its warm-up, in
+    the timed stretch (0 expected), and whether dynamo gave up on a frame of
+    it (its recompile limit, from the first step on): then the timed steps
+    ran that frame eagerly, and the row is not the compiled step it names."""
     row["recompiles_after_warmup"] = n
+    row["recompile_limit_hit"] = bool(limit_hits)
     if n:
-        row["note"] = (row["note"] + "; " if row["note"] else "") + \
-            f"RECOMPILED {n}x after warm-up (its timings include compile time)"
+        _add_note(row, f"RECOMPILED {n}x after warm-up (its timings include compile time)")
+    if limit_hits:
+        _add_note(row, "hit torch._dynamo's recompile limit: runs eagerly past it, not compiled "
+                       "(a scheduler-written Python float guarded on every step)")
+
+
+def _add_note(row: dict, text: str) -> None:
+    row["note"] = (row["note"] + "; " if row["note"] else "") + text
 
 
 def _count_launches(row: dict, step, device) -> None:
@@ -219,7 +229,7 @@ def _count_launches(row: dict, step, device) -> None:
     counts["profile_s"] = round(time.perf_counter() - t0, 3)
     row.update(counts)
     if counts.get("launches_note"):
-        row["note"] = (row["note"] + "; " if row["note"] else "") + counts["launches_note"]
+        _add_note(row, counts["launches_note"])
 
 
 _T0 = time.perf_counter()  # (the import: the run's start, for the --no-progress lines)
@@ -274,7 +284,7 @@ def bench_case(set_name, shapes, dtype_name, algo, params, impl_list, device, cf
         except Exception as e:  # (e.g. out of memory next to the 1B set) the case's rows are still measured
             base.update(copy_ms=None, copy_gbps=None, copy_capped=None, copy_note=f"copy not measured: {_error(e)}")
         _free(device)  # the copy's two buffers (up to half the free memory) back to the device
-    rows, built, graphs_before = [], {}, {}
+    rows, built, graphs_before, limit_hits_before = [], {}, {}, {}
     for impl in impl_list:
         _status(progress, f"{set_name}/{dtype_name}/{algo}: {impl.name}")
         row = dict(base, impl=impl.name, family=impl.family, scheduler=impl.scheduler, backend=impl.backend,
@@ -294,6 +304,7 @@ def bench_case(set_name, shapes, dtype_name, algo, params, impl_list, device, cf
             row.update(agreement.check(impl, algo, dtype, device))
             if row["agrees"] is False:
                 row["note"] = row["agreement_note"]
+            limit_hits_before[impl.name] = measure.dynamo_limit_hits()
             step = impl.build(params, algo, device)
             t0 = time.perf_counter()
             step()  # the first step: state allocation, compilation
@@ -314,7 +325,8 @@ def bench_case(set_name, shapes, dtype_name, algo, params, impl_list, device, cf
                 row.update(measure.time_steps(step, device, max(0, cfg["warmup"] - 1), cfg["iters"], cfg["budget"],
                                               min_time_s=min_time))
                 if impl.name in graphs_before:
-                    _recompiles(row, measure.dynamo_graphs() - graphs_before[impl.name])
+                    _recompiles(row, measure.dynamo_graphs() - graphs_before[impl.name],
+                                measure.dynamo_limit_hits() - limit_hits_before[impl.name])
                 _count_launches(row, step, device)
         except impls_mod.Skip as e:
             row.update(status="skipped", note=str(e))
@@ -363,8 +375,9 @@ def bench_case(set_name, shapes, dtype_name, algo, params, impl_list, device, cf
                 row.update(status="error", note=errors[row["impl"]])
             elif row["impl"] in stats:
                 row.update(stats[row["impl"]])
-                if row["impl"] in graphs_before:  # (only compiled rows compile, so the global count is theirs)
-                    _recompiles(row, measure.dynamo_graphs() - graphs_before[row["impl"]])
+                if row["impl"] in graphs_before:  # (only compiled rows compile, so the global counts are theirs)
+                    _recompiles(row, measure.dynamo_graphs() - graphs_before[row["impl"]],
+                                measure.dynamo_limit_hits() - limit_hits_before[row["impl"]])
                 _count_launches(row, built[row["impl"]], device)
         del src, dst
         built.clear()

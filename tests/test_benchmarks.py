@@ -482,6 +482,45 @@ def test_compiled_rows_report_recompiles_while_timed(interleave):
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("interleave", [True, False])
+def test_compiled_row_past_the_recompile_limit_is_marked(interleave):
+    """A compiled row whose frame dynamo gave up on (its recompile limit, hit
+    while warming up: the H100's torch 2.11 foreach SGD, its momentum a float
+    OneCycleLR changes every step) ran eagerly while timed, which only a
+    logged warning said: the row says so (recompile_limit_hit, note), where
+    the graph count alone reads 0 recompiles after warm-up."""
+    from benchmarks import run
+
+    def build(limited):
+        def b(params, algo, device, half_cycle=impls.HALF_CYCLE):
+            k = [0]
+
+            @torch.compile(backend="eager", dynamic=False)
+            def f(x, n):
+                return x * n
+
+            def step():
+                k[0] += 1
+                f(params[0].detach(), k[0] if limited else 1)  # a new int each call: a new graph, up to the limit
+            return step
+        return b
+
+    cfg = {"warmup": 4, "iters": 4, "budget": 10.0, "compiled_max_tensors": 10, "interleave": interleave}
+    shapes = [(8,)]
+    params = run.make_params(shapes, torch.float32, torch.device("cpu"))
+    for limited in (False, True):
+        torch._dynamo.reset()
+        impl = impls.Impl("torch-compiled+OneCycleLR", "torch-compiled", "OneCycleLR", build(limited))
+        with torch._dynamo.config.patch(recompile_limit=2):
+            [row] = run.bench_case("tiny", shapes, "fp32", "sgd", params, [impl], torch.device("cpu"), cfg,
+                                   _Progress())
+        assert row["status"] == "ok", row
+        assert row["recompiles_after_warmup"] == 0, row  # (the limit came in warm-up: nothing compiled since)
+        assert row["recompile_limit_hit"] is limited, row
+        assert ("recompile limit" in row["note"]) is limited, row
+    torch._dynamo.reset()
+
+
 def _gpu_session_steps():
     """{phase: [(name, limit_s, argv)]} of tools/gpu_session.sh's `step` lines
     (the steps before the phase switch run in both phases)."""
