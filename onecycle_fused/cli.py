@@ -60,6 +60,15 @@ def _steps_list(text: str) -> list[int]:
     return sorted(set(steps))  # one row per step, in order
 
 
+def _image_path(text: str) -> str:
+    """An argparse type for --out: an empty path (an unset shell variable,
+    `--out "$OUT"`) is an error in both commands, where `plot` took it as no
+    image and `range-test` failed after its checks naming `plot`."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected an image path; omit --out for no image")
+    return text
+
+
 def _int_in(minimum: int, maximum: int):
     """An argparse type: an integer in [minimum, maximum] (a step count past
     2^62 or a seed past torch's range was an error from deep inside, naming
@@ -93,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--type", choices=sorted(_TYPES) + sorted(_TORCH_NAMES),
                    help="schedule type for key=value arguments (default OneCycle; a --config names its own)")
     p.add_argument("--steps", type=_positive_int, help="number of steps to plot (default: cycle + as much decay)")
-    p.add_argument("--out", help="image path, PNG unless its extension says .svg, .pdf... (omit to print the table only)")
+    p.add_argument("--out", type=_image_path, help="image path, PNG unless its extension says .svg, .pdf... (omit to print the table only)")
     p.add_argument("--at", type=_steps_list, help="comma-separated steps for the table (default: 11 evenly spaced)")
 
     r = sub.add_parser("range-test", help="LR range test on a small built-in problem")
@@ -107,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--backend", default="auto", help="auto, reference, cpu, cuda or triton (default auto)")
     r.add_argument("--max-lr-divisor", type=float, default=1.0,
                    help="suggest cycle_max_lr = (lr at the smoothed-loss minimum) / this (default 1: Smith's rule)")
-    r.add_argument("--out", help="image path for the loss curve (PNG unless its extension says otherwise)")
+    r.add_argument("--out", type=_image_path, help="image path for the loss curve (PNG unless its extension says otherwise)")
     return parser
 
 

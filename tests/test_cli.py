@@ -238,6 +238,20 @@ def test_bad_flags_are_argparse_errors(args, capsys):
     assert "error:" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("args", [["plot", "cycle_min_lr=1e-4", "cycle_max_lr=1e-3", "--out", ""],
+                                  ["range-test", "--steps", "2", "--out", ""]])
+def test_an_empty_out_is_an_error_in_both_commands(args, capsys, tmp_path, monkeypatch):
+    """`--out "$OUT"` with OUT unset: `plot` printed its table and wrote no
+    image, `range-test` failed naming `plot`; both now refuse it by name."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2
+    captured = capsys.readouterr()
+    assert "argument --out: expected an image path" in captured.err and captured.out == ""
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_out_is_written_exactly_where_asked(tmp_path, capsys):
     """--out without an extension is a PNG at that very path (matplotlib alone
     would write "<path>.png" while the CLI printed "wrote <path>"); an
