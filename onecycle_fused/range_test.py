@@ -258,6 +258,7 @@ def lr_range_test(
     # losses stay on the device; the host reads them only at checks
     losses = torch.full((num_steps,), float("nan"), dtype=torch.float32, device=device)
     batches = _cycle(data)
+    watch = _DivergenceWatch(beta, diverge_factor)
     diverged = False
     steps = 0
     try:
@@ -267,12 +268,15 @@ def lr_range_test(
             loss = loss_fn(model, next(batches))
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                 raise ValueError("loss_fn must return a scalar loss tensor")
+            if not loss.requires_grad:
+                raise ValueError("loss_fn returned a loss that does not require grad (detached, or computed "
+                                 "under torch.no_grad()): the test needs its backward")
             loss.backward()
             losses[i].copy_(loss.detach().reshape(()))
             opt.step()
             steps = i + 1
             if steps % check_every == 0 or steps == num_steps:
-                if _diverging(losses[:steps].tolist(), beta, diverge_factor):
+                if watch.add(losses[watch.seen:steps].tolist()):
                     diverged = True
                     break
     finally:
@@ -303,15 +307,29 @@ def lr_range_test(
     return result
 
 
-def _diverging(losses: list[float], beta: float, factor: float) -> bool:
-    if not all(math.isfinite(v) for v in losses):
-        return True
-    smoothed = smooth_losses(losses, beta)
-    best = min(smoothed)
-    # a ratio to the minimum means nothing unless the minimum is positive (a
-    # loss that can be 0 or negative, such as a negative log-likelihood): then
-    # only a non-finite loss stops the test
-    return best > 0 and smoothed[-1] > factor * best
+class _DivergenceWatch:
+    """The stop rule, fed the losses since its last check: a non-finite loss,
+    or the smoothed loss (``smooth_losses``, the same arithmetic in the same
+    order) above ``factor`` times its minimum so far. Kept running so that a
+    check costs the new steps only; re-smoothing the whole history at every
+    check made a long test quadratic."""
+
+    def __init__(self, beta: float, factor: float):
+        self.beta, self.factor = beta, factor
+        self.seen, self.avg, self.best, self.last = 0, 0.0, math.inf, math.nan
+
+    def add(self, losses: list[float]) -> bool:
+        for loss in losses:
+            if not math.isfinite(loss):
+                return True
+            self.avg = self.beta * self.avg + (1 - self.beta) * float(loss)
+            self.seen += 1
+            self.last = self.avg / (1 - self.beta ** self.seen)
+            self.best = min(self.best, self.last)
+        # a ratio to the minimum means nothing unless the minimum is positive (a
+        # loss that can be 0 or negative, such as a negative log-likelihood): then
+        # only a non-finite loss stops the test
+        return self.best > 0 and self.last > self.factor * self.best
 
 
 def plot_range_test(result: RangeTestResult, path: str) -> str:

@@ -2,6 +2,7 @@
 LRRangeTest, the suggestion rule on known curves, divergence stop, plot."""
 import copy
 import math
+import random
 
 import pytest
 import torch
@@ -293,6 +294,68 @@ def test_negative_losses_are_not_divergence():
     res = lr_range_test(model, lambda m, b: m(b).sum() * 0 + next(vals), [torch.ones(1, 2)],
                         num_steps=60, check_every=5, beta=0.0)
     assert res.diverged and res.steps_run == 15
+
+
+@pytest.mark.parametrize("seed", range(7))
+def test_stop_step_is_the_whole_history_rule(seed):
+    """The divergence check is kept running (each check reads only the new
+    losses): it stops at the same step as the rule applied to the whole
+    smoothed history at every check, on rising, falling, mixed-sign and
+    non-finite curves, and one whose minimum falls between two checks."""
+    rng = random.Random(seed)
+    n, every, beta, factor = 60, rng.choice([1, 3, 7]), rng.choice([0.0, 0.5, 0.98]), rng.choice([1.5, 4.0])
+    base = rng.choice([0.0, -0.5, 1.0])
+    vals = [base + rng.uniform(0.01, 1.0) * math.exp(rng.uniform(0, 4) * i / n) for i in range(n)]
+    if seed == 5:
+        vals[33] = math.inf
+    if seed == 6:  # a dip at step 4, unseen by a rule that looked at the checks' values only
+        every, beta, factor = 7, 0.0, 1.5
+        vals = [5.0, 5.0, 5.0, 1.0] + [5.0] * 3 + [3.0] * (n - 7)
+    expect, expect_diverged = n, False
+    for k in sorted(set(range(every, n, every)) | {n}):  # the checks: every `every` steps, and the last
+        prefix = vals[:k]
+        smoothed = smooth_losses(prefix, beta) if all(map(math.isfinite, prefix)) else None
+        if smoothed is None or (min(smoothed) > 0 and smoothed[-1] > factor * min(smoothed)):
+            expect, expect_diverged = k, True
+            break
+    model = torch.nn.Linear(2, 1)
+    it = iter(vals)
+    res = lr_range_test(model, lambda m, b: m(b).sum() * 0 + next(it), [torch.ones(1, 2)], num_steps=n,
+                        check_every=every, beta=beta, diverge_factor=factor)
+    assert (res.steps_run, res.diverged) == (expect, expect_diverged)
+    assert res.losses == pytest.approx(vals[:expect], nan_ok=True)
+
+
+def test_checks_read_each_loss_once():
+    """Each divergence check reads the losses since the previous one: a test
+    of n steps reads ~2n floats (the checks, then the result), where
+    re-reading the whole history at every check read ~n^2 / 2."""
+    from torch.overrides import TorchFunctionMode
+
+    class Reads(TorchFunctionMode):
+        floats = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if getattr(func, "__name__", None) == "tolist":
+                Reads.floats += len(out)
+            return out
+
+    model, loss_fn, data = toy_problem(seed=0, num_batches=4)
+    with Reads():
+        res = lr_range_test(model, loss_fn, data, min_lr=1e-4, max_lr=1e-2, num_steps=40, check_every=1)
+    assert res.steps_run == 40 and Reads.floats == 2 * 40
+
+
+def test_a_loss_without_grad_is_a_value_error():
+    """A loss_fn that detaches its loss (or computes it under no_grad) failed
+    in autograd, naming no argument; the model is left as it was."""
+    model, loss_fn, data = toy_problem(seed=0, num_batches=4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="loss_fn returned a loss that does not require grad"):
+        lr_range_test(model, lambda m, b: loss_fn(m, b).detach(), data, num_steps=10)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
 
 
 def test_one_shot_iterator_that_runs_out_names_the_problem():
