@@ -1212,6 +1212,24 @@ def test_run_does_the_end_to_end_run_before_any_case(tmp_path, monkeypatch):
     assert json.loads((out / "results.json").read_text())["e2e"]["steps"] == 8
 
 
+@pytest.mark.filterwarnings("ignore:'benchmarks.e2e' found in sys.modules:RuntimeWarning")  # (runpy, imported already)
+def test_e2e_module_runs_the_end_to_end_case_alone(tmp_path, monkeypatch):
+    """`python -m benchmarks.e2e` ran nothing; it is the suite with no
+    parameter set (`--sets none`), its other flags passed on."""
+    import runpy
+    import sys
+
+    from benchmarks import run
+
+    seen = []
+    monkeypatch.setattr(run, "main", lambda argv=None: seen.append(argv) or 0)
+    monkeypatch.setattr(sys, "argv", ["e2e", "--e2e-steps", "8", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit) as exc:
+        runpy.run_module("benchmarks.e2e", run_name="__main__")
+    assert exc.value.code == 0
+    assert seen == [["--sets", "none", "--e2e-steps", "8", "--out", str(tmp_path)]]
+
+
 def test_cuda_host_time_is_the_calling_threads(monkeypatch):
     """On CUDA the host CPU time per step is the calling thread's: the
     process's counted background threads (the CUDA driver's, CUPTI's after
