@@ -180,7 +180,7 @@ def gpu_targets(rows, e2e: Optional[dict]) -> list[dict]:
                                detail=said(miss or str(ours))))
             if r and f and r.get("host_cpu_clock") != f.get("host_cpu_clock"):
                 # rows merged from runs that timed the host differently (the
-                # process's time before 2026-11-27's second session, the
+                # process's time up to 2026-11-27's second GPU session, the
                 # calling thread's since): no ratio between them
                 miss = "host CPU times measured with different clocks (rows of different runs): not measured"
                 ratio = None

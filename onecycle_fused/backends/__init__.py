@@ -97,9 +97,10 @@ _INSTANCES: dict[str, Optional[Backend]] = {}
 
 # `backend="auto"` tries these in order for each device type. On CPU `cpu`
 # is measured faster (README "Benchmarks"); on CUDA `cuda` is, on an H100:
-# 0.32x triton's step time in geometric mean over the 16 benchmark cases
-# (benchmarks/results/h100_2026-11-27/, target "backend='auto' picks the
-# faster of cuda and triton", which each GPU run checks again).
+# 0.75x triton's step time in geometric mean over the 16 benchmark cases
+# (benchmarks/results/h100_2026-11-27_3/; 0.32x before triton's step plans,
+# h100_2026-11-27/), target "backend='auto' picks the faster of cuda and
+# triton", which each GPU run checks again.
 AUTO_ORDER = {
     "cpu": ("cpu", "reference"),
     "cuda": ("cuda", "triton", "reference"),
