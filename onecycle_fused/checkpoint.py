@@ -118,11 +118,11 @@ def _check_saved_state(state_dict: dict, groups: list, required: tuple = (), ten
             else:
                 ok = isinstance(step, numbers.Real) and not isinstance(step, bool)
             if ok and not isinstance(step, torch.Tensor):
-                ok = 0 <= step < math.inf
+                ok = 0 <= step < math.inf and float(step).is_integer()
             if not ok:
                 raise ValueError(
-                    f"state_dict state[{k!r}]['step'] must be a step count (a one-element tensor or a number "
-                    f">= 0), got {step!r}"
+                    f"state_dict state[{k!r}]['step'] must be a step count (a one-element tensor or a whole "
+                    f"number >= 0), got {step!r}"
                 )
             if isinstance(step, torch.Tensor):
                 counts.setdefault(step.device, []).append((k, step))
@@ -131,8 +131,10 @@ def _check_saved_state(state_dict: dict, groups: list, required: tuple = (), ten
             continue  # (no values)
         values = torch.stack([s.detach().reshape(()).to(torch.float64) for _, s in items]).tolist()
         for (k, step), v in zip(items, values):
-            if not 0 <= v < math.inf:  # (int64 steps past 2^53 round, but stay finite)
-                raise ValueError(f"state_dict state[{k!r}]['step'] must be a step count >= 0, got {step!r}")
+            # (int64 steps past 2^53 round, but stay finite and whole; torch
+            # saves float32 steps, whole too: a fraction was cut to an int)
+            if not (0 <= v < math.inf and v.is_integer()):
+                raise ValueError(f"state_dict state[{k!r}]['step'] must be a whole step count >= 0, got {step!r}")
 
 
 def _saved_schedule(group: dict):

@@ -818,14 +818,14 @@ def test_set_step_bounds(backend):
 
 
 @pytest.mark.parametrize("bad", ["step_shape", "step_str", "step_none", "step_inf", "step_negative", "step_nan",
-                                 "state_not_dict", "state_of_no_param", "exp_avg_shape", "exp_avg_empty",
+                                 "step_fraction", "step_fraction_float", "state_not_dict", "state_of_no_param", "exp_avg_shape", "exp_avg_empty",
                                  "exp_avg_sq_missing", "step_missing", "max_exp_avg_sq_shape", "exp_avg_not_tensor",
                                  "schedule_key_in_group"])
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_load_state_dict_refuses_bad_parameter_state_before_changing_anything(bad, backend):
     """A per-parameter ``step`` that is no count (a 2-element tensor, a
     string, None, inf, a negative one, NaN: these three were loaded as int64's
-    minimum), a state entry that is no dict, or one for an index no
+    minimum; a fraction, which was cut to an int), a state entry that is no dict, or one for an index no
     saved group holds: a ValueError before anything changes. They used to
     fail (RuntimeError, TypeError, AttributeError) after torch had replaced
     the state and groups, leaving an optimizer whose every step and
@@ -867,6 +867,10 @@ def test_load_state_dict_refuses_bad_parameter_state_before_changing_anything(ba
         sd["state"][1]["step"] = torch.tensor(-3)
     elif bad == "step_nan":
         sd["state"][1]["step"] = float("nan")
+    elif bad == "step_fraction":  # (was cut to 2)
+        sd["state"][1]["step"] = torch.tensor(2.5)
+    elif bad == "step_fraction_float":
+        sd["state"][1]["step"] = 2.5
     elif bad == "state_not_dict":
         sd["state"][1] = None
     elif bad == "exp_avg_shape":
@@ -3305,3 +3309,33 @@ def test_constructor_keywords_copied_into_groups_after_a_schedule_edit_go_quietl
     opt.param_groups[0]["cycle_max_lr"] = 0.3
     with pytest.raises(ValueError, match=r"param_groups\[0\]\['cycle_max_lr'\]"):
         opt.step()
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_a_parameter_given_another_dtype_after_its_state_is_refused_until_reloaded(backend):
+    """`p.data = p.data.double()` after the state exists: torch.optim steps on
+    with float32 state; ours is a ValueError before anything moves (README),
+    and a state_dict round trip casts the state, after which the steps equal
+    torch.optim.Adam's from the cast state in float64."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(6))
+    opt = FusedOneCycleAdam([p], backend=backend, **SCHED)
+    p.grad = torch.randn(6)
+    opt.step()
+    p.data = p.data.double()
+    p.grad = torch.randn(6, dtype=torch.float64)
+    before = _snapshot(opt, [p])
+    with pytest.raises(ValueError, match=r"exp_avgs\[0\] must match params\[0\]"):
+        opt.step()
+    _assert_unchanged(before, _snapshot(opt, [p]))
+    opt.load_state_dict(opt.state_dict())
+    assert {k: v.dtype for k, v in opt.state[p].items() if k != "step"} == {"exp_avg": torch.float64,
+                                                                           "exp_avg_sq": torch.float64}
+    q = torch.nn.Parameter(p.detach().clone())
+    ref = torch.optim.Adam([q], lr=opt.schedule.lr(1), betas=(opt.schedule.momentum(1), 0.999), foreach=False)
+    ref.state[q] = {"step": torch.tensor(1.0), "exp_avg": opt.state[p]["exp_avg"].clone(),
+                    "exp_avg_sq": opt.state[p]["exp_avg_sq"].clone()}
+    q.grad = p.grad.clone()
+    opt.step()
+    ref.step()
+    torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=4 * torch.finfo(torch.float64).eps)
