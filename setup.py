@@ -70,7 +70,12 @@ def _extensions():
     # -ffp-contract=off: the shared math rounds every operation exactly where
     # the reference does; a compiler-fused multiply-add would move results by
     # an ulp (explicit fma calls are kept).
-    cxx = opt + ["-std=c++17", "-ffp-contract=off", "-fvisibility=hidden", "-Wno-unknown-pragmas"]
+    # No -std: torch's BuildExtension adds the standard its headers need when
+    # none is given (c++17 in older torch, c++20 in newer: torch 2.14's
+    # headers use C++20 and failed under a forced -std=c++17). Our sources
+    # are valid in both (tools/check_cuda_compile.sh compiles the CUDA ones
+    # as each).
+    cxx = opt + ["-ffp-contract=off", "-fvisibility=hidden", "-Wno-unknown-pragmas"]
     include = [os.path.join(HERE, "csrc")]
     openmp = _openmp_flags(torch)
     exts = [
@@ -96,7 +101,7 @@ def _extensions():
                 "onecycle_fused._C_cuda",
                 cuda_sources,
                 include_dirs=include,
-                extra_compile_args={"cxx": cxx, "nvcc": opt + ["-std=c++17", "-lineinfo"]},
+                extra_compile_args={"cxx": cxx, "nvcc": opt + ["-lineinfo"]},
             )
         )
     return exts

@@ -146,3 +146,59 @@ def test_setup_warns_when_a_library_carries_its_own_cxx_runtime(tmp_path, capfd,
     _setup_py_function("_warn_if_own_cxx_runtime")(str(lib))
     err = capfd.readouterr().err
     assert ("carries its own C++ runtime" in err) == static, err
+
+
+def test_setup_leaves_the_cxx_standard_to_torch(monkeypatch):
+    """setup.py forced -std=c++17 on every source (and nvcc); torch's
+    BuildExtension adds the standard its headers need when none is given,
+    and torch 2.14's headers need C++20: forced to c++17 nothing built.
+    Oracle: the flags setup.py gives each extension (the CUDA one forced
+    into the list, as a CUDA build of torch would have it)."""
+    import ast
+
+    with open(os.path.join(ROOT, "setup.py")) as f:
+        tree = ast.parse(f.read())
+    keep = [node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom, ast.FunctionDef))
+            and not (isinstance(node, ast.ImportFrom) and node.module == "setuptools")
+            or (isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "HERE" for t in node.targets))]
+    ns = {"__file__": os.path.join(ROOT, "setup.py")}
+    exec(compile(ast.Module(body=keep, type_ignores=[]), "setup.py", "exec"), ns)
+    import torch.utils.cpp_extension as cpp_extension
+
+    monkeypatch.setenv("ONECYCLE_FUSED_FORCE_CUDA", "1")
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", "/nonexistent/cuda")  # (only joined into paths here)
+    exts = ns["_extensions"]()
+    assert [e.name for e in exts] == ["onecycle_fused._C", "onecycle_fused._C_cuda"]
+    for ext in exts:
+        args = ext.extra_compile_args
+        flags = args["cxx"] + args.get("nvcc", []) if isinstance(args, dict) else list(args)
+        assert "-ffp-contract=off" in flags  # (the flags were found)
+        assert not [f for f in flags if f.startswith("-std")], (ext.name, flags)
+
+
+def test_without_the_library_the_fallback_warning_says_why():
+    """An unbuilt `_C` is logged at INFO only (a CPU-only build has no
+    `_C_cuda` either, which is no news), so the warning of `auto`'s fallback
+    to `reference` said "see the log" over an empty log: it now names the
+    library and why. Oracle: a process in which the libraries are not found
+    (an import hook answers for them as for a name with no file)."""
+    code = "\n".join([
+        "import importlib.abc, importlib.machinery, logging, sys",
+        "class Unbuilt(importlib.abc.MetaPathFinder):",
+        "    def find_spec(self, name, path=None, target=None):",
+        "        if name in ('onecycle_fused._C', 'onecycle_fused._C_cuda'):",
+        "            return importlib.machinery.ModuleSpec(name, None)  # (origin None: no file)",
+        "sys.meta_path.insert(0, Unbuilt())",
+        "import torch, onecycle_fused as oc",
+        "logging.basicConfig(level=logging.WARNING, format='%(message)s')",
+        "p = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))",
+        "opt = oc.FusedOneCycleSGD([p], cycle_min_lr=0.1, cycle_max_lr=1.0)",
+        "p.grad = torch.ones(3, dtype=torch.float64)",
+        "opt.step()",
+        "print(oc.available_backends(), oc.ops.library_problems(), p.detach().tolist())",
+    ])
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "['reference'] {'_C': 'not built'} [0.9, 0.9, 0.9]", out.stdout
+    [line] = [l for l in out.stderr.splitlines() if "backend='auto' uses the slow per-tensor 'reference'" in l]
+    assert "'cpu': not available (_C not built)" in line, line
