@@ -34,6 +34,7 @@ import torch
 log = logging.getLogger("onecycle_fused")
 
 _loaded: dict[str, bool] = {}
+_problems: dict[str, str] = {}  # module -> why it is not loaded ("not built", "failed to load: ...")
 
 
 def _load(module: str) -> bool:
@@ -44,15 +45,25 @@ def _load(module: str) -> bool:
     try:
         spec = importlib.util.find_spec(f"onecycle_fused.{module}")
         if spec is None or spec.origin is None:
+            _problems[module] = "not built"
             log.info("onecycle_fused: %s is not built; its backend is unavailable", module)
         else:
             torch.ops.load_library(spec.origin)
             ok = True
     except Exception as e:  # a stale or ABI-mismatched build must not break the import
+        _problems[module] = f"failed to load ({type(e).__name__}: {e})"
         log.warning("onecycle_fused: failed to load %s (%s: %s); its backend is unavailable",
                     module, type(e).__name__, e)
     _loaded[module] = ok
     return ok
+
+
+def library_problems() -> dict[str, str]:
+    """Why each library tried so far did not load: ``{"_C": "not built"}``,
+    ``{"_C_cuda": "failed to load (OSError: ...)"}``; empty when all did. A
+    library that is merely not built is logged at INFO level only (a CPU-only
+    install has no ``_C_cuda``), so warnings quote this instead."""
+    return dict(_problems)
 
 
 def cpu_library_loaded() -> bool:

@@ -150,11 +150,14 @@ def _warn_slow_fallback(device: torch.device, dtypes, order) -> None:
     if device.type in _WARNED_FALLBACK:
         return
     _WARNED_FALLBACK.add(device.type)
+    from ..ops import library_problems
+
+    problems = "; ".join(f"{m} {why}" for m, why in library_problems().items()) or "see the log"
     why = []
     for candidate in order[:-1]:
         b = get_backend(candidate)
         why.append(f"{candidate!r}: " + ("not importable (is it installed?)" if b is None else
-                                         "not available (library not built or failed to load, see the log)"
+                                         f"not available ({problems})"
                                          if not b.available() else "does not take these parameters"))
     log.warning("onecycle_fused: backend='auto' uses the slow per-tensor 'reference' backend for %s parameters "
                 "on %s (%s); onecycle_fused.available_backends() = %s",
