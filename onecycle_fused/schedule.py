@@ -86,14 +86,19 @@ MAX_START_STEP = 2**62
 
 
 def _plain(value: Any) -> Any:
-    """A one-element real tensor as its Python number (torch.optim takes a
-    Tensor lr and tensor betas, e.g. for capturable or compiled steps; here
-    they are constants of the schedule and the update); anything else as is.
+    """A one-element real tensor, or a numpy real scalar, as its Python
+    number (torch.optim takes a Tensor lr and tensor betas, e.g. for
+    capturable or compiled steps; here they are constants of the schedule
+    and the update, and a numpy scalar kept in a group would make the
+    ``state_dict`` unloadable by ``torch.load(weights_only=True)``); anything
+    else as is (numpy's bool is no real number: the flag checks refuse it).
     torch is looked up, not imported: this file does not need it, and a
     value can only be a tensor once torch is imported."""
     torch = sys.modules.get("torch")
     if (torch is not None and isinstance(value, torch.Tensor) and value.numel() == 1
             and not value.dtype.is_complex):
+        return value.item()
+    if type(value).__module__ == "numpy" and isinstance(value, numbers.Real):
         return value.item()
     return value
 

@@ -2629,14 +2629,20 @@ def test_a_failed_step_leaves_no_max_exp_avg_sq_behind(backend):
 def test_numpy_scalar_hyperparameters_step_like_torch(ours_cls, torch_cls, kw, backend):
     """np.float32 / np.int64 hyper-parameters (a config computed with numpy),
     which torch.optim takes, were a ValueError claiming the value was not
-    'a finite number >= 0' (np.float64 passed, being a float subclass)."""
+    'a finite number >= 0' (np.float64 passed, being a float subclass). They
+    are kept as Python numbers: numpy's in a group made the state_dict
+    unloadable by torch.load(weights_only=True), torch's default."""
     np = pytest.importorskip("numpy")
     kw = {k: (np.float32 if v.startswith("f32") else np.int64)(float(v[4:])) for k, v in kw.items()}
     sched = dict(SCHED, cycle_momentum=False)
     a, b, ours = drive_pair(ours_cls, torch_cls, dict(sched, **kw), kw, steps=20, backend=backend)
     assert_close_ulps(a, b)
     for k, v in kw.items():
-        assert ours.param_groups[0][k] == v
+        assert ours.param_groups[0][k] == v and type(ours.param_groups[0][k]) in (int, float)
+    buf = io.BytesIO()
+    torch.save(ours.state_dict(), buf)
+    buf.seek(0)
+    assert torch.load(buf, weights_only=True)["param_groups"][0]["weight_decay"] == kw["weight_decay"]
     ours.param_groups[0]["weight_decay"] = np.float32(0.2)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # validated without numpy's "overflow encountered in cast"
