@@ -43,8 +43,8 @@ from .backends import layout as _layout
 from .checkpoint import _CheckpointMixin, _called_by_dcp_init, _own_step
 from .host_mirror import _HostMirrorMixin, _HostStep, _LrWritten
 from .schedule import (
-    KIND_LRRANGETEST, MAX_START_STEP, ROW_WIDTH, OneCycle, Row, TorchOneCycle, _SCHEDULE_KEYS, _Schedule,
-    _keys_not_restating, _plain, schedule_from_config,
+    DECAY_STEP_SIZE_DEFAULT, KIND_LRRANGETEST, MAX_START_STEP, ROW_WIDTH, OneCycle, Row, TorchOneCycle,
+    _SCHEDULE_KEYS, _Schedule, _keys_not_restating, _plain, schedule_from_config,
 )
 from .validation import (
     _STRIDED, _check_beta, _check_bool, _check_grad, _check_nonneg, _check_scalar_schedule,
@@ -209,6 +209,10 @@ class _KnownSteps:
         self.snapshot = None
 
 
+# Packages whose reading of _step_supports_amp_scaling gets False (the property below)
+_TOLD_NO_AMP_SCALING = frozenset({"lightning", "pytorch_lightning", "lightning_fabric"})
+
+
 class _FusedOneCycleOptimizer(_CheckpointMixin, _HostMirrorMixin, torch.optim.Optimizer):
     """Shared machinery; subclasses define the algorithm's hyper-parameters.
     state_dict / load_state_dict come from ``_CheckpointMixin`` (checkpoint.py),
@@ -220,13 +224,14 @@ class _FusedOneCycleOptimizer(_CheckpointMixin, _HostMirrorMixin, torch.optim.Op
     def _step_supports_amp_scaling(self) -> bool:
         # torch's GradScaler.step reads this; True makes it hand step()
         # grad_scale / found_inf (unscaled and skipped on the device, no host
-        # sync). Lightning reads it too, and for True refuses gradient_clip_val
-        # under bf16-mixed / 16-mixed (as for torch's fused Adam) and skips its
-        # own unscale_. Our step also takes grads unscaled beforehand
-        # (GradScaler then passes grad_scale=None), so only torch, the reader
-        # the flag is for, is told True; anyone else sees a plain optimizer.
+        # sync), as for torch's fused optimizers. Lightning reads it too, and
+        # for True refuses gradient_clip_val under bf16-mixed / 16-mixed (as
+        # for torch's fused Adam) and skips its own unscale_. Our step also
+        # takes grads unscaled beforehand (GradScaler then passes
+        # grad_scale=None), so Lightning alone is told False and unscales and
+        # clips as for any optimizer; everyone else reads True.
         caller = sys._getframe(1).f_globals.get("__name__", "")
-        return caller == "torch" or caller.startswith("torch.")
+        return caller.split(".")[0] not in _TOLD_NO_AMP_SCALING
 
     def __init__(self, params, schedule: _Schedule, defaults: dict[str, Any], backend: str,
                  given_schedule_keys: Optional[dict] = None):
@@ -1193,7 +1198,7 @@ _ONECYCLE_DEFAULTS = {
 
 def _is_default(name: str, value) -> bool:
     default = _ONECYCLE_DEFAULTS[name]
-    if value is default:
+    if value is default or (value is None and default is DECAY_STEP_SIZE_DEFAULT):  # (None: its old spelling)
         return True
     if default is None or isinstance(value, bool) != isinstance(default, bool):
         return False  # e.g. decay_step_size=0, cycle_momentum=1: something the user wrote
@@ -1279,7 +1284,7 @@ class FusedOneCycleSGD(_FusedOneCycleOptimizer):
         cycle_second_step_size=None,
         cycle_first_stair_count=0,
         cycle_second_stair_count=None,
-        decay_step_size=None,
+        decay_step_size=DECAY_STEP_SIZE_DEFAULT,
         cycle_momentum=True,
         cycle_min_mom=0.8,
         cycle_max_mom=0.9,
@@ -1401,7 +1406,7 @@ class FusedOneCycleAdam(_FusedOneCycleOptimizer):
         cycle_second_step_size=None,
         cycle_first_stair_count=0,
         cycle_second_stair_count=None,
-        decay_step_size=None,
+        decay_step_size=DECAY_STEP_SIZE_DEFAULT,
         cycle_momentum=True,
         cycle_min_mom=0.8,
         cycle_max_mom=0.9,

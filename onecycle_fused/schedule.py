@@ -85,6 +85,24 @@ _INT64_MAX = 2**63 - 1
 MAX_START_STEP = 2**62
 
 
+class _DefaultZero(int):
+    """``decay_step_size``'s default: DeepSpeed's 0, and shown so in the
+    signatures, yet told apart (by identity) from a 0 the caller gives,
+    which clashes with the alias ``post_cycle_decay_step_size``. Pickles
+    as a plain 0."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "0"
+
+    def __reduce__(self):
+        return int, (0,)
+
+
+DECAY_STEP_SIZE_DEFAULT = _DefaultZero()
+
+
 def _plain(value: Any) -> Any:
     """A one-element real tensor, or a numpy real scalar, as its Python
     number (torch.optim takes a Tensor lr and tensor betas, e.g. for
@@ -312,7 +330,7 @@ class OneCycle(_Schedule):
         cycle_second_step_size=None,
         cycle_first_stair_count=0,
         cycle_second_stair_count=None,
-        decay_step_size=None,
+        decay_step_size=DECAY_STEP_SIZE_DEFAULT,
         cycle_momentum=True,
         cycle_min_mom=0.8,
         cycle_max_mom=0.9,
@@ -322,10 +340,11 @@ class OneCycle(_Schedule):
         last_batch_iteration=-1,
     ):
         _fresh_start("last_batch_iteration", last_batch_iteration)
-        # decay_step_size defaults to 0; None lets us tell "not given" from 0
-        # so that giving it together with its alias is an error.
+        # decay_step_size defaults to DeepSpeed's 0, a marked one, so that
+        # giving it together with its alias is an error (None, the default
+        # before, still means "not given")
         if post_cycle_decay_step_size is not None:
-            if decay_step_size is not None:
+            if decay_step_size is not None and decay_step_size is not DECAY_STEP_SIZE_DEFAULT:
                 raise ValueError("give decay_step_size or its alias post_cycle_decay_step_size, not both")
             decay_step_size = _as_int("post_cycle_decay_step_size", post_cycle_decay_step_size, 0)
         self.cycle_first_step_size = _as_int("cycle_first_step_size", cycle_first_step_size, 1)

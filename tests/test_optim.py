@@ -1398,6 +1398,12 @@ def test_grad_scaler_hands_scale_and_inf_flag_to_the_step(opt_cls):
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
     opt = opt_cls(model.parameters(), **SCHED)
+    # read as torch's fused optimizers read (it was True to torch's own
+    # modules only); Lightning alone reads False, for its gradient clipping
+    assert opt._step_supports_amp_scaling is True
+    assert torch.optim.Adam(model.parameters(), fused=True)._step_supports_amp_scaling is True
+    lightning_amp = pytest.importorskip("lightning.fabric.plugins.precision.amp")
+    assert lightning_amp._optimizer_handles_unscaling(opt) is False
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     seen = []
     step = opt.step
@@ -1665,9 +1671,10 @@ def test_schedule_keywords_are_not_silently_dropped_with_schedule(cls, kw, name)
     with pytest.raises(ValueError, match=name):
         cls([p], schedule=sched, **kw)
     # the defaults, spelled out, are no conflict
-    opt = cls([p], schedule=sched, cycle_first_step_size=2000, cycle_momentum=True, decay_step_size=None,
-              decay_lr_rate=0, cycle_max_mom=0.9)
-    assert opt.schedule == sched
+    for decay_step_size in (0, None):  # (DeepSpeed's default; None, ours before)
+        opt = cls([p], schedule=sched, cycle_first_step_size=2000, cycle_momentum=True,
+                  decay_step_size=decay_step_size, decay_lr_rate=0, cycle_max_mom=0.9)
+        assert opt.schedule == sched
 
 
 def test_bad_group_leaves_optimizer_unchanged():

@@ -103,8 +103,9 @@ def _defaults(fn, skip=("self", "optimizer", "params", "last_batch_iteration")):
 def test_parameter_names_and_defaults_are_deepspeeds(ours, theirs):
     """Issue 2: DeepSpeed's exact parameter names and defaults (no test pinned
     them: every OneCycle case above sets cycle_first_step_size, so a changed
-    default of 2000 went unnoticed). decay_step_size's default is None in the
-    signature only to tell it from its alias; it is DeepSpeed's 0 once built."""
+    default of 2000 went unnoticed). decay_step_size's default is DeepSpeed's
+    0 in the signatures too (it was None, to tell it from its alias: now a
+    marked 0 does that)."""
     want = _defaults(theirs.__init__)
     got = _defaults(ours.__init__)
     got.pop("post_cycle_decay_step_size", None)  # the alias (difference 5)
@@ -114,7 +115,10 @@ def test_parameter_names_and_defaults_are_deepspeeds(ours, theirs):
     assert {n: built[n] for n in want if n not in required} == {n: v for n, v in want.items() if n not in required}
     if ours is OneCycle:
         assert required == ["cycle_min_lr", "cycle_max_lr"]
-        assert got["decay_step_size"] is None and built["decay_step_size"] == 0
+        assert got["decay_step_size"] == 0 and type(built["decay_step_size"]) is int
+        with pytest.raises(ValueError, match="not both"):  # a 0 given is still told from the default
+            OneCycle(0.1, 1.0, decay_step_size=0, post_cycle_decay_step_size=5)
+        assert OneCycle(0.1, 1.0, post_cycle_decay_step_size=5).decay_step_size == 5
         # the optimizers take the same schedule keywords with the same defaults
         from onecycle_fused import FusedOneCycleAdam, FusedOneCycleAdamW, FusedOneCycleSGD
 
