@@ -15,7 +15,8 @@
 #
 # Exits non-zero on any compile or link error, or on any warning located in
 # csrc/.
-# Skips (exit 0, says so) when nvcc is not installed.
+# Skips (exit 0, says so) when nvcc is not installed, unless REQUIRE_NVCC=1
+# (set by .ci/run): then that is a failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -26,6 +27,9 @@ NVCC=${NVCC:-}
 if [ -z "$NVCC" ]; then
   if command -v nvcc >/dev/null 2>&1; then NVCC=$(command -v nvcc)
   elif [ -x "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" ]; then NVCC="${CUDA_HOME:-/usr/local/cuda}/bin/nvcc"
+  elif [ "${REQUIRE_NVCC:-0}" = 1 ]; then
+    # CI (.ci/run): its machine has nvcc, and a skip there would pass the CUDA sources untested
+    echo "check_cuda_compile: nvcc not found and REQUIRE_NVCC=1: CUDA sources NOT compiled"; exit 1
   else echo "check_cuda_compile: nvcc not found, CUDA sources NOT compiled (skipped)"; exit 0
   fi
 fi
