@@ -448,26 +448,31 @@ class _Progress:
         pass
 
 
+def _compiled_step_builder(recompiling):
+    """An implementation's build(): a torch.compile'd step that compiles a
+    new graph at every call when ``recompiling`` (a new int each call, up to
+    dynamo's recompile limit), else once."""
+    def b(params, algo, device, half_cycle=impls.HALF_CYCLE):
+        k = [0]
+
+        @torch.compile(backend="eager", dynamic=False)
+        def f(x, n):
+            return x * n
+
+        def step():
+            k[0] += 1
+            f(params[0].detach(), k[0] if recompiling else 1)
+        return step
+    return b
+
+
 @pytest.mark.parametrize("interleave", [True, False])
 def test_compiled_rows_report_recompiles_while_timed(interleave):
     """A torch.compile row that recompiles after its warm-up says so
     (recompiles_after_warmup, note); one that compiled only in warm-up reports 0."""
     from benchmarks import run
 
-    def build(recompiling):
-        def b(params, algo, device, half_cycle=impls.HALF_CYCLE):
-            k = [0]
-
-            @torch.compile(backend="eager", dynamic=False)
-            def f(x, n):
-                return x * n
-
-            def step():
-                k[0] += 1
-                f(params[0].detach(), k[0] if recompiling else 1)  # a new int: a new graph each call
-            return step
-        return b
-
+    build = _compiled_step_builder
     cfg = {"warmup": 2, "iters": 4, "budget": 10.0, "compiled_max_tensors": 10, "interleave": interleave}
     shapes = [(8,)]
     params = run.make_params(shapes, torch.float32, torch.device("cpu"))
@@ -491,20 +496,7 @@ def test_compiled_row_past_the_recompile_limit_is_marked(interleave):
     the graph count alone reads 0 recompiles after warm-up."""
     from benchmarks import run
 
-    def build(limited):
-        def b(params, algo, device, half_cycle=impls.HALF_CYCLE):
-            k = [0]
-
-            @torch.compile(backend="eager", dynamic=False)
-            def f(x, n):
-                return x * n
-
-            def step():
-                k[0] += 1
-                f(params[0].detach(), k[0] if limited else 1)  # a new int each call: a new graph, up to the limit
-            return step
-        return b
-
+    build = _compiled_step_builder
     cfg = {"warmup": 4, "iters": 4, "budget": 10.0, "compiled_max_tensors": 10, "interleave": interleave}
     shapes = [(8,)]
     params = run.make_params(shapes, torch.float32, torch.device("cpu"))
