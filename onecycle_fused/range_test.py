@@ -61,15 +61,26 @@ class RangeTestResult:
         return OneCycle(cycle_min_lr=self.cycle_min_lr, cycle_max_lr=self.cycle_max_lr, **kwargs)
 
 
+class _Smoother:
+    """The bias-corrected exponential moving average, one loss at a time:
+    ``smooth_losses`` and the range test's stop rule share its arithmetic."""
+
+    def __init__(self, beta: float):
+        self.beta, self.avg, self.count = beta, 0.0, 0
+
+    def add(self, loss: float) -> float:
+        """The smoothed value after ``loss``."""
+        self.avg = self.beta * self.avg + (1 - self.beta) * float(loss)
+        self.count += 1
+        return self.avg / (1 - self.beta ** self.count)
+
+
 def smooth_losses(losses: Sequence[float], beta: float = 0.98) -> list[float]:
     """Bias-corrected exponential moving average of ``losses`` (``beta`` in [0, 1))."""
     if not 0.0 <= beta < 1.0:
         raise ValueError(f"beta must be in [0, 1), got {beta!r}")
-    out, avg = [], 0.0
-    for i, loss in enumerate(losses):
-        avg = beta * avg + (1 - beta) * float(loss)
-        out.append(avg / (1 - beta ** (i + 1)))
-    return out
+    smoother = _Smoother(beta)
+    return [smoother.add(loss) for loss in losses]
 
 
 def _is_real(value) -> bool:
@@ -309,22 +320,25 @@ def lr_range_test(
 
 class _DivergenceWatch:
     """The stop rule, fed the losses since its last check: a non-finite loss,
-    or the smoothed loss (``smooth_losses``, the same arithmetic in the same
-    order) above ``factor`` times its minimum so far. Kept running so that a
-    check costs the new steps only; re-smoothing the whole history at every
-    check made a long test quadratic."""
+    or the smoothed loss (``smooth_losses``'s ``_Smoother``) above ``factor``
+    times its minimum so far. Kept running so that a check costs the new
+    steps only; re-smoothing the whole history at every check made a long
+    test quadratic."""
 
     def __init__(self, beta: float, factor: float):
-        self.beta, self.factor = beta, factor
-        self.seen, self.avg, self.best, self.last = 0, 0.0, math.inf, math.nan
+        self.smoother, self.factor = _Smoother(beta), factor
+        self.best, self.last = math.inf, math.nan
+
+    @property
+    def seen(self) -> int:
+        """Losses taken so far (all finite: a non-finite one ends the test)."""
+        return self.smoother.count
 
     def add(self, losses: list[float]) -> bool:
         for loss in losses:
             if not math.isfinite(loss):
                 return True
-            self.avg = self.beta * self.avg + (1 - self.beta) * float(loss)
-            self.seen += 1
-            self.last = self.avg / (1 - self.beta ** self.seen)
+            self.last = self.smoother.add(loss)
             self.best = min(self.best, self.last)
         # a ratio to the minimum means nothing unless the minimum is positive (a
         # loss that can be 0 or negative, such as a negative log-likelihood): then
