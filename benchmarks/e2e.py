@@ -129,7 +129,6 @@ def run(device: torch.device, steps: int, warmup: int = 5, batch: int = 64, widt
     return out
 
 
-
 if __name__ == "__main__":
     # the case alone, reported and written like the suite's (python -m
     # benchmarks.run --sets none): before, this module ran nothing from here

@@ -195,11 +195,16 @@ def make_params(shapes, dtype, device, seed=0):
 _error = measure.error_text
 
 
-def _recompiles(row: dict, n: int, limit_hits: int) -> None:
+def _recompiles(row: dict, before: tuple[int, int]) -> None:
     """Record how many graphs a compiled row compiled after its warm-up, in
     the timed stretch (0 expected), and whether dynamo gave up on a frame of
     it (its recompile limit, from the first step on): then the timed steps
-    ran that frame eagerly, and the row is not the compiled step it names."""
+    ran that frame eagerly, and the row is not the compiled step it names.
+    ``before``: dynamo's graph count after the warm-up and its limit count
+    before the build (only compiled rows compile, so the global counts are
+    theirs)."""
+    graphs, hits = before
+    n, limit_hits = measure.dynamo_graphs() - graphs, measure.dynamo_limit_hits() - hits
     row["recompiles_after_warmup"] = n
     row["recompile_limit_hit"] = bool(limit_hits)
     if n:
@@ -284,7 +289,7 @@ def bench_case(set_name, shapes, dtype_name, algo, params, impl_list, device, cf
         except Exception as e:  # (e.g. out of memory next to the 1B set) the case's rows are still measured
             base.update(copy_ms=None, copy_gbps=None, copy_capped=None, copy_note=f"copy not measured: {_error(e)}")
         _free(device)  # the copy's two buffers (up to half the free memory) back to the device
-    rows, built, graphs_before, limit_hits_before = [], {}, {}, {}
+    rows, built, compile_counts = [], {}, {}
     for impl in impl_list:
         _status(progress, f"{set_name}/{dtype_name}/{algo}: {impl.name}")
         row = dict(base, impl=impl.name, family=impl.family, scheduler=impl.scheduler, backend=impl.backend,
@@ -304,7 +309,7 @@ def bench_case(set_name, shapes, dtype_name, algo, params, impl_list, device, cf
             row.update(agreement.check(impl, algo, dtype, device))
             if row["agrees"] is False:
                 row["note"] = row["agreement_note"]
-            limit_hits_before[impl.name] = measure.dynamo_limit_hits()
+            limit_hits = measure.dynamo_limit_hits() if impl.family == "torch-compiled" else 0
             step = impl.build(params, algo, device)
             t0 = time.perf_counter()
             step()  # the first step: state allocation, compilation
@@ -318,15 +323,14 @@ def bench_case(set_name, shapes, dtype_name, algo, params, impl_list, device, cf
                 for _ in range(max(2, cfg["warmup"]) - 1):  # at least the second step, even with --quick
                     step()
                 measure.sync(device)
-                graphs_before[impl.name] = measure.dynamo_graphs()
+                compile_counts[impl.name] = (measure.dynamo_graphs(), limit_hits)
             if interleave:
                 built[impl.name] = step
             else:
                 row.update(measure.time_steps(step, device, max(0, cfg["warmup"] - 1), cfg["iters"], cfg["budget"],
                                               min_time_s=min_time))
-                if impl.name in graphs_before:
-                    _recompiles(row, measure.dynamo_graphs() - graphs_before[impl.name],
-                                measure.dynamo_limit_hits() - limit_hits_before[impl.name])
+                if impl.name in compile_counts:
+                    _recompiles(row, compile_counts[impl.name])
                 _count_launches(row, step, device)
         except impls_mod.Skip as e:
             row.update(status="skipped", note=str(e))
@@ -375,9 +379,8 @@ def bench_case(set_name, shapes, dtype_name, algo, params, impl_list, device, cf
                 row.update(status="error", note=errors[row["impl"]])
             elif row["impl"] in stats:
                 row.update(stats[row["impl"]])
-                if row["impl"] in graphs_before:  # (only compiled rows compile, so the global counts are theirs)
-                    _recompiles(row, measure.dynamo_graphs() - graphs_before[row["impl"]],
-                                measure.dynamo_limit_hits() - limit_hits_before[row["impl"]])
+                if row["impl"] in compile_counts:
+                    _recompiles(row, compile_counts[row["impl"]])
                 _count_launches(row, built[row["impl"]], device)
         del src, dst
         built.clear()
